@@ -1,0 +1,37 @@
+# SpectralEarth pipeline. `make demo` and `make test` work on a machine with only Python 3.11 and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MANIFEST ?= manifests/demo.yaml
+BUILD ?= build/demo
+INPUT ?= $(BUILD)/_synthetic
+SCHEDULER ?= threads
+STAGE_ARGS = --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
+
+.PHONY: setup demo test lint inventory clean
+
+# The stamp is rebuilt whenever the package's requirements change.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/spectralearth demo --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
+
+inventory: setup
+	$(BIN)/spectralearth inventory $(STAGE_ARGS) --input $(INPUT)
+
+lint: setup
+	$(BIN)/ruff check pipeline stac tests
+	$(BIN)/ruff format --check pipeline stac tests
+	$(BIN)/mypy
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis

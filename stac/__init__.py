@@ -1,0 +1,1 @@
+"""STAC catalog building, stac-geoparquet and search for a SpectralEarth build."""
