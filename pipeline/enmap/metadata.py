@@ -129,7 +129,7 @@ class SceneMetadata:
     @property
     def corners(self) -> tuple[FootprintPoint, ...]:
         """The four footprint corners in ring order (the 5th point repeats the 1st, the 6th is the centre)."""
-        by_frame = {}
+        by_frame: dict[str, FootprintPoint] = {}
         for point in self.footprint:
             by_frame.setdefault(point.frame, point)
         return tuple(by_frame[f] for f in FOOTPRINT_CORNERS)
@@ -259,7 +259,9 @@ def _footprint(root: ET.Element) -> tuple[FootprintPoint, ...]:
     path = "base/spatialCoverage/boundingPolygon/point"
     points = []
     for node in root.findall(path):
-        points.append(FootprintPoint(_text(node, "frame"), _float(node, "latitude"), _float(node, "longitude")))
+        points.append(
+            FootprintPoint(_text(node, "frame"), _float(node, "latitude"), _float(node, "longitude"))
+        )
     frames = {p.frame for p in points}
     missing = [f for f in (*FOOTPRINT_CORNERS, "center") if f not in frames]
     if missing:

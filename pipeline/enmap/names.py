@@ -90,7 +90,7 @@ class ProductFileName:
 
     @property
     def layer(self) -> str:
-        """The layer this file holds, the ARD spelling folded in (`SPECTRAL_IMAGE_COG` -> `SPECTRAL_IMAGE`)."""
+        """The layer this file holds, the ARD spelling folded in (`X_COG` -> `X`)."""
         return self.suffix.removesuffix(ARD_SUFFIX)
 
     @property

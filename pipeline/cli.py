@@ -1,0 +1,215 @@
+"""`spectralearth` command line: parse arguments, call library code, turn typed errors into one line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.enmap.metadata import MetadataError
+from pipeline.enmap.product import ProductError
+from pipeline.manifest import Manifest, ManifestError
+from pipeline.run import Scheduler, SchedulerError
+
+EXPECTED_ERRORS = (ManifestError, SchedulerError, ProductError, MetadataError, FileNotFoundError)
+
+
+class PipelineFailure(click.ClickException):
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"spectralearth: error: {self.format_message()}", err=True)
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except EXPECTED_ERRORS as exc:
+            raise PipelineFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+    return wrapper
+
+
+def stage_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--manifest",
+            "manifest_path",
+            required=True,
+            type=click.Path(dir_okay=False),
+            help="Build manifest (YAML), e.g. manifests/spectralearth.yaml.",
+        ),
+        click.option("--build", required=True, help="Build location: a local folder or an s3:// prefix."),
+        click.option(
+            "--scheduler",
+            default="threads",
+            show_default=True,
+            help="synchronous, threads, processes, or tcp://host:port of a dask.distributed scheduler.",
+        ),
+        click.option("--workers", type=int, default=None, help="Worker count for local schedulers."),
+        click.option("--no-progress", is_flag=True, help="Do not draw progress bars."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _scheduler(name: str, workers: int | None, no_progress: bool) -> Scheduler:
+    return Scheduler(name=name, workers=workers, progress=not no_progress)
+
+
+@click.group()
+@click.version_option(package_name="spectralearth-pipeline")
+def main() -> None:
+    """Build SpectralEarth-style hyperspectral patch datasets from EnMAP L2A products."""
+
+
+@main.command()
+@stage_options
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    help="Folder, .ZIP, .tar.gz, scene-list file or s3:// prefix (repeatable); adds to the manifest's.",
+)
+@click.option("--force", is_flag=True, help="Redo the stage even when its outputs are up to date.")
+@one_line_errors
+def inventory(
+    manifest_path: str,
+    build: str,
+    scheduler: str,
+    workers: int | None,
+    no_progress: bool,
+    inputs: tuple[str, ...],
+    force: bool,
+) -> None:
+    """Find, check and filter EnMAP L2A products: inventory/scenes.parquet and rejected.parquet."""
+    from pipeline.inventory import run_inventory
+    from pipeline.report import print_inventory_summary
+    from pipeline.storage import BuildStore
+
+    manifest = Manifest.from_yaml(manifest_path)
+    all_inputs = [*manifest.inputs, *inputs]
+    if not all_inputs:
+        raise PipelineFailure("no inputs: give --input or list 'inputs' in the manifest")
+    store = BuildStore(build)
+    result = run_inventory(
+        manifest, store, all_inputs, _scheduler(scheduler, workers, no_progress), force=force
+    )
+    print_inventory_summary(store, result)
+    if result.counts["scenes_accepted"] == 0:
+        raise PipelineFailure(
+            f"no product accepted from {', '.join(all_inputs)} (see {store.uri}/inventory/rejected.parquet)"
+        )
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write products into.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sites", type=int, default=2, show_default=True, help="Distinct ground areas.")
+@click.option("--revisits", type=int, default=2, show_default=True, help="Dates per site.")
+@click.option(
+    "--overlapping-tiles",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Sites whose first date is a datatake of two overlapping tiles.",
+)
+@click.option(
+    "--reprocessed",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Products that also exist in a newer processor version.",
+)
+@click.option("--size", default="300x280", show_default=True, help="Raster WIDTHxHEIGHT in pixels.")
+@click.option(
+    "--packaging",
+    default="folder,zip,targz,ard",
+    show_default=True,
+    help="Packagings cycled over products: folder, zip, targz, ard.",
+)
+@click.option(
+    "--format",
+    "formats",
+    default="GTiff,BSQ,BIL,BIP",
+    show_default=True,
+    help="Spectral formats cycled over products: GTiff, BSQ, BIL, BIP.",
+)
+@click.option(
+    "--cloud-amount", type=float, default=0.15, show_default=True, help="Mean cloud fraction (0-1)."
+)
+@one_line_errors
+def synth(
+    out: str,
+    seed: int,
+    sites: int,
+    revisits: int,
+    overlapping_tiles: int,
+    reprocessed: int,
+    size: str,
+    packaging: str,
+    formats: str,
+    cloud_amount: float,
+) -> None:
+    """Write realistic synthetic EnMAP L2A products and their truth file (truth.json)."""
+    from pipeline.enmap.synth import SynthConfig, generate
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise PipelineFailure(f"--size must be WIDTHxHEIGHT, got {size!r}") from None
+    config = SynthConfig(
+        seed=seed,
+        sites=sites,
+        revisits=revisits,
+        overlapping_tiles=overlapping_tiles,
+        reprocessed=reprocessed,
+        width=width,
+        height=height,
+        packagings=tuple(packaging.split(",")),
+        formats=tuple(formats.split(",")),
+        cloud_amount=cloud_amount,
+    )
+    truth = generate(Path(out), config)
+    click.echo(f"synth: wrote {len(truth.products)} products to {out} (truth: {Path(out) / 'truth.json'})")
+
+
+@main.command()
+@stage_options
+@click.option(
+    "--products",
+    "products_dir",
+    default=None,
+    help="Where to write the synthetic products (default: <build>-products).",
+)
+@one_line_errors
+def demo(
+    manifest_path: str,
+    build: str,
+    scheduler: str,
+    workers: int | None,
+    no_progress: bool,
+    products_dir: str | None,
+) -> None:
+    """Synthesise a handful of products in mixed packaging and run the stages on them."""
+    from pipeline.demo import run_demo
+
+    ok = run_demo(
+        Manifest.from_yaml(manifest_path),
+        build,
+        products_dir or f"{build.rstrip('/')}-products",
+        _scheduler(scheduler, workers, no_progress),
+    )
+    if not ok:
+        raise PipelineFailure("the demo build does not match what the generator made (see above)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Stage 1, `inventory`: find products, check each one, apply the manifest's scene filters.
+
+The pure core is `check_product` (metadata + raster facts in, a `SceneRecord` or a one-line reason
+out); `inspect_source` is the per-source Dask task (I/O); `run_inventory` writes
+`inventory/scenes.parquet` (GeoParquet), `inventory/rejected.parquet` and `_stages/inventory.json`.
+Reading is cheap by design: metadata, raster headers and one pixel per layer (the last one, which
+a truncated file no longer has), never the whole cube.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import rasterio
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from pipeline.enmap.metadata import MetadataError, SceneMetadata
+from pipeline.enmap.names import SPECTRAL_IMAGE, ProductName, ProductNameError
+from pipeline.enmap.product import (
+    OpenedProduct,
+    ProductError,
+    ProductLocation,
+    ProductSource,
+    Rejection,
+    iter_products,
+)
+from pipeline.manifest import Manifest
+from pipeline.storage import canonical_json
+
+STAGE = "inventory"
+SCENES_TABLE = "inventory/scenes.parquet"
+REJECTED_TABLE = "inventory/rejected.parquet"
+QUALITY_LAYERS = (
+    "QL_QUALITY_CLASSES",
+    "QL_QUALITY_CLOUD",
+    "QL_QUALITY_CLOUDSHADOW",
+    "QL_QUALITY_HAZE",
+    "QL_QUALITY_SNOW",
+    "QL_QUALITY_CIRRUS",
+    "QL_PIXELMASK",
+)
+PIXEL_SIZE_M = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RasterFacts:
+    """What inventory needs to know of one raster, read from its header (and one pixel)."""
+
+    count: int
+    width: int
+    height: int
+    dtype: str
+    epsg: int | None
+    transform: tuple[float, float, float, float, float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class SceneRecord:
+    """One accepted product: a row of `inventory/scenes.parquet`."""
+
+    scene_id: str
+    datatake_id: str
+    tile_id: int
+    start_time: datetime
+    stop_time: datetime
+    processor_version: str
+    processing_time: datetime
+    epsg: int
+    transform: tuple[float, float, float, float, float, float]
+    width: int
+    height: int
+    band_count: int
+    wavelengths_nm: tuple[float, ...]
+    fwhm_nm: tuple[float, ...]
+    no_data_bands: tuple[int, ...]
+    cloud_cover: float
+    cloud_shadow: float
+    haze_cover: float
+    cirrus_cover: float
+    snow_cover: float
+    water_cover: float
+    sun_elevation: float
+    sun_azimuth: float
+    across_off_nadir: float
+    along_off_nadir: float
+    scene_azimuth: float
+    orbit_number: int
+    orbit_direction: str
+    footprint_lonlat: tuple[tuple[float, float], ...]
+    source_uri: str
+    packaging: str
+    variant: str
+    container_uri: str
+    inner_zip: str | None
+    members: tuple[tuple[str, int], ...]
+    fingerprint: str
+    metadata_schema: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def location(self) -> ProductLocation:
+        """Where later stages open this product from, without walking the inputs again."""
+        return ProductLocation(
+            self.scene_id, self.packaging, self.variant, self.container_uri, self.inner_zip, self.members
+        )
+
+
+def fingerprint(metadata: bytes, location: ProductLocation) -> str:
+    """Content fingerprint: the metadata bytes and every file's name and size (no cube read)."""
+    digest = hashlib.sha256(metadata)
+    digest.update(canonical_json(sorted(location.basenames().items())).encode())
+    return digest.hexdigest()
+
+
+def check_product(
+    location: ProductLocation,
+    metadata: SceneMetadata,
+    rasters: dict[str, RasterFacts],
+    metadata_bytes: bytes,
+) -> SceneRecord:
+    """Cross-check a product's name, metadata, file list and rasters; raise ProductError with the reason."""
+    try:
+        name = ProductName.parse(location.scene_id)
+    except ProductNameError as exc:
+        raise ProductError(str(exc)) from None
+    if metadata.scene_id != location.scene_id:
+        raise ProductError(f"METADATA.XML names product {metadata.scene_id}, not {location.scene_id}")
+    if metadata.datatake_id != name.datatake_id or metadata.tile_id != name.tile:
+        raise ProductError(
+            f"METADATA.XML datatake {metadata.datatake_id} tile {metadata.tile_id} "
+            "disagree with the product name"
+        )
+    present = location.basenames()
+    listed_missing = [f for f in metadata.file_names if f not in present]
+    if listed_missing:
+        raise ProductError(f"missing file listed in METADATA.XML: {listed_missing[0]}")
+    for layer in (SPECTRAL_IMAGE, *QUALITY_LAYERS):
+        if layer not in rasters:
+            raise ProductError(f"missing file: no {layer} in the product")
+
+    cube = rasters[SPECTRAL_IMAGE]
+    if cube.dtype != "int16":
+        raise ProductError(f"SPECTRAL_IMAGE is {cube.dtype}, expected int16")
+    if cube.count != metadata.band_count:
+        raise ProductError(
+            f"SPECTRAL_IMAGE has {cube.count} bands, METADATA.XML describes {metadata.band_count}"
+        )
+    if (cube.width, cube.height) != (metadata.width, metadata.height):
+        raise ProductError(
+            f"SPECTRAL_IMAGE is {cube.width} x {cube.height} px, "
+            f"METADATA.XML says {metadata.width} x {metadata.height}"
+        )
+    if cube.epsg is None:
+        raise ProductError("SPECTRAL_IMAGE has no CRS")
+    if cube.epsg != metadata.epsg:
+        raise ProductError(
+            f"SPECTRAL_IMAGE CRS EPSG:{cube.epsg} disagrees with METADATA.XML {metadata.projection} "
+            f"(EPSG:{metadata.epsg})"
+        )
+    a, b, _, d, e, _ = cube.transform
+    if (a, b, d, e) != (PIXEL_SIZE_M, 0.0, 0.0, -PIXEL_SIZE_M):
+        raise ProductError(f"SPECTRAL_IMAGE grid is not north-up 30 m (transform {cube.transform})")
+    for layer in QUALITY_LAYERS:
+        facts = rasters[layer]
+        if (facts.width, facts.height, facts.epsg, facts.transform) != (
+            cube.width,
+            cube.height,
+            cube.epsg,
+            cube.transform,
+        ):
+            raise ProductError(f"{layer} grid disagrees with SPECTRAL_IMAGE")
+        if facts.dtype != "uint8":
+            raise ProductError(f"{layer} is {facts.dtype}, expected uint8")
+    if rasters["QL_PIXELMASK"].count != metadata.band_count:
+        raise ProductError(
+            f"QL_PIXELMASK has {rasters['QL_PIXELMASK'].count} bands for {metadata.band_count} spectral bands"
+        )
+    if not all(350.0 <= w <= 2600.0 for w in metadata.wavelengths_nm):
+        raise ProductError("METADATA.XML band wavelengths outside 350-2600 nm")
+
+    return SceneRecord(
+        scene_id=location.scene_id,
+        datatake_id=name.datatake_id,
+        tile_id=name.tile,
+        start_time=metadata.start_time,
+        stop_time=metadata.stop_time,
+        processor_version=name.processor_version,
+        processing_time=name.processing_time,
+        epsg=cube.epsg,
+        transform=cube.transform,
+        width=cube.width,
+        height=cube.height,
+        band_count=cube.count,
+        wavelengths_nm=metadata.wavelengths_nm,
+        fwhm_nm=tuple(b.fwhm_nm for b in metadata.bands),
+        no_data_bands=metadata.no_data_bands,
+        cloud_cover=metadata.quality.cloud,
+        cloud_shadow=metadata.quality.cloud_shadow,
+        haze_cover=metadata.quality.haze,
+        cirrus_cover=metadata.quality.cirrus,
+        snow_cover=metadata.quality.snow,
+        water_cover=metadata.quality.water,
+        sun_elevation=metadata.angles.sun_elevation,
+        sun_azimuth=metadata.angles.sun_azimuth,
+        across_off_nadir=metadata.angles.across_off_nadir,
+        along_off_nadir=metadata.angles.along_off_nadir,
+        scene_azimuth=metadata.angles.scene_azimuth,
+        orbit_number=metadata.orbit_number,
+        orbit_direction=metadata.orbit_direction,
+        footprint_lonlat=tuple(metadata.footprint_lonlat()),
+        source_uri=location.source_uri,
+        packaging=location.packaging,
+        variant=location.variant,
+        container_uri=location.container_uri,
+        inner_zip=location.inner_zip,
+        members=location.members,
+        fingerprint=fingerprint(metadata_bytes, location),
+        metadata_schema=metadata.schema,
+    )
+
+
+def read_raster_facts(path: str) -> RasterFacts:
+    """Header facts of one raster, after reading its last pixel (a truncated file fails here)."""
+    try:
+        with rasterio.open(path) as src:
+            src.read(src.count, window=Window(src.width - 1, src.height - 1, 1, 1))
+            epsg = src.crs.to_epsg() if src.crs else None
+            t = src.transform
+            return RasterFacts(
+                count=src.count,
+                width=src.width,
+                height=src.height,
+                dtype=src.dtypes[0],
+                epsg=epsg,
+                transform=(t.a, t.b, t.c, t.d, t.e, t.f),
+            )
+    except RasterioError as exc:
+        layer = path.rsplit("-", 1)[-1]
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ProductError(f"unreadable raster {layer}: {message}") from None
+
+
+def inspect_product(opened: OpenedProduct, manifest: Manifest) -> SceneRecord | Rejection:
+    location = opened.location
+    try:
+        metadata_bytes = opened.metadata_bytes()
+        metadata = SceneMetadata.from_xml(metadata_bytes)
+        layers = location.layers()
+        rasters = {
+            layer: read_raster_facts(opened.gdal_path(layer))
+            for layer in (SPECTRAL_IMAGE, *QUALITY_LAYERS)
+            if layer in layers
+        }
+        record = check_product(location, metadata, rasters, metadata_bytes)
+    except (ProductError, MetadataError) as exc:
+        return Rejection(location.source_uri, location.scene_id, STAGE, str(exc))
+    band_problem = manifest.bands.check(record.wavelengths_nm)
+    if band_problem:
+        return Rejection(location.source_uri, location.scene_id, STAGE, band_problem)
+    reason = manifest.filters.reject_reason(record.start_time, record.cloud_cover, record.processor_version)
+    if reason:
+        return Rejection(location.source_uri, location.scene_id, STAGE, reason)
+    return record
+
+
+def inspect_source(
+    source: ProductSource, manifest: Manifest, storage_options: dict | None = None
+) -> list[SceneRecord | Rejection]:
+    """The per-source task: resolve the source into products and check each one."""
+    results: list[SceneRecord | Rejection] = []
+    try:
+        for item in iter_products(source, storage_options):
+            results.append(item if isinstance(item, Rejection) else inspect_product(item, manifest))
+    except (ProductError, OSError) as exc:
+        results.append(Rejection(source.uri, None, STAGE, f"{type(exc).__name__}: {exc}"))
+    return results
+
+
+def split_duplicates(
+    results: list[SceneRecord | Rejection],
+) -> tuple[list[SceneRecord], list[Rejection]]:
+    """Accepted records with one per scene_id (the first found, by source order), and the rejections."""
+    accepted: dict[str, SceneRecord] = {}
+    rejected: list[Rejection] = []
+    for item in results:
+        if isinstance(item, Rejection):
+            rejected.append(item)
+        elif item.scene_id in accepted:
+            first = accepted[item.scene_id].source_uri
+            rejected.append(
+                Rejection(item.source_uri, item.scene_id, STAGE, f"same product already found at {first}")
+            )
+        else:
+            accepted[item.scene_id] = item
+    return sorted(accepted.values(), key=lambda r: r.scene_id), rejected
+
+
+# Tables ---------------------------------------------------------------------------------------------
+
+REJECTED_SCHEMA = pa.schema(
+    [("source_uri", pa.string()), ("scene_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())]
+)
+
+
+def rejected_table(rejections: list[Rejection]) -> pa.Table:
+    rows = sorted(rejections, key=lambda r: (r.source_uri, r.scene_id or "", r.reason))
+    return pa.Table.from_pylist([asdict(r) for r in rows], schema=REJECTED_SCHEMA)
+
+
+def scenes_frame(records: list[SceneRecord]) -> Any:
+    """GeoDataFrame of accepted scenes, footprint in EPSG:4326 as the geometry."""
+    import geopandas
+    from shapely.geometry import Polygon
+
+    rows = []
+    for record in records:
+        row = asdict(record)
+        row.pop("extra")
+        row["footprint"] = Polygon(row.pop("footprint_lonlat"))
+        row["transform"] = list(record.transform)
+        row["wavelengths_nm"] = list(record.wavelengths_nm)
+        row["fwhm_nm"] = list(record.fwhm_nm)
+        row["no_data_bands"] = list(record.no_data_bands)
+        row["members"] = json.dumps([list(m) for m in record.members])
+        rows.append(row)
+    columns = [f for f in SceneRecord.__dataclass_fields__ if f not in ("extra", "footprint_lonlat")]
+    frame = geopandas.GeoDataFrame(
+        rows, columns=[*columns, "footprint"], geometry="footprint", crs="EPSG:4326"
+    )
+    return frame
+
+
+def records_from_frame(frame: Any) -> list[SceneRecord]:
+    """SceneRecords back from `inventory/scenes.parquet` (what later stages read)."""
+    records = []
+    for row in frame.to_dict("records"):
+        geometry = row.pop("footprint")
+        members = tuple((m, int(s)) for m, s in json.loads(row.pop("members")))
+        records.append(
+            SceneRecord(
+                **{
+                    **row,
+                    "start_time": row["start_time"].to_pydatetime(),
+                    "stop_time": row["stop_time"].to_pydatetime(),
+                    "processing_time": row["processing_time"].to_pydatetime(),
+                    "transform": tuple(float(v) for v in row["transform"]),
+                    "wavelengths_nm": tuple(float(v) for v in row["wavelengths_nm"]),
+                    "fwhm_nm": tuple(float(v) for v in row["fwhm_nm"]),
+                    "no_data_bands": tuple(int(v) for v in row["no_data_bands"]),
+                    "inner_zip": row["inner_zip"] if isinstance(row["inner_zip"], str) else None,
+                },
+                footprint_lonlat=tuple(geometry.exterior.coords),
+                members=members,
+            )
+        )
+    return records
+
+
+# Stage I/O ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryResult:
+    counts: dict[str, Any]
+    skipped: bool  # True when the outputs were already up to date
+
+
+def sources_fingerprint(sources: list[ProductSource]) -> str:
+    payload = [[s.kind, s.uri, [list(e) for e in s.entries], s.stamp] for s in sources]
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+def summarise(records: list[SceneRecord], rejections: list[Rejection]) -> dict[str, Any]:
+    by_reason: dict[str, int] = {}
+    for rejection in rejections:
+        # Group reasons by their kind (the text before the first colon), not by their particulars.
+        kind = rejection.reason.split(":", 1)[0]
+        by_reason[kind] = by_reason.get(kind, 0) + 1
+    return {
+        "products_found": len(records) + sum(1 for r in rejections if r.scene_id),
+        "scenes_accepted": len(records),
+        "rejected": len(rejections),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "datatakes": len({r.datatake_id for r in records}),
+        "epsg_codes": sorted({r.epsg for r in records}),
+        "processor_versions": sorted({r.processor_version for r in records}),
+        "packagings": {
+            p: sum(1 for r in records if r.packaging == p) for p in sorted({r.packaging for r in records})
+        },
+    }
+
+
+def run_inventory(
+    manifest: Manifest,
+    store: Any,
+    inputs: list[str],
+    scheduler: Any,
+    storage_options: dict | None = None,
+    force: bool = False,
+) -> InventoryResult:
+    """Discover, check (one task per source), and write the inventory tables and stage record."""
+    from pipeline.enmap.product import discover
+    from pipeline.storage import StageRecord, Stopwatch
+
+    watch = Stopwatch()
+    sources, rejections = discover(inputs, storage_options)
+    watch.lap("discover")
+    config_hash = manifest.config_hash("filters", "bands")
+    input_fingerprint = sources_fingerprint(sources)
+    previous = store.read_stage_record(STAGE)
+    if (
+        not force
+        and previous
+        and previous["config_hash"] == config_hash
+        and previous["input_fingerprint"] == input_fingerprint
+        and store.exists(SCENES_TABLE)
+        and store.exists(REJECTED_TABLE)
+    ):
+        return InventoryResult(previous["counts"], skipped=True)
+
+    per_source = scheduler.map(inspect_source, sources, manifest, storage_options, label="inventory")
+    watch.lap("inspect")
+    records, more_rejections = split_duplicates([item for items in per_source for item in items])
+    rejections = rejections + more_rejections
+    store.write_geodataframe(SCENES_TABLE, scenes_frame(records))
+    store.write_table(REJECTED_TABLE, rejected_table(rejections))
+    watch.lap("write")
+    counts = summarise(records, rejections)
+    store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
+    return InventoryResult(counts, skipped=False)

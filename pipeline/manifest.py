@@ -1,0 +1,258 @@
+"""Build manifests: YAML in, frozen and validated configuration out.
+
+Each section is a frozen dataclass, so a `Manifest` is hashable and safe to hand to Dask tasks. A
+stage's configuration hash is the SHA-256 of the canonical JSON of the sections it depends on, never
+Python's `hash()`, so it is stable across processes and machines. Unknown keys are errors that name
+the key: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.storage import canonical_json
+
+
+class ManifestError(ValueError):
+    """An invalid manifest; the message names the file and the offending key."""
+
+
+def _check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    if not isinstance(section, Mapping):
+        raise ManifestError(f"{where}: expected a mapping, got {type(section).__name__}")
+    for key in section:
+        if key not in allowed:
+            full = f"{where}.{key}" if where else str(key)
+            raise ManifestError(f"unknown key '{full}' (known keys: {', '.join(sorted(allowed))})")
+
+
+def _number(value: Any, key: str, *, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ManifestError(f"'{key}' must be a number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ManifestError(f"'{key}' must be within [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, key: str, *, low: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ManifestError(f"'{key}' must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ManifestError(f"'{key}' must be >= {low}, got {value!r}")
+    return value
+
+
+def _date(value: Any, key: str) -> date | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise ManifestError(f"'{key}' must be a date YYYY-MM-DD, got {value!r}")
+
+
+def _ranges(value: Any, key: str, kind: type) -> tuple[tuple[Any, Any], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ManifestError(f"'{key}' must be a list of [first, last] pairs, got {value!r}")
+    out = []
+    for index, pair in enumerate(value):
+        where = f"{key}[{index}]"
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ManifestError(f"'{where}' must be a [first, last] pair, got {pair!r}")
+        first: float
+        last: float
+        if kind is int:
+            first, last = _integer(pair[0], where, low=1), _integer(pair[1], where, low=1)
+        else:
+            first, last = _number(pair[0], where, low=0), _number(pair[1], where, low=0)
+        if last < first:
+            raise ManifestError(f"'{where}' is empty: last {last} < first {first}")
+        out.append((first, last))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class SceneFilters:
+    """Which valid products enter the build (inventory stage)."""
+
+    start_date: date | None = None  # acquisition date on or after
+    end_date: date | None = None  # acquisition date on or before
+    max_cloud_cover: float | None = None  # percent, METADATA.XML qualityFlag/cloudCover
+    processor_versions: tuple[str, ...] = ()  # e.g. ("V010303",); empty = any
+
+    KEYS = {"start_date", "end_date", "max_cloud_cover", "processor_versions"}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> SceneFilters:
+        _check_keys(raw, cls.KEYS, "filters")
+        versions = raw.get("processor_versions") or []
+        if not isinstance(versions, list) or not all(
+            isinstance(v, str) and re.fullmatch(r"V\d{6}", v) for v in versions
+        ):
+            raise ManifestError(
+                f"'filters.processor_versions' must be a list like ['V010303'], got {versions!r}"
+            )
+        start = _date(raw.get("start_date"), "filters.start_date")
+        end = _date(raw.get("end_date"), "filters.end_date")
+        if start and end and end < start:
+            raise ManifestError("'filters.end_date' is before 'filters.start_date'")
+        cloud = raw.get("max_cloud_cover")
+        return cls(
+            start_date=start,
+            end_date=end,
+            max_cloud_cover=None
+            if cloud is None
+            else _number(cloud, "filters.max_cloud_cover", low=0, high=100),
+            processor_versions=tuple(versions),
+        )
+
+    def reject_reason(self, start_time: datetime, cloud_cover: float, processor_version: str) -> str | None:
+        """Why a product is filtered out, or None when it passes."""
+        day = start_time.astimezone(UTC).date()
+        if self.start_date and day < self.start_date:
+            return f"filtered: acquired {day} before start_date {self.start_date}"
+        if self.end_date and day > self.end_date:
+            return f"filtered: acquired {day} after end_date {self.end_date}"
+        if self.max_cloud_cover is not None and cloud_cover > self.max_cloud_cover:
+            return f"filtered: cloud cover {cloud_cover:g} % above max_cloud_cover {self.max_cloud_cover:g} %"
+        if self.processor_versions and processor_version not in self.processor_versions:
+            allowed = ", ".join(self.processor_versions)
+            return f"filtered: processor version {processor_version} not in [{allowed}]"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class BandPolicy:
+    """The band axis of the whole build.
+
+    Either by 1-based band number in products of `expected_count` bands, or by inclusive wavelength
+    ranges (which serves products of any processor version). Both may be given; a band is dropped when
+    either rule drops it.
+    """
+
+    expected_count: int | None = 224
+    drop_bands: tuple[tuple[int, int], ...] = ()
+    drop_wavelengths_nm: tuple[tuple[float, float], ...] = ()
+
+    KEYS = {"expected_count", "drop_bands", "drop_wavelengths_nm"}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> BandPolicy:
+        _check_keys(raw, cls.KEYS, "bands")
+        count = raw.get("expected_count", 224)
+        expected = None if count is None else _integer(count, "bands.expected_count", low=1)
+        drop_bands = _ranges(raw.get("drop_bands"), "bands.drop_bands", int)
+        if drop_bands and expected is None:
+            raise ManifestError(
+                "'bands.drop_bands' needs 'bands.expected_count' (band numbers differ by version)"
+            )
+        if expected is not None and any(last > expected for _, last in drop_bands):
+            raise ManifestError(f"'bands.drop_bands' names a band above expected_count {expected}")
+        return cls(
+            expected_count=expected,
+            drop_bands=drop_bands,
+            drop_wavelengths_nm=_ranges(raw.get("drop_wavelengths_nm"), "bands.drop_wavelengths_nm", float),
+        )
+
+    def check(self, wavelengths_nm: tuple[float, ...]) -> str | None:
+        """Why a product's band axis does not fit this policy, or None."""
+        if self.expected_count is not None and len(wavelengths_nm) != self.expected_count:
+            return (
+                f"has {len(wavelengths_nm)} bands; the manifest's band policy expects {self.expected_count}"
+            )
+        if not self.kept_bands(wavelengths_nm):
+            return "the manifest's band policy keeps no band of this product"
+        return None
+
+    def kept_bands(self, wavelengths_nm: tuple[float, ...]) -> tuple[int, ...]:
+        """1-based numbers of the bands kept from a product with these centre wavelengths."""
+        kept = []
+        for number, wavelength in enumerate(wavelengths_nm, start=1):
+            if any(first <= number <= last for first, last in self.drop_bands):
+                continue
+            if any(first <= wavelength <= last for first, last in self.drop_wavelengths_nm):
+                continue
+            kept.append(number)
+        return tuple(kept)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    name: str
+    description: str = ""
+    inputs: tuple[str, ...] = ()
+    filters: SceneFilters = field(default_factory=SceneFilters)
+    bands: BandPolicy = field(default_factory=BandPolicy)
+    source: str = "<dict>"  # where it was read from, for messages; not part of any hash
+
+    KEYS = {"name", "description", "inputs", "filters", "bands"}
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<dict>") -> Manifest:
+        try:
+            if not isinstance(raw, Mapping):
+                raise ManifestError("the manifest must be a YAML mapping")
+            _check_keys(raw, cls.KEYS, "")
+            name = raw.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ManifestError(f"'name' must be a simple identifier, got {name!r}")
+            inputs = raw.get("inputs") or []
+            if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+                raise ManifestError("'inputs' must be a list of paths or s3:// URIs")
+            description = raw.get("description", "")
+            if not isinstance(description, str):
+                raise ManifestError("'description' must be text")
+            return cls(
+                name=name,
+                description=description,
+                inputs=tuple(inputs),
+                filters=SceneFilters.from_dict(raw.get("filters") or {}),
+                bands=BandPolicy.from_dict(raw.get("bands") or {}),
+                source=source,
+            )
+        except ManifestError as exc:
+            raise ManifestError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Manifest:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot read manifest ({exc.strerror})") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ManifestError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def section_dict(self, name: str) -> Any:
+        value = getattr(self, name)
+        if hasattr(value, "__dataclass_fields__"):
+            return {f.name: getattr(value, f.name) for f in fields(value)}
+        return value
+
+    def config_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (what one stage depends on)."""
+        payload = {name: self.section_dict(name) for name in sorted(sections)}
+        return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("source")
+        return out

@@ -1,0 +1,189 @@
+"""Where a build lives (a local folder or an `s3://` prefix): paths, atomic writes, stage records.
+
+Everything goes through fsspec, so the same code serves local disks and object stores. A write is
+atomic for readers: locally a temporary file renamed into place, on S3 a single PUT.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import posixpath
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+STAGES_DIR = "_stages"
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def gdal_path(uri: str) -> str:
+    """The path GDAL opens for `uri`: `/vsis3/bucket/key` for S3, an absolute path locally."""
+    if uri.startswith("s3://"):
+        return "/vsis3/" + uri.removeprefix("s3://")
+    if uri.startswith("file://"):
+        uri = uri.removeprefix("file://")
+    if is_remote(uri):
+        raise ValueError(f"no GDAL virtual file system for {uri!r}")
+    return os.path.abspath(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path parts with `/` (object stores have no OS separator)."""
+    return posixpath.join(base.rstrip("/"), *parts) if parts else base
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+@dataclass
+class BuildStore:
+    """A build location. Relative paths (`inventory/scenes.parquet`) are resolved under `uri`."""
+
+    uri: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.uri = self.uri.rstrip("/") or "/"
+        fs, root = fsspec.core.url_to_fs(self.uri, **dict(self.storage_options))
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.root: str = root
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, relative: str) -> str:
+        return posixpath.join(self.root, relative)
+
+    def uri_of(self, relative: str) -> str:
+        return join(self.uri, relative)
+
+    def exists(self, relative: str) -> bool:
+        return bool(self.fs.exists(self.path(relative)))
+
+    def read_bytes(self, relative: str) -> bytes:
+        return bytes(self.fs.cat_file(self.path(relative)))
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        target = self.path(relative)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(temporary, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temporary, target)
+            finally:
+                if os.path.exists(temporary):
+                    os.remove(temporary)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def read_json(self, relative: str) -> Any:
+        return json.loads(self.read_bytes(relative))
+
+    def write_json(self, relative: str, value: Any) -> None:
+        self.write_bytes(relative, (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def write_table(self, relative: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        self.write_bytes(relative, buffer.getvalue())
+
+    def read_table(self, relative: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(relative)))
+
+    def write_geodataframe(self, relative: str, frame: Any) -> None:
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, compression="zstd", index=False)
+        self.write_bytes(relative, buffer.getvalue())
+
+    def read_geodataframe(self, relative: str) -> Any:
+        import geopandas
+
+        return geopandas.read_parquet(io.BytesIO(self.read_bytes(relative)))
+
+    # Stage records -------------------------------------------------------------------------------
+    def stage_record_path(self, stage: str) -> str:
+        return f"{STAGES_DIR}/{stage}.json"
+
+    def read_stage_record(self, stage: str) -> dict[str, Any] | None:
+        relative = self.stage_record_path(stage)
+        return self.read_json(relative) if self.exists(relative) else None
+
+    def write_stage_record(self, record: StageRecord) -> None:
+        self.write_json(self.stage_record_path(record.stage), record.to_json())
+
+
+def software_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import rasterio
+
+    from pipeline import __version__
+
+    versions = {
+        "pipeline": __version__,
+        "python": platform.python_version(),
+        "gdal": rasterio.__gdal_version__,
+    }
+    for package in ("numpy", "rasterio", "pyarrow", "dask", "zarr", "geopandas", "pystac"):
+        try:
+            versions[package] = version(package)
+        except Exception:  # a package that is not installed is simply not recorded
+            continue
+    return versions
+
+
+@dataclass
+class StageRecord:
+    """`_stages/<stage>.json`: what a stage did, with which configuration and inputs."""
+
+    stage: str
+    config_hash: str
+    input_fingerprint: str
+    counts: dict[str, Any]
+    timings: dict[str, float]
+    versions: dict[str, str] = field(default_factory=software_versions)
+    completed_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "config_hash": self.config_hash,
+            "input_fingerprint": self.input_fingerprint,
+            "counts": self.counts,
+            "timings": self.timings,
+            "versions": self.versions,
+            "completed_at": self.completed_at,
+        }
+
+
+class Stopwatch:
+    """Named wall-clock timings for a stage record."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._start, 3)
+        self._start = now

@@ -1,0 +1,24 @@
+"""Shared fixtures. Tests that need ../shared (real EnMAP samples, STAC schemas) skip without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+SAMPLES = SHARED / "enmap-samples"
+REAL_SCENE = "ENMAP01-____L2A-DT0000326721_20170626T102020Z_001_V000204_20200406T201930Z"
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    if not SAMPLES.is_dir():
+        pytest.skip(f"real EnMAP samples not found at {SAMPLES} (they sit beside the clone in CI)")
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def real_metadata_bytes(samples: Path) -> bytes:
+    return (samples / f"{REAL_SCENE}-METADATA.XML").read_bytes()

@@ -1,0 +1,44 @@
+from datetime import UTC, datetime
+
+import pytest
+
+from pipeline.enmap.names import ProductName, ProductNameError, find_product_names, parse_file_name
+
+REAL = "ENMAP01-____L2A-DT0000326721_20170626T102020Z_001_V000204_20200406T201930Z"
+
+
+def test_parse_real_name():
+    name = ProductName.parse(REAL)
+    assert name.datatake_id == "0000326721"
+    assert name.start == datetime(2017, 6, 26, 10, 20, 20, tzinfo=UTC)
+    assert name.tile == 1
+    assert name.processor_version == "V000204"
+    assert name.processing_time == datetime(2020, 4, 6, 20, 19, 30, tzinfo=UTC)
+
+
+def test_format_round_trips():
+    start, processed = datetime(2023, 5, 1, 10, 4, 5, tzinfo=UTC), datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    text = ProductName.format(1049, start, 28, "V010303", processed)
+    assert text == "ENMAP01-____L2A-DT0000001049_20230501T100405Z_028_V010303_20240102T030405Z"
+    assert ProductName.parse(text).tile == 28
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [REAL + ".ZIP", REAL.replace("L2A", "L1B"), REAL.replace("_001_", "_1_"), "", REAL[:-1]],
+)
+def test_rejects_non_names(bad):
+    with pytest.raises(ProductNameError):
+        ProductName.parse(bad)
+
+
+def test_file_names_and_ard_layers():
+    spectral = parse_file_name(f"{REAL}-SPECTRAL_IMAGE.TIF")
+    assert spectral and spectral.layer == "SPECTRAL_IMAGE" and spectral.is_raster
+    cog = parse_file_name(f"{REAL}-SPECTRAL_IMAGE_COG.tiff")
+    assert cog and cog.layer == "SPECTRAL_IMAGE" and cog.extension == "tiff"
+    header = parse_file_name(f"{REAL}-SPECTRAL_IMAGE.HDR")
+    assert header and header.is_sidecar and not header.is_raster
+    assert parse_file_name(f"{REAL}-METADATA.xml").layer == "METADATA"
+    assert parse_file_name("README.txt") is None
+    assert find_product_names(f"dims/ENMAP.HSI.L2A/{REAL}.ZIP") == [REAL]
