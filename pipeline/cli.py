@@ -109,6 +109,37 @@ def inventory(
         )
 
 
+def _stage_command(name: str, doc: str) -> Callable[..., Any]:
+    """mask, tile, dedup: same options, read the build's earlier tables, write their own."""
+
+    @stage_options
+    @click.option("--force", is_flag=True, help="Redo the stage even when its outputs are up to date.")
+    @one_line_errors
+    def command(
+        manifest_path: str, build: str, scheduler: str, workers: int | None, no_progress: bool, force: bool
+    ) -> None:
+        from pipeline import stages
+        from pipeline.report import print_stage_summary
+        from pipeline.storage import BuildStore
+
+        manifest = Manifest.from_yaml(manifest_path)
+        store = BuildStore(build)
+        result = stages.run_stage(
+            name, manifest, store, _scheduler(scheduler, workers, no_progress), force=force
+        )
+        print_stage_summary(name, store, result)
+
+    command.__doc__ = doc
+    return main.command(name=name)(command)
+
+
+_stage_command("mask", "Per-scene quality masks (mask/<scene_id>.tif) and fractions (mask/masks.parquet).")
+_stage_command(
+    "tile", "Cut scenes on the global grid: every candidate cell kept or dropped (plan/patches.parquet)."
+)
+_stage_command("dedup", "One patch per acquisition and the location index (index/patches, index/locations).")
+
+
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write products into.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -69,6 +69,7 @@ class SceneRecord:
     tile_id: int
     start_time: datetime
     stop_time: datetime
+    datatake_start: datetime
     processor_version: str
     processing_time: datetime
     epsg: int
@@ -189,6 +190,7 @@ def check_product(
         tile_id=name.tile,
         start_time=metadata.start_time,
         stop_time=metadata.stop_time,
+        datatake_start=metadata.datatake_start,
         processor_version=name.processor_version,
         processing_time=name.processing_time,
         epsg=cube.epsg,
@@ -347,6 +349,7 @@ def records_from_frame(frame: Any) -> list[SceneRecord]:
                     **row,
                     "start_time": row["start_time"].to_pydatetime(),
                     "stop_time": row["stop_time"].to_pydatetime(),
+                    "datatake_start": row["datatake_start"].to_pydatetime(),
                     "processing_time": row["processing_time"].to_pydatetime(),
                     "transform": tuple(float(v) for v in row["transform"]),
                     "wavelengths_nm": tuple(float(v) for v in row["wavelengths_nm"]),

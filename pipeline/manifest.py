@@ -193,15 +193,84 @@ class BandPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class GridSettings:
+    """The global patch grid (SPEC, stage 3) and what to do with a scene off its lattice."""
+
+    patch_size: int = 128
+    pixel_size: float = 30.0
+    offset: float = 15.0
+    # "reject": a scene whose pixel corners are not on offset + k x pixel_size is rejected.
+    # "nearest": its origin is snapped to the nearest lattice point (nearest-neighbour resampling by a
+    # shift of at most half a pixel; pixel values are unchanged, only their stated position moves).
+    off_lattice: str = "reject"
+
+    KEYS = {"patch_size", "pixel_size", "offset", "off_lattice"}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> GridSettings:
+        _check_keys(raw, cls.KEYS, "grid")
+        pixel = _number(raw.get("pixel_size", 30.0), "grid.pixel_size", low=0.001)
+        patch = _integer(raw.get("patch_size", 128), "grid.patch_size", low=1)
+        offset = _number(raw.get("offset", 15.0), "grid.offset", low=0)
+        if offset >= pixel:
+            raise ManifestError(f"'grid.offset' must be below grid.pixel_size ({pixel:g}), got {offset:g}")
+        mode = raw.get("off_lattice", "reject")
+        if mode not in ("reject", "nearest"):
+            raise ManifestError(f"'grid.off_lattice' must be 'reject' or 'nearest', got {mode!r}")
+        return cls(patch_size=patch, pixel_size=pixel, offset=offset, off_lattice=mode)
+
+
+@dataclass(frozen=True, slots=True)
+class QualityPolicy:
+    """Which mask flags disqualify a patch: the largest fraction of a cell's pixels allowed per flag.
+
+    `None` means the flag is recorded but never disqualifies. A flag left out of the manifest is not
+    disqualifying either, except nodata and background, which the SPEC fixes at 0 (a kept patch holds no
+    nodata in a kept band and lies inside the footprint).
+    """
+
+    max_fraction: tuple[tuple[str, float | None], ...] = (("nodata", 0.0), ("background", 0.0))
+    cirrus_min_level: int = 1  # cirrus counts from this level on (1 thin, 2 medium, 3 thick)
+
+    KEYS = {"max_fraction", "cirrus_min_level"}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> QualityPolicy:
+        from pipeline.quality import FLAG_NAMES
+
+        _check_keys(raw, cls.KEYS, "quality")
+        fractions = raw.get("max_fraction") or {}
+        _check_keys(fractions, set(FLAG_NAMES), "quality.max_fraction")
+        merged: dict[str, float | None] = {"nodata": 0.0, "background": 0.0}
+        for flag, value in fractions.items():
+            key = f"quality.max_fraction.{flag}"
+            merged[flag] = None if value is None else _number(value, key, low=0, high=1)
+        for flag in ("nodata", "background"):
+            if merged[flag] != 0.0:
+                raise ManifestError(f"'quality.max_fraction.{flag}' must be 0: kept patches hold none (SPEC)")
+        level = _integer(raw.get("cirrus_min_level", 1), "quality.cirrus_min_level", low=1)
+        if level > 3:
+            raise ManifestError(f"'quality.cirrus_min_level' must be 1, 2 or 3, got {level}")
+        ordered = tuple((flag, merged.get(flag)) for flag in FLAG_NAMES if flag in merged)
+        return cls(max_fraction=ordered, cirrus_min_level=level)
+
+    def limits(self) -> dict[str, float]:
+        """The disqualifying flags and their largest allowed fraction."""
+        return {flag: limit for flag, limit in self.max_fraction if limit is not None}
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     name: str
     description: str = ""
     inputs: tuple[str, ...] = ()
     filters: SceneFilters = field(default_factory=SceneFilters)
     bands: BandPolicy = field(default_factory=BandPolicy)
+    grid: GridSettings = field(default_factory=GridSettings)
+    quality: QualityPolicy = field(default_factory=QualityPolicy)
     source: str = "<dict>"  # where it was read from, for messages; not part of any hash
 
-    KEYS = {"name", "description", "inputs", "filters", "bands"}
+    KEYS = {"name", "description", "inputs", "filters", "bands", "grid", "quality"}
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "<dict>") -> Manifest:
@@ -224,6 +293,8 @@ class Manifest:
                 inputs=tuple(inputs),
                 filters=SceneFilters.from_dict(raw.get("filters") or {}),
                 bands=BandPolicy.from_dict(raw.get("bands") or {}),
+                grid=GridSettings.from_dict(raw.get("grid") or {}),
+                quality=QualityPolicy.from_dict(raw.get("quality") or {}),
                 source=source,
             )
         except ManifestError as exc:

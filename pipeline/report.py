@@ -20,3 +20,37 @@ def print_inventory_summary(store: Any, result: Any) -> None:
     print(f"  rejected           {counts['rejected']}")
     for reason, number in counts["rejected_by_reason"].items():
         print(f"    {number:4d}  {reason}")
+
+
+def print_stage_summary(name: str, store: Any, result: Any) -> None:
+    counts = result.counts
+    state = "up to date, nothing redone" if result.skipped else "done"
+    print(f"{name}: {state}")
+    if name == "mask":
+        print(f"  scenes masked      {counts['masked']} of {counts['scenes']} (reused {counts['reused']})")
+        print(f"  kept bands         {counts['kept_bands']}")
+        print(f"  empty kept bands   {counts['scenes_with_empty_kept_bands']} scene(s)")
+        print(f"  rejected           {counts['rejected']}")
+    elif name == "tile":
+        print(f"  scenes             {counts['scenes']} ({counts['scenes_rejected']} rejected)")
+        print(f"  candidate patches  {counts['candidates']}")
+        print(f"  kept               {counts['kept']}")
+        for reason, number in counts["dropped_by_reason"].items():
+            print(f"    dropped {number:5d}  {reason}")
+    elif name == "dedup":
+        print_funnel(counts)
+
+
+def print_funnel(counts: dict[str, Any]) -> None:
+    print(f"  scenes             {counts['scenes']}")
+    print(f"  candidate patches  {counts['candidates']}")
+    print(f"  kept candidates    {counts['kept_candidates']}")
+    for reason, number in counts["dropped_by_reason"].items():
+        print(f"    dropped {number:5d}  {reason}")
+    print(f"  duplicates         {counts['duplicates']}")
+    print(f"  patches            {counts['patches']}")
+    print(f"  locations          {counts['locations']}")
+    print(
+        f"  multi-date         {counts['multi_date_locations']} "
+        f"({counts['multi_date_share']:.1%} of locations; SpectralEarth: 17.5 %)"
+    )

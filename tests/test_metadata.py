@@ -26,6 +26,7 @@ def test_real_sample_identity(real):
 def test_real_sample_times(real):
     assert real.start_time == datetime(2017, 6, 26, 10, 20, 20, 999936, tzinfo=UTC)
     assert real.stop_time == datetime(2017, 6, 26, 10, 20, 25, 545157, tzinfo=UTC)
+    assert real.datatake_start == datetime(2017, 6, 26, 10, 20, 20, 999936, tzinfo=UTC)
 
 
 def test_real_sample_bands(real):

@@ -85,6 +85,7 @@ class SceneMetadata:
     orbit_direction: str
     start_time: datetime
     stop_time: datetime
+    datatake_start: datetime  # `specific/datatakeStart`; the same for every tile of the datatake
     bands: tuple[Band, ...]
     band_statistics: tuple[BandStatistics, ...]
     footprint: tuple[FootprintPoint, ...]
@@ -336,6 +337,10 @@ def _build(root: ET.Element) -> SceneMetadata:
         orbit_direction=_text(root, "specific/orbitDirection").upper(),
         start_time=start,
         stop_time=stop,
+        # Older products may lack datatakeStart; the tile start is then the best available date.
+        datatake_start=_time(root, "specific/datatakeStart")
+        if root.find("specific/datatakeStart") is not None
+        else start,
         bands=_bands(root),
         band_statistics=_band_statistics(root),
         footprint=_footprint(root),
