@@ -1,0 +1,336 @@
+"""Stage 4, `dedup`: one patch per acquisition of a location, and the multitemporal location index.
+
+A location is a grid cell. The same cell seen by one datatake in two overlapping tiles, or in a
+reprocessed product, is one acquisition: the newest processor version wins, then the fewest
+disqualifying-flag pixels, then the smallest `scene_id`; the others are recorded as its duplicates.
+`choose_patches` is pure and independent of input order; the stage I/O is `run_dedup`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import numpy as np
+
+from pipeline.grid import Cell, GridSpec, cell_bounds, cells_for_bounds
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Candidate:
+    """A kept cell of one scene, as far as dedup needs to know it."""
+
+    location_id: str
+    datatake_id: str
+    scene_id: str
+    acquisition_date: date
+    processor_version: str  # "V010303"
+    disqualifying_pixels: int
+    row_off: int = 0
+    col_off: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChosenPatch:
+    patch_id: str
+    candidate: Candidate
+    duplicates: tuple[str, ...]  # scene_ids of the other candidates of this acquisition, sorted
+
+
+def version_number(processor_version: str) -> int:
+    return int(processor_version.lstrip("Vv"))
+
+
+def preference(candidate: Candidate) -> tuple[int, int, str]:
+    """Sort key: the best candidate of an acquisition sorts first."""
+    return (-version_number(candidate.processor_version), candidate.disqualifying_pixels, candidate.scene_id)
+
+
+def patch_id(location_id: str, acquisition_date: date, datatake_id: str) -> str:
+    return f"{location_id}_{acquisition_date:%Y%m%d}_DT{int(datatake_id):010d}"
+
+
+def choose_patches(candidates: Iterable[Candidate]) -> list[ChosenPatch]:
+    """Group candidates into acquisitions (location, datatake) and keep the preferred one of each.
+
+    The acquisition date in the id is the datatake's start date (`specific/datatakeStart`), shared by
+    all its tiles and versions, so the id does not depend on which tile or version wins even when a
+    datatake straddles midnight UTC.
+    """
+    groups: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
+    for candidate in candidates:
+        groups[(candidate.location_id, candidate.datatake_id)].append(candidate)
+    chosen = []
+    for (location_id, datatake_id), group in groups.items():
+        ordered = sorted(group, key=preference)
+        best = ordered[0]
+        day = min(c.acquisition_date for c in group)
+        chosen.append(
+            ChosenPatch(
+                patch_id=patch_id(location_id, day, datatake_id),
+                candidate=best,
+                duplicates=tuple(sorted(c.scene_id for c in ordered[1:])),
+            )
+        )
+    return order_rows(chosen)
+
+
+def order_rows(chosen: list[ChosenPatch]) -> list[ChosenPatch]:
+    """Zarr row order: by scene, then top to bottom and left to right in it, so a shard of
+    consecutive rows needs as few scenes as possible and reads them in raster order."""
+    return sorted(
+        chosen, key=lambda p: (p.candidate.scene_id, p.candidate.row_off, p.candidate.col_off, p.patch_id)
+    )
+
+
+# Neighbouring UTM zones --------------------------------------------------------------------------
+
+
+def neighbour_zones(epsg: int) -> tuple[int, int]:
+    base, zone = divmod(epsg, 100)
+    return (base * 100 + (zone - 2) % 60 + 1, base * 100 + zone % 60 + 1)
+
+
+def neighbour_overlaps(
+    location_ids: Iterable[str], spec: GridSpec, max_degrees_from_edge: float = 0.5
+) -> dict[str, tuple[str, ...]]:
+    """For each location, the locations of the build in a neighbouring UTM zone that cover more than
+    half of it (each scene uses the zone of its centre, so one ground area can appear in two zones)."""
+    from pyproj import Transformer
+    from shapely.geometry import Polygon
+
+    cells = [Cell.parse(lid) for lid in location_ids]
+    by_zone: dict[int, set[Cell]] = defaultdict(set)
+    for cell in cells:
+        by_zone[cell.epsg].add(cell)
+    found: dict[str, set[str]] = defaultdict(set)
+    half = 0.5 * spec.cell_size**2
+    for epsg, zone_cells in by_zone.items():
+        zone = epsg % 100
+        edges = (-180.0 + 6 * (zone - 1), -180.0 + 6 * zone)
+        to_lonlat = Transformer.from_crs(f"EPSG:{epsg}", "EPSG:4326", always_xy=True)
+        ordered = sorted(zone_cells)
+        centres = np.array(
+            [[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in (cell_bounds(c, spec) for c in ordered)]
+        )
+        lon, _ = to_lonlat.transform(centres[:, 0], centres[:, 1])
+        near_edge = np.minimum(np.abs(lon - edges[0]), np.abs(lon - edges[1])) <= max_degrees_from_edge
+        for other in neighbour_zones(epsg):
+            if other not in by_zone:
+                continue
+            to_other = Transformer.from_crs(f"EPSG:{epsg}", f"EPSG:{other}", always_xy=True)
+            for cell, near in zip(ordered, near_edge.tolist(), strict=True):
+                if not near:
+                    continue
+                xmin, ymin, xmax, ymax = cell_bounds(cell, spec)
+                t = np.linspace(0.0, 1.0, 9)
+                xs = np.concatenate(
+                    [xmin + (xmax - xmin) * t, np.full(9, xmax), xmax - (xmax - xmin) * t, np.full(9, xmin)]
+                )
+                ys = np.concatenate(
+                    [np.full(9, ymax), ymax - (ymax - ymin) * t, np.full(9, ymin), ymin + (ymax - ymin) * t]
+                )
+                ox, oy = to_other.transform(xs, ys)
+                outline = Polygon(zip(ox, oy, strict=True))
+                for candidate in cells_for_bounds(other, outline.bounds, spec):
+                    if candidate not in by_zone[other]:
+                        continue
+                    box = Polygon.from_bounds(*cell_bounds(candidate, spec))
+                    if outline.intersection(box).area > half:
+                        found[cell.location_id].add(candidate.location_id)
+                        found[candidate.location_id].add(cell.location_id)
+    return {lid: tuple(sorted(ids)) for lid, ids in found.items()}
+
+
+# Stage I/O ---------------------------------------------------------------------------------------
+
+INDEX_PATCHES = "index/patches.parquet"
+INDEX_LOCATIONS = "index/locations.parquet"
+STAGE = "dedup"
+
+
+def candidates_from_plan(frame: Any) -> list[Candidate]:
+    kept = frame[frame["kept"]]
+    out = []
+    for row in kept[
+        [
+            "location_id",
+            "datatake_id",
+            "scene_id",
+            "datatake_start",
+            "processor_version",
+            "disqualifying_pixels",
+            "row_off",
+            "col_off",
+        ]
+    ].itertuples(index=False):
+        out.append(
+            Candidate(
+                location_id=row.location_id,
+                datatake_id=row.datatake_id,
+                scene_id=row.scene_id,
+                acquisition_date=row.datatake_start.date(),
+                processor_version=row.processor_version,
+                disqualifying_pixels=int(row.disqualifying_pixels),
+                row_off=int(row.row_off),
+                col_off=int(row.col_off),
+            )
+        )
+    return out
+
+
+def build_index(plan: Any, spec: GridSpec) -> tuple[Any, Any, dict[str, Any]]:
+    """Pure over tables: (index patches, locations, counts) from plan/patches.parquet."""
+    import geopandas
+    import pandas as pd
+
+    chosen = choose_patches(candidates_from_plan(plan))
+    by_key = plan.set_index(["scene_id", "location_id"])
+    rows = []
+    for row_number, patch in enumerate(chosen):
+        source = by_key.loc[(patch.candidate.scene_id, patch.candidate.location_id)]
+        record = {
+            "row": row_number,
+            "patch_id": patch.patch_id,
+            "location_id": patch.candidate.location_id,
+            "scene_id": patch.candidate.scene_id,
+            "duplicates": list(patch.duplicates),
+            "acquisition_date": patch.patch_id.split("_")[1],
+        }
+        for column in (
+            "epsg",
+            "i",
+            "j",
+            "col_off",
+            "row_off",
+            "size",
+            "start_time",
+            "datatake_id",
+            "tile_id",
+            "processor_version",
+            "disqualifying_pixels",
+            "scene_transform",
+            "geometry",
+            *[c for c in plan.columns if c.endswith("_fraction")],
+        ):
+            record[column] = source[column]
+        record["x_ul"] = float(source["x_min"])
+        record["y_ul"] = float(source["y_max"])
+        rows.append(record)
+    columns = [
+        "row",
+        "patch_id",
+        "location_id",
+        "scene_id",
+        "duplicates",
+        "acquisition_date",
+        "epsg",
+        "i",
+        "j",
+        "col_off",
+        "row_off",
+        "size",
+        "x_ul",
+        "y_ul",
+        "start_time",
+        "datatake_id",
+        "tile_id",
+        "processor_version",
+        "disqualifying_pixels",
+        "scene_transform",
+        *[c for c in plan.columns if c.endswith("_fraction")],
+        "geometry",
+    ]
+    patches = geopandas.GeoDataFrame(rows, columns=columns, geometry="geometry", crs="EPSG:4326")
+
+    overlaps = neighbour_overlaps(sorted(set(patches["location_id"])), spec)
+    location_rows = []
+    for location_id, group in patches.groupby("location_id", sort=True):
+        dates = sorted(set(group["acquisition_date"]))
+        location_rows.append(
+            {
+                "location_id": location_id,
+                "epsg": int(group["epsg"].iloc[0]),
+                "i": int(group["i"].iloc[0]),
+                "j": int(group["j"].iloc[0]),
+                "n_dates": len(dates),
+                "first_date": pd.Timestamp(dates[0]).date(),
+                "last_date": pd.Timestamp(dates[-1]).date(),
+                "patch_ids": sorted(group["patch_id"]),
+                "neighbour_zone_overlaps": list(overlaps.get(location_id, ())),
+                "geometry": group.geometry.iloc[0],
+            }
+        )
+    locations = geopandas.GeoDataFrame(
+        location_rows,
+        columns=[
+            "location_id",
+            "epsg",
+            "i",
+            "j",
+            "n_dates",
+            "first_date",
+            "last_date",
+            "patch_ids",
+            "neighbour_zone_overlaps",
+            "geometry",
+        ],
+        geometry="geometry",
+        crs="EPSG:4326",
+    )
+    n_dates = dict(zip(locations["location_id"], locations["n_dates"], strict=True))
+    patches["n_dates"] = patches["location_id"].map(n_dates).astype("int64")
+
+    dropped: dict[str, int] = {}
+    for reason in plan.loc[~plan["kept"], "reason"]:
+        kind = str(reason).split(":", 1)[0]
+        dropped[kind] = dropped.get(kind, 0) + 1
+    multi = int((locations["n_dates"] > 1).sum()) if len(locations) else 0
+    counts = {
+        "scenes": int(plan["scene_id"].nunique()),
+        "candidates": len(plan),
+        "kept_candidates": int(plan["kept"].sum()),
+        "dropped_by_reason": dict(sorted(dropped.items())),
+        "duplicates": sum(len(p.duplicates) for p in chosen),
+        "patches": len(patches),
+        "locations": len(locations),
+        "multi_date_locations": multi,
+        "multi_date_share": round(multi / len(locations), 4) if len(locations) else 0.0,
+        "neighbour_zone_pairs": sum(len(v) for v in overlaps.values()) // 2,
+    }
+    return patches, locations, counts
+
+
+def run_dedup(manifest: Any, store: Any, force: bool = False) -> Any:
+    from pipeline.mask import StageResult
+    from pipeline.storage import StageRecord, Stopwatch
+    from pipeline.tile import PATCHES_TABLE, grid_spec
+
+    watch = Stopwatch()
+    if not store.exists(PATCHES_TABLE):
+        raise FileNotFoundError(f"{store.uri_of(PATCHES_TABLE)} is missing: run the tile stage first")
+    raw = store.read_bytes(PATCHES_TABLE)
+    input_fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+    config_hash = manifest.config_hash("grid")
+    previous = store.read_stage_record(STAGE)
+    if (
+        not force
+        and previous
+        and previous["config_hash"] == config_hash
+        and previous["input_fingerprint"] == input_fingerprint
+        and store.exists(INDEX_PATCHES)
+        and store.exists(INDEX_LOCATIONS)
+    ):
+        return StageResult(previous["counts"], skipped=True)
+    plan = store.read_geodataframe(PATCHES_TABLE)
+    patches, locations, counts = build_index(plan, grid_spec(manifest.grid))
+    watch.lap("dedup")
+    store.write_geodataframe(INDEX_PATCHES, patches)
+    store.write_geodataframe(INDEX_LOCATIONS, locations)
+    watch.lap("write")
+    store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
+    return StageResult(counts, skipped=False)
