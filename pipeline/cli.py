@@ -138,6 +138,7 @@ _stage_command(
     "tile", "Cut scenes on the global grid: every candidate cell kept or dropped (plan/patches.parquet)."
 )
 _stage_command("dedup", "One patch per acquisition and the location index (index/patches, index/locations).")
+_stage_command("write", "Copy the kept patches into dataset.zarr (Zarr v3, sharded), bit-exact.")
 
 
 @main.command()

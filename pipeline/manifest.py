@@ -260,6 +260,25 @@ class QualityPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteSettings:
+    """`dataset.zarr` layout: patches per shard (one patch per inner chunk) and the zstd level."""
+
+    patches_per_shard: int = 32
+    compression_level: int = 5
+
+    KEYS = {"patches_per_shard", "compression_level"}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> WriteSettings:
+        _check_keys(raw, cls.KEYS, "write")
+        per_shard = _integer(raw.get("patches_per_shard", 32), "write.patches_per_shard", low=2)
+        level = _integer(raw.get("compression_level", 5), "write.compression_level", low=1)
+        if level > 9:
+            raise ManifestError(f"'write.compression_level' must be 1-9 (Blosc zstd), got {level}")
+        return cls(patches_per_shard=per_shard, compression_level=level)
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     name: str
     description: str = ""
@@ -268,9 +287,10 @@ class Manifest:
     bands: BandPolicy = field(default_factory=BandPolicy)
     grid: GridSettings = field(default_factory=GridSettings)
     quality: QualityPolicy = field(default_factory=QualityPolicy)
+    write: WriteSettings = field(default_factory=WriteSettings)
     source: str = "<dict>"  # where it was read from, for messages; not part of any hash
 
-    KEYS = {"name", "description", "inputs", "filters", "bands", "grid", "quality"}
+    KEYS = {"name", "description", "inputs", "filters", "bands", "grid", "quality", "write"}
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "<dict>") -> Manifest:
@@ -295,6 +315,7 @@ class Manifest:
                 bands=BandPolicy.from_dict(raw.get("bands") or {}),
                 grid=GridSettings.from_dict(raw.get("grid") or {}),
                 quality=QualityPolicy.from_dict(raw.get("quality") or {}),
+                write=WriteSettings.from_dict(raw.get("write") or {}),
                 source=source,
             )
         except ManifestError as exc:

@@ -39,6 +39,11 @@ def print_stage_summary(name: str, store: Any, result: Any) -> None:
             print(f"    dropped {number:5d}  {reason}")
     elif name == "dedup":
         print_funnel(counts)
+    elif name == "write":
+        print(f"  dataset            {store.uri_of('dataset.zarr')}")
+        print(f"  patches x bands    {counts['patches']} x {counts['bands']}")
+        print(f"  shards             {counts['shards']} (written by {counts['tasks']} tasks)")
+        print(f"  size on disk       {counts['dataset_bytes'] / 1e6:.1f} MB")
 
 
 def print_funnel(counts: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 from pipeline.manifest import Manifest
 from pipeline.storage import BuildStore
 
-ORDER = ("inventory", "mask", "tile", "dedup")
+ORDER = ("inventory", "mask", "tile", "dedup", "write")
 
 
 def run_stage(
@@ -38,4 +38,8 @@ def run_stage(
         from pipeline.dedup import run_dedup
 
         return run_dedup(manifest, store, force)
+    if name == "write":
+        from pipeline.write import run_write
+
+        return run_write(manifest, store, scheduler, storage_options, force)
     raise ValueError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")

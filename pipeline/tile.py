@@ -85,7 +85,10 @@ def decide_cells(
             listed = ", ".join(map(str, empty_kept_bands[:5])) + (" ..." if len(empty_kept_bands) > 5 else "")
             reason = f"empty kept band: band(s) {listed} hold no data in this scene"
         else:
-            for flag, limit in limits.items():
+            # Background first: a cell sticking out of the footprint is also nodata there, and
+            # "outside the footprint" is the reason a reader wants.
+            for flag in sorted(limits, key=lambda f: f != "background"):
+                limit = limits[flag]
                 if fractions[flag] > limit:
                     reason = f"{flag}: {fractions[flag]:.2%} of the cell > {limit:.2%}"
                     break
