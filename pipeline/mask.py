@@ -37,6 +37,9 @@ STAGE = "mask"
 MASKS_TABLE = "mask/masks.parquet"
 REJECTED_TABLE = "mask/rejected.parquet"
 BLOCK_ROWS = 128  # rows per read: one block of kept bands is ~B x 128 x W int16 (about 65 MB at full size)
+# rasterio passes an integer GDAL_CACHEMAX to GDAL as bytes (256 would mean 256 bytes, and a BIP cube
+# read band by band then re-reads every scanline once per band).
+GDAL_CACHE_BYTES = 256 * 1024 * 1024
 BINARY_LAYERS = ("QL_QUALITY_CLOUD", "QL_QUALITY_CLOUDSHADOW", "QL_QUALITY_HAZE", "QL_QUALITY_SNOW")
 
 
@@ -68,7 +71,10 @@ def compute_mask(
     height, width = record.height, record.width
     bits = np.zeros((height, width), dtype=np.uint16)
     valid_per_band = np.zeros(len(kept_bands), dtype=np.int64)
-    with open_product(record.location(), storage_options) as opened, rasterio.Env(GDAL_CACHEMAX=256):
+    with (
+        open_product(record.location(), storage_options, unpack=("SPECTRAL_IMAGE", "QL_PIXELMASK")) as opened,
+        rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
+    ):
         sources = {
             layer: rasterio.open(opened.gdal_path(layer))
             for layer in (

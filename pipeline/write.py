@@ -276,7 +276,7 @@ def write_task(
         scene_patches = [p for p in task.patches if p.scene_id == scene_id]
         mask = read_mask(store, scene_id)
         with (
-            open_product(records[scene_id].location(), storage_options) as opened,
+            open_product(records[scene_id].location(), storage_options, unpack=("SPECTRAL_IMAGE",)) as opened,
             rasterio.open(opened.spectral_path) as src,
         ):
             cut.update(

@@ -21,7 +21,7 @@ import zipfile
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 import fsspec
@@ -296,6 +296,7 @@ class OpenedProduct:
     location: ProductLocation
     storage_options: dict
     local_zip: str | None = None  # the unpacked inner ZIP of a tar.gz delivery
+    local_members: dict[str, str] = field(default_factory=dict)  # ZIP member -> unpacked copy
 
     def _zip_gdal_path(self) -> str:
         return self.local_zip if self.local_zip else gdal_path(self.location.container_uri)
@@ -304,7 +305,23 @@ class OpenedProduct:
         member = self.location.member(layer)
         if self.location.packaging == "folder":
             return gdal_path(join(self.location.container_uri, member))
+        if member in self.local_members:
+            return self.local_members[member]
         return f"/vsizip/{self._zip_gdal_path()}/{member}"
+
+    @contextlib.contextmanager
+    def open_zip(self) -> Iterator[zipfile.ZipFile]:
+        if self.local_zip:
+            handle: IO[bytes] = open(self.local_zip, "rb")
+        else:
+            handle = fsspec.open(self.location.container_uri, "rb", **self.storage_options).open()
+        try:
+            with zipfile.ZipFile(handle) as archive:
+                yield archive
+        except (zipfile.BadZipFile, EOFError) as exc:
+            raise ProductError(f"corrupt ZIP {self.location.source_uri}: {exc}") from None
+        finally:
+            handle.close()
 
     def read_member(self, layer: str) -> bytes:
         member = self.location.member(layer)
@@ -313,14 +330,9 @@ class OpenedProduct:
                 join(self.location.container_uri, member), "rb", **self.storage_options
             ) as handle:
                 return handle.read()
-        if self.local_zip:
-            opener = open(self.local_zip, "rb")
-        else:
-            opener = fsspec.open(self.location.container_uri, "rb", **self.storage_options).open()
-        with opener as handle:
+        with self.open_zip() as archive:
             try:
-                with zipfile.ZipFile(handle) as archive:
-                    return archive.read(member)
+                return archive.read(member)
             except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
                 raise ProductError(f"corrupt ZIP entry {member}: {exc}") from None
 
@@ -405,25 +417,54 @@ def _iter_tar(source: ProductSource, options: dict) -> Iterator[OpenedProduct | 
 
 
 @contextlib.contextmanager
-def open_product(location: ProductLocation, storage_options: dict | None = None) -> Iterator[OpenedProduct]:
-    """Open one known product (for the stages after inventory), unpacking a tar.gz ZIP if needed."""
+def open_product(
+    location: ProductLocation, storage_options: dict | None = None, unpack: tuple[str, ...] = ()
+) -> Iterator[OpenedProduct]:
+    """Open one known product (for the stages after inventory).
+
+    A tar.gz delivery's ZIP is unpacked to scratch first. `unpack` names layers that will be read in
+    full: when such a layer sits deflated inside a ZIP, it (and its header sidecar) is unpacked once,
+    sequentially, because GDAL's random access into a deflate stream restarts decompression on every
+    backward seek, which made a band-by-band read of a 75 MB ENVI BIL cube take ~50 s instead of ~0.2 s.
+    """
     options = storage_options or {}
-    if location.packaging != "targz":
-        yield OpenedProduct(location, options)
-        return
     with _scratch_dir() as scratch:
-        local_zip = os.path.join(scratch, "product.zip")
-        with (
-            fsspec.open(location.container_uri, "rb", **options) as raw,
-            tarfile.open(fileobj=raw, mode="r|*") as tar,
-        ):
-            for info in tar:
-                if info.name == location.inner_zip and info.isfile():
-                    stream = tar.extractfile(info)
-                    if stream is None:
+        opened = OpenedProduct(location, options)
+        if location.packaging == "targz":
+            opened.local_zip = os.path.join(scratch, "product.zip")
+            with (
+                fsspec.open(location.container_uri, "rb", **options) as raw,
+                tarfile.open(fileobj=raw, mode="r|*") as tar,
+            ):
+                for info in tar:
+                    if info.name == location.inner_zip and info.isfile():
+                        stream = tar.extractfile(info)
+                        if stream is None:
+                            break
+                        _copy_member(stream, opened.local_zip, info.size, info.name)
                         break
-                    _copy_member(stream, local_zip, info.size, info.name)
-                    break
-            else:
-                raise ProductError(f"{location.inner_zip} is no longer in {location.container_uri}")
-        yield OpenedProduct(location, options, local_zip=local_zip)
+                else:
+                    raise ProductError(f"{location.inner_zip} is no longer in {location.container_uri}")
+        if location.packaging != "folder" and unpack:
+            _unpack_deflated(opened, unpack, scratch)
+        yield opened
+
+
+def _unpack_deflated(opened: OpenedProduct, layers: tuple[str, ...], scratch: str) -> None:
+    location = opened.location
+    wanted = {location.member(layer) for layer in layers}
+    stems = {posixpath.splitext(m)[0] for m in wanted}
+    with opened.open_zip() as archive:
+        for info in archive.infolist():
+            stem = posixpath.splitext(info.filename)[0]
+            if stem not in stems or _unsafe_member(info.filename):
+                continue
+            # Stored members are read in place (GDAL seeks straight to their bytes); only deflated ones
+            # (and the header beside a deflated data file) are unpacked.
+            if info.compress_type == zipfile.ZIP_STORED and info.filename in wanted:
+                continue
+            target = os.path.join(scratch, "members", posixpath.basename(info.filename))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with archive.open(info) as stream:
+                _copy_member(stream, target, info.file_size, info.filename)
+            opened.local_members[info.filename] = target
