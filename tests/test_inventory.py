@@ -1,0 +1,332 @@
+"""inventory on synthetic products in every packaging, and every kind of bad input the SPEC names.
+
+Each bad-input test puts one broken product beside two good ones and checks that the broken one is
+rejected with its one-line reason while the good ones go through.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.enmap.synth import SynthConfig, Truth, generate
+from pipeline.inventory import REJECTED_TABLE, SCENES_TABLE, records_from_frame, run_inventory
+from pipeline.manifest import Manifest
+from pipeline.run import Scheduler
+from pipeline.storage import BuildStore
+
+REPO = Path(__file__).resolve().parent.parent
+SYNC = Scheduler("synchronous", progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_products(tmp_path_factory) -> tuple[Path, Truth]:
+    """Three dates of one site as folders (GeoTIFF): two stay good, the third is the victim."""
+    out = tmp_path_factory.mktemp("small-products")
+    config = SynthConfig(seed=11, sites=1, revisits=3, overlapping_tiles=0, reprocessed=0, width=200,
+                         height=190, packagings=("folder",), formats=("GTiff",))
+    return out, generate(out, config)
+
+
+@pytest.fixture(scope="session")
+def mixed_products(tmp_path_factory) -> tuple[Path, Truth]:
+    """Every packaging and format, with overlapping tiles and a reprocessed version."""
+    out = tmp_path_factory.mktemp("mixed-products")
+    config = SynthConfig(seed=5, sites=2, revisits=2, overlapping_tiles=1, reprocessed=1, width=200, height=190)
+    return out, generate(out, config)
+
+
+@pytest.fixture
+def manifest() -> Manifest:
+    return Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
+
+
+def inventory(inputs: list[Path | str], build: Path, manifest: Manifest):
+    store = BuildStore(str(build))
+    result = run_inventory(manifest, store, [str(i) for i in inputs], SYNC)
+    scenes = records_from_frame(store.read_geodataframe(SCENES_TABLE))
+    rejected = store.read_table(REJECTED_TABLE).to_pylist()
+    return result, scenes, rejected
+
+
+def with_victim(small_products, tmp_path: Path) -> tuple[Path, list[str], Path]:
+    """Copy the two good products and the victim into a fresh input folder."""
+    out, truth = small_products
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for product in truth.products:
+        shutil.copytree(out / product.path, inputs / product.path)
+    good = [p.scene_id for p in truth.products[:2]]
+    victim = inputs / truth.products[2].path
+    return inputs, good, victim
+
+
+def test_every_packaging_and_format_is_accepted(mixed_products, tmp_path, manifest):
+    out, truth = mixed_products
+    result, scenes, rejected = inventory([out], tmp_path / "build", manifest)
+    assert rejected == []
+    assert sorted(s.scene_id for s in scenes) == sorted(p.scene_id for p in truth.products)
+    assert {p.packaging for p in truth.products} == {"folder", "zip", "targz", "ard"}
+    assert {p.format for p in truth.products} >= {"GTiff", "BSQ", "BIL", "BIP", "COG"}
+    by_id = {s.scene_id: s for s in scenes}
+    for product in truth.products:
+        scene = by_id[product.scene_id]
+        assert scene.epsg == product.epsg
+        assert scene.transform == tuple(product.transform)
+        assert (scene.width, scene.height, scene.band_count) == (product.width, product.height, 224)
+        assert (scene.datatake_id, scene.tile_id) == (product.datatake, product.tile)
+        assert scene.processor_version == product.processor_version
+        assert scene.variant == ("ard" if product.packaging == "ard" else "standard")
+        expected_packaging = "folder" if product.packaging == "ard" else product.packaging
+        assert scene.packaging == expected_packaging
+        assert scene.cloud_cover == product.quality_percent["cloudCover"]
+        assert scene.no_data_bands == tuple(product.no_data_bands)
+        # On the lattice, like the real products: pixel corners at 15 m + k x 30 m.
+        assert scene.transform[2] % 30 == 15 and scene.transform[5] % 30 == 15
+    assert result.counts["scenes_accepted"] == len(truth.products)
+    assert result.counts["datatakes"] == len({p.datatake for p in truth.products})
+
+
+def test_scenes_table_is_geoparquet(mixed_products, tmp_path, manifest):
+    import geopandas
+
+    out, truth = mixed_products
+    inventory([out], tmp_path / "build", manifest)
+    frame = geopandas.read_parquet(tmp_path / "build" / SCENES_TABLE)
+    assert frame.crs.to_epsg() == 4326
+    assert frame.geometry.is_valid.all()
+    for product in truth.products:
+        (row,) = frame[frame["scene_id"] == product.scene_id].itertuples()
+        lon, lat = row.footprint.centroid.x, row.footprint.centroid.y
+        ring = product.footprint_lonlat
+        assert min(p[0] for p in ring) < lon < max(p[0] for p in ring)
+        assert min(p[1] for p in ring) < lat < max(p[1] for p in ring)
+    assert {"fingerprint", "source_uri", "start_time", "processor_version", "sun_elevation"} <= set(frame.columns)
+
+
+def test_rerun_with_nothing_changed_does_no_work(mixed_products, tmp_path, manifest):
+    out, _ = mixed_products
+    first, _, _ = inventory([out], tmp_path / "build", manifest)
+    before = (tmp_path / "build" / SCENES_TABLE).stat().st_mtime_ns
+    second, _, _ = inventory([out], tmp_path / "build", manifest)
+    assert not first.skipped and second.skipped
+    assert (tmp_path / "build" / SCENES_TABLE).stat().st_mtime_ns == before
+
+
+def test_filters_reject_with_reason(small_products, tmp_path):
+    out, truth = small_products
+    latest = max(p.date for p in truth.products)
+    manifest = Manifest.from_dict({"name": "f", "filters": {"end_date": min(p.date for p in truth.products)}})
+    _, scenes, rejected = inventory([out], tmp_path / "build", manifest)
+    assert len(scenes) == 1
+    assert len(rejected) == 2
+    assert all(r["reason"].startswith("filtered: acquired") for r in rejected)
+    assert any(latest in r["reason"] for r in rejected)
+
+
+def assert_only_victim_rejected(scenes, rejected, good, reason_part, victim_id=None):
+    assert sorted(s.scene_id for s in scenes) == sorted(good)
+    assert len(rejected) == 1, rejected
+    (row,) = rejected
+    assert reason_part in row["reason"], row["reason"]
+    assert "\n" not in row["reason"]
+    assert row["stage"] == "inventory"
+    if victim_id is not None:
+        assert row["scene_id"] == victim_id
+
+
+def test_truncated_tiff(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (cube,) = victim.glob("*-SPECTRAL_IMAGE.TIF")
+    data = cube.read_bytes()
+    cube.write_bytes(data[: len(data) // 2])
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(scenes, rejected, good, "unreadable raster SPECTRAL_IMAGE", victim.name)
+
+
+def test_malformed_xml(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (xml,) = victim.glob("*-METADATA.XML")
+    xml.write_bytes(xml.read_bytes()[:5000])
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(scenes, rejected, good, "not well-formed", victim.name)
+
+
+def test_xml_missing_required_element(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (xml,) = victim.glob("*-METADATA.XML")
+    text = xml.read_text()
+    start, end = text.index("<orbitNo>"), text.index("</orbitNo>") + len("</orbitNo>")
+    xml.write_text(text[:start] + text[end:])
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(scenes, rejected, good, "misses required element specific/orbitNo", victim.name)
+
+
+def test_xml_with_external_entity(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (xml,) = victim.glob("*-METADATA.XML")
+    text = xml.read_text()
+    body = text.split("?>", 1)[1] if text.startswith("<?xml") else text
+    doctype = '<!DOCTYPE level_X [<!ENTITY leak SYSTEM "file:///etc/passwd">]>\n'
+    xml.write_text(doctype + body.replace("<orbitDirection>", "<orbitDirection>&leak;", 1))
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(scenes, rejected, good, "refused", victim.name)
+
+
+def test_band_count_disagrees_with_metadata(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (xml,) = victim.glob("*-METADATA.XML")
+    text = xml.read_text()
+    characterisation = text.index("<bandCharacterisation>")
+    start = text.index('<bandID number="224">', characterisation)
+    end = text.index("</bandID>", start) + len("</bandID>")
+    xml.write_text(text[:start] + text[end:])
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(
+        scenes, rejected, good, "SPECTRAL_IMAGE has 224 bands, METADATA.XML describes 223", victim.name
+    )
+
+
+def test_crs_disagrees_with_metadata(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (xml,) = victim.glob("*-METADATA.XML")
+    text = xml.read_text()
+    zone = int(text.split("<projection>UTM_Zone", 1)[1].split("_", 1)[0])
+    xml.write_text(text.replace(f"UTM_Zone{zone}_North", f"UTM_Zone{zone + 1}_North"))
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(scenes, rejected, good, f"disagrees with METADATA.XML UTM_Zone{zone + 1}_North")
+
+
+def test_missing_listed_file(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (cloud,) = victim.glob("*-QL_QUALITY_CLOUD.TIF")
+    cloud.unlink()
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(scenes, rejected, good, "missing file listed in METADATA.XML", victim.name)
+
+
+def test_corrupt_zip(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    shutil.rmtree(victim)
+    broken = inputs / f"{victim.name}.ZIP"
+    broken.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 40)
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(scenes, rejected, good, "corrupt ZIP")
+    assert rejected[0]["source_uri"] == str(broken)
+
+
+def _zip_folder(folder: Path, target: Path, extra: dict[str, bytes] | None = None) -> None:
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
+        for path in sorted(folder.iterdir()):
+            archive.write(path, f"{folder.name}/{path.name}")
+        for name, data in (extra or {}).items():
+            archive.writestr(name, data)
+
+
+def test_archive_entry_escaping_the_folder(small_products, tmp_path, manifest):
+    """A tar.gz delivery with an entry that would land outside the extraction folder: the entry is
+    reported and skipped, the product ZIP beside it is still read, and nothing is written outside."""
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    product_zip = tmp_path / f"{victim.name}.ZIP"
+    _zip_folder(victim, product_zip)
+    shutil.rmtree(victim)
+    delivery = inputs / "dims_op_oc_oc-en_000000001_1.tar.gz"
+    with tarfile.open(delivery, "w:gz") as tar:
+        payload = b"escaped"
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+        tar.add(product_zip, arcname=f"dims_op_oc_oc-en_000000001_1/ENMAP.HSI.L2A/{product_zip.name}")
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert sorted(s.scene_id for s in scenes) == sorted([*good, victim.name])
+    (row,) = rejected
+    assert "unsafe archive entry '../../escaped.txt'" in row["reason"]
+    assert not (tmp_path / "escaped.txt").exists() and not (inputs.parent.parent / "escaped.txt").exists()
+
+
+def test_zip_entry_escaping_the_folder(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    product_zip = inputs / f"{victim.name}.ZIP"
+    _zip_folder(victim, product_zip, extra={"../../evil.sh": b"#!/bin/sh\n"})
+    shutil.rmtree(victim)
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert sorted(s.scene_id for s in scenes) == sorted([*good, victim.name])
+    (row,) = rejected
+    assert "unsafe archive entry '../../evil.sh'" in row["reason"]
+
+
+def test_corrupt_zip_inside_tar(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    shutil.rmtree(victim)
+    delivery = inputs / "dims_op_oc_oc-en_000000002_1.tar.gz"
+    with tarfile.open(delivery, "w:gz") as tar:
+        payload = b"not a zip at all" * 100
+        info = tarfile.TarInfo(f"dims_op_oc_oc-en_000000002_1/ENMAP.HSI.L2A/{victim.name}.ZIP")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(scenes, rejected, good, "corrupt ZIP")
+
+
+def test_empty_input(tmp_path, manifest):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result, scenes, rejected = inventory([empty], tmp_path / "build", manifest)
+    assert scenes == [] and result.counts["scenes_accepted"] == 0
+    assert rejected == [
+        {"source_uri": str(empty), "scene_id": None, "stage": "inventory",
+         "reason": f"no EnMAP L2A product found under {empty}"}
+    ]
+
+
+def test_empty_input_cli_is_one_line_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    runner = CliRunner()
+    result = runner.invoke(main, ["inventory", "--manifest", str(REPO / "manifests" / "demo.yaml"), "--build",
+                                  str(tmp_path / "build"), "--input", str(empty), "--scheduler", "synchronous"])
+    assert result.exit_code == 2
+    error_lines = [line for line in result.output.splitlines() if line.startswith("spectralearth: error:")]
+    assert len(error_lines) == 1 and "no product accepted" in error_lines[0]
+
+
+def test_missing_input_path(tmp_path, manifest):
+    _, scenes, rejected = inventory([tmp_path / "nowhere"], tmp_path / "build", manifest)
+    assert scenes == []
+    assert rejected[0]["reason"] == f"input does not exist: {tmp_path / 'nowhere'}"
+
+
+def test_scene_list_file(small_products, tmp_path, manifest):
+    out, truth = small_products
+    listing = tmp_path / "scenes.txt"
+    listing.write_text("# two of three\n" + "\n".join(str(out / p.path) for p in truth.products[:2]) + "\n")
+    _, scenes, rejected = inventory([listing], tmp_path / "build", manifest)
+    assert sorted(s.scene_id for s in scenes) == sorted(p.scene_id for p in truth.products[:2])
+    assert rejected == []
+
+
+def test_same_product_twice_is_kept_once(small_products, tmp_path, manifest):
+    out, truth = small_products
+    first = truth.products[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(out / first.path, copy / first.path)
+    _, scenes, rejected = inventory([out, copy], tmp_path / "build", manifest)
+    assert len(scenes) == len(truth.products)
+    (row,) = rejected
+    assert row["scene_id"] == first.scene_id and "same product already found" in row["reason"]
+
+
+def test_unknown_manifest_key_is_one_line_cli_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nfilters:\n  max_clouds: 3\n")
+    result = CliRunner().invoke(main, ["inventory", "--manifest", str(bad), "--build", str(tmp_path / "b"),
+                                       "--input", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "unknown key 'filters.max_clouds'" in result.output
