@@ -99,9 +99,15 @@ def compare(expected: Expectation, got: Expectation) -> list[tuple[str, Any, Any
         ("locations", expected.locations, got.locations),
         ("multi-date locations", expected.multi_date_locations, got.multi_date_locations),
     ]
-    out = [(name, want, have, want == have) for name, want, have in rows]
-    out.append(("patch ids", "as made", "same" if expected.patch_ids == got.patch_ids else "differ",
-                expected.patch_ids == got.patch_ids))
+    out: list[tuple[str, Any, Any, bool]] = [(name, want, have, want == have) for name, want, have in rows]
+    out.append(
+        (
+            "patch ids",
+            "as made",
+            "same" if expected.patch_ids == got.patch_ids else "differ",
+            expected.patch_ids == got.patch_ids,
+        )
+    )
     return out
 
 

@@ -18,7 +18,9 @@ def spectral_gdal_path(products_dir: Path, product: ProductTruth, scratch: Path)
     """GDAL path of a synthetic product's spectral image, found with zipfile/tarfile and globbing."""
     container = products_dir / product.path
     if product.packaging in ("folder", "ard"):
-        (match,) = [p for p in container.iterdir() if "-SPECTRAL_IMAGE" in p.name and not p.name.endswith(".HDR")]
+        (match,) = [
+            p for p in container.iterdir() if "-SPECTRAL_IMAGE" in p.name and not p.name.endswith(".HDR")
+        ]
         return str(match)
     if product.packaging == "targz":
         local_zip = scratch / f"{product.scene_id}.ZIP"

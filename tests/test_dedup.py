@@ -43,7 +43,9 @@ def oracle(items):
         group = [o for o in items if (o.location_id, o.datatake_id) == (c.location_id, c.datatake_id)]
         wins = all(
             (int(c.processor_version[1:]) > int(o.processor_version[1:]))
-            or (c.processor_version == o.processor_version and c.disqualifying_pixels < o.disqualifying_pixels)
+            or (
+                c.processor_version == o.processor_version and c.disqualifying_pixels < o.disqualifying_pixels
+            )
             or (
                 c.processor_version == o.processor_version
                 and c.disqualifying_pixels == o.disqualifying_pixels

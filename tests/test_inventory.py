@@ -30,8 +30,17 @@ SYNC = Scheduler("synchronous", progress=False)
 def small_products(tmp_path_factory) -> tuple[Path, Truth]:
     """Three dates of one site as folders (GeoTIFF): two stay good, the third is the victim."""
     out = tmp_path_factory.mktemp("small-products")
-    config = SynthConfig(seed=11, sites=1, revisits=3, overlapping_tiles=0, reprocessed=0, width=200,
-                         height=190, packagings=("folder",), formats=("GTiff",))
+    config = SynthConfig(
+        seed=11,
+        sites=1,
+        revisits=3,
+        overlapping_tiles=0,
+        reprocessed=0,
+        width=200,
+        height=190,
+        packagings=("folder",),
+        formats=("GTiff",),
+    )
     return out, generate(out, config)
 
 
@@ -39,7 +48,9 @@ def small_products(tmp_path_factory) -> tuple[Path, Truth]:
 def mixed_products(tmp_path_factory) -> tuple[Path, Truth]:
     """Every packaging and format, with overlapping tiles and a reprocessed version."""
     out = tmp_path_factory.mktemp("mixed-products")
-    config = SynthConfig(seed=5, sites=2, revisits=2, overlapping_tiles=1, reprocessed=1, width=200, height=190)
+    config = SynthConfig(
+        seed=5, sites=2, revisits=2, overlapping_tiles=1, reprocessed=1, width=200, height=190
+    )
     return out, generate(out, config)
 
 
@@ -108,7 +119,9 @@ def test_scenes_table_is_geoparquet(mixed_products, tmp_path, manifest):
         ring = product.footprint_lonlat
         assert min(p[0] for p in ring) < lon < max(p[0] for p in ring)
         assert min(p[1] for p in ring) < lat < max(p[1] for p in ring)
-    assert {"fingerprint", "source_uri", "start_time", "processor_version", "sun_elevation"} <= set(frame.columns)
+    assert {"fingerprint", "source_uri", "start_time", "processor_version", "sun_elevation"} <= set(
+        frame.columns
+    )
 
 
 def test_rerun_with_nothing_changed_does_no_work(mixed_products, tmp_path, manifest):
@@ -166,7 +179,9 @@ def test_xml_missing_required_element(small_products, tmp_path, manifest):
     start, end = text.index("<orbitNo>"), text.index("</orbitNo>") + len("</orbitNo>")
     xml.write_text(text[:start] + text[end:])
     _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
-    assert_only_victim_rejected(scenes, rejected, good, "misses required element specific/orbitNo", victim.name)
+    assert_only_victim_rejected(
+        scenes, rejected, good, "misses required element specific/orbitNo", victim.name
+    )
 
 
 def test_xml_with_external_entity(small_products, tmp_path, manifest):
@@ -201,7 +216,9 @@ def test_crs_disagrees_with_metadata(small_products, tmp_path, manifest):
     zone = int(text.split("<projection>UTM_Zone", 1)[1].split("_", 1)[0])
     xml.write_text(text.replace(f"UTM_Zone{zone}_North", f"UTM_Zone{zone + 1}_North"))
     _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
-    assert_only_victim_rejected(scenes, rejected, good, f"disagrees with METADATA.XML UTM_Zone{zone + 1}_North")
+    assert_only_victim_rejected(
+        scenes, rejected, good, f"disagrees with METADATA.XML UTM_Zone{zone + 1}_North"
+    )
 
 
 def test_missing_listed_file(small_products, tmp_path, manifest):
@@ -281,8 +298,12 @@ def test_empty_input(tmp_path, manifest):
     result, scenes, rejected = inventory([empty], tmp_path / "build", manifest)
     assert scenes == [] and result.counts["scenes_accepted"] == 0
     assert rejected == [
-        {"source_uri": str(empty), "scene_id": None, "stage": "inventory",
-         "reason": f"no EnMAP L2A product found under {empty}"}
+        {
+            "source_uri": str(empty),
+            "scene_id": None,
+            "stage": "inventory",
+            "reason": f"no EnMAP L2A product found under {empty}",
+        }
     ]
 
 
@@ -290,8 +311,20 @@ def test_empty_input_cli_is_one_line_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     runner = CliRunner()
-    result = runner.invoke(main, ["inventory", "--manifest", str(REPO / "manifests" / "demo.yaml"), "--build",
-                                  str(tmp_path / "build"), "--input", str(empty), "--scheduler", "synchronous"])
+    result = runner.invoke(
+        main,
+        [
+            "inventory",
+            "--manifest",
+            str(REPO / "manifests" / "demo.yaml"),
+            "--build",
+            str(tmp_path / "build"),
+            "--input",
+            str(empty),
+            "--scheduler",
+            "synchronous",
+        ],
+    )
     assert result.exit_code == 2
     error_lines = [line for line in result.output.splitlines() if line.startswith("spectralearth: error:")]
     assert len(error_lines) == 1 and "no product accepted" in error_lines[0]
@@ -326,7 +359,8 @@ def test_same_product_twice_is_kept_once(small_products, tmp_path, manifest):
 def test_unknown_manifest_key_is_one_line_cli_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nfilters:\n  max_clouds: 3\n")
-    result = CliRunner().invoke(main, ["inventory", "--manifest", str(bad), "--build", str(tmp_path / "b"),
-                                       "--input", str(tmp_path)])
+    result = CliRunner().invoke(
+        main, ["inventory", "--manifest", str(bad), "--build", str(tmp_path / "b"), "--input", str(tmp_path)]
+    )
     assert result.exit_code == 2
     assert "unknown key 'filters.max_clouds'" in result.output
