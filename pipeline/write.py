@@ -14,7 +14,6 @@ writes to one shard lose data in zarr-python) and no row of a source scene is re
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,12 +57,22 @@ def read_units(patches: Sequence[PatchRef]) -> set[tuple[str, int]]:
     return {(p.scene_id, p.row_off) for p in patches}
 
 
-def plan_tasks(patches: Sequence[PatchRef], per_shard: int) -> list[WriteTask]:
-    """Group consecutive shards into tasks so that no read unit (scene, grid row) spans two tasks.
+MAX_SHARDS_PER_TASK = 8
 
-    Pure. Rows are ordered by scene and raster position (dedup), so most tasks hold one shard; a
-    shard boundary that cuts a grid row of a scene joins the two shards into one task instead.
+
+def plan_tasks(
+    patches: Sequence[PatchRef], per_shard: int, max_shards: int = MAX_SHARDS_PER_TASK
+) -> list[WriteTask]:
+    """Group consecutive shards into tasks; pure.
+
+    Rows are ordered by scene and raster position (dedup), so a shard boundary may cut a grid row of a
+    scene (a read unit). Shards that share a unit join one task, which reads the unit once, up to
+    `max_shards` per task so a long chain cannot serialise the build. Where a chain is cut, the two
+    tasks read disjoint column ranges of the unit (its patches are in column order), so no pixel is
+    ever read twice; only a strip-organised source may then decode that grid row's strips twice.
     """
+    if max_shards < 1:
+        raise ValueError("max_shards must be >= 1")
     ordered = sorted(patches, key=lambda p: p.row)
     if [p.row for p in ordered] != list(range(len(ordered))):
         raise ValueError("index rows must be 0..N-1")
@@ -71,7 +80,8 @@ def plan_tasks(patches: Sequence[PatchRef], per_shard: int) -> list[WriteTask]:
     tasks: list[WriteTask] = []
     current: list[int] = []
     for index, shard in enumerate(shards):
-        if current and not (read_units(shards[current[-1]]) & read_units(shard)):
+        joined = current and read_units(shards[current[-1]]) & read_units(shard)
+        if current and (not joined or len(current) >= max_shards):
             tasks.append(_task(current, shards))
             current = []
         current.append(index)
@@ -82,6 +92,18 @@ def plan_tasks(patches: Sequence[PatchRef], per_shard: int) -> list[WriteTask]:
 
 def _task(indices: list[int], shards: list[tuple[PatchRef, ...]]) -> WriteTask:
     return WriteTask(indices[0], indices[-1], tuple(p for k in indices for p in shards[k]))
+
+
+def unit_windows(patches: Sequence[PatchRef], size: int) -> dict[tuple[str, int], Window]:
+    """The one window each read unit (scene, grid row) is read with: the columns its patches span."""
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for p in patches:
+        first, last = spans.get((p.scene_id, p.row_off), (p.col_off, p.col_off))
+        spans[(p.scene_id, p.row_off)] = (min(first, p.col_off), max(last, p.col_off))
+    return {
+        (scene, row): Window(first, row, last + size - first, size)
+        for (scene, row), (first, last) in spans.items()
+    }
 
 
 def dataset_attrs(manifest: Manifest, n_patches: int) -> dict[str, Any]:
@@ -219,35 +241,6 @@ def shard_key(array: str, shard: int, ndim: int) -> str:
     return f"{DATASET}/{array}/c/{shard}" + "/0" * (ndim - 1)
 
 
-def extract_patches(
-    patches: Sequence[PatchRef],
-    kept_bands: tuple[int, ...],
-    size: int,
-    read_block: Any,
-    read_mask_block: Any,
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Cut patches out of strips: one read per (scene, grid row), over the columns its patches span.
-
-    `read_block(scene_id, window)` returns the kept bands (B, h, w); `read_mask_block` the mask (h, w).
-    """
-    by_unit: dict[tuple[str, int], list[PatchRef]] = defaultdict(list)
-    for patch in patches:
-        by_unit[(patch.scene_id, patch.row_off)].append(patch)
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for (scene_id, row_off), unit in sorted(by_unit.items()):
-        first = min(p.col_off for p in unit)
-        last = max(p.col_off for p in unit) + size
-        window = Window(first, row_off, last - first, size)
-        cube = read_block(scene_id, window)
-        mask = read_mask_block(scene_id, window)
-        if cube.shape != (len(kept_bands), size, last - first):
-            raise ValueError(f"{scene_id}: read {cube.shape} for window {window}")
-        for patch in unit:
-            c = patch.col_off - first
-            out[patch.row] = (cube[:, :, c : c + size], mask[:, c : c + size])
-    return out
-
-
 def write_task(
     task: WriteTask,
     records: dict[str, SceneRecord],
@@ -255,7 +248,14 @@ def write_task(
     build_uri: str,
     storage_options: dict | None = None,
 ) -> list[dict[str, Any]]:
-    """The per-task work: read the strips, fill the task's shards whole, return their checksums."""
+    """The per-task work: fill the task's shards one after the other, each whole, and checksum them.
+
+    Each scene is opened once and each read unit read once, over the columns of all the task's patches
+    in it; a unit is dropped from memory after the last shard that needs it, so memory stays at about
+    one shard plus the open strips.
+    """
+    import contextlib
+
     import zarr
 
     from pipeline.tile import read_mask
@@ -263,59 +263,60 @@ def write_task(
     store = BuildStore(build_uri, storage_options or {})
     size = manifest.grid.patch_size
     per_shard = manifest.write.patches_per_shard
-    kept_by_scene = {
-        sid: manifest.bands.kept_bands(records[sid].wavelengths_nm)
-        for sid in {p.scene_id for p in task.patches}
-    }
-    kept_sets = set(kept_by_scene.values())
+    scene_ids = sorted({p.scene_id for p in task.patches})
+    kept_sets = {manifest.bands.kept_bands(records[s].wavelengths_nm) for s in scene_ids}
     if len(kept_sets) != 1:
         raise ValueError("scenes of one build must share the band axis")
-    kept = kept_sets.pop()
-    cut: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for scene_id in sorted(kept_by_scene):
-        scene_patches = [p for p in task.patches if p.scene_id == scene_id]
-        mask = read_mask(store, scene_id)
-        with (
-            open_product(records[scene_id].location(), storage_options, unpack=("SPECTRAL_IMAGE",)) as opened,
-            rasterio.open(opened.spectral_path) as src,
-        ):
-            cut.update(
-                extract_patches(
-                    scene_patches,
-                    kept,
-                    size,
-                    read_block=lambda _sid, window, src=src: src.read(list(kept), window=window),
-                    read_mask_block=lambda _sid, window, mask=mask: mask[
-                        window.row_off : window.row_off + window.height,
-                        window.col_off : window.col_off + window.width,
-                    ],
-                )
-            )
+    kept = list(kept_sets.pop())
+    windows = unit_windows(task.patches, size)
+    last_use = {(p.scene_id, p.row_off): p.row // per_shard for p in task.patches}
     group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3)
     reflectance, quality = group["reflectance"], group["quality"]
     assert isinstance(reflectance, zarr.Array) and isinstance(quality, zarr.Array)
     n = reflectance.shape[0]
     checksums = []
-    for shard in range(task.first_shard, task.last_shard + 1):
-        start, stop = shard * per_shard, min((shard + 1) * per_shard, n)
-        cube = np.stack([cut[row][0] for row in range(start, stop)])
-        bits = np.stack([cut[row][1] for row in range(start, stop)])
-        reflectance[start:stop] = cube
-        quality[start:stop] = bits
-        checksums.append(
-            {
-                "shard": shard,
-                "first_row": start,
-                "stop_row": stop,
-                "reflectance_sha256": hashlib.sha256(
-                    store.read_bytes(shard_key("reflectance", shard, 4))
-                ).hexdigest(),
-                "quality_sha256": hashlib.sha256(
-                    store.read_bytes(shard_key("quality", shard, 3))
-                ).hexdigest(),
-                "scenes": sorted({p.scene_id for p in task.patches if start <= p.row < stop}),
-            }
-        )
+    with contextlib.ExitStack() as stack:
+        sources = {}
+        masks = {}
+        for scene_id in scene_ids:
+            opened = stack.enter_context(
+                open_product(records[scene_id].location(), storage_options, unpack=("SPECTRAL_IMAGE",))
+            )
+            sources[scene_id] = stack.enter_context(rasterio.open(opened.spectral_path))
+            masks[scene_id] = read_mask(store, scene_id)
+        units: dict[tuple[str, int], np.ndarray] = {}
+        for shard in range(task.first_shard, task.last_shard + 1):
+            start, stop = shard * per_shard, min((shard + 1) * per_shard, n)
+            cube = np.empty((stop - start, len(kept), size, size), dtype=np.int16)
+            bits = np.empty((stop - start, size, size), dtype=np.uint16)
+            for p in task.patches[start - task.first_shard * per_shard : stop - task.first_shard * per_shard]:
+                key = (p.scene_id, p.row_off)
+                window = windows[key]
+                if key not in units:
+                    units[key] = sources[p.scene_id].read(kept, window=window)
+                c = p.col_off - window.col_off
+                cube[p.row - start] = units[key][:, :, c : c + size]
+                bits[p.row - start] = masks[p.scene_id][
+                    p.row_off : p.row_off + size, p.col_off : p.col_off + size
+                ]
+            reflectance[start:stop] = cube
+            quality[start:stop] = bits
+            for key in [k for k in units if last_use[k] <= shard]:
+                del units[key]
+            checksums.append(
+                {
+                    "shard": shard,
+                    "first_row": start,
+                    "stop_row": stop,
+                    "reflectance_sha256": hashlib.sha256(
+                        store.read_bytes(shard_key("reflectance", shard, 4))
+                    ).hexdigest(),
+                    "quality_sha256": hashlib.sha256(
+                        store.read_bytes(shard_key("quality", shard, 3))
+                    ).hexdigest(),
+                    "scenes": sorted({p.scene_id for p in task.patches if start <= p.row < stop}),
+                }
+            )
     return checksums
 
 
@@ -375,7 +376,7 @@ def run_write(
         PatchRef(int(r.row), r.scene_id, int(r.row_off), int(r.col_off))
         for r in index[["row", "scene_id", "row_off", "col_off"]].itertuples(index=False)
     ]
-    tasks = plan_tasks(refs, manifest.write.patches_per_shard)
+    tasks = plan_tasks(refs, manifest.write.patches_per_shard, max_shards=MAX_SHARDS_PER_TASK)
     # Each task carries only the scene records it reads.
     pairs = [(task, {p.scene_id: records[p.scene_id] for p in task.patches}) for task in tasks]
     results = scheduler.map(_run_task, pairs, manifest, store.uri, storage_options, label="write")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from shapely.geometry import box, shape
 
 from pipeline.storage import BuildStore
+from stac import geoparquet
 from stac.catalog import build_catalog
 from stac.search import TimeWindow, parse_datetime, search
 from stac.settings import CatalogSettings
@@ -37,7 +38,9 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str
     default_patches["row"] += len(patches)
     patches = pd.concat([patches, default_patches], ignore_index=True)
     write_tables(store, scenes, patches)
-    build_catalog(store, CatalogSettings(items_per_catalog=20), [(1, 418.2, 6.99561)])
+    with pytest.MonkeyPatch.context() as patch:  # many small row groups: statistics pruning is exercised
+        patch.setattr(geoparquet, "ROW_GROUP_SIZE", 16)
+        build_catalog(store, CatalogSettings(items_per_catalog=20), [(1, 418.2, 6.99561)])
     items = [
         document
         for path in json_files(root / "stac" / "spectralearth-enmap-patches")
@@ -80,7 +83,10 @@ def brute_force(
 
 
 def test_index_has_what_the_properties_need(index: tuple[Path, list[dict[str, Any]]]) -> None:
-    _, items = index
+    import pyarrow.parquet as pq
+
+    path, items = index
+    assert pq.ParquetFile(path).metadata.num_row_groups == -(-len(items) // 16)
     assert len(items) > 100
     assert {item["properties"]["spectralearth:n_dates"] for item in items} >= {1, 2}
     assert len({item["properties"]["proj:code"] for item in items}) == 2
