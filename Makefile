@@ -4,11 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 MANIFEST ?= manifests/demo.yaml
 BUILD ?= build/demo
-INPUT ?= $(BUILD)/_synthetic
+INPUT ?= $(BUILD)-products
 SCHEDULER ?= threads
 STAGE_ARGS = --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
 
-.PHONY: setup demo test lint inventory clean
+.PHONY: setup demo test lint inventory mask tile dedup write clean
 
 # The stamp is rebuilt whenever the package's requirements change.
 $(BIN)/.installed: pyproject.toml
@@ -20,10 +20,13 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/spectralearth demo --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
+	$(BIN)/spectralearth demo --manifest $(MANIFEST) --build $(BUILD) --products $(INPUT) --scheduler $(SCHEDULER)
 
 inventory: setup
 	$(BIN)/spectralearth inventory $(STAGE_ARGS) --input $(INPUT)
+
+mask tile dedup write: setup
+	$(BIN)/spectralearth $@ $(STAGE_ARGS)
 
 lint: setup
 	$(BIN)/ruff check pipeline stac tests

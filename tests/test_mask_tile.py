@@ -1,0 +1,129 @@
+"""mask and tile on small synthetic scenes: empty kept bands, off-lattice scenes, and the pure core."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from pipeline import stages
+from pipeline.enmap.synth import SynthConfig, generate
+from pipeline.grid import GridSpec
+from pipeline.manifest import Manifest, QualityPolicy
+from pipeline.mask import MASKS_TABLE, summaries_from_table
+from pipeline.quality import BACKGROUND, CLOUD, NODATA
+from pipeline.run import Scheduler
+from pipeline.storage import BuildStore
+from pipeline.tile import decide_cells, snap_to_lattice
+
+REPO = Path(__file__).resolve().parent.parent
+SYNC = Scheduler("synchronous", progress=False)
+
+
+def build_through_tile(products: Path, build: Path, manifest: Manifest) -> BuildStore:
+    store = BuildStore(str(build))
+    for name in ("inventory", "mask", "tile"):
+        stages.run_stage(name, manifest, store, SYNC, inputs=[str(products)])
+    return store
+
+
+@pytest.fixture
+def manifest() -> Manifest:
+    return Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
+
+
+def test_empty_kept_band_is_reported_and_drops_the_scene(tmp_path, manifest):
+    # Band 10 (~470 nm) is kept by the SpectralEarth policy; here it holds no data at all.
+    config = SynthConfig(
+        seed=2,
+        sites=1,
+        revisits=1,
+        overlapping_tiles=0,
+        reprocessed=0,
+        width=300,
+        height=280,
+        packagings=("folder",),
+        formats=("GTiff",),
+        no_data_bands=(10, 131),
+        cloud_amount=0.0,
+    )
+    generate(tmp_path / "products", config)
+    store = build_through_tile(tmp_path / "products", tmp_path / "build", manifest)
+    (summary,) = summaries_from_table(store.read_table(MASKS_TABLE))
+    assert summary.empty_kept_bands == (10,)
+    plan = store.read_geodataframe("plan/patches.parquet")
+    assert len(plan) > 0 and not plan["kept"].any()
+    assert plan["reason"].str.startswith("empty kept band: band(s) 10 hold no data").all()
+
+
+def _shift_rasters(folder: Path, dx: float) -> None:
+    for path in folder.glob("*.TIF"):
+        with rasterio.open(path, "r+") as dst:
+            t = dst.transform
+            dst.transform = rasterio.Affine(t.a, t.b, t.c + dx, t.d, t.e, t.f)
+
+
+def test_off_lattice_scene_is_rejected_or_snapped(tmp_path, manifest):
+    config = SynthConfig(
+        seed=4,
+        sites=1,
+        revisits=2,
+        overlapping_tiles=0,
+        reprocessed=0,
+        width=300,
+        height=280,
+        packagings=("folder",),
+        formats=("GTiff",),
+        cloud_amount=0.0,
+    )
+    truth = generate(tmp_path / "products", config)
+    shifted = truth.products[1]
+    _shift_rasters(tmp_path / "products" / shifted.path, 10.0)
+
+    store = build_through_tile(tmp_path / "products", tmp_path / "reject", manifest)
+    (row,) = store.read_table("plan/rejected.parquet").to_pylist()
+    assert row["scene_id"] == shifted.scene_id and row["stage"] == "tile"
+    assert row["reason"].startswith("off the grid lattice: origin x")
+    plan = store.read_geodataframe("plan/patches.parquet")
+    assert set(plan["scene_id"]) == {truth.products[0].scene_id}
+
+    snapping = dataclasses.replace(manifest, grid=dataclasses.replace(manifest.grid, off_lattice="nearest"))
+    store = build_through_tile(tmp_path / "products", tmp_path / "snap", snapping)
+    assert store.read_table("plan/rejected.parquet").num_rows == 0
+    plan = store.read_geodataframe("plan/patches.parquet")
+    moved = plan[plan["scene_id"] == shifted.scene_id]
+    assert len(moved) > 0
+    # Snapped by -10 m (nearest lattice point), so its cells are the lattice's own.
+    assert (moved["x_min"] % 3840 == 15).all()
+    transform = moved["scene_transform"].iloc[0]
+    assert transform[2] == shifted.transform[2]
+
+
+def test_snap_to_lattice_moves_at_most_half_a_pixel():
+    spec = GridSpec()
+    assert snap_to_lattice((30, 0, 628790.0, 0, -30, 5294284.0), spec)[2:6:3] == (628785.0, 5294295.0)
+    assert snap_to_lattice((30, 0, 628799.0, 0, -30, 5294265.0), spec)[2] == 628785.0
+    assert snap_to_lattice((30, 0, 628801.0, 0, -30, 5294265.0), spec)[2] == 628815.0
+
+
+def test_decide_cells_reasons_and_fractions():
+    spec = GridSpec(patch_size=4, pixel_size=30, offset=15)
+    transform = (30.0, 0.0, 15.0, 0.0, -30.0, 15.0 + 30 * 12)  # 12 x 12 px raster: 3 x 3 cells
+    bits = np.zeros((12, 12), dtype=np.uint16)
+    bits[0:4, 0:4] = BACKGROUND  # top-left cell wholly outside the footprint: not a candidate
+    bits[0:4, 4:6] = BACKGROUND | NODATA  # top-middle touches the footprint: dropped, background first
+    bits[4:8, 0:2] = CLOUD  # middle-left: half cloud
+    bits[4, 4] = CLOUD  # centre: 1/16 cloud
+    policy = QualityPolicy(max_fraction=(("nodata", 0.0), ("background", 0.0), ("cloud", 0.1)))
+    decisions = {(d.cell.i, d.cell.j): d for d in decide_cells(bits, transform, 32632, spec, policy, ())}
+    assert len(decisions) == 8
+    top_middle = decisions[(1, 2)]
+    assert not top_middle.kept and top_middle.reason.startswith("background: 50.00%")
+    middle_left = decisions[(0, 1)]
+    assert not middle_left.kept and middle_left.reason.startswith("cloud: 50.00%")
+    centre = decisions[(1, 1)]
+    assert centre.kept and dict(centre.fractions)["cloud"] == 1 / 16
+    assert centre.disqualifying_pixels == 1
