@@ -14,6 +14,7 @@ writes to one shard lose data in zarr-python) and no row of a source scene is re
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from pipeline.enmap.product import open_product
 from pipeline.inventory import SceneRecord
 from pipeline.manifest import Manifest
 from pipeline.quality import NODATA_VALUE
+from pipeline.stats import BandMoments, npy_bytes
 from pipeline.storage import BuildStore, StageRecord, Stopwatch
 
 STAGE = "write"
@@ -301,6 +303,7 @@ def write_task(
                 ]
             reflectance[start:stop] = cube
             quality[start:stop] = bits
+            moments = BandMoments.of_block(cube)
             for key in [k for k in units if last_use[k] <= shard]:
                 del units[key]
             checksums.append(
@@ -315,6 +318,7 @@ def write_task(
                         store.read_bytes(shard_key("quality", shard, 3))
                     ).hexdigest(),
                     "scenes": sorted({p.scene_id for p in task.patches if start <= p.row < stop}),
+                    "moments": json.dumps(moments.to_json()),
                 }
             )
     return checksums
@@ -328,6 +332,7 @@ SHARDS_SCHEMA = pa.schema(
         ("reflectance_sha256", pa.string()),
         ("quality_sha256", pa.string()),
         ("scenes", pa.list_(pa.string())),
+        ("moments", pa.string()),  # per-band BandMoments of the shard (JSON), merged into stats/
     ]
 )
 
@@ -383,6 +388,7 @@ def run_write(
     watch.lap("write")
     checksums = sorted((c for result in results for c in result), key=lambda c: c["shard"])
     store.write_table(SHARDS_TABLE, pa.Table.from_pylist(checksums, schema=SHARDS_SCHEMA))
+    write_statistics(store, [BandMoments.from_json(json.loads(c["moments"])) for c in checksums], bands)
     _consolidate(store)
     counts = {
         "patches": len(index),
@@ -404,6 +410,42 @@ def _run_task(
 ) -> list[dict[str, Any]]:
     task, records = pair
     return write_task(task, records, manifest, build_uri, storage_options)
+
+
+def write_statistics(
+    store: BuildStore, shard_moments: list[BandMoments], bands: Sequence[tuple[int, float, float]]
+) -> BandMoments:
+    """Merge the shards' moments (in shard order, so the result is the same on every run) and save
+    them as `stats/mean.npy`, `stats/std.npy` (float32, one value per kept band, stored int16 units),
+    `stats/statistics.json`, and in the reflectance array's attributes."""
+    import zarr
+
+    total = BandMoments.empty(len(bands))
+    for moments in shard_moments:
+        total = total.merge(moments)
+    store.write_bytes("stats/mean.npy", npy_bytes(total.mean.astype(np.float32)))
+    store.write_bytes("stats/std.npy", npy_bytes(total.std.astype(np.float32)))
+    summary = {
+        "units": "stored int16 (reflectance x 10000); nodata -32768 excluded",
+        "band": [b[0] for b in bands],
+        "wavelength_nm": [b[1] for b in bands],
+        "count": total.count.tolist(),
+        "mean": _finite(total.mean),
+        "std": _finite(total.std),
+        "min": _finite(total.minimum),
+        "max": _finite(total.maximum),
+    }
+    store.write_json("stats/statistics.json", summary)
+    array = zarr.open_array(zarr_store(store), path="reflectance", mode="r+")
+    array.attrs.update(
+        {"band_statistics": {k: summary[k] for k in ("units", "count", "mean", "std", "min", "max")}}
+    )
+    return total
+
+
+def _finite(values: np.ndarray) -> list[float | None]:
+    """JSON-safe: a band without valid pixels has no mean, std, min or max (null, not NaN/Infinity)."""
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def _consolidate(store: BuildStore) -> None:

@@ -248,3 +248,42 @@ def test_write_opens_each_scene_once_per_task_and_reads_no_pixel_twice(build, tm
     original = zarr.open_group(str(Path(store.root) / "dataset.zarr"), mode="r")["reflectance"][:]
     rewritten = zarr.open_group(str(copy / "dataset.zarr"), mode="r")["reflectance"][:]
     assert np.array_equal(original, rewritten)
+
+
+def test_band_statistics_equal_numpy_over_the_whole_array(build):
+    _, _, store, _ = build
+    group = zarr.open_group(str(Path(store.root) / "dataset.zarr"), mode="r")
+    cube = group["reflectance"][:].astype(np.float64)
+    valid = cube != -32768
+    values = np.where(valid, cube, np.nan)
+    mean = np.nanmean(values, axis=(0, 2, 3))
+    std = np.nanstd(values, axis=(0, 2, 3))
+    stored_mean = np.load(Path(store.root) / "stats" / "mean.npy")
+    stored_std = np.load(Path(store.root) / "stats" / "std.npy")
+    assert stored_mean.dtype == np.float32 and stored_mean.shape == (202,)
+    assert np.allclose(stored_mean, mean, rtol=1e-6) and np.allclose(stored_std, std, rtol=1e-5)
+    summary = json.loads((Path(store.root) / "stats" / "statistics.json").read_text())
+    assert summary["count"] == valid.sum(axis=(0, 2, 3)).tolist()
+    assert summary["min"] == np.nanmin(values, axis=(0, 2, 3)).tolist()
+    assert summary["max"] == np.nanmax(values, axis=(0, 2, 3)).tolist()
+    assert np.allclose(group["reflectance"].attrs["band_statistics"]["mean"], mean)
+
+
+def test_moment_merge_is_exact_and_order_independent():
+    from pipeline.stats import BandMoments
+
+    rng = np.random.default_rng(0)
+    cubes = rng.integers(-200, 12000, size=(7, 3, 8, 8)).astype(np.int16)
+    cubes[2, 1, :4] = -32768
+    parts = [BandMoments.of_block(cubes[k : k + 2]) for k in range(0, 7, 2)]
+    forward = parts[0]
+    for part in parts[1:]:
+        forward = forward.merge(part)
+    backward = parts[-1]
+    for part in reversed(parts[:-1]):
+        backward = backward.merge(part)
+    values = np.where(cubes == -32768, np.nan, cubes.astype(np.float64))
+    for moments in (forward, backward):
+        assert np.allclose(moments.mean, np.nanmean(values, axis=(0, 2, 3)), rtol=1e-12)
+        assert np.allclose(moments.std, np.nanstd(values, axis=(0, 2, 3)), rtol=1e-12)
+        assert moments.count.tolist() == (~np.isnan(values)).sum(axis=(0, 2, 3)).tolist()
