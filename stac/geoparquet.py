@@ -1,0 +1,160 @@
+"""`stac/items.parquet`: the patch items in stac-geoparquet form (one row per item).
+
+Written with `stac_geoparquet.arrow` (GeoParquet 1.1: WKB `geometry`, a `bbox` struct column
+(xmin, ymin, xmax, ymax) declared as the geometry's covering, properties as top-level columns, `datetime`
+a UTC timestamp). Items are converted in chunks against a fixed Arrow schema, so memory stays flat in the
+number of items and every chunk has the same column types (an inferred schema would, for example, type
+an all-empty `spectralearth:duplicates` chunk as a list of nulls).
+
+Relative hrefs (links, the Zarr asset) are rebased so that they resolve from the parquet file itself,
+which sits at the STAC root: an item's `derived_from` link reads `./<scene collection>/.../<scene>.json`.
+Rows are in catalog order (zone, 64 x 64-cell block, location, time), so row groups are spatially compact
+and their bbox statistics let readers skip most of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+ROW_GROUP_SIZE = 8192
+
+_LINK = pa.struct(
+    [("rel", pa.string()), ("href", pa.string()), ("type", pa.string()), ("title", pa.string())]
+)
+_OPEN_KWARGS = pa.struct([("engine", pa.string()), ("consolidated", pa.bool_()), ("zarr_format", pa.int64())])
+_DATASET_ASSET = pa.struct(
+    [
+        ("href", pa.string()),
+        ("type", pa.string()),
+        ("title", pa.string()),
+        ("description", pa.string()),
+        ("roles", pa.list_(pa.string())),
+        ("xarray:open_kwargs", _OPEN_KWARGS),
+    ]
+)
+
+
+def patch_item_schema(flags: Sequence[str]) -> pa.Schema:
+    """Arrow schema of a patch item in its JSON shape (geometry as WKB), as `build.patch_item` makes it."""
+    f64, i64, text = pa.float64(), pa.int64(), pa.string()
+    properties = pa.struct(
+        [
+            ("datetime", text),
+            ("platform", text),
+            ("instruments", pa.list_(text)),
+            ("gsd", f64),
+            ("processing:level", text),
+            ("processing:facility", text),
+            ("proj:code", text),
+            ("proj:shape", pa.list_(i64)),
+            ("proj:transform", pa.list_(f64)),
+            ("proj:bbox", pa.list_(f64)),
+            ("eo:cloud_cover", f64),
+            ("eo:snow_cover", f64),
+            ("view:off_nadir", f64),
+            ("view:azimuth", f64),
+            ("view:sun_azimuth", f64),
+            ("view:sun_elevation", f64),
+            ("sat:orbit_state", text),
+            ("sat:absolute_orbit", i64),
+            ("grid:code", text),
+            ("processing:version", text),
+            ("processing:datetime", text),
+            ("spectralearth:row", i64),
+            ("spectralearth:location_id", text),
+            ("spectralearth:n_dates", i64),
+            ("spectralearth:scene_id", text),
+            ("spectralearth:datatake_id", text),
+            ("spectralearth:scene_window", pa.list_(i64)),
+            ("spectralearth:duplicates", pa.list_(text)),
+            ("spectralearth:quality_fractions", pa.struct([(flag, f64) for flag in flags])),
+        ]
+    )
+    return pa.schema(
+        [
+            ("type", text),
+            ("stac_version", text),
+            ("stac_extensions", pa.list_(text)),
+            ("id", text),
+            ("geometry", pa.binary()),
+            ("bbox", pa.list_(f64)),
+            ("properties", properties),
+            ("links", pa.list_(_LINK)),
+            ("assets", pa.struct([("dataset", _DATASET_ASSET)])),
+            ("collection", text),
+        ]
+    )
+
+
+def batched(values: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(values)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _check_keys(items: Iterable[dict[str, Any]], schema: pa.Schema) -> Iterator[dict[str, Any]]:
+    """Pass items through, failing loudly on a property the fixed schema would silently drop."""
+    known = {field.name for field in schema.field("properties").type}
+    for item in items:
+        extra = set(item["properties"]) - known
+        if extra:
+            raise ValueError(f"item {item['id']}: properties {sorted(extra)} missing from the parquet schema")
+        yield item
+
+
+def _to_arrow(items: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
+    """One chunk of JSON-shaped items as a stac-geoparquet record batch.
+
+    Geometries are encoded to WKB here (stac_geoparquet's `StacJsonBatch.from_dicts` would deep-copy
+    every item first, which dominated the run time); the flattening of properties, the timestamp and
+    bbox-struct conversion and the geoarrow metadata are stac_geoparquet's own (`to_arrow_batch`; private
+    in 0.8, hence the pin stac-geoparquet<0.9)."""
+    import shapely
+    from shapely.geometry import shape
+    from stac_geoparquet.arrow._batch import StacJsonBatch
+
+    rows = [{**item, "geometry": shapely.to_wkb(shape(item["geometry"]), flavor="iso")} for item in items]
+    array = pa.array(rows, type=pa.struct(schema))
+    batch = StacJsonBatch(pa.RecordBatch.from_struct_array(array))
+    return batch.to_arrow_batch(drop_invalid_properties=False).inner
+
+
+def write_items_parquet(
+    store: Any,
+    relative: str,
+    items: Iterable[dict[str, Any]],
+    flags: Sequence[str],
+    collection: dict[str, Any] | None = None,
+) -> None:
+    """Write `items` (JSON-shaped dicts, hrefs already relative to the parquet file) to `relative`.
+
+    Through a local temporary file, then one atomic `store.write_bytes` (a single PUT on S3).
+    """
+    from stac_geoparquet.arrow import to_parquet
+
+    schema = patch_item_schema(flags)
+    batches = (_to_arrow(chunk, schema) for chunk in batched(_check_keys(items, schema), ROW_GROUP_SIZE))
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("no items to write to items.parquet")
+    reader = pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], batches))
+    handle, temporary = tempfile.mkstemp(suffix=".parquet")
+    os.close(handle)
+    try:
+        to_parquet(
+            reader,
+            temporary,
+            collections=None if collection is None else {collection["id"]: collection},
+            compression="zstd",
+            write_statistics=True,
+        )
+        with open(temporary, "rb") as stream:
+            store.write_bytes(relative, stream.read())
+    finally:
+        os.remove(temporary)

@@ -1,0 +1,425 @@
+"""Search `stac/items.parquet` with STAC API item-search semantics, offline and fast.
+
+    search("build/demo/stac/items.parquet", bbox=[10, 47, 11, 48], datetime="2023-05-01/..",
+           max_cloud=10, min_dates=2, limit=100).ids
+
+Semantics:
+- `bbox` ([west, south, east, north], degrees) and `intersects` (a GeoJSON geometry dict or a shapely
+  geometry, EPSG:4326) select items whose geometry *intersects* the query: touching edges or corners
+  count, as in the STAC API. A bbox with west > east crosses the antimeridian. Only one of the two.
+- `datetime` is a closed interval in UTC on the item's `datetime`: "start/end", "start/.." or "../end"
+  (open ends), or a single value. A full RFC 3339 time is an instant (a naive one is taken as UTC); a
+  bare date stands for its whole UTC day, so "2023-01-01/2023-06-30" includes everything acquired on
+  30 June and "2023-05-01" alone is that day. Python `datetime`/`date` objects and (start, end) pairs
+  are accepted too.
+- `max_cloud`: `eo:cloud_cover` <= max_cloud (percent); `min_dates`: `spectralearth:n_dates` >=
+  min_dates (dates with a patch at the item's location); `ids`: any of these item ids.
+- Results are ordered by datetime, then id; `limit` keeps the first `limit` of them (`matched` counts all).
+
+How (no DuckDB extension needed, fast on a 540,000-item file): row groups whose statistics (bbox struct
+columns, datetime, cloud, n_dates) rule them out are skipped; the small filter columns of the others are
+read and filtered with pyarrow; the exact shapely test runs on the survivors' geometries only; the
+full rows of the final ids are read lazily, from their row groups, when `to_table`/`to_geojson` is
+called. Measured on a synthetic 540,000-item file (30 MB, 66 row groups): 20-200 ms per query.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from functools import cached_property
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+DEFAULT_RELATIVE = "stac/items.parquet"
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_MICROSECOND = timedelta(microseconds=1)
+
+
+# Time ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """A closed interval [start, end] in UTC; None is an open end."""
+
+    start: datetime | None
+    end: datetime | None
+
+    def contains(self, moment: datetime) -> bool:
+        return (self.start is None or moment >= self.start) and (self.end is None or moment <= self.end)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _bound(value: Any, *, end: bool) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text in ("", ".."):
+            return None
+        if _DATE.fullmatch(text):
+            value = date.fromisoformat(text)
+        else:
+            try:
+                value = datetime.fromisoformat(text.replace("z", "Z"))
+            except ValueError:
+                raise ValueError(f"not an RFC 3339 date or time: {text!r}") from None
+    if isinstance(value, datetime):
+        return _utc(value)
+    if isinstance(value, date):
+        day = datetime.combine(value, time(), tzinfo=UTC)
+        return day + timedelta(days=1) - _MICROSECOND if end else day
+    raise TypeError(f"a time bound must be a string, date or datetime, got {value!r}")
+
+
+def parse_datetime(value: Any) -> TimeWindow | None:
+    """The STAC API `datetime` parameter as a closed UTC interval (see the module docstring)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and "/" in value:
+        parts = value.split("/")
+        if len(parts) != 2:
+            raise ValueError(f"a datetime interval is 'start/end', got {value!r}")
+        window = TimeWindow(_bound(parts[0], end=False), _bound(parts[1], end=True))
+    elif isinstance(value, tuple | list):
+        if len(value) != 2:
+            raise ValueError(f"a datetime interval is (start, end), got {value!r}")
+        window = TimeWindow(_bound(value[0], end=False), _bound(value[1], end=True))
+    else:
+        if isinstance(value, str) and value.strip() in ("", ".."):
+            raise ValueError("a single datetime cannot be open")
+        window = TimeWindow(_bound(value, end=False), _bound(value, end=True))
+    if window.start is not None and window.end is not None and window.start > window.end:
+        raise ValueError(f"datetime interval ends before it starts: {value!r}")
+    return window
+
+
+# Space --------------------------------------------------------------------------------------------
+BBox = tuple[float, float, float, float]
+
+
+def _boxes(bbox: Sequence[float]) -> list[BBox]:
+    if len(bbox) == 6:  # 3-D: drop the heights
+        bbox = (bbox[0], bbox[1], bbox[3], bbox[4])
+    if len(bbox) != 4:
+        raise ValueError(f"bbox must have 4 (or 6) numbers, got {list(bbox)!r}")
+    west, south, east, north = (float(v) for v in bbox)
+    if south > north:
+        raise ValueError(f"bbox south {south} is above north {north}")
+    if west > east:  # crosses the antimeridian
+        return [(west, south, 180.0, north), (-180.0, south, east, north)]
+    return [(west, south, east, north)]
+
+
+def _geometry(value: Any) -> Any:
+    import shapely
+    from shapely.geometry import shape
+
+    geometry = shape(value) if isinstance(value, Mapping) else value
+    if not isinstance(geometry, shapely.Geometry):
+        raise TypeError(f"intersects must be a GeoJSON geometry or a shapely geometry, got {type(value)}")
+    if geometry.is_empty:
+        raise ValueError("intersects is an empty geometry")
+    return geometry
+
+
+def _bbox_filter(box: BBox) -> pc.Expression:
+    west, south, east, north = box
+    return (
+        (pc.field("bbox", "xmin") <= east)
+        & (pc.field("bbox", "xmax") >= west)
+        & (pc.field("bbox", "ymin") <= north)
+        & (pc.field("bbox", "ymax") >= south)
+    )
+
+
+# Result -------------------------------------------------------------------------------------------
+def _resolve(base: str, href: str) -> str:
+    """`href` resolved against the file URI or path `base` (absolute hrefs are returned as they are)."""
+    if "://" in href or href.startswith("/"):
+        return href
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), href))}"
+    return posixpath.normpath(posixpath.join(posixpath.dirname(base), href))
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Matching items in result order (datetime, then id). `ids` come with the search; the full rows
+    (`to_table`, `items`, `to_geojson`) are read on first use, from the row groups that hold them."""
+
+    ids: tuple[str, ...]
+    matched: int  # before `limit`
+    source: str  # URI or absolute path of the items.parquet searched (relative hrefs resolve from it)
+    _index: _Index = field(repr=False, compare=False)
+    _rows: tuple[int, ...] = field(repr=False, compare=False)  # positions in the file, in result order
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @cached_property
+    def table(self) -> pa.Table:
+        return self._index.rows(self._rows)
+
+    def to_table(self) -> pa.Table:
+        """The rows as an Arrow table (stac-geoparquet columns; `.to_pandas()` for a DataFrame)."""
+        return self.table
+
+    def items(self, absolute_hrefs: bool = True) -> list[dict[str, Any]]:
+        """The items as STAC dicts (hrefs made absolute against the parquet file's location)."""
+        from stac_geoparquet.arrow import stac_table_to_items
+
+        from stac.records import iso_utc
+
+        table = self.table
+        if not table.num_rows:
+            return []
+        times = table.column("datetime").to_pylist()
+        out = []
+        for index, item in enumerate(stac_table_to_items(table)):
+            item["properties"] = {k: v for k, v in item["properties"].items() if v is not None}
+            item["properties"]["datetime"] = iso_utc(times[index])
+            item["bbox"] = [float(v) for v in item["bbox"]]
+            for entry in item.get("links", []):
+                for key in [k for k, v in entry.items() if v is None]:
+                    del entry[key]
+                if absolute_hrefs:
+                    entry["href"] = _resolve(self.source, entry["href"])
+            if absolute_hrefs:
+                for asset in item.get("assets", {}).values():
+                    asset["href"] = _resolve(self.source, asset["href"])
+            out.append(item)
+        return out
+
+    def to_geojson(self, absolute_hrefs: bool = True) -> dict[str, Any]:
+        """A GeoJSON FeatureCollection of the items (STAC API ItemCollection shape)."""
+        features = self.items(absolute_hrefs=absolute_hrefs)
+        return {
+            "type": "FeatureCollection",
+            "features": features,
+            "numberMatched": self.matched,
+            "numberReturned": len(features),
+        }
+
+
+# The file -----------------------------------------------------------------------------------------
+FILTER_COLUMNS = ("id", "datetime", "bbox", "eo:cloud_cover", "spectralearth:n_dates")
+
+
+class _Index:
+    """An opened items.parquet: row-group offsets and statistics, reads by row group."""
+
+    def __init__(self, source: Any, relative: str) -> None:
+        import pyarrow.parquet as pq
+
+        from pipeline.storage import BuildStore
+
+        if isinstance(source, BuildStore):
+            fs, path, self.uri = source.fs, source.path(relative), source.uri_of(relative)
+        else:
+            import fsspec
+
+            text = os.fspath(source)
+            fs, path = fsspec.core.url_to_fs(text)
+            self.uri = text if "://" in text else os.path.abspath(text)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"no items.parquet at {self.uri}")
+        self.file = pq.ParquetFile(fs.open(path, "rb"))
+        metadata = self.file.metadata
+        self.starts: list[int] = []
+        total = 0
+        for group in range(metadata.num_row_groups):
+            self.starts.append(total)
+            total += metadata.row_group(group).num_rows
+        self.num_rows = total
+
+    def stats(self, group: int) -> dict[str, tuple[Any, Any]]:
+        out = {}
+        row_group = self.file.metadata.row_group(group)
+        for column in range(row_group.num_columns):
+            chunk = row_group.column(column)
+            statistics = chunk.statistics
+            if statistics is not None and statistics.has_min_max:
+                out[chunk.path_in_schema] = (statistics.min, statistics.max)
+        return out
+
+    def read(self, groups: Sequence[int], columns: Sequence[str] | None) -> pa.Table:
+        return self.file.read_row_groups(list(groups), columns=None if columns is None else list(columns))
+
+    def locate(self, positions: Sequence[int]) -> tuple[list[int], pa.Array]:
+        """The row groups holding these file positions, and each position's index in those groups read
+        together (in the order given)."""
+        import numpy as np
+
+        wanted = np.asarray(positions, dtype=np.int64)
+        starts = np.asarray(self.starts, dtype=np.int64)
+        owner = np.searchsorted(starts, wanted, side="right") - 1
+        groups = sorted(set(owner.tolist()))
+        sizes = np.asarray([self.file.metadata.row_group(g).num_rows for g in groups], dtype=np.int64)
+        base = dict(zip(groups, np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist(), strict=True))
+        local = wanted - starts[owner] + np.asarray([base[g] for g in owner.tolist()], dtype=np.int64)
+        return groups, pa.array(local, pa.int64())
+
+    def rows(self, positions: Sequence[int], columns: Sequence[str] | None = None) -> pa.Table:
+        """The rows at these file positions, in this order (all columns unless `columns`)."""
+        if not len(positions):
+            schema = self.file.schema_arrow
+            return (
+                schema.empty_table()
+                if columns is None
+                else pa.schema([schema.field(c) for c in columns]).empty_table()
+            )
+        groups, local = self.locate(positions)
+        return self.read(groups, columns).take(local)
+
+
+def _prune(
+    stats: dict[str, tuple[Any, Any]],
+    boxes: list[BBox] | None,
+    window: TimeWindow | None,
+    max_cloud: float | None,
+    min_dates: int | None,
+) -> bool:
+    """True when the row group's statistics show that no row of it can match."""
+
+    def get(name: str) -> tuple[Any, Any] | None:
+        return stats.get(name)
+
+    if boxes is not None:
+        xmin, xmax, ymin, ymax = get("bbox.xmin"), get("bbox.xmax"), get("bbox.ymin"), get("bbox.ymax")
+        if (
+            xmin
+            and xmax
+            and ymin
+            and ymax
+            and all(
+                xmin[0] > east or xmax[1] < west or ymin[0] > north or ymax[1] < south
+                for west, south, east, north in boxes
+            )
+        ):
+            return True
+    cloud = get("eo:cloud_cover")
+    if max_cloud is not None and cloud and cloud[0] > max_cloud:
+        return True
+    dates = get("spectralearth:n_dates")
+    if min_dates is not None and dates and dates[1] < min_dates:
+        return True
+    times = get("datetime")
+    if window is not None and times and isinstance(times[0], datetime):
+        first, last = _utc(times[0]), _utc(times[1])
+        if (window.start is not None and last < window.start) or (
+            window.end is not None and first > window.end
+        ):
+            return True
+    return False
+
+
+# Search -------------------------------------------------------------------------------------------
+def _and(left: pc.Expression | None, right: pc.Expression) -> pc.Expression:
+    return right if left is None else left & right
+
+
+def search(
+    items_parquet: Any,
+    bbox: Sequence[float] | None = None,
+    intersects: Any = None,
+    datetime: Any = None,
+    max_cloud: float | None = None,
+    min_dates: int | None = None,
+    ids: Iterable[str] | None = None,
+    limit: int | None = None,
+    *,
+    relative: str = DEFAULT_RELATIVE,
+) -> SearchResult:
+    """Search the items of a stac-geoparquet file (a path, an `s3://` URI, or a `BuildStore` whose
+    `relative` file is read). See the module docstring for the semantics of each parameter."""
+    import numpy as np
+    import shapely
+
+    if bbox is not None and intersects is not None:
+        raise ValueError("give bbox or intersects, not both (STAC API)")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+    window = parse_datetime(datetime)
+    index = _Index(items_parquet, relative)
+
+    expression: pc.Expression | None = None
+    query_geometry = None
+    boxes: list[BBox] | None = None
+    if bbox is not None:
+        boxes = _boxes(bbox)
+        query_geometry = shapely.union_all([shapely.box(*box) for box in boxes])
+    elif intersects is not None:
+        query_geometry = _geometry(intersects)
+        west, south, east, north = (float(v) for v in query_geometry.bounds)
+        boxes = [(west, south, east, north)]
+    if boxes is not None:
+        spatial = _bbox_filter(boxes[0])
+        for box in boxes[1:]:
+            spatial = spatial | _bbox_filter(box)
+        expression = spatial
+    if window is not None:
+        stamp = pa.timestamp("us", tz="UTC")
+        if window.start is not None:
+            expression = _and(expression, pc.field("datetime") >= pa.scalar(window.start, type=stamp))
+        if window.end is not None:
+            expression = _and(expression, pc.field("datetime") <= pa.scalar(window.end, type=stamp))
+    if max_cloud is not None:
+        expression = _and(expression, pc.field("eo:cloud_cover") <= float(max_cloud))
+    if min_dates is not None:
+        expression = _and(expression, pc.field("spectralearth:n_dates") >= int(min_dates))
+    if ids is not None:
+        wanted = pa.array(sorted({str(i) for i in ([ids] if isinstance(ids, str) else ids)}), pa.string())
+        expression = _and(expression, pc.field("id").isin(wanted))
+
+    # 1. row groups that statistics cannot rule out; 2. plain filters on their small columns
+    groups = [
+        group
+        for group in range(len(index.starts))
+        if not _prune(index.stats(group), boxes, window, max_cloud, min_dates)
+    ]
+    columns = [c for c in FILTER_COLUMNS if c in index.file.schema_arrow.names]
+    candidates = index.read(groups, columns)
+    positions = (
+        np.concatenate(
+            [
+                np.arange(index.starts[g], index.starts[g] + index.file.metadata.row_group(g).num_rows)
+                for g in groups
+            ]
+        )
+        if groups
+        else np.zeros(0, dtype=np.int64)
+    )
+    candidates = candidates.append_column("_position", pa.array(positions, pa.int64()))
+    if expression is not None:
+        candidates = candidates.filter(expression)
+    # 3. exact geometry tests on the survivors only
+    if query_geometry is not None and candidates.num_rows:
+        survivors = candidates.column("_position").to_numpy()
+        wkb = index.rows(survivors.tolist(), ["geometry"]).column("geometry")
+        geometry = shapely.from_wkb(wkb.to_numpy(zero_copy_only=False))
+        shapely.prepare(query_geometry)
+        keep = shapely.intersects(geometry, query_geometry)
+        candidates = candidates.filter(pa.array(np.asarray(keep, dtype=bool)))
+    ordered = candidates.select(["id", "datetime", "_position"]).sort_by(
+        [("datetime", "ascending"), ("id", "ascending")]
+    )
+    matched = ordered.num_rows
+    if limit is not None:
+        ordered = ordered.slice(0, limit)
+    return SearchResult(
+        ids=tuple(ordered.column("id").to_pylist()),
+        matched=matched,
+        source=index.uri,
+        _index=index,
+        _rows=tuple(ordered.column("_position").to_pylist()),
+    )
