@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MANIFEST ?= manifests/demo.yaml
 BUILD ?= build/demo
 INPUT ?= $(BUILD)-products
-SCHEDULER ?= threads
+SCHEDULER ?= local
 STAGE_ARGS = --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
 
 .PHONY: setup demo test lint inventory mask tile dedup write clean

@@ -13,9 +13,9 @@ import click
 from pipeline.enmap.metadata import MetadataError
 from pipeline.enmap.product import ProductError
 from pipeline.manifest import Manifest, ManifestError
-from pipeline.run import Scheduler, SchedulerError
+from pipeline.run import SchedulerError, TaskFailed
 
-EXPECTED_ERRORS = (ManifestError, SchedulerError, ProductError, MetadataError, FileNotFoundError)
+EXPECTED_ERRORS = (ManifestError, SchedulerError, ProductError, MetadataError, FileNotFoundError, TaskFailed)
 
 
 class PipelineFailure(click.ClickException):
@@ -48,11 +48,14 @@ def stage_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--build", required=True, help="Build location: a local folder or an s3:// prefix."),
         click.option(
             "--scheduler",
-            default="threads",
+            default="local",
             show_default=True,
-            help="synchronous, threads, processes, or tcp://host:port of a dask.distributed scheduler.",
+            help="local (a dask.distributed cluster of worker processes on this machine), synchronous, "
+            "threads, processes, or tcp://host:port of a running dask.distributed scheduler.",
         ),
-        click.option("--workers", type=int, default=None, help="Worker count for local schedulers."),
+        click.option(
+            "--workers", type=int, default=None, help="Workers on this machine (default: one per core)."
+        ),
         click.option("--no-progress", is_flag=True, help="Do not draw progress bars."),
     ]
     for option in reversed(options):
@@ -60,8 +63,10 @@ def stage_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _scheduler(name: str, workers: int | None, no_progress: bool) -> Scheduler:
-    return Scheduler(name=name, workers=workers, progress=not no_progress)
+def _context(manifest_path: str, build: str, scheduler: str, workers: int | None, no_progress: bool) -> Any:
+    from pipeline.stages import BuildContext
+
+    return BuildContext.create(Manifest.from_yaml(manifest_path), build, scheduler, workers, not no_progress)
 
 
 @click.group()
@@ -90,18 +95,14 @@ def inventory(
     force: bool,
 ) -> None:
     """Find, check and filter EnMAP L2A products: inventory/scenes.parquet and rejected.parquet."""
-    from pipeline.inventory import run_inventory
     from pipeline.report import print_inventory_summary
-    from pipeline.storage import BuildStore
 
-    manifest = Manifest.from_yaml(manifest_path)
-    all_inputs = [*manifest.inputs, *inputs]
+    context = _context(manifest_path, build, scheduler, workers, no_progress)
+    all_inputs = [*context.manifest.inputs, *inputs]
     if not all_inputs:
         raise PipelineFailure("no inputs: give --input or list 'inputs' in the manifest")
-    store = BuildStore(build)
-    result = run_inventory(
-        manifest, store, all_inputs, _scheduler(scheduler, workers, no_progress), force=force
-    )
+    store = context.store
+    result = context.run("inventory", inputs=all_inputs, force=force)
     print_inventory_summary(store, result)
     if result.counts["scenes_accepted"] == 0:
         raise PipelineFailure(
@@ -118,16 +119,11 @@ def _stage_command(name: str, doc: str) -> Callable[..., Any]:
     def command(
         manifest_path: str, build: str, scheduler: str, workers: int | None, no_progress: bool, force: bool
     ) -> None:
-        from pipeline import stages
         from pipeline.report import print_stage_summary
-        from pipeline.storage import BuildStore
 
-        manifest = Manifest.from_yaml(manifest_path)
-        store = BuildStore(build)
-        result = stages.run_stage(
-            name, manifest, store, _scheduler(scheduler, workers, no_progress), force=force
-        )
-        print_stage_summary(name, store, result)
+        context = _context(manifest_path, build, scheduler, workers, no_progress)
+        result = context.run(name, force=force)
+        print_stage_summary(name, context.store, result)
 
     command.__doc__ = doc
     return main.command(name=name)(command)
@@ -234,10 +230,8 @@ def demo(
     from pipeline.demo import run_demo
 
     ok = run_demo(
-        Manifest.from_yaml(manifest_path),
-        build,
+        _context(manifest_path, build, scheduler, workers, no_progress),
         products_dir or f"{build.rstrip('/')}-products",
-        _scheduler(scheduler, workers, no_progress),
     )
     if not ok:
         raise PipelineFailure("the demo build does not match what the generator made (see above)")

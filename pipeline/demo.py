@@ -124,14 +124,14 @@ def ensure_products(products_dir: Path, config: SynthConfig) -> Truth:
     return truth
 
 
-def run_demo(manifest: Manifest, build: str, products_dir: str, scheduler: Any) -> bool:
-    from pipeline import stages
+def run_demo(context: Any, products_dir: str) -> bool:
+    """Run the demo in a BuildContext (pipeline.stages); True when the build matches truth.json."""
     from pipeline.report import print_inventory_summary, print_stage_summary
 
     truth = ensure_products(Path(products_dir), DEMO_CONFIG)
-    store = BuildStore(build)
+    store, manifest = context.store, context.manifest
     for name in DEMO_STAGES:
-        result = stages.run_stage(name, manifest, store, scheduler, inputs=[products_dir])
+        result = context.run(name, inputs=[products_dir])
         if name == "inventory":
             print_inventory_summary(store, result)
         else:

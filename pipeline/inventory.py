@@ -398,6 +398,12 @@ def summarise(records: list[SceneRecord], rejections: list[Rejection]) -> dict[s
     }
 
 
+def _source_failed(source: ProductSource, exc: BaseException) -> list[SceneRecord | Rejection]:
+    from pipeline.run import failure_reason
+
+    return [Rejection(source.uri, None, STAGE, failure_reason(exc))]
+
+
 def run_inventory(
     manifest: Manifest,
     store: Any,
@@ -426,7 +432,9 @@ def run_inventory(
     ):
         return InventoryResult(previous["counts"], skipped=True)
 
-    per_source = scheduler.map(inspect_source, sources, manifest, storage_options, label="inventory")
+    per_source = scheduler.map(
+        inspect_source, sources, manifest, storage_options, label="inventory", on_error=_source_failed
+    )
     watch.lap("inspect")
     records, more_rejections = split_duplicates([item for items in per_source for item in items])
     rejections = rejections + more_rejections

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.cloud import StorageError, StorageSettings
 from pipeline.storage import canonical_json
 
 
@@ -278,6 +279,13 @@ class WriteSettings:
         return cls(patches_per_shard=per_shard, compression_level=level)
 
 
+def _storage(raw: Any) -> StorageSettings:
+    try:
+        return StorageSettings.from_dict(raw)
+    except StorageError as exc:
+        raise ManifestError(str(exc)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     name: str
@@ -288,9 +296,21 @@ class Manifest:
     grid: GridSettings = field(default_factory=GridSettings)
     quality: QualityPolicy = field(default_factory=QualityPolicy)
     write: WriteSettings = field(default_factory=WriteSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)  # never part of a config hash
     source: str = "<dict>"  # where it was read from, for messages; not part of any hash
 
-    KEYS = {"name", "description", "inputs", "filters", "bands", "grid", "quality", "write"}
+    KEYS = {
+        "name",
+        "description",
+        "inputs",
+        "filters",
+        "bands",
+        "grid",
+        "quality",
+        "write",
+        "storage",
+        "catalog",
+    }
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "<dict>") -> Manifest:
@@ -316,6 +336,7 @@ class Manifest:
                 grid=GridSettings.from_dict(raw.get("grid") or {}),
                 quality=QualityPolicy.from_dict(raw.get("quality") or {}),
                 write=WriteSettings.from_dict(raw.get("write") or {}),
+                storage=_storage(raw.get("storage")),
                 source=source,
             )
         except ManifestError as exc:

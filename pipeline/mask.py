@@ -245,6 +245,12 @@ class StageResult:
     skipped: bool
 
 
+def _scene_failed(record: SceneRecord, exc: BaseException) -> Rejection:
+    from pipeline.run import failure_reason
+
+    return Rejection(record.source_uri, record.scene_id, STAGE, failure_reason(exc))
+
+
 def run_mask(
     manifest: Manifest,
     store: BuildStore,
@@ -292,7 +298,9 @@ def run_mask(
         else:
             todo.append(record)
     watch.lap("plan")
-    results = scheduler.map(mask_scene, todo, manifest, store.uri, storage_options, label="mask")
+    results = scheduler.map(
+        mask_scene, todo, manifest, store.uri, storage_options, label="mask", on_error=_scene_failed
+    )
     watch.lap("mask")
     summaries = fresh + [r for r in results if isinstance(r, MaskSummary)]
     rejections = [r for r in results if isinstance(r, Rejection)]

@@ -1,66 +1,209 @@
 """Dask wiring: run one function over many items on the chosen scheduler, with a progress bar.
 
-Stages hand their per-scene (or per-source) work here; this module holds no stage logic.
+Stages hand their per-scene (or per-shard) work here; this module holds no stage logic. Every task
+first applies the GDAL configuration (cache size, threads, S3 endpoint) in the process it runs in,
+so workers of a `dask.distributed` cluster are set up the same way as the driver.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import dask
 from dask.diagnostics import ProgressBar
 
+from pipeline.cloud import GDAL_DEFAULTS, apply_gdal_config
+
 T = TypeVar("T")
 LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")
+DISTRIBUTED_LOCAL = "local"  # a LocalCluster of worker processes sized to the machine (the default)
+# Test-only fault injection: "<mode>:<text>:<marker folder>" makes the task whose item's text contains
+# <text> exit its process hard, once ("kill-once", recorded by a marker file) or every time ("kill-always").
+FAULT_ENV = "SPECTRALEARTH_FAULT"
 
 
 class SchedulerError(ValueError):
     """A scheduler name or address that cannot be used."""
 
 
+class TaskFailed(RuntimeError):
+    """A task that failed on every try; the message names the item."""
+
+
+def _inject_fault(item: Any) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    mode, text, marker_dir = spec.split(":", 2)
+    if text not in repr(item):
+        return
+    marker = Path(marker_dir) / f"killed-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    if mode == "kill-once":
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    elif mode != "kill-always":
+        return
+    sys.stdout.flush()
+    os._exit(137)
+
+
+def call_with_config(
+    function: Callable[..., T], config: tuple[tuple[str, str], ...], item: Any, *args: Any
+) -> T:
+    """Run one task: set GDAL's configuration in this process, then call the stage function."""
+    apply_gdal_config(dict(config))
+    _inject_fault(item)
+    return function(item, *args)
+
+
 @dataclass(frozen=True, slots=True)
 class Scheduler:
-    name: str = "threads"  # synchronous | threads | processes | tcp://host:port
+    name: str = DISTRIBUTED_LOCAL  # local | synchronous | threads | processes | tcp://host:port
     workers: int | None = None
     progress: bool = True
+    gdal_config: tuple[tuple[str, str], ...] = field(default=tuple(sorted(GDAL_DEFAULTS.items())))
+    # How often a task may lose its worker before it counts as failed (distributed only).
+    allowed_failures: int = 2
 
     def __post_init__(self) -> None:
-        if self.name not in LOCAL_SCHEDULERS and not self.name.startswith("tcp://"):
+        if (
+            self.name not in LOCAL_SCHEDULERS
+            and self.name != DISTRIBUTED_LOCAL
+            and not self.name.startswith("tcp://")
+        ):
             raise SchedulerError(
-                f"unknown scheduler {self.name!r}: use synchronous, threads, processes or tcp://host:port"
+                f"unknown scheduler {self.name!r}: use local, synchronous, threads, processes or tcp://host:port"
             )
         if self.workers is not None and self.workers < 1:
             raise SchedulerError(f"--workers must be at least 1, got {self.workers}")
 
+    def with_config(self, config: Mapping[str, str]) -> Scheduler:
+        merged = dict(self.gdal_config) | dict(config)
+        return Scheduler(
+            self.name, self.workers, self.progress, tuple(sorted(merged.items())), self.allowed_failures
+        )
+
+    @property
+    def distributed(self) -> bool:
+        return self.name == DISTRIBUTED_LOCAL or self.name.startswith("tcp://")
+
     @contextlib.contextmanager
-    def _context(self) -> Iterator[None]:
-        if self.name.startswith("tcp://"):
-            from distributed import Client
+    def client(self) -> Iterator[Any]:
+        from distributed import Client, LocalCluster
 
-            try:
-                client = Client(self.name, timeout="10s")
-            except OSError as exc:
-                raise SchedulerError(f"cannot reach the Dask scheduler at {self.name}: {exc}") from None
-            with client:
-                yield
-            return
-        workers = self.workers or (os.cpu_count() or 1)
-        with dask.config.set(scheduler=self.name, num_workers=workers):
-            yield
+        with dask.config.set({"distributed.scheduler.allowed-failures": self.allowed_failures}):
+            if self.name.startswith("tcp://"):
+                try:
+                    client = Client(self.name, timeout="10s")
+                except OSError as exc:
+                    raise SchedulerError(f"cannot reach the Dask scheduler at {self.name}: {exc}") from None
+                with client:
+                    yield client
+                return
+            workers = self.workers or (os.cpu_count() or 1)
+            with (
+                LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=40,
+                ) as cluster,
+                Client(cluster) as client,
+            ):
+                yield client
 
-    def map(self, function: Callable[..., T], items: Sequence[Any], *args: Any, label: str = "") -> list[T]:
-        """`[function(item, *args) for item in items]`, one Dask task per item, results in order."""
+    def map(
+        self,
+        function: Callable[..., T],
+        items: Sequence[Any],
+        *args: Any,
+        label: str = "",
+        on_error: Callable[[Any, BaseException], T] | None = None,
+    ) -> list[T]:
+        """`[function(item, *args) for item in items]`, one Dask task per item, results in order.
+
+        A task that raises (or, on a cluster, keeps killing its worker) becomes `on_error(item, exc)`
+        when given, so one bad product cannot stop a stage; otherwise the stage stops with TaskFailed.
+        """
         if not items:
             return []
-        tasks = [dask.delayed(function, pure=False)(item, *args) for item in items]
-        with self._context():
-            if self.progress and not self.name.startswith("tcp://"):
-                if label:
-                    print(f"{label}: {len(tasks)} tasks", flush=True)
+        if label and self.progress:
+            print(f"{label}: {len(items)} tasks", flush=True)
+        if self.distributed:
+            return self._map_distributed(function, items, args, on_error)
+        return self._map_local(function, items, args, on_error)
+
+    def _map_local(self, function, items, args, on_error) -> list:
+        def guarded(item: Any, *rest: Any) -> Any:
+            try:
+                return ("ok", call_with_config(function, self.gdal_config, item, *rest))
+            except Exception as exc:  # reported per item below, never swallowed silently
+                return ("error", exc)
+
+        tasks = [dask.delayed(guarded, pure=False)(item, *args) for item in items]
+        workers = self.workers or (os.cpu_count() or 1)
+        with dask.config.set(scheduler=self.name, num_workers=workers):
+            if self.progress:
                 with ProgressBar(minimum=1.0, dt=0.5):
-                    return list(dask.compute(*tasks))
-            return list(dask.compute(*tasks))
+                    outcomes = list(dask.compute(*tasks))
+            else:
+                outcomes = list(dask.compute(*tasks))
+        return [self._settle(item, outcome, on_error) for item, outcome in zip(items, outcomes, strict=True)]
+
+    def _map_distributed(self, function, items, args, on_error) -> list:
+        from distributed import progress, wait
+
+        with self.client() as client:
+            futures = [
+                client.submit(call_with_config, function, self.gdal_config, item, *args, pure=False)
+                for item in items
+            ]
+            if self.progress:
+                progress(futures)
+                print(flush=True)
+            wait(futures)
+            outcomes = []
+            for future in futures:
+                if future.status == "finished":
+                    outcomes.append(("ok", future.result()))
+                else:
+                    outcomes.append(("error", future.exception()))
+        return [self._settle(item, outcome, on_error) for item, outcome in zip(items, outcomes, strict=True)]
+
+    @staticmethod
+    def _settle(item: Any, outcome: tuple[str, Any], on_error) -> Any:
+        kind, value = outcome
+        if kind == "ok":
+            return value
+        if on_error is not None:
+            return on_error(item, value)
+        raise TaskFailed(f"task for {describe(item)} failed: {type(value).__name__}: {value}") from value
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a task that failed: a lost worker says so, anything else names the error."""
+    if type(exc).__name__ == "KilledWorker":
+        return "worker process died on every try: the product keeps killing workers"
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def describe(item: Any) -> str:
+    for attribute in ("scene_id", "uri"):
+        if hasattr(item, attribute):
+            return str(getattr(item, attribute))
+    if isinstance(item, tuple) and item:
+        return describe(item[0])
+    if hasattr(item, "first_shard"):
+        return f"shards {item.first_shard}-{item.last_shard}"
+    return type(item).__name__

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from pipeline.cloud import apply_gdal_config, storage_options_for
 from pipeline.manifest import Manifest
+from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
 
 ORDER = ("inventory", "mask", "tile", "dedup", "write")
@@ -43,3 +46,42 @@ def run_stage(
 
         return run_write(manifest, store, scheduler, storage_options, force)
     raise ValueError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
+
+
+@dataclass
+class BuildContext:
+    """One build: its manifest, location, scheduler and storage options, made once per command."""
+
+    manifest: Manifest
+    store: BuildStore
+    scheduler: Scheduler
+    storage_options: dict[str, Any]
+
+    @classmethod
+    def create(
+        cls,
+        manifest: Manifest,
+        build: str,
+        scheduler: str = "local",
+        workers: int | None = None,
+        progress: bool = True,
+    ) -> BuildContext:
+        gdal = manifest.storage.gdal_config()
+        apply_gdal_config(gdal)  # the driver reads rasters too (inventory's checks on a local scheduler)
+        return cls(
+            manifest=manifest,
+            store=BuildStore(build, storage_options_for(build, manifest.storage)),
+            scheduler=Scheduler(scheduler, workers, progress).with_config(gdal),
+            storage_options=manifest.storage.fsspec_options(),
+        )
+
+    def run(self, name: str, inputs: list[str] | None = None, force: bool = False) -> Any:
+        return run_stage(
+            name,
+            self.manifest,
+            self.store,
+            self.scheduler,
+            inputs=inputs,
+            storage_options=self.storage_options,
+            force=force,
+        )

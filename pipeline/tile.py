@@ -252,7 +252,9 @@ def run_tile(
     ):
         return StageResult(previous["counts"], skipped=True)
     pairs = [(records[s.scene_id], s) for s in summaries]
-    results = scheduler.map(_plan_pair, pairs, manifest, store.uri, storage_options, label="tile")
+    results = scheduler.map(
+        _plan_pair, pairs, manifest, store.uri, storage_options, label="tile", on_error=_pair_failed
+    )
     watch.lap("tile")
     rows = [row for result in results if not isinstance(result, Rejection) for row in result]
     rejections = [r for r in results if isinstance(r, Rejection)]
@@ -273,6 +275,13 @@ def run_tile(
     watch.lap("write")
     store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
     return StageResult(counts, skipped=False)
+
+
+def _pair_failed(pair: tuple[SceneRecord, MaskSummary], exc: BaseException) -> Rejection:
+    from pipeline.run import failure_reason
+
+    record = pair[0]
+    return Rejection(record.source_uri, record.scene_id, STAGE, failure_reason(exc))
 
 
 def _plan_pair(

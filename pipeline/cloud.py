@@ -1,0 +1,120 @@
+"""Object storage and GDAL settings shared by the driver and every worker.
+
+Credentials never pass through here: fsspec/botocore and GDAL read them from the usual environment
+variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or a named profile. A manifest
+may name an endpoint, a region, a profile, or the environment variable that holds the endpoint; never
+a secret. Nothing from this module is logged, recorded or put into the catalog except the endpoint
+host, which is not a secret.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+# GDAL per process: a bounded block cache and one thread per task keep memory per worker flat.
+GDAL_DEFAULTS = {
+    "GDAL_CACHEMAX": str(256 * 1024 * 1024),
+    "GDAL_NUM_THREADS": "1",
+    # TRUE, not EMPTY_DIR: no directory listing on S3, but ENVI still finds its .HDR beside the data file.
+    "GDAL_DISABLE_READDIR_ON_OPEN": "TRUE",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ",".join(
+        ext
+        for e in ("tif", "tiff", "bsq", "bil", "bip", "hdr", "zip", "jp2", "xml")
+        for ext in (f".{e}", f".{e.upper()}")
+    ),
+    "GDAL_HTTP_MAX_RETRY": "4",
+    "GDAL_HTTP_RETRY_DELAY": "1",
+    "VSI_CACHE": "TRUE",
+}
+SECRET_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+class StorageError(ValueError):
+    """Storage settings that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for a local S3 server
+    region: str | None = None
+    profile: str | None = None  # a named AWS profile: the name only
+    anonymous: bool = False  # public buckets
+
+    KEYS = {"endpoint_url", "endpoint_url_env", "region", "profile", "anonymous"}
+
+    @classmethod
+    def from_dict(
+        cls, raw: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+    ) -> StorageSettings:
+        env = os.environ if environ is None else environ
+        raw = raw or {}
+        unknown = sorted(set(raw) - cls.KEYS)
+        if unknown:
+            raise StorageError(
+                f"unknown key 'storage.{unknown[0]}' (known keys: {', '.join(sorted(cls.KEYS))})"
+            )
+        for key in raw:
+            if any(word in key.lower() for word in ("secret", "password", "token", "key_id")):
+                raise StorageError(f"'storage.{key}': credentials never go into a manifest")
+        endpoint = raw.get("endpoint_url")
+        if raw.get("endpoint_url_env"):
+            endpoint = env.get(str(raw["endpoint_url_env"])) or endpoint
+        endpoint = endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            parsed = urlparse(endpoint)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise StorageError(f"'storage.endpoint_url' must be http(s)://host[:port], got {endpoint!r}")
+            if parsed.username or parsed.password:
+                raise StorageError("'storage.endpoint_url' must not carry credentials")
+        return cls(
+            endpoint_url=endpoint,
+            region=raw.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            profile=raw.get("profile"),
+            anonymous=bool(raw.get("anonymous", False)),
+        )
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """storage_options for s3fs (applies to s3:// URIs only; local paths ignore them)."""
+        options: dict[str, Any] = {}
+        client: dict[str, Any] = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            options["client_kwargs"] = client
+        if self.profile:
+            options["profile"] = self.profile
+        if self.anonymous:
+            options["anon"] = True
+        return options
+
+    def gdal_config(self) -> dict[str, str]:
+        """GDAL configuration for /vsis3/: endpoint, scheme and addressing; credentials come from the env."""
+        config = dict(GDAL_DEFAULTS)
+        if self.endpoint_url:
+            parsed = urlparse(self.endpoint_url)
+            config["AWS_S3_ENDPOINT"] = parsed.netloc
+            config["AWS_HTTPS"] = "YES" if parsed.scheme == "https" else "NO"
+            config["AWS_VIRTUAL_HOSTING"] = "FALSE"
+        if self.region:
+            config["AWS_REGION"] = self.region
+        if self.profile:
+            config["AWS_PROFILE"] = self.profile
+        if self.anonymous:
+            config["AWS_NO_SIGN_REQUEST"] = "YES"
+        return config
+
+
+def apply_gdal_config(config: Mapping[str, str]) -> None:
+    """Set GDAL's configuration for this process (GDAL reads these from the environment on use)."""
+    for key, value in config.items():
+        os.environ[key] = value
+
+
+def storage_options_for(uri: str, settings: StorageSettings) -> dict[str, Any]:
+    return settings.fsspec_options() if uri.startswith("s3://") else {}
