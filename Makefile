@@ -8,7 +8,7 @@ INPUT ?= $(BUILD)-products
 SCHEDULER ?= local
 STAGE_ARGS = --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
 
-.PHONY: setup demo test lint inventory mask tile dedup write clean
+.PHONY: setup demo test lint inventory mask tile dedup write catalog clean
 
 # The stamp is rebuilt whenever the package's requirements change.
 $(BIN)/.installed: pyproject.toml
@@ -25,7 +25,7 @@ demo: setup
 inventory: setup
 	$(BIN)/spectralearth inventory $(STAGE_ARGS) --input $(INPUT)
 
-mask tile dedup write: setup
+mask tile dedup write catalog: setup
 	$(BIN)/spectralearth $@ $(STAGE_ARGS)
 
 lint: setup

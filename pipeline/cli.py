@@ -12,10 +12,19 @@ import click
 
 from pipeline.enmap.metadata import MetadataError
 from pipeline.enmap.product import ProductError
+from pipeline.export import SelectionError
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.run import SchedulerError, TaskFailed
 
-EXPECTED_ERRORS = (ManifestError, SchedulerError, ProductError, MetadataError, FileNotFoundError, TaskFailed)
+EXPECTED_ERRORS = (
+    SelectionError,
+    ManifestError,
+    SchedulerError,
+    ProductError,
+    MetadataError,
+    FileNotFoundError,
+    TaskFailed,
+)
 
 
 class PipelineFailure(click.ClickException):
@@ -135,6 +144,112 @@ _stage_command(
 )
 _stage_command("dedup", "One patch per acquisition and the location index (index/patches, index/locations).")
 _stage_command("write", "Copy the kept patches into dataset.zarr (Zarr v3, sharded), bit-exact.")
+_stage_command(
+    "catalog", "STAC catalog of the build (stac/) and its stac-geoparquet mirror (stac/items.parquet)."
+)
+
+
+def _floats(text: str | None, count: int, name: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise PipelineFailure(f"{name} must be {count} comma-separated numbers, got {text!r}") from None
+    if len(values) != count:
+        raise PipelineFailure(f"{name} must be {count} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _geojson(text: str | None) -> Any:
+    import json
+
+    if text is None:
+        return None
+    source = Path(text).read_text() if not text.lstrip().startswith("{") else text
+    try:
+        return json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise PipelineFailure(f"--intersects is not GeoJSON: {exc}") from None
+
+
+@main.command()
+@click.option("--build", required=True, help="Build location: a local folder or an s3:// prefix.")
+@click.option("--bbox", default=None, help="west,south,east,north in degrees (EPSG:4326).")
+@click.option("--intersects", default=None, help="GeoJSON geometry (a file or inline JSON).")
+@click.option(
+    "--datetime",
+    "when",
+    default=None,
+    help="Instant or closed interval, e.g. 2023-06-01/2023-08-31, '..' open.",
+)
+@click.option("--max-cloud", type=float, default=None, help="Largest eo:cloud_cover (percent).")
+@click.option("--min-dates", type=int, default=None, help="Only locations seen on at least this many dates.")
+@click.option("--ids", default=None, help="Comma-separated patch ids.")
+@click.option("--limit", type=int, default=None, help="At most this many results.")
+@click.option(
+    "--format", "output", type=click.Choice(["ids", "geojson", "table"]), default="ids", show_default=True
+)
+@click.option("--export", "export_to", default=None, help="Write the matching patches here.")
+@click.option(
+    "--export-format",
+    type=click.Choice(["zarr", "geotiff"]),
+    default="zarr",
+    show_default=True,
+    help="zarr: a dataset.zarr of the same layout; geotiff: enmap/<location>/<scene>.tif per patch.",
+)
+@one_line_errors
+def query(
+    build: str,
+    bbox: str | None,
+    intersects: str | None,
+    when: str | None,
+    max_cloud: float | None,
+    min_dates: int | None,
+    ids: str | None,
+    limit: int | None,
+    output: str,
+    export_to: str | None,
+    export_format: str,
+) -> None:
+    """Search the build's patches (STAC semantics); print ids, GeoJSON or a table; optionally export them."""
+    import json
+
+    from pipeline.query import query as run_query
+
+    try:
+        result = run_query(
+            build,
+            bbox=_floats(bbox, 4, "--bbox"),
+            intersects=_geojson(intersects),
+            datetime=when,
+            max_cloud=max_cloud,
+            min_dates=min_dates,
+            ids=ids.split(",") if ids else None,
+            limit=limit,
+        )
+    except ValueError as exc:
+        raise PipelineFailure(str(exc)) from None
+    if output == "ids":
+        for patch_id in result.ids:
+            click.echo(patch_id)
+    elif output == "geojson":
+        click.echo(json.dumps(result.to_geojson()))
+    else:
+        table = result.to_table()
+        columns = [
+            c
+            for c in ("id", "datetime", "eo:cloud_cover", "grid:code", "spectralearth:n_dates")
+            if c in table.column_names
+        ]
+        click.echo(table.select(columns).to_pandas().to_string(index=False) if len(table) else "(no match)")
+    click.echo(f"query: {len(result)} patch(es)", err=True)
+    if export_to:
+        if export_format == "zarr":
+            count = result.export_zarr(export_to)
+        else:
+            count = len(result.export_geotiffs(export_to))
+        click.echo(f"query: exported {count} patch(es) to {export_to} ({export_format})", err=True)
 
 
 @main.command()

@@ -29,7 +29,7 @@ DEMO_CONFIG = SynthConfig(
     tile_overlap=0.7,
     cloud_amount=0.08,
 )
-DEMO_STAGES = ("inventory", "mask", "tile", "dedup", "write")
+DEMO_STAGES = ("inventory", "mask", "tile", "dedup", "write", "catalog")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +124,21 @@ def ensure_products(products_dir: Path, config: SynthConfig) -> Truth:
     return truth
 
 
+def print_example_query(store: BuildStore) -> None:
+    from pipeline.query import query
+
+    write = (store.read_stage_record("write") or {}).get("counts", {})
+    print(
+        f"\ndataset: {store.uri_of('dataset.zarr')}: {write.get('patches', 0)} patches x "
+        f"{write.get('bands', 0)} bands, {write.get('dataset_bytes', 0) / 1e6:.1f} MB on disk"
+    )
+    result = query(store, min_dates=2, max_cloud=10)
+    print(f"example query: spectralearth query --build {store.uri} --min-dates 2 --max-cloud 10")
+    for patch_id in result.ids:
+        print(f"  {patch_id}")
+    print(f"  ({len(result)} patches; open them with pipeline.query.query(...).to_xarray())")
+
+
 def run_demo(context: Any, products_dir: str) -> bool:
     """Run the demo in a BuildContext (pipeline.stages); True when the build matches truth.json."""
     from pipeline.report import print_inventory_summary, print_stage_summary
@@ -136,6 +151,7 @@ def run_demo(context: Any, products_dir: str) -> bool:
             print_inventory_summary(store, result)
         else:
             print_stage_summary(name, store, result)
+    print_example_query(store)
     checks = compare(expected_from_truth(truth, manifest), observed(store))
     print("\ndemo: build against the generator's truth.json")
     print(f"  {'':24s}{'made':>10s}{'built':>10s}")

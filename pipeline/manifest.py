@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -279,6 +279,12 @@ class WriteSettings:
         return cls(patches_per_shard=per_shard, compression_level=level)
 
 
+def _catalog(raw: Any) -> Any:
+    from stac.settings import CatalogSettings
+
+    return CatalogSettings.from_dict(raw or {})
+
+
 def _storage(raw: Any) -> StorageSettings:
     try:
         return StorageSettings.from_dict(raw)
@@ -297,6 +303,7 @@ class Manifest:
     quality: QualityPolicy = field(default_factory=QualityPolicy)
     write: WriteSettings = field(default_factory=WriteSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)  # never part of a config hash
+    catalog: Any = None  # stac.settings.CatalogSettings (imported lazily: stac builds on pipeline)
     source: str = "<dict>"  # where it was read from, for messages; not part of any hash
 
     KEYS = {
@@ -337,6 +344,7 @@ class Manifest:
                 quality=QualityPolicy.from_dict(raw.get("quality") or {}),
                 write=WriteSettings.from_dict(raw.get("write") or {}),
                 storage=_storage(raw.get("storage")),
+                catalog=_catalog(raw.get("catalog")),
                 source=source,
             )
         except ManifestError as exc:
@@ -357,7 +365,7 @@ class Manifest:
     def section_dict(self, name: str) -> Any:
         value = getattr(self, name)
         if hasattr(value, "__dataclass_fields__"):
-            return {f.name: getattr(value, f.name) for f in fields(value)}
+            return asdict(value)
         return value
 
     def config_hash(self, *sections: str) -> str:

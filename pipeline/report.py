@@ -39,6 +39,12 @@ def print_stage_summary(name: str, store: Any, result: Any) -> None:
             print(f"    dropped {number:5d}  {reason}")
     elif name == "dedup":
         print_funnel(counts)
+    elif name == "catalog":
+        print(f"  catalog            {store.uri_of('stac/catalog.json')}")
+        print(f"  items              {counts['patch_items']} patches, {counts['scene_items']} scenes")
+        largest = counts["largest_catalog_bytes"] / 1e3
+        print(f"  sub-catalogs       {counts['catalogs']} (largest {largest:.1f} kB)")
+        print(f"  geoparquet         {store.uri_of('stac/items.parquet')}")
     elif name == "write":
         print(f"  dataset            {store.uri_of('dataset.zarr')}")
         print(f"  patches x bands    {counts['patches']} x {counts['bands']}")

@@ -10,7 +10,7 @@ from pipeline.manifest import Manifest
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
 
-ORDER = ("inventory", "mask", "tile", "dedup", "write")
+ORDER = ("inventory", "mask", "tile", "dedup", "write", "catalog")
 
 
 def run_stage(
@@ -45,6 +45,10 @@ def run_stage(
         from pipeline.write import run_write
 
         return run_write(manifest, store, scheduler, storage_options, force)
+    if name == "catalog":
+        from pipeline.catalog import run_catalog
+
+        return run_catalog(manifest, store, force)
     raise ValueError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
 
 

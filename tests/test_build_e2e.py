@@ -32,7 +32,7 @@ def build(tmp_path_factory) -> tuple[Path, Truth, BuildStore, Manifest]:
     manifest = Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
     store = BuildStore(str(tmp_path_factory.mktemp("build")))
     scheduler = Scheduler("threads", workers=2, progress=False)
-    for name in ("inventory", "mask", "tile", "dedup", "write"):
+    for name in ("inventory", "mask", "tile", "dedup", "write", "catalog"):
         stages.run_stage(name, manifest, store, scheduler, inputs=[str(products)])
     return products, truth, store, manifest
 
@@ -287,3 +287,103 @@ def test_moment_merge_is_exact_and_order_independent():
         assert np.allclose(moments.mean, np.nanmean(values, axis=(0, 2, 3)), rtol=1e-12)
         assert np.allclose(moments.std, np.nanstd(values, axis=(0, 2, 3)), rtol=1e-12)
         assert moments.count.tolist() == (~np.isnan(values)).sum(axis=(0, 2, 3)).tolist()
+
+
+# Catalog and query on the built dataset ---------------------------------------------------------------
+
+
+def test_catalog_validates_offline(build, monkeypatch):
+    from tests.stac_helpers import SCHEMAS, block_network, json_files, offline_validator, validate
+
+    if not SCHEMAS.is_dir():
+        pytest.skip(f"STAC extension schemas not found at {SCHEMAS} (../shared sits beside the clone in CI)")
+    block_network(monkeypatch)
+    _, _, store, _ = build
+    validator = offline_validator(SCHEMAS)
+    files = list(json_files(Path(store.root) / "stac"))
+    patches = store.read_geodataframe("index/patches.parquet")
+    items = [json.loads(f.read_text()) for f in files if f.name.startswith("EPSG")]
+    assert sorted(i["id"] for i in items) == sorted(patches["patch_id"])
+    for path in files:
+        assert path.stat().st_size < 1_000_000
+        validate(validator, json.loads(path.read_text()))
+    by_id = {i["id"]: i for i in items}
+    for row in patches.itertuples():
+        item = by_id[row.patch_id]
+        assert item["properties"]["grid:code"] == row.location_id
+        assert item["properties"]["proj:code"] == f"EPSG:{row.epsg}"
+        assert item["properties"]["spectralearth:row"] == row.row
+        assert any(link["rel"] == "derived_from" for link in item["links"])
+
+
+def test_query_matches_brute_force_and_exports(build, tmp_path):
+    import xarray as xr
+    from shapely.geometry import box, shape
+
+    from pipeline.query import query
+
+    _, _, store, _ = build
+    patches = store.read_geodataframe("index/patches.parquet")
+    west, south, east, north = patches.total_bounds
+    half = box(west, south, (west + east) / 2, north)
+    result = query(store.uri, bbox=half.bounds)
+    items = [json.loads(p.read_text()) for p in (Path(store.root) / "stac").rglob("EPSG*.json")]
+    expected = {i["id"] for i in items if shape(i["geometry"]).intersects(half)}
+    assert set(result.ids) == expected and 0 < len(expected) < len(items)
+
+    multi = query(store.uri, min_dates=2)
+    assert set(multi.ids) == set(patches.loc[patches["n_dates"] >= 2, "patch_id"])
+
+    ds = multi.to_xarray()
+    assert list(ds["patch_id"].values) == multi.ids
+
+    exported = tmp_path / "subset.zarr"
+    assert multi.export_zarr(str(exported)) == len(multi)
+    subset = xr.open_zarr(exported, mask_and_scale=False)
+    assert np.array_equal(
+        subset["reflectance"].values, multi.to_xarray(mask_and_scale=False)["reflectance"].values
+    )
+    assert list(subset["patch_id"].values) == multi.ids
+
+    tifs = multi.export_geotiffs(tmp_path / "release")
+    assert len(tifs) == len(multi)
+    locations = sorted(set(patches["location_id"]))
+    scenes = sorted(set(patches["scene_id"]))
+    for patch_id, path in zip(multi.ids, tifs, strict=True):
+        row = patches[patches["patch_id"] == patch_id].iloc[0]
+        number = locations.index(row["location_id"])
+        assert path.relative_to(tmp_path / "release").as_posix() == (
+            f"enmap/{number:07d}/{scenes.index(row['scene_id']):05d}.tif"
+        )
+        with rasterio.open(path) as src:
+            assert (src.count, src.width, src.height, src.dtypes[0]) == (202, 128, 128, "int16")
+            assert src.nodata == -32768 and src.crs.to_epsg() == row["epsg"]
+            assert (src.transform.c, src.transform.f) == (row["x_ul"], row["y_ul"])
+            stored = multi.to_xarray(mask_and_scale=False)["reflectance"].values[multi.ids.index(patch_id)]
+            assert np.array_equal(src.read(), stored)
+
+
+def test_query_cli(build, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    _, _, store, _ = build
+    runner = CliRunner()
+    result = runner.invoke(main, ["query", "--build", store.uri, "--min-dates", "2", "--format", "geojson"])
+    assert result.exit_code == 0, result.output
+    collection = json.loads(result.stdout)
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) >= 2
+    bad = runner.invoke(
+        main,
+        [
+            "query",
+            "--build",
+            store.uri,
+            "--ids",
+            "EPSG32632-9999-9999_20230101_DT0000000001",
+            "--export",
+            str(tmp_path / "x.zarr"),
+        ],
+    )
+    assert bad.exit_code == 0 and "0 patch(es)" in bad.output
