@@ -26,7 +26,7 @@ def run_catalog(manifest: Manifest, store: BuildStore, force: bool = False) -> A
     for table in (INDEX_PATCHES, SCENES_TABLE, SHARDS_TABLE):
         digest.update(store.read_bytes(table))
     input_fingerprint = digest.hexdigest()[:16]
-    config_hash = manifest.config_hash("catalog", "bands")
+    config_hash = manifest.stage_hash(STAGE)
     previous = store.read_stage_record(STAGE)
     if (
         not force

@@ -15,8 +15,10 @@ from pipeline.enmap.product import ProductError
 from pipeline.export import SelectionError
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.run import SchedulerError, TaskFailed
+from pipeline.stages import StaleStageError
 
 EXPECTED_ERRORS = (
+    StaleStageError,
     SelectionError,
     ManifestError,
     SchedulerError,
@@ -147,6 +149,40 @@ _stage_command("write", "Copy the kept patches into dataset.zarr (Zarr v3, shard
 _stage_command(
     "catalog", "STAC catalog of the build (stac/) and its stac-geoparquet mirror (stac/items.parquet)."
 )
+
+
+@main.command(name="run")
+@stage_options
+@click.option(
+    "--input", "inputs", multiple=True, help="Inputs for inventory (repeatable); adds to the manifest's."
+)
+@click.option("--force", is_flag=True, help="Redo every stage even when its outputs are up to date.")
+@one_line_errors
+def run_all(
+    manifest_path: str,
+    build: str,
+    scheduler: str,
+    workers: int | None,
+    no_progress: bool,
+    inputs: tuple[str, ...],
+    force: bool,
+) -> None:
+    """All stages in order: inventory, mask, tile, dedup, write, catalog (each skips what is up to date)."""
+    from pipeline.report import print_inventory_summary, print_stage_summary
+    from pipeline.stages import ORDER
+
+    context = _context(manifest_path, build, scheduler, workers, no_progress)
+    all_inputs = [*context.manifest.inputs, *inputs]
+    if not all_inputs:
+        raise PipelineFailure("no inputs: give --input or list 'inputs' in the manifest")
+    for name in ORDER:
+        result = context.run(name, inputs=all_inputs, force=force)
+        if name == "inventory":
+            print_inventory_summary(context.store, result)
+            if result.counts["scenes_accepted"] == 0:
+                raise PipelineFailure(f"no product accepted from {', '.join(all_inputs)}")
+        else:
+            print_stage_summary(name, context.store, result)
 
 
 def _floats(text: str | None, count: int, name: str) -> list[float] | None:

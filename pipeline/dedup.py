@@ -315,7 +315,7 @@ def run_dedup(manifest: Any, store: Any, force: bool = False) -> Any:
         raise FileNotFoundError(f"{store.uri_of(PATCHES_TABLE)} is missing: run the tile stage first")
     raw = store.read_bytes(PATCHES_TABLE)
     input_fingerprint = hashlib.sha256(raw).hexdigest()[:16]
-    config_hash = manifest.config_hash("grid")
+    config_hash = manifest.stage_hash(STAGE)
     previous = store.read_stage_record(STAGE)
     if (
         not force

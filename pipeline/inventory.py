@@ -419,7 +419,7 @@ def run_inventory(
     watch = Stopwatch()
     sources, rejections = discover(inputs, storage_options)
     watch.lap("discover")
-    config_hash = manifest.config_hash("filters", "bands")
+    config_hash = manifest.stage_hash(STAGE)
     input_fingerprint = sources_fingerprint(sources)
     previous = store.read_stage_record(STAGE)
     if (

@@ -279,6 +279,17 @@ class WriteSettings:
         return cls(patches_per_shard=per_shard, compression_level=level)
 
 
+# What each stage's output depends on (cumulative along the stage order).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "inventory": ("filters", "bands"),
+    "mask": ("filters", "bands", "quality"),
+    "tile": ("filters", "bands", "quality", "grid"),
+    "dedup": ("filters", "bands", "quality", "grid"),
+    "write": ("filters", "bands", "quality", "grid", "write"),
+    "catalog": ("filters", "bands", "quality", "grid", "write", "catalog"),
+}
+
+
 def _catalog(raw: Any) -> Any:
     from stac.settings import CatalogSettings
 
@@ -367,6 +378,11 @@ class Manifest:
         if hasattr(value, "__dataclass_fields__"):
             return asdict(value)
         return value
+
+    def stage_hash(self, stage: str) -> str:
+        """Configuration hash of a stage: its own sections and every upstream stage's, so a change
+        anywhere invalidates the stages after it."""
+        return self.config_hash(*STAGE_SECTIONS[stage])
 
     def config_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (what one stage depends on)."""

@@ -185,7 +185,7 @@ def mask_scene(
 
 
 def stage_config_hash(manifest: Manifest) -> str:
-    return manifest.config_hash("bands", "quality")
+    return manifest.stage_hash(STAGE)
 
 
 # Tables ---------------------------------------------------------------------------------------------

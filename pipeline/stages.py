@@ -13,6 +13,29 @@ from pipeline.storage import BuildStore
 ORDER = ("inventory", "mask", "tile", "dedup", "write", "catalog")
 
 
+class StaleStageError(RuntimeError):
+    """An earlier stage's outputs were made with other settings than the manifest's."""
+
+
+UPSTREAM = {name: ORDER[: ORDER.index(name)] for name in ORDER}
+
+
+def require_upstream(name: str, manifest: Manifest, store: BuildStore) -> None:
+    """Refuse to mix configurations: every earlier stage must have run with this manifest's settings."""
+    for upstream in UPSTREAM[name]:
+        record = store.read_stage_record(upstream)
+        if record is None:
+            raise StaleStageError(
+                f"{name} needs the {upstream} stage first: run `spectralearth {upstream}` "
+                "(or `spectralearth run`)"
+            )
+        if record["config_hash"] != manifest.stage_hash(upstream):
+            raise StaleStageError(
+                f"the {upstream} outputs in {store.uri} were made with other manifest settings than "
+                f"{manifest.source}: rerun {upstream} and the stages after it (or `spectralearth run`)"
+            )
+
+
 def run_stage(
     name: str,
     manifest: Manifest,
@@ -23,6 +46,9 @@ def run_stage(
     storage_options: dict | None = None,
     force: bool = False,
 ) -> Any:
+    if name not in ORDER:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
+    require_upstream(name, manifest, store)
     if name == "inventory":
         from pipeline.inventory import run_inventory
 

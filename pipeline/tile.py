@@ -221,7 +221,7 @@ def patches_frame(rows: list[dict[str, Any]]) -> Any:
 
 
 def stage_config_hash(manifest: Manifest) -> str:
-    return manifest.config_hash("bands", "quality", "grid")
+    return manifest.stage_hash(STAGE)
 
 
 def run_tile(

@@ -362,7 +362,7 @@ def run_write(
     index_bytes = store.read_bytes(INDEX_PATCHES)
     index = store.read_geodataframe(INDEX_PATCHES).sort_values("row").reset_index(drop=True)
     records = {r.scene_id: r for r in read_scenes(store)}
-    config_hash = manifest.config_hash("bands", "grid", "write")
+    config_hash = manifest.stage_hash(STAGE)
     input_fingerprint = hashlib.sha256(index_bytes).hexdigest()[:16]
     previous = store.read_stage_record(STAGE)
     if (
