@@ -185,6 +185,31 @@ def run_all(
             print_stage_summary(name, context.store, result)
 
 
+@main.command()
+@click.option("--build", required=True, help="Build location: a local folder or an s3:// prefix.")
+@click.option("--repair", is_flag=True, help="Forget bad shards so that the next `write` rewrites them.")
+@one_line_errors
+def verify(build: str, repair: bool) -> None:
+    """Check every shard of dataset.zarr against its recorded SHA-256 checksum."""
+    from pipeline.query import open_build
+    from pipeline.write import verify_build
+
+    result = verify_build(open_build(build), repair=repair)
+    click.echo(
+        f"verify: {result.shards} shards, {len(result.bad)} bad, {len(result.unrecorded)} without a record"
+    )
+    for shard in result.bad:
+        click.echo(f"  shard {shard}: stored bytes do not match the recorded checksum")
+    for shard in result.unrecorded:
+        click.echo(f"  shard {shard}: no record (an interrupted write)")
+    if (result.bad or result.unrecorded) and not repair:
+        raise PipelineFailure(
+            "dataset.zarr has bad or unrecorded shards: run `verify --repair`, then `write`"
+        )
+    if repair and (result.bad or result.unrecorded):
+        click.echo("verify: repaired records; run `spectralearth write` to rewrite those shards")
+
+
 def _floats(text: str | None, count: int, name: str) -> list[float] | None:
     if text is None:
         return None

@@ -150,6 +150,8 @@ def neighbour_overlaps(
 
 INDEX_PATCHES = "index/patches.parquet"
 INDEX_LOCATIONS = "index/locations.parquet"
+INDEX_RETIRED = "index/retired.parquet"
+INDEX_LINEAGE = "index/lineage.json"
 STAGE = "dedup"
 
 
@@ -183,18 +185,64 @@ def candidates_from_plan(frame: Any) -> list[Candidate]:
     return out
 
 
-def build_index(plan: Any, spec: GridSpec) -> tuple[Any, Any, dict[str, Any]]:
-    """Pure over tables: (index patches, locations, counts) from plan/patches.parquet."""
+def assign_rows(
+    chosen: list[ChosenPatch], previous: dict[str, tuple[int, str]], retired_rows: set[int]
+) -> tuple[dict[str, int], dict[int, str]]:
+    """Zarr rows for the chosen patches, stable across incremental builds (pure).
+
+    `previous` maps the patch ids of the last index to (row, scene_id). A patch from the same scene
+    keeps its row, so its shard need not be rewritten; a new patch, or one now taken from another
+    scene (a newer processor version), gets a new row after every row used so far. Returns
+    (patch_id -> row, newly retired row -> reason).
+    """
+    rows: dict[str, int] = {}
+    next_row = max([r for r, _ in previous.values()] + list(retired_rows), default=-1) + 1
+    chosen_scene = {p.patch_id: p.candidate.scene_id for p in chosen}
+    for patch in chosen:
+        old = previous.get(patch.patch_id)
+        if old is not None and old[1] == patch.candidate.scene_id:
+            rows[patch.patch_id] = old[0]
+        else:
+            rows[patch.patch_id] = next_row
+            next_row += 1
+    retired = {}
+    for patch_id, (row, scene_id) in previous.items():
+        if rows.get(patch_id) == row:
+            continue
+        now = chosen_scene.get(patch_id)
+        retired[row] = f"superseded by {now}" if now else "no longer kept"
+    return rows, retired
+
+
+def build_index(
+    plan: Any, spec: GridSpec, previous: Any = None, previous_retired: Any = None
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Pure over tables: (index patches, retired rows, locations, counts) from plan/patches.parquet.
+
+    With `previous` (the last index of the same configuration), rows are assigned so that existing
+    patches keep theirs and new ones are appended; rows that no longer hold an index patch are
+    listed as retired (their pixels stay in the Zarr arrays, hidden from index, catalog and queries).
+    """
     import geopandas
     import pandas as pd
 
     chosen = choose_patches(candidates_from_plan(plan))
+    old_rows: dict[str, tuple[int, str]] = {}
+    if previous is not None:
+        old_rows = {
+            p: (int(r), s)
+            for p, r, s in zip(previous["patch_id"], previous["row"], previous["scene_id"], strict=True)
+        }
+    already_retired = previous_retired if previous_retired is not None and len(previous_retired) else None
+    retired_set = set(already_retired["row"].astype(int)) if already_retired is not None else set()
+    row_of, newly_retired = assign_rows(chosen, old_rows, retired_set)
+    chosen = sorted(chosen, key=lambda p: row_of[p.patch_id])
     by_key = plan.set_index(["scene_id", "location_id"])
     rows = []
-    for row_number, patch in enumerate(chosen):
+    for patch in chosen:
         source = by_key.loc[(patch.candidate.scene_id, patch.candidate.location_id)]
         record = {
-            "row": row_number,
+            "row": row_of[patch.patch_id],
             "patch_id": patch.patch_id,
             "location_id": patch.candidate.location_id,
             "scene_id": patch.candidate.scene_id,
@@ -246,6 +294,7 @@ def build_index(plan: Any, spec: GridSpec) -> tuple[Any, Any, dict[str, Any]]:
         "geometry",
     ]
     patches = geopandas.GeoDataFrame(rows, columns=columns, geometry="geometry", crs="EPSG:4326")
+    retired = _retired_table(previous, already_retired, newly_retired, columns)
 
     overlaps = neighbour_overlaps(sorted(set(patches["location_id"])), spec)
     location_rows = []
@@ -297,12 +346,14 @@ def build_index(plan: Any, spec: GridSpec) -> tuple[Any, Any, dict[str, Any]]:
         "dropped_by_reason": dict(sorted(dropped.items())),
         "duplicates": sum(len(p.duplicates) for p in chosen),
         "patches": len(patches),
+        "rows": int(max([*patches["row"], *retired["row"]], default=-1)) + 1,
+        "retired_rows": len(retired),
         "locations": len(locations),
         "multi_date_locations": multi,
         "multi_date_share": round(multi / len(locations), 4) if len(locations) else 0.0,
         "neighbour_zone_pairs": sum(len(v) for v in overlaps.values()) // 2,
     }
-    return patches, locations, counts
+    return patches, retired, locations, counts
 
 
 def run_dedup(manifest: Any, store: Any, force: bool = False) -> Any:
@@ -327,10 +378,57 @@ def run_dedup(manifest: Any, store: Any, force: bool = False) -> Any:
     ):
         return StageResult(previous["counts"], skipped=True)
     plan = store.read_geodataframe(PATCHES_TABLE)
-    patches, locations, counts = build_index(plan, grid_spec(manifest.grid))
+    # Incremental: an index of the same configuration keeps its rows (new patches are appended);
+    # after a configuration change the index starts afresh with a new lineage.
+    incremental = (
+        previous is not None
+        and previous["config_hash"] == config_hash
+        and store.exists(INDEX_PATCHES)
+        and store.exists(INDEX_LINEAGE)
+    )
+    old = store.read_geodataframe(INDEX_PATCHES) if incremental else None
+    old_retired = (
+        store.read_geodataframe(INDEX_RETIRED) if incremental and store.exists(INDEX_RETIRED) else None
+    )
+    patches, retired, locations, counts = build_index(plan, grid_spec(manifest.grid), old, old_retired)
     watch.lap("dedup")
+    lineage = (
+        store.read_json(INDEX_LINEAGE)["lineage"]
+        if incremental
+        else hashlib.sha256(f"{config_hash}:{input_fingerprint}".encode()).hexdigest()[:16]
+    )
+    # Retired rows first: a run killed between the two files then still knows every row.
+    store.write_geodataframe(INDEX_RETIRED, retired)
     store.write_geodataframe(INDEX_PATCHES, patches)
     store.write_geodataframe(INDEX_LOCATIONS, locations)
+    store.write_json(INDEX_LINEAGE, {"lineage": lineage, "rows": counts["rows"]})
     watch.lap("write")
     store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
     return StageResult(counts, skipped=False)
+
+
+def _retired_table(
+    previous: Any, already_retired: Any, newly_retired: dict[int, str], columns: list[str]
+) -> Any:
+    """Rows of the Zarr arrays that hold no index patch any more, with what they still hold and why."""
+    import geopandas
+    import pandas as pd
+
+    parts = []
+    if already_retired is not None:
+        parts.append(already_retired)
+    if newly_retired and previous is not None:
+        leaving = previous[previous["row"].isin(list(newly_retired))].copy()
+        leaving["retired_reason"] = leaving["row"].map(newly_retired)
+        parts.append(leaving)
+    if not parts:
+        return geopandas.GeoDataFrame(
+            columns=[*columns, "retired_reason"], geometry="geometry", crs="EPSG:4326"
+        )
+    table = pd.concat(parts, ignore_index=True).drop_duplicates(subset="row", keep="first")
+    table = table.drop(columns=[c for c in table.columns if c not in (*columns, "retired_reason")])
+    return (
+        geopandas.GeoDataFrame(table, geometry="geometry", crs="EPSG:4326")
+        .sort_values("row")
+        .reset_index(drop=True)
+    )

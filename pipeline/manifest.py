@@ -266,8 +266,10 @@ class WriteSettings:
 
     patches_per_shard: int = 32
     compression_level: int = 5
+    # Shards that share a grid row of a scene join one task, up to this many (bounds task size).
+    max_shards_per_task: int = 8
 
-    KEYS = {"patches_per_shard", "compression_level"}
+    KEYS = {"patches_per_shard", "compression_level", "max_shards_per_task"}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> WriteSettings:
@@ -276,7 +278,8 @@ class WriteSettings:
         level = _integer(raw.get("compression_level", 5), "write.compression_level", low=1)
         if level > 9:
             raise ManifestError(f"'write.compression_level' must be 1-9 (Blosc zstd), got {level}")
-        return cls(patches_per_shard=per_shard, compression_level=level)
+        max_shards = _integer(raw.get("max_shards_per_task", 8), "write.max_shards_per_task", low=1)
+        return cls(patches_per_shard=per_shard, compression_level=level, max_shards_per_task=max_shards)
 
 
 # What each stage's output depends on (cumulative along the stage order).

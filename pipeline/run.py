@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ def _inject_fault(item: Any) -> None:
     elif mode != "kill-always":
         return
     sys.stdout.flush()
-    os._exit(137)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def call_with_config(
@@ -150,7 +151,12 @@ class Scheduler:
             except Exception as exc:  # reported per item below, never swallowed silently
                 return ("error", exc)
 
-        tasks = [dask.delayed(guarded, pure=False)(item, *args) for item in items]
+        # Ordered key names: local schedulers then run the tasks in item order (scene or shard order),
+        # which keeps a resumed build's work predictable.
+        tasks = [
+            dask.delayed(guarded, pure=False)(item, *args, dask_key_name=f"task-{k:09d}")
+            for k, item in enumerate(items)
+        ]
         workers = self.workers or (os.cpu_count() or 1)
         with dask.config.set(scheduler=self.name, num_workers=workers):
             if self.progress:

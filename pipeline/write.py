@@ -34,6 +34,7 @@ from pipeline.storage import BuildStore, StageRecord, Stopwatch
 STAGE = "write"
 DATASET = "dataset.zarr"
 SHARDS_TABLE = "write/shards.parquet"
+SHARD_RECORDS = "write/shards"
 REFLECTANCE_SCALE = 0.0001
 PATCH_FIELDS = ("patch_id", "location_id", "scene_id", "time", "epsg", "x_ul", "y_ul")
 
@@ -49,10 +50,33 @@ class PatchRef:
 
 
 @dataclass(frozen=True, slots=True)
+class ShardJob:
+    """One shard to (re)write: which rows come from a source product and which are kept as stored."""
+
+    shard: int
+    start: int
+    stop: int
+    source: tuple[PatchRef, ...]  # rows whose pixels are read from their product
+    copy: tuple[int, ...]  # rows whose stored pixels are unchanged and copied from the existing shard
+    active: tuple[int, ...]  # rows listed in the index (statistics cover these)
+    row_keys: tuple[str, ...]  # content key of every row start..stop-1
+
+
+@dataclass(frozen=True, slots=True)
 class WriteTask:
-    first_shard: int
-    last_shard: int  # inclusive
-    patches: tuple[PatchRef, ...]  # the rows of these shards, in row order
+    jobs: tuple[ShardJob, ...]  # consecutive shards, in order
+
+    @property
+    def first_shard(self) -> int:
+        return self.jobs[0].shard
+
+    @property
+    def last_shard(self) -> int:
+        return self.jobs[-1].shard
+
+    @property
+    def patches(self) -> tuple[PatchRef, ...]:
+        return tuple(p for job in self.jobs for p in job.source)
 
 
 def read_units(patches: Sequence[PatchRef]) -> set[tuple[str, int]]:
@@ -62,38 +86,49 @@ def read_units(patches: Sequence[PatchRef]) -> set[tuple[str, int]]:
 MAX_SHARDS_PER_TASK = 8
 
 
-def plan_tasks(
-    patches: Sequence[PatchRef], per_shard: int, max_shards: int = MAX_SHARDS_PER_TASK
-) -> list[WriteTask]:
-    """Group consecutive shards into tasks; pure.
+def group_jobs(jobs: Sequence[ShardJob], max_shards: int = MAX_SHARDS_PER_TASK) -> list[WriteTask]:
+    """Group shard jobs into tasks; pure.
 
     Rows are ordered by scene and raster position (dedup), so a shard boundary may cut a grid row of a
-    scene (a read unit). Shards that share a unit join one task, which reads the unit once, up to
-    `max_shards` per task so a long chain cannot serialise the build. Where a chain is cut, the two
-    tasks read disjoint column ranges of the unit (its patches are in column order), so no pixel is
-    ever read twice; only a strip-organised source may then decode that grid row's strips twice.
+    scene (a read unit). Consecutive shards that share a unit join one task, which reads the unit
+    once, up to `max_shards` per task so a long chain cannot serialise the build. Where a chain is
+    cut, the two tasks read disjoint column ranges of the unit (its patches are in column order), so
+    no pixel is ever read twice; only a strip-organised source may then decode that grid row's strips
+    twice.
     """
     if max_shards < 1:
         raise ValueError("max_shards must be >= 1")
-    ordered = sorted(patches, key=lambda p: p.row)
-    if [p.row for p in ordered] != list(range(len(ordered))):
-        raise ValueError("index rows must be 0..N-1")
-    shards = [tuple(ordered[k : k + per_shard]) for k in range(0, len(ordered), per_shard)]
     tasks: list[WriteTask] = []
-    current: list[int] = []
-    for index, shard in enumerate(shards):
-        joined = current and read_units(shards[current[-1]]) & read_units(shard)
+    current: list[ShardJob] = []
+    for job in sorted(jobs, key=lambda j: j.shard):
+        joined = (
+            current
+            and current[-1].shard + 1 == job.shard
+            and read_units(current[-1].source) & read_units(job.source)
+        )
         if current and (not joined or len(current) >= max_shards):
-            tasks.append(_task(current, shards))
+            tasks.append(WriteTask(tuple(current)))
             current = []
-        current.append(index)
+        current.append(job)
     if current:
-        tasks.append(_task(current, shards))
+        tasks.append(WriteTask(tuple(current)))
     return tasks
 
 
-def _task(indices: list[int], shards: list[tuple[PatchRef, ...]]) -> WriteTask:
-    return WriteTask(indices[0], indices[-1], tuple(p for k in indices for p in shards[k]))
+def plan_tasks(
+    patches: Sequence[PatchRef], per_shard: int, max_shards: int = MAX_SHARDS_PER_TASK
+) -> list[WriteTask]:
+    """Tasks for a build written from scratch: every row read from its source."""
+    ordered = sorted(patches, key=lambda p: p.row)
+    if [p.row for p in ordered] != list(range(len(ordered))):
+        raise ValueError("index rows must be 0..N-1")
+    jobs = []
+    for shard, start in enumerate(range(0, len(ordered), per_shard)):
+        rows = ordered[start : start + per_shard]
+        jobs.append(
+            ShardJob(shard, start, start + len(rows), tuple(rows), (), tuple(p.row for p in rows), ())
+        )
+    return group_jobs(jobs, max_shards)
 
 
 def unit_windows(patches: Sequence[PatchRef], size: int) -> dict[tuple[str, int], Window]:
@@ -119,26 +154,49 @@ def dataset_attrs(manifest: Manifest, n_patches: int) -> dict[str, Any]:
     }
 
 
-def create_template(
-    store: BuildStore,
-    manifest: Manifest,
-    index: Any,
-    bands: Sequence[tuple[int, float, float]],
-) -> None:
-    """Preallocate every array and write the 1-D arrays (over patch and band). No pixels yet."""
+def layout_key(manifest: Manifest, bands: Sequence[tuple[int, float, float]], lineage: str) -> str:
+    """What makes stored shards reusable: the band axis, patch size, shard size, codec, index lineage."""
+    payload = {
+        "bands": [list(b) for b in bands],
+        "patch_size": manifest.grid.patch_size,
+        "patches_per_shard": manifest.write.patches_per_shard,
+        "compression_level": manifest.write.compression_level,
+        "lineage": lineage,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_arrays(
+    store: BuildStore, manifest: Manifest, rows: int, bands: Sequence[tuple[int, float, float]], layout: str
+) -> bool:
+    """Preallocate `reflectance` and `quality` for `rows` patches, reusing the existing arrays (grown
+    if needed) when their layout matches. Returns True when the existing arrays were kept."""
     import zarr
     from zarr.codecs import BloscCodec, BloscShuffle
 
-    n = len(index)
     size = manifest.grid.patch_size
     per_shard = manifest.write.patches_per_shard
+    try:
+        group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3)
+        kept = group.attrs.get("layout_key") == layout and {"reflectance", "quality"} <= set(
+            group.array_keys()
+        )
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        kept = False
+    if kept:
+        for name in ("reflectance", "quality"):
+            array = group[name]
+            assert isinstance(array, zarr.Array)
+            if array.shape[0] != rows:
+                array.resize((rows, *array.shape[1:]))
+        group.attrs.update(dataset_attrs(manifest, rows) | {"layout_key": layout})
+        return True
     codec = BloscCodec(cname="zstd", clevel=manifest.write.compression_level, shuffle=BloscShuffle.bitshuffle)
     group = zarr.open_group(zarr_store(store), mode="w", zarr_format=3)
-    group.attrs.update(dataset_attrs(manifest, n))
-    coordinates = "patch_id location_id scene_id time epsg x_ul y_ul band wavelength fwhm"
+    group.attrs.update(dataset_attrs(manifest, rows) | {"layout_key": layout})
     group.create_array(
         "reflectance",
-        shape=(n, len(bands), size, size),
+        shape=(rows, len(bands), size, size),
         chunks=(1, len(bands), size, size),
         shards=(per_shard, len(bands), size, size),
         dtype="int16",
@@ -151,12 +209,12 @@ def create_template(
             "scale_factor": REFLECTANCE_SCALE,
             "add_offset": 0.0,
             "_FillValue": NODATA_VALUE,
-            "coordinates": coordinates,
+            "coordinates": "patch_id location_id scene_id time epsg x_ul y_ul active band wavelength fwhm",
         },
     )
     group.create_array(
         "quality",
-        shape=(n, size, size),
+        shape=(rows, size, size),
         chunks=(1, size, size),
         shards=(per_shard, size, size),
         dtype="uint16",
@@ -168,15 +226,27 @@ def create_template(
             "flag_masks": [1, 2, 4, 8, 16, 32, 64 | 128, 256, 512, 1024],
             "flag_meanings": "nodata background unclassified cloud cloud_shadow haze cirrus_level snow water "
             "defective",
-            "coordinates": "patch_id location_id scene_id time epsg x_ul y_ul",
+            "coordinates": "patch_id location_id scene_id time epsg x_ul y_ul active",
         },
     )
+    return False
+
+
+def write_row_arrays(store: BuildStore, rows: Any, bands: Sequence[tuple[int, float, float]]) -> None:
+    """The 1-D arrays over patch (from every row: index patches and retired rows) and over band.
+
+    Small, so rewritten whole on every run. `active` is 1 for rows listed in the index and 0 for rows
+    that hold a superseded or dropped patch (kept in place so that no shard has to be rewritten).
+    """
+    import zarr
+
+    group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3)
     one_d: dict[str, tuple[np.ndarray, str, dict[str, Any]]] = {
-        "patch_id": (index["patch_id"].to_numpy(dtype=str), "patch", {}),
-        "location_id": (index["location_id"].to_numpy(dtype=str), "patch", {}),
-        "scene_id": (index["scene_id"].to_numpy(dtype=str), "patch", {}),
+        "patch_id": (rows["patch_id"].to_numpy(dtype=str), "patch", {}),
+        "location_id": (rows["location_id"].to_numpy(dtype=str), "patch", {}),
+        "scene_id": (rows["scene_id"].to_numpy(dtype=str), "patch", {}),
         "time": (
-            _epoch_microseconds(index["start_time"]),
+            _epoch_microseconds(rows["start_time"]),
             "patch",
             {
                 "units": "microseconds since 1970-01-01T00:00:00",
@@ -185,19 +255,24 @@ def create_template(
             },
         ),
         "epsg": (
-            index["epsg"].to_numpy(dtype="int32"),
+            rows["epsg"].to_numpy(dtype="int32"),
             "patch",
             {"long_name": "EPSG code of the patch's UTM CRS"},
         ),
         "x_ul": (
-            index["x_ul"].to_numpy(dtype="float64"),
+            rows["x_ul"].to_numpy(dtype="float64"),
             "patch",
             {"units": "m", "long_name": "upper-left x"},
         ),
         "y_ul": (
-            index["y_ul"].to_numpy(dtype="float64"),
+            rows["y_ul"].to_numpy(dtype="float64"),
             "patch",
             {"units": "m", "long_name": "upper-left y"},
+        ),
+        "active": (
+            rows["active"].to_numpy(dtype="uint8"),
+            "patch",
+            {"long_name": "1: in the index; 0: superseded or dropped, hidden from catalog and queries"},
         ),
         "band": (
             np.array([b[0] for b in bands], dtype="int16"),
@@ -215,6 +290,7 @@ def create_template(
             dtype=values.dtype if values.dtype.kind != "U" else str,
             dimension_names=(dimension,),
             attributes=attributes,
+            overwrite=True,
         )
         if len(values):
             array[:] = values
@@ -248,13 +324,16 @@ def write_task(
     records: dict[str, SceneRecord],
     manifest: Manifest,
     build_uri: str,
+    layout_key: str,
     storage_options: dict | None = None,
 ) -> list[dict[str, Any]]:
-    """The per-task work: fill the task's shards one after the other, each whole, and checksum them.
+    """The per-task work: fill the task's shards one after the other, each whole, and record each.
 
-    Each scene is opened once and each read unit read once, over the columns of all the task's patches
-    in it; a unit is dropped from memory after the last shard that needs it, so memory stays at about
-    one shard plus the open strips.
+    Each scene is opened once and each read unit read once, over the columns of all the task's source
+    patches in it; a unit is dropped from memory after the last shard that needs it. Rows whose
+    stored pixels are unchanged are copied from the existing shard (read before it is replaced).
+    After a shard is written, its record (`write/shards/<shard>.json`: content keys, checksums,
+    statistics) is written atomically: a shard without a valid record is rewritten on resume.
     """
     import contextlib
 
@@ -264,22 +343,21 @@ def write_task(
 
     store = BuildStore(build_uri, storage_options or {})
     size = manifest.grid.patch_size
-    per_shard = manifest.write.patches_per_shard
     scene_ids = sorted({p.scene_id for p in task.patches})
     kept_sets = {manifest.bands.kept_bands(records[s].wavelengths_nm) for s in scene_ids}
-    if len(kept_sets) != 1:
+    if len(kept_sets) > 1:
         raise ValueError("scenes of one build must share the band axis")
-    kept = list(kept_sets.pop())
     windows = unit_windows(task.patches, size)
-    last_use = {(p.scene_id, p.row_off): p.row // per_shard for p in task.patches}
+    last_use = {(p.scene_id, p.row_off): job.shard for job in task.jobs for p in job.source}
     group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3)
     reflectance, quality = group["reflectance"], group["quality"]
     assert isinstance(reflectance, zarr.Array) and isinstance(quality, zarr.Array)
-    n = reflectance.shape[0]
-    checksums = []
+    bands = reflectance.shape[1]
+    written = []
     with contextlib.ExitStack() as stack:
         sources = {}
         masks = {}
+        kept = list(kept_sets.pop()) if kept_sets else []
         for scene_id in scene_ids:
             opened = stack.enter_context(
                 open_product(records[scene_id].location(), storage_options, unpack=("SPECTRAL_IMAGE",))
@@ -287,41 +365,57 @@ def write_task(
             sources[scene_id] = stack.enter_context(rasterio.open(opened.spectral_path))
             masks[scene_id] = read_mask(store, scene_id)
         units: dict[tuple[str, int], np.ndarray] = {}
-        for shard in range(task.first_shard, task.last_shard + 1):
-            start, stop = shard * per_shard, min((shard + 1) * per_shard, n)
-            cube = np.empty((stop - start, len(kept), size, size), dtype=np.int16)
-            bits = np.empty((stop - start, size, size), dtype=np.uint16)
-            for p in task.patches[start - task.first_shard * per_shard : stop - task.first_shard * per_shard]:
+        for job in task.jobs:
+            count = job.stop - job.start
+            if job.copy:
+                cube = np.asarray(reflectance[job.start : job.stop])
+                bits = np.asarray(quality[job.start : job.stop])
+            else:
+                cube = np.empty((count, bands, size, size), dtype=np.int16)
+                bits = np.empty((count, size, size), dtype=np.uint16)
+            for p in job.source:
                 key = (p.scene_id, p.row_off)
                 window = windows[key]
                 if key not in units:
                     units[key] = sources[p.scene_id].read(kept, window=window)
                 c = p.col_off - window.col_off
-                cube[p.row - start] = units[key][:, :, c : c + size]
-                bits[p.row - start] = masks[p.scene_id][
+                cube[p.row - job.start] = units[key][:, :, c : c + size]
+                bits[p.row - job.start] = masks[p.scene_id][
                     p.row_off : p.row_off + size, p.col_off : p.col_off + size
                 ]
-            reflectance[start:stop] = cube
-            quality[start:stop] = bits
-            moments = BandMoments.of_block(cube)
-            for key in [k for k in units if last_use[k] <= shard]:
+            reflectance[job.start : job.stop] = cube
+            quality[job.start : job.stop] = bits
+            for key in [k for k in units if last_use[k] <= job.shard]:
                 del units[key]
-            checksums.append(
-                {
-                    "shard": shard,
-                    "first_row": start,
-                    "stop_row": stop,
-                    "reflectance_sha256": hashlib.sha256(
-                        store.read_bytes(shard_key("reflectance", shard, 4))
-                    ).hexdigest(),
-                    "quality_sha256": hashlib.sha256(
-                        store.read_bytes(shard_key("quality", shard, 3))
-                    ).hexdigest(),
-                    "scenes": sorted({p.scene_id for p in task.patches if start <= p.row < stop}),
-                    "moments": json.dumps(moments.to_json()),
-                }
-            )
-    return checksums
+            active = [row - job.start for row in job.active]
+            moments = BandMoments.of_block(cube[active]) if active else BandMoments.empty(bands)
+            record = shard_record(store, job, layout_key, moments)
+            store.write_json(shard_record_path(job.shard), record)
+            written.append(record)
+    return written
+
+
+def shard_record_path(shard: int) -> str:
+    return f"{SHARD_RECORDS}/{shard:06d}.json"
+
+
+def shard_record(store: BuildStore, job: ShardJob, layout_key: str, moments: BandMoments) -> dict[str, Any]:
+    reflectance = store.read_bytes(shard_key("reflectance", job.shard, 4))
+    quality = store.read_bytes(shard_key("quality", job.shard, 3))
+    return {
+        "shard": job.shard,
+        "first_row": job.start,
+        "stop_row": job.stop,
+        "layout_key": layout_key,
+        "row_keys": list(job.row_keys),
+        "active_rows": list(job.active),
+        "reflectance_sha256": hashlib.sha256(reflectance).hexdigest(),
+        "reflectance_bytes": len(reflectance),
+        "quality_sha256": hashlib.sha256(quality).hexdigest(),
+        "quality_bytes": len(quality),
+        "scenes": sorted({p.scene_id for p in job.source}),
+        "moments": moments.to_json(),
+    }
 
 
 SHARDS_SCHEMA = pa.schema(
@@ -346,54 +440,189 @@ def kept_band_axis(manifest: Manifest, records: Sequence[SceneRecord]) -> list[t
     return [(b, first.wavelengths_nm[b - 1], first.fwhm_nm[b - 1]) for b in kept]
 
 
+def row_key(patch_id: str, scene_id: str, fingerprint: str) -> str:
+    """Content key of one row: the same key means the same stored pixels."""
+    return hashlib.sha256(f"{patch_id}|{scene_id}|{fingerprint}".encode()).hexdigest()[:16]
+
+
+def plan_jobs(
+    rows: Any,
+    per_shard: int,
+    fingerprints: dict[str, str],
+    records_by_shard: dict[int, dict[str, Any]],
+    layout: str,
+    arrays_kept: bool,
+    valid_shards: set[int],
+) -> tuple[list[ShardJob], dict[int, dict[str, Any]]]:
+    """Which shards to write, and how (pure over the tables): (jobs, reusable records by shard).
+
+    A shard is kept as stored when its record has this layout, the same content key for every row,
+    the same active rows, and the stored object passed the check (`valid_shards`). Otherwise it is
+    rewritten whole by one task: active rows whose key changed are read from their product, all other
+    rows are copied from the existing shard.
+    """
+    jobs, reusable = [], {}
+    n = len(rows)
+    for shard, start in enumerate(range(0, n, per_shard)):
+        stop = min(start + per_shard, n)
+        part = rows.iloc[start:stop]
+        keys, sources, copies, active = [], [], [], []
+        old = records_by_shard.get(shard) if arrays_kept else None
+        old_keys = (
+            dict(zip(range(old["first_row"], old["stop_row"]), old["row_keys"], strict=True)) if old else {}
+        )
+        for r in part.itertuples(index=False):
+            row = int(r.row)
+            if r.active:
+                key = row_key(r.patch_id, r.scene_id, fingerprints.get(r.scene_id, ""))
+                active.append(row)
+                if old_keys.get(row) == key and shard in valid_shards:
+                    copies.append(row)
+                else:
+                    sources.append(PatchRef(row, r.scene_id, int(r.row_off), int(r.col_off)))
+            else:
+                # A retired row keeps what it holds; its key carries over from the shard's record.
+                key = old_keys.get(row, f"retired:{r.patch_id}|{r.scene_id}")
+                copies.append(row)
+            keys.append(key)
+        unchanged = (
+            old is not None
+            and shard in valid_shards
+            and old["layout_key"] == layout
+            and (old["first_row"], old["stop_row"]) == (start, stop)
+            and old["row_keys"] == keys
+            and old["active_rows"] == active
+        )
+        if unchanged and old is not None:
+            reusable[shard] = old
+        else:
+            jobs.append(
+                ShardJob(shard, start, stop, tuple(sources), tuple(copies), tuple(active), tuple(keys))
+            )
+    return jobs, reusable
+
+
+def read_shard_records(store: BuildStore) -> dict[int, dict[str, Any]]:
+    folder = store.path(SHARD_RECORDS)
+    if not store.fs.exists(folder):
+        return {}
+    records = {}
+    for path in sorted(store.fs.find(folder)):
+        if path.endswith(".json"):
+            record = json.loads(store.fs.cat_file(path))
+            records[int(record["shard"])] = record
+    return records
+
+
+def check_shards(store: BuildStore, records: dict[int, dict[str, Any]], checksums: bool) -> set[int]:
+    """Shards whose stored objects match their records: by size (cheap), or by SHA-256 (`checksums`)."""
+    valid = set()
+    for shard, record in records.items():
+        ok = True
+        for array, ndim in (("reflectance", 4), ("quality", 3)):
+            key = shard_key(array, shard, ndim)
+            if not store.exists(key):
+                ok = False
+                break
+            if checksums:
+                ok = hashlib.sha256(store.read_bytes(key)).hexdigest() == record[f"{array}_sha256"]
+            else:
+                ok = int(store.fs.size(store.path(key))) == record[f"{array}_bytes"]
+            if not ok:
+                break
+        if ok:
+            valid.add(shard)
+    return valid
+
+
+def index_rows(store: BuildStore) -> Any:
+    """Every row of the Zarr arrays: the index patches (active) and the retired rows, by row."""
+    import pandas as pd
+
+    from pipeline.dedup import INDEX_PATCHES, INDEX_RETIRED
+
+    active = store.read_geodataframe(INDEX_PATCHES)
+    active["active"] = True
+    parts = [active]
+    if store.exists(INDEX_RETIRED):
+        retired = store.read_geodataframe(INDEX_RETIRED)
+        if len(retired):
+            retired["active"] = False
+            parts.append(retired)
+    rows = pd.concat(parts, ignore_index=True).sort_values("row").reset_index(drop=True)
+    if list(rows["row"]) != list(range(len(rows))):
+        raise ValueError("index rows are not 0..N-1: rebuild the index (dedup --force)")
+    return rows
+
+
 def run_write(
     manifest: Manifest,
     store: BuildStore,
     scheduler: Any,
     storage_options: dict | None = None,
     force: bool = False,
+    verify: bool = False,
 ) -> Any:
-    from pipeline.dedup import INDEX_PATCHES
+    """Write (or resume, or extend) dataset.zarr so that it holds every index row.
+
+    Shards already stored with the right content are kept (checked by size, or by checksum with
+    `verify`); every other shard is written whole by exactly one task.
+    """
+    from pipeline.dedup import INDEX_LINEAGE, INDEX_PATCHES, INDEX_RETIRED
     from pipeline.mask import StageResult, read_scenes
 
     watch = Stopwatch()
     if not store.exists(INDEX_PATCHES):
         raise FileNotFoundError(f"{store.uri_of(INDEX_PATCHES)} is missing: run the dedup stage first")
-    index_bytes = store.read_bytes(INDEX_PATCHES)
-    index = store.read_geodataframe(INDEX_PATCHES).sort_values("row").reset_index(drop=True)
-    records = {r.scene_id: r for r in read_scenes(store)}
+    digest = hashlib.sha256(store.read_bytes(INDEX_PATCHES))
+    if store.exists(INDEX_RETIRED):
+        digest.update(store.read_bytes(INDEX_RETIRED))
+    input_fingerprint = digest.hexdigest()[:16]
     config_hash = manifest.stage_hash(STAGE)
-    input_fingerprint = hashlib.sha256(index_bytes).hexdigest()[:16]
     previous = store.read_stage_record(STAGE)
+    shard_records = read_shard_records(store)
     if (
         not force
         and previous
         and previous["config_hash"] == config_hash
         and previous["input_fingerprint"] == input_fingerprint
         and store.exists(SHARDS_TABLE)
+        and len(check_shards(store, shard_records, checksums=verify)) == previous["counts"]["shards"]
     ):
         return StageResult(previous["counts"], skipped=True)
-    used = [records[s] for s in sorted(set(index["scene_id"]))]
-    bands = kept_band_axis(manifest, used)
-    create_template(store, manifest, index, bands)
+    rows = index_rows(store)
+    records = {r.scene_id: r for r in read_scenes(store)}
+    active = rows[rows["active"]]
+    bands = kept_band_axis(manifest, [records[s] for s in sorted(set(active["scene_id"]))])
+    lineage = store.read_json(INDEX_LINEAGE)["lineage"] if store.exists(INDEX_LINEAGE) else "none"
+    layout = layout_key(manifest, bands, lineage)
+    arrays_kept = ensure_arrays(store, manifest, len(rows), bands, layout) and not force
+    write_row_arrays(store, rows, bands)
     watch.lap("template")
-    refs = [
-        PatchRef(int(r.row), r.scene_id, int(r.row_off), int(r.col_off))
-        for r in index[["row", "scene_id", "row_off", "col_off"]].itertuples(index=False)
-    ]
-    tasks = plan_tasks(refs, manifest.write.patches_per_shard, max_shards=MAX_SHARDS_PER_TASK)
+    valid = check_shards(store, shard_records, checksums=verify) if arrays_kept else set()
+    fingerprints = {sid: r.fingerprint for sid, r in records.items()}
+    per_shard = manifest.write.patches_per_shard
+    jobs, reusable = plan_jobs(rows, per_shard, fingerprints, shard_records, layout, arrays_kept, valid)
+    tasks = group_jobs(jobs, manifest.write.max_shards_per_task)
     # Each task carries only the scene records it reads.
     pairs = [(task, {p.scene_id: records[p.scene_id] for p in task.patches}) for task in tasks]
-    results = scheduler.map(_run_task, pairs, manifest, store.uri, storage_options, label="write")
+    results = scheduler.map(_run_task, pairs, manifest, store.uri, layout, storage_options, label="write")
     watch.lap("write")
-    checksums = sorted((c for result in results for c in result), key=lambda c: c["shard"])
-    store.write_table(SHARDS_TABLE, pa.Table.from_pylist(checksums, schema=SHARDS_SCHEMA))
-    write_statistics(store, [BandMoments.from_json(json.loads(c["moments"])) for c in checksums], bands)
+    shard_count = (len(rows) + per_shard - 1) // per_shard
+    for stale in [s for s in shard_records if s >= shard_count]:
+        store.fs.rm(store.path(shard_record_path(stale)))
+    final = {**reusable, **{r["shard"]: r for result in results for r in result}}
+    ordered = [final[s] for s in range(shard_count)]
+    store.write_table(SHARDS_TABLE, shards_table(ordered))
+    write_statistics(store, [BandMoments.from_json(r["moments"]) for r in ordered], bands)
     _consolidate(store)
     counts = {
-        "patches": len(index),
+        "patches": len(active),
+        "rows": len(rows),
         "bands": len(bands),
-        "shards": len(checksums),
+        "shards": shard_count,
+        "shards_written": len(jobs),
+        "rows_read_from_source": sum(len(j.source) for j in jobs),
         "tasks": len(tasks),
         "dataset_bytes": _dataset_bytes(store),
     }
@@ -402,14 +631,31 @@ def run_write(
     return StageResult(counts, skipped=False)
 
 
+def shards_table(records: list[dict[str, Any]]) -> pa.Table:
+    rows = [
+        {
+            "shard": r["shard"],
+            "first_row": r["first_row"],
+            "stop_row": r["stop_row"],
+            "reflectance_sha256": r["reflectance_sha256"],
+            "quality_sha256": r["quality_sha256"],
+            "scenes": r["scenes"],
+            "moments": json.dumps(r["moments"], sort_keys=True),
+        }
+        for r in records
+    ]
+    return pa.Table.from_pylist(rows, schema=SHARDS_SCHEMA)
+
+
 def _run_task(
     pair: tuple[WriteTask, dict[str, SceneRecord]],
     manifest: Manifest,
     build_uri: str,
+    layout: str,
     storage_options: dict | None,
 ) -> list[dict[str, Any]]:
     task, records = pair
-    return write_task(task, records, manifest, build_uri, storage_options)
+    return write_task(task, records, manifest, build_uri, layout, storage_options)
 
 
 def write_statistics(
@@ -461,3 +707,33 @@ def _consolidate(store: BuildStore) -> None:
 
 def _dataset_bytes(store: BuildStore) -> int:
     return int(sum(info.get("size", 0) for info in store.fs.find(store.path(DATASET), detail=True).values()))
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    shards: int
+    bad: tuple[int, ...]  # shards whose stored bytes do not match their recorded SHA-256 (or are missing)
+    unrecorded: tuple[int, ...]  # shards the arrays need but that have no record (an interrupted write)
+
+
+def verify_build(store: BuildStore, repair: bool = False) -> VerifyResult:
+    """Check every shard of dataset.zarr against its recorded checksum. With `repair`, forget the bad
+    shards' records (and the write stage's record) so that the next `write` rewrites exactly those."""
+    from pipeline.dedup import INDEX_PATCHES
+
+    if not store.exists(INDEX_PATCHES) or not store.exists(f"{DATASET}/zarr.json"):
+        raise FileNotFoundError(f"{store.uri} holds no written dataset: run the write stage first")
+    records = read_shard_records(store)
+    rows = index_rows(store)
+    per_shard = int(store.read_json(f"{DATASET}/zarr.json")["attributes"]["patches_per_shard"])
+    expected = set(range((len(rows) + per_shard - 1) // per_shard))
+    valid = check_shards(store, {s: r for s, r in records.items() if s in expected}, checksums=True)
+    bad = tuple(sorted(s for s in records if s in expected and s not in valid))
+    unrecorded = tuple(sorted(expected - set(records)))
+    if repair and (bad or unrecorded):
+        for shard in bad:
+            store.fs.rm(store.path(shard_record_path(shard)))
+        record = store.stage_record_path(STAGE)
+        if store.exists(record):
+            store.fs.rm(store.path(record))
+    return VerifyResult(len(expected), bad, unrecorded)

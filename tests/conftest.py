@@ -22,3 +22,13 @@ def samples() -> Path:
 @pytest.fixture(scope="session")
 def real_metadata_bytes(samples: Path) -> bytes:
     return (samples / f"{REAL_SCENE}-METADATA.XML").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def demo_products(tmp_path_factory):
+    """The demo's synthetic products (every packaging and format), generated once per test session."""
+    from pipeline.demo import DEMO_CONFIG
+    from pipeline.enmap.synth import generate
+
+    out = tmp_path_factory.mktemp("demo-products")
+    return out, generate(out, DEMO_CONFIG)

@@ -13,8 +13,8 @@ import zarr
 from rasterio.windows import Window
 
 from pipeline import stages
-from pipeline.demo import DEMO_CONFIG, compare, expected_from_truth, observed
-from pipeline.enmap.synth import Truth, generate
+from pipeline.demo import compare, expected_from_truth, observed
+from pipeline.enmap.synth import Truth
 from pipeline.manifest import Manifest
 from pipeline.quality import BACKGROUND, CLOUD, CLOUD_SHADOW, NODATA, WATER
 from pipeline.run import Scheduler
@@ -26,9 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory) -> tuple[Path, Truth, BuildStore, Manifest]:
-    products = tmp_path_factory.mktemp("products")
-    truth = generate(products, DEMO_CONFIG)
+def build(tmp_path_factory, demo_products) -> tuple[Path, Truth, BuildStore, Manifest]:
+    products, truth = demo_products
     manifest = Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
     store = BuildStore(str(tmp_path_factory.mktemp("build")))
     scheduler = Scheduler("threads", workers=2, progress=False)
@@ -194,7 +193,11 @@ def test_write_opens_each_scene_once_per_task_and_reads_no_pixel_twice(build, tm
     copy = tmp_path / "build"
     shutil.copytree(store.root, copy)
     # Two patches per shard: many shards, so tasks meet at shard boundaries inside one scene.
-    small = dataclasses.replace(manifest, write=dataclasses.replace(manifest.write, patches_per_shard=2))
+    # Two patches per shard and one shard per task: every chain of shards is cut, the hardest case
+    # for "no pixel read twice".
+    small = dataclasses.replace(
+        manifest, write=dataclasses.replace(manifest.write, patches_per_shard=2, max_shards_per_task=1)
+    )
     opens: list[str] = []
     reads: dict[str, list[tuple[int, int, int, int, int]]] = {}
     real_open = rasterio.open
@@ -219,8 +222,6 @@ def test_write_opens_each_scene_once_per_task_and_reads_no_pixel_twice(build, tm
         return Recording(real_open(path, *args, **kwargs), str(path))
 
     monkeypatch.setattr(write_module.rasterio, "open", recording_open)
-    # One shard per task: every chain is cut, the hardest case for "no pixel read twice".
-    monkeypatch.setattr(write_module, "MAX_SHARDS_PER_TASK", 1)
     stages.run_stage(
         "write", small, BuildStore(str(copy)), Scheduler("synchronous", progress=False), force=True
     )
