@@ -8,7 +8,7 @@ INPUT ?= $(BUILD)-products
 SCHEDULER ?= local
 STAGE_ARGS = --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
 
-.PHONY: setup demo test lint inventory mask tile dedup write catalog clean
+.PHONY: setup demo test lint inventory mask tile dedup write catalog report split bench clean
 
 # The stamp is rebuilt whenever the package's requirements change.
 $(BIN)/.installed: pyproject.toml
@@ -27,6 +27,15 @@ inventory: setup
 
 mask tile dedup write catalog: setup
 	$(BIN)/spectralearth $@ $(STAGE_ARGS)
+
+report: setup
+	$(BIN)/spectralearth report $(STAGE_ARGS)
+
+SPLIT_NAME ?= blocked
+SPLIT_KIND ?= blocked
+SEED ?= 0
+split: setup
+	$(BIN)/spectralearth split --build $(BUILD) --name $(SPLIT_NAME) --kind $(SPLIT_KIND) --seed $(SEED)
 
 lint: setup
 	$(BIN)/ruff check pipeline stac tests

@@ -151,6 +151,50 @@ _stage_command(
 )
 
 
+@main.command(name="report")
+@stage_options
+@one_line_errors
+def report_command(
+    manifest_path: str, build: str, scheduler: str, workers: int | None, no_progress: bool
+) -> None:
+    """One self-contained HTML page about the build: report/index.html (funnel, map, spectra, samples)."""
+    context = _context(manifest_path, build, scheduler, workers, no_progress)
+    click.echo(f"report: {context.run('report')}")
+
+
+@main.command()
+@click.option("--build", required=True, help="Build location: a local folder or an s3:// prefix.")
+@click.option(
+    "--name", required=True, help="Split name: writes splits/<name>.parquet and splits/<name>.json."
+)
+@click.option("--kind", type=click.Choice(["random", "blocked"]), default="blocked", show_default=True)
+@click.option("--fractions", default="0.8,0.1,0.1", show_default=True, help="train,validation,test")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--block-cells", type=int, default=8, show_default=True, help="blocked: block side in grid cells."
+)
+@one_line_errors
+def split(build: str, name: str, kind: str, fractions: str, seed: int, block_cells: int) -> None:
+    """Make a train/validation/test split of the build's patches, deterministic from --seed."""
+    from pipeline.query import open_build
+    from pipeline.splits import make_split
+
+    parts = _floats(fractions, 3, "--fractions") or [0.8, 0.1, 0.1]
+    try:
+        summary = make_split(
+            open_build(build),
+            name,
+            kind=kind,  # type: ignore[arg-type]
+            fractions=(parts[0], parts[1], parts[2]),
+            seed=seed,
+            block_cells=block_cells,
+        )
+    except ValueError as exc:
+        raise PipelineFailure(str(exc)) from None
+    counts = ", ".join(f"{k} {v}" for k, v in summary.patches.items())
+    click.echo(f"split {name} ({kind}, seed {seed}): {counts} patch(es)")
+
+
 @main.command(name="run")
 @stage_options
 @click.option(
@@ -249,6 +293,9 @@ def _geojson(text: str | None) -> Any:
 @click.option("--ids", default=None, help="Comma-separated patch ids.")
 @click.option("--limit", type=int, default=None, help="At most this many results.")
 @click.option(
+    "--split", "split_spec", default=None, help="NAME:SPLIT, e.g. blocked:train: only that split's patches."
+)
+@click.option(
     "--format", "output", type=click.Choice(["ids", "geojson", "table"]), default="ids", show_default=True
 )
 @click.option("--export", "export_to", default=None, help="Write the matching patches here.")
@@ -269,6 +316,7 @@ def query(
     min_dates: int | None,
     ids: str | None,
     limit: int | None,
+    split_spec: str | None,
     output: str,
     export_to: str | None,
     export_format: str,
@@ -278,6 +326,14 @@ def query(
 
     from pipeline.query import query as run_query
 
+    id_list = ids.split(",") if ids else None
+    if split_spec:
+        from pipeline.query import open_build
+        from pipeline.splits import split_filter
+
+        split_name, _, part = split_spec.partition(":")
+        wanted = split_filter(open_build(build), split_name, part)
+        id_list = sorted(wanted & set(id_list)) if id_list is not None else sorted(wanted)
     try:
         result = run_query(
             build,
@@ -286,7 +342,7 @@ def query(
             datetime=when,
             max_cloud=max_cloud,
             min_dates=min_dates,
-            ids=ids.split(",") if ids else None,
+            ids=id_list,
             limit=limit,
         )
     except ValueError as exc:

@@ -388,3 +388,42 @@ def test_query_cli(build, tmp_path):
         ],
     )
     assert bad.exit_code == 0 and "0 patch(es)" in bad.output
+
+
+def test_report_split_and_query_by_split_cli(build):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    _, _, store, _ = build
+    runner = CliRunner()
+    manifest = str(REPO / "manifests" / "demo.yaml")
+    report = runner.invoke(
+        main, ["report", "--manifest", manifest, "--build", store.uri, "--scheduler", "synchronous"]
+    )
+    assert report.exit_code == 0, report.output
+    assert (Path(store.root) / "report" / "index.html").stat().st_size > 10_000
+    made = runner.invoke(
+        main,
+        [
+            "split",
+            "--build",
+            store.uri,
+            "--name",
+            "r",
+            "--kind",
+            "random",
+            "--fractions",
+            "0.5,0.25,0.25",
+            "--seed",
+            "3",
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    from pipeline.splits import read_split
+
+    splits = read_split(store, "r")
+    for part in ("train", "validation", "test"):
+        result = runner.invoke(main, ["query", "--build", store.uri, "--split", f"r:{part}"])
+        assert result.exit_code == 0
+        assert set(result.stdout.split()) == {p for p, s in splits.items() if s == part}
