@@ -157,4 +157,5 @@ def run_demo(context: Any, products_dir: str) -> bool:
     print(f"  {'':24s}{'made':>10s}{'built':>10s}")
     for name, want, have, ok in checks:
         print(f"  {name:24s}{want!s:>10s}{have!s:>10s}  {'ok' if ok else 'MISMATCH'}")
+    print(f"\nreport: {context.run('report')}")
     return all(ok for *_, ok in checks)

@@ -373,6 +373,36 @@ class InventoryResult:
     skipped: bool  # True when the outputs were already up to date
 
 
+SOURCES_CACHE = "inventory/sources.json"
+
+
+def source_key(source: ProductSource) -> str:
+    payload = [source.kind, source.uri, [list(e) for e in source.entries], source.stamp]
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:24]
+
+
+def result_to_json(result: SceneRecord | Rejection) -> dict[str, Any]:
+    if isinstance(result, Rejection):
+        return {"rejection": asdict(result)}
+    row = asdict(result)
+    for name in ("start_time", "stop_time", "datatake_start", "processing_time"):
+        row[name] = getattr(result, name).isoformat()
+    return {"record": row}
+
+
+def result_from_json(data: dict[str, Any]) -> SceneRecord | Rejection:
+    if "rejection" in data:
+        return Rejection(**data["rejection"])
+    row = dict(data["record"])
+    for name in ("start_time", "stop_time", "datatake_start", "processing_time"):
+        row[name] = datetime.fromisoformat(row[name])
+    for name in ("transform", "wavelengths_nm", "fwhm_nm", "no_data_bands"):
+        row[name] = tuple(row[name])
+    row["footprint_lonlat"] = tuple(tuple(p) for p in row["footprint_lonlat"])
+    row["members"] = tuple((m, int(s)) for m, s in row["members"])
+    return SceneRecord(**row)
+
+
 def sources_fingerprint(sources: list[ProductSource]) -> str:
     payload = [[s.kind, s.uri, [list(e) for e in s.entries], s.stamp] for s in sources]
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
@@ -432,15 +462,35 @@ def run_inventory(
     ):
         return InventoryResult(previous["counts"], skipped=True)
 
-    per_source = scheduler.map(
-        inspect_source, sources, manifest, storage_options, label="inventory", on_error=_source_failed
+    # Incremental: a source listed exactly as before (same files, sizes, stamps) under the same
+    # configuration keeps its results; only new or changed sources are inspected.
+    cache: dict[str, list[SceneRecord | Rejection]] = {}
+    if not force and previous and previous["config_hash"] == config_hash and store.exists(SOURCES_CACHE):
+        cache = {
+            key: [result_from_json(r) for r in results]
+            for key, results in store.read_json(SOURCES_CACHE).items()
+        }
+    todo = [s for s in sources if source_key(s) not in cache]
+    fresh = scheduler.map(
+        inspect_source, todo, manifest, storage_options, label="inventory", on_error=_source_failed
     )
+    results_by_key = {
+        **{source_key(s): cache[source_key(s)] for s in sources if source_key(s) in cache},
+        **{source_key(s): r for s, r in zip(todo, fresh, strict=True)},
+    }
     watch.lap("inspect")
+    store.write_json(
+        SOURCES_CACHE, {k: [result_to_json(r) for r in v] for k, v in sorted(results_by_key.items())}
+    )
+    per_source = [results_by_key[source_key(s)] for s in sources]
     records, more_rejections = split_duplicates([item for items in per_source for item in items])
     rejections = rejections + more_rejections
     store.write_geodataframe(SCENES_TABLE, scenes_frame(records))
     store.write_table(REJECTED_TABLE, rejected_table(rejections))
     watch.lap("write")
-    counts = summarise(records, rejections)
+    counts = summarise(records, rejections) | {
+        "sources_inspected": len(todo),
+        "sources_reused": len(sources) - len(todo),
+    }
     store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
     return InventoryResult(counts, skipped=False)

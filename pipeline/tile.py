@@ -179,6 +179,7 @@ def plan_scene(
             "tile_id": record.tile_id,
             "processor_version": record.processor_version,
             "scene_transform": list(transform),
+            "mask_sha256": summary.mask_sha256,
             "geometry": polygon,
         }
         row.update({f"{flag}_fraction": value for flag, value in decision.fractions})
@@ -211,6 +212,7 @@ def patches_frame(rows: list[dict[str, Any]]) -> Any:
         "tile_id",
         "processor_version",
         "scene_transform",
+        "mask_sha256",
         *[f"{flag}_fraction" for flag in FLAG_NAMES],
         "geometry",
     ]
@@ -251,12 +253,22 @@ def run_tile(
         and store.exists(PATCHES_TABLE)
     ):
         return StageResult(previous["counts"], skipped=True)
-    pairs = [(records[s.scene_id], s) for s in summaries]
+    # Incremental: a scene whose mask is unchanged under the same configuration keeps its plan rows.
+    reused: dict[str, list[dict[str, Any]]] = {}
+    if not force and previous and previous["config_hash"] == config_hash and store.exists(PATCHES_TABLE):
+        old = store.read_geodataframe(PATCHES_TABLE)
+        if "mask_sha256" in old.columns:
+            current = {s.scene_id: s.mask_sha256 for s in summaries}
+            for scene_id, group in old.groupby("scene_id"):
+                if current.get(scene_id) == group["mask_sha256"].iloc[0]:
+                    reused[scene_id] = _rows_of(group)
+    pairs = [(records[s.scene_id], s) for s in summaries if s.scene_id not in reused]
     results = scheduler.map(
         _plan_pair, pairs, manifest, store.uri, storage_options, label="tile", on_error=_pair_failed
     )
     watch.lap("tile")
-    rows = [row for result in results if not isinstance(result, Rejection) for row in result]
+    rows = [row for group in reused.values() for row in group]
+    rows += [row for result in results if not isinstance(result, Rejection) for row in result]
     rejections = [r for r in results if isinstance(r, Rejection)]
     store.write_geodataframe(PATCHES_TABLE, patches_frame(rows))
     store.write_table(REJECTED_TABLE, rejected_table(rejections))
@@ -266,7 +278,8 @@ def run_tile(
             kind = row["reason"].split(":", 1)[0]
             dropped[kind] = dropped.get(kind, 0) + 1
     counts = {
-        "scenes": len(pairs),
+        "scenes": len(summaries),
+        "scenes_planned": len(pairs),
         "scenes_rejected": len(rejections),
         "candidates": len(rows),
         "kept": sum(1 for r in rows if r["kept"]),
@@ -275,6 +288,20 @@ def run_tile(
     watch.lap("write")
     store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
     return StageResult(counts, skipped=False)
+
+
+def _rows_of(frame: Any) -> list[dict[str, Any]]:
+    """Plan rows back as the dicts plan_scene makes (timestamps as datetimes, lists as lists)."""
+    import pandas as pd
+
+    rows = []
+    for row in frame.to_dict("records"):
+        row["start_time"] = row["start_time"].to_pydatetime()
+        row["datatake_start"] = row["datatake_start"].to_pydatetime()
+        row["scene_transform"] = [float(v) for v in row["scene_transform"]]
+        row["reason"] = None if pd.isna(row["reason"]) else str(row["reason"])
+        rows.append(row)
+    return rows
 
 
 def _pair_failed(pair: tuple[SceneRecord, MaskSummary], exc: BaseException) -> Rejection:

@@ -177,7 +177,7 @@ def ensure_arrays(
     size = manifest.grid.patch_size
     per_shard = manifest.write.patches_per_shard
     try:
-        group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3)
+        group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3, use_consolidated=False)
         kept = group.attrs.get("layout_key") == layout and {"reflectance", "quality"} <= set(
             group.array_keys()
         )
@@ -240,7 +240,7 @@ def write_row_arrays(store: BuildStore, rows: Any, bands: Sequence[tuple[int, fl
     """
     import zarr
 
-    group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3)
+    group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3, use_consolidated=False)
     one_d: dict[str, tuple[np.ndarray, str, dict[str, Any]]] = {
         "patch_id": (rows["patch_id"].to_numpy(dtype=str), "patch", {}),
         "location_id": (rows["location_id"].to_numpy(dtype=str), "patch", {}),
@@ -349,8 +349,12 @@ def write_task(
         raise ValueError("scenes of one build must share the band axis")
     windows = unit_windows(task.patches, size)
     last_use = {(p.scene_id, p.row_off): job.shard for job in task.jobs for p in job.source}
-    group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3)
-    reflectance, quality = group["reflectance"], group["quality"]
+    # Write empty chunks too: a clean patch's quality is all 0 (the fill value), and every shard must
+    # exist on disk to be checksummed and found on resume. Not the consolidated metadata: it is
+    # rewritten only at the end of the stage and may still give an older shape.
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3, use_consolidated=False)
+        reflectance, quality = group["reflectance"], group["quality"]
     assert isinstance(reflectance, zarr.Array) and isinstance(quality, zarr.Array)
     bands = reflectance.shape[1]
     written = []
