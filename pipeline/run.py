@@ -7,6 +7,7 @@ so workers of a `dask.distributed` cluster are set up the same way as the driver
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -28,6 +29,17 @@ DISTRIBUTED_LOCAL = "local"  # a LocalCluster of worker processes sized to the m
 # Test-only fault injection: "<mode>:<text>:<marker folder>" makes the task whose item's text contains
 # <text> exit its process hard, once ("kill-once", recorded by a marker file) or every time ("kill-always").
 FAULT_ENV = "SPECTRALEARTH_FAULT"
+
+
+_LOCAL_CLUSTERS: dict[tuple[int, int], Any] = {}
+
+
+@atexit.register
+def _close_local_clusters() -> None:
+    for cluster in _LOCAL_CLUSTERS.values():
+        with contextlib.suppress(Exception):
+            cluster.close()
+    _LOCAL_CLUSTERS.clear()
 
 
 class SchedulerError(ValueError):
@@ -101,7 +113,13 @@ class Scheduler:
     def client(self) -> Iterator[Any]:
         from distributed import Client, LocalCluster
 
-        with dask.config.set({"distributed.scheduler.allowed-failures": self.allowed_failures}):
+        # worker-saturation 1.0: a worker holds only the task it runs, so when a product kills its worker
+        # no innocent queued task is blamed for the death.
+        settings = {
+            "distributed.scheduler.allowed-failures": self.allowed_failures,
+            "distributed.scheduler.worker-saturation": 1.0,
+        }
+        with dask.config.set(settings):
             if self.name.startswith("tcp://"):
                 try:
                     client = Client(self.name, timeout="10s")
@@ -111,16 +129,20 @@ class Scheduler:
                     yield client
                 return
             workers = self.workers or (os.cpu_count() or 1)
-            with (
-                LocalCluster(
+            key = (workers, self.allowed_failures)
+            cluster = _LOCAL_CLUSTERS.get(key)
+            if cluster is None or cluster.status.name != "running":
+                # One cluster per process and size, reused by every stage of a build: starting worker
+                # processes takes seconds. Closed when the process exits.
+                cluster = LocalCluster(
                     n_workers=workers,
                     threads_per_worker=1,
                     processes=True,
-                    dashboard_address=None,
+                    dashboard_address=":0",  # any free port: never clash with another cluster
                     silence_logs=40,
-                ) as cluster,
-                Client(cluster) as client,
-            ):
+                )
+                _LOCAL_CLUSTERS[key] = cluster
+            with Client(cluster) as client:
                 yield client
 
     def map(
@@ -169,22 +191,35 @@ class Scheduler:
     def _map_distributed(self, function, items, args, on_error) -> list:
         from distributed import progress, wait
 
+        outcomes: dict[int, tuple[str, Any]] = {}
         with self.client() as client:
-            futures = [
-                client.submit(call_with_config, function, self.gdal_config, item, *args, pure=False)
-                for item in items
-            ]
-            if self.progress:
-                progress(futures)
-                print(flush=True)
-            wait(futures)
-            outcomes = []
-            for future in futures:
-                if future.status == "finished":
-                    outcomes.append(("ok", future.result()))
-                else:
-                    outcomes.append(("error", future.exception()))
-        return [self._settle(item, outcome, on_error) for item, outcome in zip(items, outcomes, strict=True)]
+            pending = list(range(len(items)))
+            # A future can end neither finished nor failed (cancelled or lost while workers restart);
+            # such items are submitted again, a bounded number of times.
+            for _ in range(3):
+                futures = {
+                    k: client.submit(
+                        call_with_config, function, self.gdal_config, items[k], *args, pure=False
+                    )
+                    for k in pending
+                }
+                if self.progress:
+                    progress(list(futures.values()))
+                    print(flush=True)
+                wait(list(futures.values()))
+                pending = []
+                for k, future in futures.items():
+                    if future.status == "finished":
+                        outcomes[k] = ("ok", future.result())
+                    elif future.status == "error":
+                        outcomes[k] = ("error", future.exception())
+                    else:
+                        pending.append(k)
+                if not pending:
+                    break
+            for k in pending:
+                outcomes[k] = ("error", TaskFailed(f"task ended {futures[k].status} three times"))
+        return [self._settle(items[k], outcomes[k], on_error) for k in range(len(items))]
 
     @staticmethod
     def _settle(item: Any, outcome: tuple[str, Any], on_error) -> Any:

@@ -1,0 +1,82 @@
+"""A real dask.distributed LocalCluster with two worker processes: the same result as the
+synchronous scheduler, survival of a worker that dies mid-stage, and a product that keeps killing
+workers rejected with its reason instead of being retried forever."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from pipeline import stages
+from pipeline.manifest import Manifest
+from pipeline.run import FAULT_ENV, Scheduler
+from pipeline.storage import BuildStore
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Manifest:
+    return Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
+
+
+def build(manifest: Manifest, scheduler: Scheduler, products: Path, target: Path, names=stages.ORDER) -> dict:
+    store = BuildStore(str(target))
+    return {
+        name: stages.run_stage(name, manifest, store, scheduler, inputs=[str(products)]) for name in names
+    }
+
+
+def arrays(target: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(target / "dataset.zarr"), mode="r")
+    return {name: np.asarray(group[name][:]) for name in group.array_keys()}
+
+
+@pytest.fixture(scope="module")
+def synchronous_build(tmp_path_factory, demo_products, manifest):
+    products, _ = demo_products
+    target = tmp_path_factory.mktemp("sync")
+    build(manifest, Scheduler("synchronous", progress=False), products, target)
+    return target
+
+
+def test_local_cluster_equals_synchronous_and_survives_a_dead_worker(
+    demo_products, manifest, synchronous_build, tmp_path
+):
+    products, truth = demo_products
+    victim = truth.products[0].scene_id
+    # The first task of this scene's SceneRecord (its mask task) kills its worker process (SIGKILL);
+    # the nanny restarts it and the scheduler reruns the task.
+    faulty = Scheduler("local", workers=2, progress=False).with_config(
+        {FAULT_ENV: f"kill-once:SceneRecord(scene_id='{victim}':{tmp_path / 'markers'}"}
+    )
+    target = tmp_path / "cluster"
+    results = build(manifest, faulty, products, target)
+    assert (tmp_path / "markers").exists(), "the fault fired: a worker died during the build"
+    assert results["mask"].counts["rejected"] == 0
+    got, want = arrays(target), arrays(synchronous_build)
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+    for table in ("inventory/scenes.parquet", "plan/patches.parquet", "index/patches.parquet"):
+        assert pq.read_table(target / table).equals(pq.read_table(synchronous_build / table)), table
+
+
+def test_product_that_keeps_killing_workers_is_rejected(demo_products, manifest, tmp_path):
+    products, truth = demo_products
+    victim = truth.products[1].scene_id
+    faulty = Scheduler("local", workers=2, progress=False, allowed_failures=1).with_config(
+        {FAULT_ENV: f"kill-always:SceneRecord(scene_id='{victim}':{tmp_path / 'markers'}"}
+    )
+    target = tmp_path / "cluster"
+    results = build(manifest, faulty, products, target, names=("inventory", "mask"))
+    assert results["mask"].counts["rejected"] == 1
+    (row,) = pq.read_table(target / "mask" / "rejected.parquet").to_pylist()
+    assert row["scene_id"] == victim and row["stage"] == "mask"
+    assert row["reason"] == "worker process died on every try: the product keeps killing workers"
+    masked = pq.read_table(target / "mask" / "masks.parquet").column("scene_id").to_pylist()
+    assert victim not in masked and len(masked) == len(truth.products) - 1
