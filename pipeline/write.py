@@ -13,6 +13,7 @@ writes to one shard lose data in zarr-python) and no row of a source scene is re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -335,8 +336,6 @@ def write_task(
     After a shard is written, its record (`write/shards/<shard>.json`: content keys, checksums,
     statistics) is written atomically: a shard without a valid record is rewritten on resume.
     """
-    import contextlib
-
     import zarr
 
     from pipeline.tile import read_mask
@@ -358,17 +357,10 @@ def write_task(
     assert isinstance(reflectance, zarr.Array) and isinstance(quality, zarr.Array)
     bands = reflectance.shape[1]
     written = []
-    with contextlib.ExitStack() as stack:
-        sources = {}
-        masks = {}
-        kept = list(kept_sets.pop()) if kept_sets else []
-        for scene_id in scene_ids:
-            opened = stack.enter_context(
-                open_product(records[scene_id].location(), storage_options, unpack=("SPECTRAL_IMAGE",))
-            )
-            sources[scene_id] = stack.enter_context(rasterio.open(opened.spectral_path))
-            masks[scene_id] = read_mask(store, scene_id)
-        units: dict[tuple[str, int], np.ndarray] = {}
+    masks = {scene_id: read_mask(store, scene_id) for scene_id in scene_ids}
+    kept = list(kept_sets.pop()) if kept_sets else []
+    units: dict[tuple[str, int], np.ndarray] = {}
+    with _OneSceneAtATime(records, storage_options, kept, windows) as reader:
         for job in task.jobs:
             count = job.stop - job.start
             if job.copy:
@@ -379,9 +371,13 @@ def write_task(
                 bits = np.empty((count, size, size), dtype=np.uint16)
             for p in job.source:
                 key = (p.scene_id, p.row_off)
-                window = windows[key]
                 if key not in units:
-                    units[key] = sources[p.scene_id].read(kept, window=window)
+                    units.update(
+                        reader.read(
+                            key, [k for k, last in last_use.items() if last >= job.shard and k not in units]
+                        )
+                    )
+                window = windows[key]
                 c = p.col_off - window.col_off
                 cube[p.row - job.start] = units[key][:, :, c : c + size]
                 bits[p.row - job.start] = masks[p.scene_id][
@@ -397,6 +393,57 @@ def write_task(
             store.write_json(shard_record_path(job.shard), record)
             written.append(record)
     return written
+
+
+class _OneSceneAtATime:
+    """Reads units (scene, grid row) with at most one product open, so scratch holds at most one
+    unpacked archive per worker: before switching scenes, the units of the open scene that the task
+    still needs are read, then it is closed."""
+
+    def __init__(
+        self,
+        records: dict[str, SceneRecord],
+        storage_options: dict | None,
+        kept: list[int],
+        windows: dict[tuple[str, int], Window],
+    ) -> None:
+        self.records, self.storage_options, self.kept, self.windows = records, storage_options, kept, windows
+        self.scene: str | None = None
+        self.stack: contextlib.ExitStack | None = None
+        self.source: Any = None
+
+    def __enter__(self) -> _OneSceneAtATime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.stack is not None:
+            self.stack.close()
+        self.scene, self.stack, self.source = None, None, None
+
+    def read(
+        self, key: tuple[str, int], still_needed: list[tuple[str, int]]
+    ) -> dict[tuple[str, int], np.ndarray]:
+        out: dict[tuple[str, int], np.ndarray] = {}
+        scene_id = key[0]
+        if self.scene != scene_id:
+            if self.scene is not None:
+                for other in still_needed:
+                    if other[0] == self.scene:
+                        out[other] = self.source.read(self.kept, window=self.windows[other])
+                self._close()
+            self.stack = contextlib.ExitStack()
+            opened = self.stack.enter_context(
+                open_product(
+                    self.records[scene_id].location(), self.storage_options, unpack=("SPECTRAL_IMAGE",)
+                )
+            )
+            self.source = self.stack.enter_context(rasterio.open(opened.spectral_path))
+            self.scene = scene_id
+        out[key] = self.source.read(self.kept, window=self.windows[key])
+        return out
 
 
 def shard_record_path(shard: int) -> str:
