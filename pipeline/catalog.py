@@ -27,16 +27,11 @@ def run_catalog(manifest: Manifest, store: BuildStore, force: bool = False) -> A
         digest.update(store.read_bytes(table))
     input_fingerprint = digest.hexdigest()[:16]
     config_hash = manifest.stage_hash(STAGE)
-    previous = store.read_stage_record(STAGE)
-    if (
-        not force
-        and previous
-        and previous["config_hash"] == config_hash
-        and previous["input_fingerprint"] == input_fingerprint
-        and store.exists("stac/catalog.json")
-        and store.exists("stac/items.parquet")
-    ):
-        return StageResult(previous["counts"], skipped=True)
+    done = store.up_to_date(
+        STAGE, config_hash, input_fingerprint, ("stac/catalog.json", "stac/items.parquet"), force
+    )
+    if done:
+        return StageResult(done["counts"], skipped=True)
     index = store.read_geodataframe(INDEX_PATCHES)
     used = [r for r in read_scenes(store) if r.scene_id in set(index["scene_id"])]
     summary = build_catalog(store, manifest.catalog, kept_band_axis(manifest, used))

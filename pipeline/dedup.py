@@ -367,16 +367,10 @@ def run_dedup(manifest: Any, store: Any, force: bool = False) -> Any:
     raw = store.read_bytes(PATCHES_TABLE)
     input_fingerprint = hashlib.sha256(raw).hexdigest()[:16]
     config_hash = manifest.stage_hash(STAGE)
+    done = store.up_to_date(STAGE, config_hash, input_fingerprint, (INDEX_PATCHES, INDEX_LOCATIONS), force)
+    if done:
+        return StageResult(done["counts"], skipped=True)
     previous = store.read_stage_record(STAGE)
-    if (
-        not force
-        and previous
-        and previous["config_hash"] == config_hash
-        and previous["input_fingerprint"] == input_fingerprint
-        and store.exists(INDEX_PATCHES)
-        and store.exists(INDEX_LOCATIONS)
-    ):
-        return StageResult(previous["counts"], skipped=True)
     plan = store.read_geodataframe(PATCHES_TABLE)
     # Incremental: an index of the same configuration keeps its rows (new patches are appended);
     # after a configuration change the index starts afresh with a new lineage.

@@ -451,16 +451,10 @@ def run_inventory(
     watch.lap("discover")
     config_hash = manifest.stage_hash(STAGE)
     input_fingerprint = sources_fingerprint(sources)
+    done = store.up_to_date(STAGE, config_hash, input_fingerprint, (SCENES_TABLE, REJECTED_TABLE), force)
+    if done:
+        return InventoryResult(done["counts"], skipped=True)
     previous = store.read_stage_record(STAGE)
-    if (
-        not force
-        and previous
-        and previous["config_hash"] == config_hash
-        and previous["input_fingerprint"] == input_fingerprint
-        and store.exists(SCENES_TABLE)
-        and store.exists(REJECTED_TABLE)
-    ):
-        return InventoryResult(previous["counts"], skipped=True)
 
     # Incremental: a source listed exactly as before (same files, sizes, stamps) under the same
     # configuration keeps its results; only new or changed sources are inspected.

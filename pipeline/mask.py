@@ -31,7 +31,7 @@ from pipeline.quality import (
     flag_counts,
     quality_bits,
 )
-from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json
+from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of
 
 STAGE = "mask"
 MASKS_TABLE = "mask/masks.parquet"
@@ -264,18 +264,10 @@ def run_mask(
     watch = Stopwatch()
     records = read_scenes(store)
     config_hash = stage_config_hash(manifest)
-    input_fingerprint = hashlib.sha256(
-        canonical_json(sorted((r.scene_id, r.fingerprint) for r in records)).encode()
-    ).hexdigest()[:16]
-    previous = store.read_stage_record(STAGE)
-    if (
-        not force
-        and previous
-        and previous["config_hash"] == config_hash
-        and previous["input_fingerprint"] == input_fingerprint
-        and store.exists(MASKS_TABLE)
-    ):
-        return StageResult(previous["counts"], skipped=True)
+    input_fingerprint = fingerprint_of(sorted((r.scene_id, r.fingerprint) for r in records))
+    done = store.up_to_date(STAGE, config_hash, input_fingerprint, (MASKS_TABLE,), force)
+    if done:
+        return StageResult(done["counts"], skipped=True)
 
     # Resume: a scene whose mask exists, matches its recorded checksum, and was made from the same
     # product with the same settings is not masked again.

@@ -50,6 +50,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
 
 
+def fingerprint_of(value: Any) -> str:
+    """Short stable fingerprint of a JSON-able value (SHA-256 of its canonical JSON)."""
+    import hashlib
+
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:16]
+
+
 @dataclass
 class BuildStore:
     """A build location. Relative paths (`inventory/scenes.parquet`) are resolved under `uri`."""
@@ -130,6 +137,27 @@ class BuildStore:
 
     def write_stage_record(self, record: StageRecord) -> None:
         self.write_json(self.stage_record_path(record.stage), record.to_json())
+
+    def up_to_date(
+        self,
+        stage: str,
+        config_hash: str,
+        input_fingerprint: str,
+        outputs: tuple[str, ...],
+        force: bool = False,
+    ) -> dict[str, Any] | None:
+        """The stage's record when its outputs exist and were made from these inputs with this
+        configuration (a rerun then does no work); None when the stage has to run."""
+        previous = self.read_stage_record(stage)
+        if (
+            force
+            or previous is None
+            or previous["config_hash"] != config_hash
+            or previous["input_fingerprint"] != input_fingerprint
+            or not all(self.exists(output) for output in outputs)
+        ):
+            return None
+        return previous
 
 
 def software_versions() -> dict[str, str]:

@@ -8,7 +8,6 @@ Only the masks are read here; no pixels of the cube are copied.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from pipeline.inventory import SceneRecord
 from pipeline.manifest import GridSettings, Manifest, QualityPolicy
 from pipeline.mask import MASKS_TABLE, MaskSummary, StageResult, mask_path, read_scenes, summaries_from_table
 from pipeline.quality import BACKGROUND, FLAG_NAMES, flag_present
-from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json
+from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of
 
 STAGE = "tile"
 PATCHES_TABLE = "plan/patches.parquet"
@@ -241,18 +240,11 @@ def run_tile(
         raise FileNotFoundError(f"{store.uri_of(MASKS_TABLE)} is missing: run the mask stage first")
     summaries = [s for s in summaries_from_table(store.read_table(MASKS_TABLE)) if s.scene_id in records]
     config_hash = stage_config_hash(manifest)
-    input_fingerprint = hashlib.sha256(
-        canonical_json(sorted((s.scene_id, s.mask_sha256) for s in summaries)).encode()
-    ).hexdigest()[:16]
+    input_fingerprint = fingerprint_of(sorted((s.scene_id, s.mask_sha256) for s in summaries))
+    done = store.up_to_date(STAGE, config_hash, input_fingerprint, (PATCHES_TABLE,), force)
+    if done:
+        return StageResult(done["counts"], skipped=True)
     previous = store.read_stage_record(STAGE)
-    if (
-        not force
-        and previous
-        and previous["config_hash"] == config_hash
-        and previous["input_fingerprint"] == input_fingerprint
-        and store.exists(PATCHES_TABLE)
-    ):
-        return StageResult(previous["counts"], skipped=True)
     # Incremental: a scene whose mask is unchanged under the same configuration keeps its plan rows.
     reused: dict[str, list[dict[str, Any]]] = {}
     if not force and previous and previous["config_hash"] == config_hash and store.exists(PATCHES_TABLE):
