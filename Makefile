@@ -37,9 +37,13 @@ SEED ?= 0
 split: setup
 	$(BIN)/spectralearth split --build $(BUILD) --name $(SPLIT_NAME) --kind $(SPLIT_KIND) --seed $(SEED)
 
+# Full-size benchmarks (~20 min on 2 cores): ratios against the floor and the naive way, in one run.
+bench: setup
+	$(BIN)/python bench/run.py
+
 lint: setup
-	$(BIN)/ruff check pipeline stac tests
-	$(BIN)/ruff format --check pipeline stac tests
+	$(BIN)/ruff check pipeline stac tests bench
+	$(BIN)/ruff format --check pipeline stac tests bench
 	$(BIN)/mypy
 
 test: setup lint
