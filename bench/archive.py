@@ -36,23 +36,14 @@ from typing import Any
 import numpy as np
 from common import MB, REPO, current_rss_bytes, write_result
 
+from pipeline.quality import FLAG_NAMES
+
 CELL = 3840.0
 OFFSET = 15.0
 PIXEL = 30.0
 BLOCK = 9  # cells per side of a scene's block; the outer ring lies partly outside the footprint
 PAD_PX = 20  # raster padding around the block
-FLAGS = (
-    "nodata",
-    "background",
-    "unclassified",
-    "cloud",
-    "cloud_shadow",
-    "haze",
-    "cirrus",
-    "snow",
-    "water",
-    "defective",
-)
+FLAGS = FLAG_NAMES
 LIMITS = {"nodata": 0.0, "background": 0.0, "cloud": 0.10, "cloud_shadow": 0.10, "cirrus": 0.10}
 # (west, east, south, north): rough continents, no oceans to speak of
 LAND_BOXES = (

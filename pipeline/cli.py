@@ -74,6 +74,14 @@ def stage_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def _all_inputs(context: Any, inputs: tuple[str, ...]) -> list[str]:
+    """The manifest's inputs and the command line's, or a one-line error when there are none."""
+    all_inputs = [*context.manifest.inputs, *inputs]
+    if not all_inputs:
+        raise PipelineFailure("no inputs: give --input or list 'inputs' in the manifest")
+    return all_inputs
+
+
 def _context(manifest_path: str, build: str, scheduler: str, workers: int | None, no_progress: bool) -> Any:
     from pipeline.stages import BuildContext
 
@@ -109,9 +117,7 @@ def inventory(
     from pipeline.report import print_inventory_summary
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
-    all_inputs = [*context.manifest.inputs, *inputs]
-    if not all_inputs:
-        raise PipelineFailure("no inputs: give --input or list 'inputs' in the manifest")
+    all_inputs = _all_inputs(context, inputs)
     store = context.store
     result = context.run("inventory", inputs=all_inputs, force=force)
     print_inventory_summary(store, result)
@@ -216,9 +222,7 @@ def run_all(
     from pipeline.stages import ORDER
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
-    all_inputs = [*context.manifest.inputs, *inputs]
-    if not all_inputs:
-        raise PipelineFailure("no inputs: give --input or list 'inputs' in the manifest")
+    all_inputs = _all_inputs(context, inputs)
     for name in ORDER:
         result = context.run(name, inputs=all_inputs, force=force)
         if name == "inventory":

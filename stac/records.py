@@ -13,21 +13,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.quality import FLAG_NAMES
+
 BBox = tuple[float, float, float, float]
 
 # The order of the quality flags in `spectralearth:quality_fractions` (pipeline.quality.FLAG_BITS order).
-FLAG_ORDER = (
-    "nodata",
-    "background",
-    "unclassified",
-    "cloud",
-    "cloud_shadow",
-    "haze",
-    "cirrus",
-    "snow",
-    "water",
-    "defective",
-)
+FLAG_ORDER = FLAG_NAMES
 
 
 @dataclass(frozen=True, slots=True)

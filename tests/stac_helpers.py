@@ -19,21 +19,12 @@ from typing import Any
 
 import pytest
 
+from pipeline.quality import FLAG_NAMES
+
 REPO = Path(__file__).resolve().parent.parent
 SCHEMAS = REPO.parent / "shared" / "stac-schemas"
 BANDS_CSV = REPO / "pipeline" / "enmap" / "data" / "v010303_bands.csv"
-FLAGS = (
-    "nodata",
-    "background",
-    "unclassified",
-    "cloud",
-    "cloud_shadow",
-    "haze",
-    "cirrus",
-    "snow",
-    "water",
-    "defective",
-)
+FLAGS = FLAG_NAMES
 CELL = 3840.0
 
 
