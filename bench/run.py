@@ -60,8 +60,13 @@ GOALS = {
 }
 
 
+LOAD: list[dict[str, Any]] = []  # the machine's 1-minute load average at each step (other work skews times)
+
+
 def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    load = round(os.getloadavg()[0], 2)
+    LOAD.append({"time": time.strftime("%H:%M:%S"), "step": message, "load_1min": load})
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message} (load {load})", flush=True)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -445,7 +450,18 @@ def main() -> None:
         pixel_cases(args, results)
     if not args.skip_archive:
         archive_cases(args, results)
+    log("done")
+    results["meta"]["load"] = LOAD
     rows = summary_rows(results, args.quick)
+    loads = [entry["load_1min"] for entry in LOAD]
+    rows.append(
+        (
+            "machine load (1-min avg) at each step",
+            f"{min(loads):.2f} - {max(loads):.2f} on {os.cpu_count()} cores",
+            "idle besides the bench",
+            "info",
+        )
+    )
     results["summary"] = [{"case": c, "measured": m, "goal": g, "status": s} for c, m, g, s in rows]
     results["elapsed_s"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
