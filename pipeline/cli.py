@@ -82,6 +82,14 @@ def _all_inputs(context: Any, inputs: tuple[str, ...]) -> list[str]:
     return all_inputs
 
 
+def _require_products(result: Any, inputs: list[str], store: Any) -> None:
+    """Nothing to build from: stop with one line (the reasons are in inventory/rejected.parquet)."""
+    if result.counts["scenes_accepted"] == 0:
+        raise PipelineFailure(
+            f"no product accepted from {', '.join(inputs)} (see {store.uri}/inventory/rejected.parquet)"
+        )
+
+
 def _context(manifest_path: str, build: str, scheduler: str, workers: int | None, no_progress: bool) -> Any:
     from pipeline.stages import BuildContext
 
@@ -114,17 +122,13 @@ def inventory(
     force: bool,
 ) -> None:
     """Find, check and filter EnMAP L2A products: inventory/scenes.parquet and rejected.parquet."""
-    from pipeline.report import print_inventory_summary
+    from pipeline.report import print_stage_summary
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     all_inputs = _all_inputs(context, inputs)
-    store = context.store
     result = context.run("inventory", inputs=all_inputs, force=force)
-    print_inventory_summary(store, result)
-    if result.counts["scenes_accepted"] == 0:
-        raise PipelineFailure(
-            f"no product accepted from {', '.join(all_inputs)} (see {store.uri}/inventory/rejected.parquet)"
-        )
+    print_stage_summary("inventory", context.store, result)
+    _require_products(result, all_inputs, context.store)
 
 
 def _stage_command(name: str, doc: str) -> Callable[..., Any]:
@@ -218,19 +222,16 @@ def run_all(
     force: bool,
 ) -> None:
     """All stages in order: inventory, mask, tile, dedup, write, catalog (each skips what is up to date)."""
-    from pipeline.report import print_inventory_summary, print_stage_summary
+    from pipeline.report import print_stage_summary
     from pipeline.stages import ORDER
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     all_inputs = _all_inputs(context, inputs)
     for name in ORDER:
         result = context.run(name, inputs=all_inputs, force=force)
+        print_stage_summary(name, context.store, result)
         if name == "inventory":
-            print_inventory_summary(context.store, result)
-            if result.counts["scenes_accepted"] == 0:
-                raise PipelineFailure(f"no product accepted from {', '.join(all_inputs)}")
-        else:
-            print_stage_summary(name, context.store, result)
+            _require_products(result, all_inputs, context.store)
 
 
 @main.command()

@@ -141,16 +141,13 @@ def print_example_query(store: BuildStore) -> None:
 
 def run_demo(context: Any, products_dir: str) -> bool:
     """Run the demo in a BuildContext (pipeline.stages); True when the build matches truth.json."""
-    from pipeline.report import print_inventory_summary, print_stage_summary
+    from pipeline.report import print_stage_summary
 
     truth = ensure_products(Path(products_dir), DEMO_CONFIG)
     store, manifest = context.store, context.manifest
     for name in DEMO_STAGES:
         result = context.run(name, inputs=[products_dir])
-        if name == "inventory":
-            print_inventory_summary(store, result)
-        else:
-            print_stage_summary(name, store, result)
+        print_stage_summary(name, store, result)
     print_example_query(store)
     checks = compare(expected_from_truth(truth, manifest), observed(store))
     print("\ndemo: build against the generator's truth.json")

@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.dedup import INDEX_PATCHES
 from pipeline.storage import BuildStore
-
-INDEX_PATCHES = "index/patches.parquet"
-INDEX_LOCATIONS = "index/locations.parquet"
-DATASET = "dataset.zarr"
+from pipeline.write import zarr_store
 
 
 class SelectionError(ValueError):
@@ -32,9 +30,9 @@ def _index(store: BuildStore) -> Any:
     return store.read_geodataframe(INDEX_PATCHES)
 
 
-def rows_of(store: BuildStore, patch_ids: Sequence[str]) -> list[int]:
-    """Zarr rows of the patches, in the order given."""
-    index = _index(store)
+def rows_of(store: BuildStore, patch_ids: Sequence[str], index: Any = None) -> list[int]:
+    """Zarr rows of the patches, in the order given (`index`: the index table, if already read)."""
+    index = _index(store) if index is None else index
     row_by_id = dict(zip(index["patch_id"], index["row"].astype(int), strict=True))
     missing = [pid for pid in patch_ids if pid not in row_by_id]
     if missing:
@@ -44,8 +42,6 @@ def rows_of(store: BuildStore, patch_ids: Sequence[str]) -> list[int]:
 
 def _open_dataset(store: BuildStore, **kwargs: Any) -> Any:
     import xarray as xr
-
-    from pipeline.write import zarr_store
 
     return xr.open_zarr(zarr_store(store), consolidated=True, **kwargs)
 
@@ -66,7 +62,7 @@ def export_zarr(
     from pipeline.storage import is_remote
 
     rows = rows_of(store, patch_ids)
-    source = zarr.open_group(_zarr_source(store), mode="r")
+    source = zarr.open_group(zarr_store(store), mode="r")
     reflectance = source["reflectance"]
     assert isinstance(reflectance, zarr.Array)
     per_shard = patches_per_shard or int(str(source.attrs.get("patches_per_shard", 32)))
@@ -138,12 +134,6 @@ def export_zarr(
     return n
 
 
-def _zarr_source(store: BuildStore) -> Any:
-    from pipeline.write import zarr_store
-
-    return zarr_store(store)
-
-
 @dataclass(frozen=True, slots=True)
 class ReleaseNumbers:
     """The SpectralEarth release numbering of a build: stable for a given build."""
@@ -152,8 +142,8 @@ class ReleaseNumbers:
     scene_number: dict[str, int]  # rank of scene_id among the build's scenes with kept patches, from 0
 
     @classmethod
-    def of(cls, store: BuildStore) -> ReleaseNumbers:
-        index = _index(store)
+    def of(cls, index: Any) -> ReleaseNumbers:
+        """From the build's index table (`index/patches.parquet`)."""
         locations = sorted(set(index["location_id"]))
         scenes = sorted(set(index["scene_id"]))
         return cls({loc: k for k, loc in enumerate(locations)}, {s: k for k, s in enumerate(scenes)})
@@ -165,13 +155,14 @@ class ReleaseNumbers:
 def export_geotiffs(store: BuildStore, patch_ids: Sequence[str], target_dir: str | Path) -> list[Path]:
     """One GeoTIFF per patch: B x 128 x 128 int16, georeferenced, nodata -32768, release layout."""
     import rasterio
-
-    numbers = ReleaseNumbers.of(store)
-    index = _index(store).set_index("patch_id")
-    rows = rows_of(store, patch_ids)
     import zarr
 
-    group = zarr.open_group(_zarr_source(store), mode="r")
+    table = _index(store)  # read once: numbering, rows and per-patch georeferencing
+    numbers = ReleaseNumbers.of(table)
+    rows = rows_of(store, patch_ids, table)
+    index = table.set_index("patch_id")
+
+    group = zarr.open_group(zarr_store(store), mode="r")
     reflectance = group["reflectance"]
     assert isinstance(reflectance, zarr.Array)
     wavelength_array, band_array = group["wavelength"], group["band"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -102,7 +102,6 @@ class SceneRecord:
     members: tuple[tuple[str, int], ...]
     fingerprint: str
     metadata_schema: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def location(self) -> ProductLocation:
         """Where later stages open this product from, without walking the inputs again."""
@@ -322,7 +321,6 @@ def scenes_frame(records: list[SceneRecord]) -> Any:
     rows = []
     for record in records:
         row = asdict(record)
-        row.pop("extra")
         row["footprint"] = Polygon(row.pop("footprint_lonlat"))
         row["transform"] = list(record.transform)
         row["wavelengths_nm"] = list(record.wavelengths_nm)
@@ -330,7 +328,7 @@ def scenes_frame(records: list[SceneRecord]) -> Any:
         row["no_data_bands"] = list(record.no_data_bands)
         row["members"] = json.dumps([list(m) for m in record.members])
         rows.append(row)
-    columns = [f for f in SceneRecord.__dataclass_fields__ if f not in ("extra", "footprint_lonlat")]
+    columns = [f for f in SceneRecord.__dataclass_fields__ if f != "footprint_lonlat"]
     frame = geopandas.GeoDataFrame(
         rows, columns=[*columns, "footprint"], geometry="footprint", crs="EPSG:4326"
     )

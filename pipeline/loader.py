@@ -32,13 +32,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipeline.quality import NODATA_VALUE
 from pipeline.storage import BuildStore
+from pipeline.write import DATASET, REFLECTANCE_SCALE
 
-DATASET = "dataset.zarr"
 STATS_MEAN = "stats/mean.npy"
 STATS_STD = "stats/std.npy"
-REFLECTANCE_SCALE = 0.0001
-NODATA = -32768
+NODATA = NODATA_VALUE
 
 Units = Literal["stored", "reflectance"]
 SampleUnits = Literal["stored", "reflectance", "normalized"]

@@ -23,6 +23,9 @@ def print_inventory_summary(store: Any, result: Any) -> None:
 
 
 def print_stage_summary(name: str, store: Any, result: Any) -> None:
+    if name == "inventory":
+        print_inventory_summary(store, result)
+        return
     counts = result.counts
     state = "up to date, nothing redone" if result.skipped else "done"
     print(f"{name}: {state}")

@@ -42,9 +42,9 @@ from pipeline.quality import (
     WATER,
 )
 from pipeline.storage import BuildStore
+from pipeline.write import REFLECTANCE_SCALE
 
 REPORT_PATH = "report/index.html"
-REFLECTANCE_SCALE = 0.0001
 RGB_WAVELENGTHS_NM = (650.0, 550.0, 460.0)
 STRETCH_PERCENTILES = (2.0, 98.0)
 DPI = 80

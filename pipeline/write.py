@@ -37,7 +37,6 @@ DATASET = "dataset.zarr"
 SHARDS_TABLE = "write/shards.parquet"
 SHARD_RECORDS = "write/shards"
 REFLECTANCE_SCALE = 0.0001
-PATCH_FIELDS = ("patch_id", "location_id", "scene_id", "time", "epsg", "x_ul", "y_ul")
 
 
 @dataclass(frozen=True, slots=True)
