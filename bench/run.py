@@ -201,7 +201,8 @@ def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "naive_extrapolated": naive["extrapolated"],
         "naive_over_build": _ratio(naive["estimated_total_s"], big["wall_s"]),
         "naive_over_write": _ratio(naive["estimated_total_s"], write_s),
-        "write_tasks": big["stages"]["write"]["counts"].get("tasks"),
+        "write_read_tasks": big["stages"]["write"]["counts"].get("read_tasks"),
+        "write_stitched_shards": big["stages"]["write"]["counts"].get("stitched_shards"),
         "write_shards": big["stages"]["write"]["counts"].get("shards"),
         "workers": workers,
         # what the naive way would take if every product were an unpacked folder (its per-patch time

@@ -51,7 +51,11 @@ def print_stage_summary(name: str, store: Any, result: Any) -> None:
     elif name == "write":
         print(f"  dataset            {store.uri_of('dataset.zarr')}")
         print(f"  patches x bands    {counts['patches']} x {counts['bands']}")
-        print(f"  shards             {counts['shards']} (written by {counts['tasks']} tasks)")
+        print(
+            f"  shards             {counts['shards']} ({counts['shards_written']} written by "
+            f"{counts.get('read_tasks', '?')} read tasks, "
+            f"{counts.get('stitched_shards', 0)} of them stitched)"
+        )
         print(f"  size on disk       {counts['dataset_bytes'] / 1e6:.1f} MB")
 
 

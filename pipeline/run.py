@@ -106,6 +106,12 @@ class Scheduler:
         )
 
     @property
+    def parallelism(self) -> int:
+        """How many tasks run at once: the workers asked for, else one per core of this machine (for a
+        remote cluster, a lower bound that planners use to keep every worker busy)."""
+        return self.workers or (os.cpu_count() or 1)
+
+    @property
     def distributed(self) -> bool:
         return self.name == DISTRIBUTED_LOCAL or self.name.startswith("tcp://")
 
@@ -245,6 +251,8 @@ def describe(item: Any) -> str:
             return str(getattr(item, attribute))
     if isinstance(item, tuple) and item:
         return describe(item[0])
-    if hasattr(item, "first_shard"):
-        return f"shards {item.first_shard}-{item.last_shard}"
+    if hasattr(item, "scenes"):
+        return f"write task {item.number} (scenes {', '.join(item.scenes)})"
+    if hasattr(item, "job"):
+        return f"shard {item.job.shard}"
     return type(item).__name__

@@ -1,8 +1,8 @@
 """Per-band normalisation statistics of the stored reflectance, in one streaming pass.
 
 Each shard's patches give exact per-band moments (count, mean, sum of squared deviations M2, min,
-max) over valid pixels (not -32768), computed in float64 with two passes over the block; moments are
-merged with Chan et al.'s pairwise update, which stays accurate where a running sum of squares
+max) over valid pixels (not -32768), from integer sums; shards' moments are merged with Chan et al.'s
+pairwise update, which stays accurate where a running sum of squares
 would cancel. Values are in the stored int16 units (reflectance x 10000), like the SpectralEarth
 training statistics.
 """
@@ -39,23 +39,45 @@ class BandMoments:
     @classmethod
     def of_patch(cls, cube: np.ndarray) -> BandMoments:
         """Moments of one (B, y, x) int16 patch."""
-        values = cube.reshape(cube.shape[0], -1).astype(np.float64)
-        valid = cube.reshape(cube.shape[0], -1) != NODATA_VALUE
-        count = valid.sum(axis=1).astype(np.int64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(count > 0, np.where(valid, values, 0.0).sum(axis=1) / np.maximum(count, 1), 0.0)
-        m2 = np.where(valid, (values - mean[:, None]) ** 2, 0.0).sum(axis=1)
-        minimum = np.where(valid, values, np.inf).min(axis=1)
-        maximum = np.where(valid, values, -np.inf).max(axis=1)
-        return cls(count, mean, m2, minimum, maximum)
+        return cls.of_block(cube[None])
 
     @classmethod
     def of_block(cls, cubes: np.ndarray) -> BandMoments:
-        """Moments of (n, B, y, x) patches, merged patch by patch (memory: one patch in float64)."""
-        total = cls.empty(cubes.shape[1])
+        """Moments of (n, B, y, x) int16 patches, exact: integer count, sum and sum of squares per band
+        (one patch at a time, so memory stays at one patch in float64), then M2 = (n*SS - S^2) / n
+        in Python integers, which neither overflow nor cancel."""
+        bands = cubes.shape[1]
+        count = np.zeros(bands, np.int64)
+        total = np.zeros(bands, np.int64)
+        squares = np.zeros(bands, np.int64)
+        minimum = np.full(bands, np.iinfo(np.int16).max, np.int64)
+        maximum = np.full(bands, np.iinfo(np.int16).min, np.int64)
         for cube in cubes:
-            total = total.merge(cls.of_patch(cube))
-        return total
+            values = cube.reshape(bands, -1)
+            valid = values != NODATA_VALUE
+            count += np.count_nonzero(valid, axis=1)
+            clean = np.where(valid, values, np.int16(0))
+            total += clean.sum(axis=1, dtype=np.int64)
+            # Squares of int16 summed over one patch stay below 2**53: exact in float64.
+            as_float = clean.astype(np.float64)
+            squares += np.einsum("bp,bp->b", as_float, as_float).astype(np.int64)
+            minimum = np.minimum(
+                minimum, np.where(valid, values, np.int16(np.iinfo(np.int16).max)).min(axis=1)
+            )
+            # Nodata is the smallest int16, so it never wins a max over a band with a valid pixel.
+            maximum = np.maximum(maximum, values.max(axis=1))
+        n = [int(c) for c in count]
+        s = [int(v) for v in total]
+        m2 = [(c * int(q) - v * v) / c if c else 0.0 for c, v, q in zip(n, s, squares, strict=True)]
+        mean = [v / c if c else 0.0 for c, v in zip(n, s, strict=True)]
+        empty = count == 0
+        return cls(
+            count,
+            np.asarray(mean, np.float64),
+            np.asarray(m2, np.float64),
+            np.where(empty, np.inf, minimum.astype(np.float64)),
+            np.where(empty, -np.inf, maximum.astype(np.float64)),
+        )
 
     def merge(self, other: BandMoments) -> BandMoments:
         count = self.count + other.count

@@ -5,16 +5,17 @@ shard (sharding codec, Blosc zstd + bitshuffle, fill -32768, CF scale/fill attri
 uint16 (patch, y, x), same chunking; 1-D arrays over patch and band. The driver preallocates the
 arrays (the template) and writes the small 1-D arrays; each task then fills whole shards by region.
 
-Tasks: shards are grouped so that no two tasks need the same read unit, a (scene, grid row) strip of
-the kept bands; each task opens each of its scenes once and reads each of its strips once, over just
-the columns its patches span. So every shard is written whole by exactly one task (concurrent partial
-writes to one shard lose data in zarr-python) and no row of a source scene is read by two tasks.
+Tasks (planned in `pipeline.write_plan`): every scene is read by exactly one read task, each of its
+(scene, grid row) units once, over just the columns its patches span; every shard is written whole
+by exactly one task (concurrent partial writes to one shard lose data in zarr-python). A shard whose
+patches come from the scenes of two read tasks is staged in parts and written by a stitch task.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,116 +32,23 @@ from pipeline.manifest import Manifest
 from pipeline.quality import NODATA_VALUE
 from pipeline.stats import BandMoments, npy_bytes
 from pipeline.storage import BuildStore, StageRecord, Stopwatch
+from pipeline.write_plan import (
+    STAGING,
+    ReadTask,
+    ShardJob,
+    StitchTask,
+    WritePlan,
+    plan_jobs,
+    plan_tasks,
+    staging_path,
+    unit_windows,
+)
 
 STAGE = "write"
 DATASET = "dataset.zarr"
 SHARDS_TABLE = "write/shards.parquet"
 SHARD_RECORDS = "write/shards"
 REFLECTANCE_SCALE = 0.0001
-
-
-@dataclass(frozen=True, slots=True)
-class PatchRef:
-    """What a write task needs of one index row."""
-
-    row: int
-    scene_id: str
-    row_off: int
-    col_off: int
-
-
-@dataclass(frozen=True, slots=True)
-class ShardJob:
-    """One shard to (re)write: which rows come from a source product and which are kept as stored."""
-
-    shard: int
-    start: int
-    stop: int
-    source: tuple[PatchRef, ...]  # rows whose pixels are read from their product
-    copy: tuple[int, ...]  # rows whose stored pixels are unchanged and copied from the existing shard
-    active: tuple[int, ...]  # rows listed in the index (statistics cover these)
-    row_keys: tuple[str, ...]  # content key of every row start..stop-1
-
-
-@dataclass(frozen=True, slots=True)
-class WriteTask:
-    jobs: tuple[ShardJob, ...]  # consecutive shards, in order
-
-    @property
-    def first_shard(self) -> int:
-        return self.jobs[0].shard
-
-    @property
-    def last_shard(self) -> int:
-        return self.jobs[-1].shard
-
-    @property
-    def patches(self) -> tuple[PatchRef, ...]:
-        return tuple(p for job in self.jobs for p in job.source)
-
-
-def read_units(patches: Sequence[PatchRef]) -> set[tuple[str, int]]:
-    return {(p.scene_id, p.row_off) for p in patches}
-
-
-MAX_SHARDS_PER_TASK = 8
-
-
-def group_jobs(jobs: Sequence[ShardJob], max_shards: int = MAX_SHARDS_PER_TASK) -> list[WriteTask]:
-    """Group shard jobs into tasks; pure.
-
-    Rows are ordered by scene and raster position (dedup), so a shard boundary may cut a grid row of a
-    scene (a read unit). Consecutive shards that share a unit join one task, which reads the unit
-    once, up to `max_shards` per task so a long chain cannot serialise the build. Where a chain is
-    cut, the two tasks read disjoint column ranges of the unit (its patches are in column order), so
-    no pixel is ever read twice; only a strip-organised source may then decode that grid row's strips
-    twice.
-    """
-    if max_shards < 1:
-        raise ValueError("max_shards must be >= 1")
-    tasks: list[WriteTask] = []
-    current: list[ShardJob] = []
-    for job in sorted(jobs, key=lambda j: j.shard):
-        joined = (
-            current
-            and current[-1].shard + 1 == job.shard
-            and read_units(current[-1].source) & read_units(job.source)
-        )
-        if current and (not joined or len(current) >= max_shards):
-            tasks.append(WriteTask(tuple(current)))
-            current = []
-        current.append(job)
-    if current:
-        tasks.append(WriteTask(tuple(current)))
-    return tasks
-
-
-def plan_tasks(
-    patches: Sequence[PatchRef], per_shard: int, max_shards: int = MAX_SHARDS_PER_TASK
-) -> list[WriteTask]:
-    """Tasks for a build written from scratch: every row read from its source."""
-    ordered = sorted(patches, key=lambda p: p.row)
-    if [p.row for p in ordered] != list(range(len(ordered))):
-        raise ValueError("index rows must be 0..N-1")
-    jobs = []
-    for shard, start in enumerate(range(0, len(ordered), per_shard)):
-        rows = ordered[start : start + per_shard]
-        jobs.append(
-            ShardJob(shard, start, start + len(rows), tuple(rows), (), tuple(p.row for p in rows), ())
-        )
-    return group_jobs(jobs, max_shards)
-
-
-def unit_windows(patches: Sequence[PatchRef], size: int) -> dict[tuple[str, int], Window]:
-    """The one window each read unit (scene, grid row) is read with: the columns its patches span."""
-    spans: dict[tuple[str, int], tuple[int, int]] = {}
-    for p in patches:
-        first, last = spans.get((p.scene_id, p.row_off), (p.col_off, p.col_off))
-        spans[(p.scene_id, p.row_off)] = (min(first, p.col_off), max(last, p.col_off))
-    return {
-        (scene, row): Window(first, row, last + size - first, size)
-        for (scene, row), (first, last) in spans.items()
-    }
 
 
 def dataset_attrs(manifest: Manifest, n_patches: int) -> dict[str, Any]:
@@ -319,34 +227,9 @@ def shard_key(array: str, shard: int, ndim: int) -> str:
     return f"{DATASET}/{array}/c/{shard}" + "/0" * (ndim - 1)
 
 
-def write_task(
-    task: WriteTask,
-    records: dict[str, SceneRecord],
-    manifest: Manifest,
-    build_uri: str,
-    layout_key: str,
-    storage_options: dict | None = None,
-) -> list[dict[str, Any]]:
-    """The per-task work: fill the task's shards one after the other, each whole, and record each.
-
-    Each scene is opened once and each read unit read once, over the columns of all the task's source
-    patches in it; a unit is dropped from memory after the last shard that needs it. Rows whose
-    stored pixels are unchanged are copied from the existing shard (read before it is replaced).
-    After a shard is written, its record (`write/shards/<shard>.json`: content keys, checksums,
-    statistics) is written atomically: a shard without a valid record is rewritten on resume.
-    """
+def _open_arrays(store: BuildStore) -> tuple[Any, Any]:
     import zarr
 
-    from pipeline.tile import read_mask
-
-    store = BuildStore(build_uri, storage_options or {})
-    size = manifest.grid.patch_size
-    scene_ids = sorted({p.scene_id for p in task.patches})
-    kept_sets = {manifest.bands.kept_bands(records[s].wavelengths_nm) for s in scene_ids}
-    if len(kept_sets) > 1:
-        raise ValueError("scenes of one build must share the band axis")
-    windows = unit_windows(task.patches, size)
-    last_use = {(p.scene_id, p.row_off): job.shard for job in task.jobs for p in job.source}
     # Write empty chunks too: a clean patch's quality is all 0 (the fill value), and every shard must
     # exist on disk to be checksummed and found on resume. Not the consolidated metadata: it is
     # rewritten only at the end of the stage and may still give an older shape.
@@ -354,44 +237,136 @@ def write_task(
         group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3, use_consolidated=False)
         reflectance, quality = group["reflectance"], group["quality"]
     assert isinstance(reflectance, zarr.Array) and isinstance(quality, zarr.Array)
-    bands = reflectance.shape[1]
-    written = []
-    masks = {scene_id: read_mask(store, scene_id) for scene_id in scene_ids}
+    return reflectance, quality
+
+
+def _write_shard(
+    store: BuildStore,
+    arrays: tuple[Any, Any],
+    job: ShardJob,
+    filled: tuple[np.ndarray, np.ndarray],
+    layout_key: str,
+) -> dict[str, Any]:
+    """Write one whole shard, then its record (`write/shards/<shard>.json`: content keys, checksums,
+    statistics), atomically: a shard without a valid record is rewritten on resume."""
+    reflectance, quality = arrays
+    cube, bits = filled
+    reflectance[job.start : job.stop] = cube
+    quality[job.start : job.stop] = bits
+    active = [row - job.start for row in job.active]
+    moments = BandMoments.of_block(cube[active]) if active else BandMoments.empty(cube.shape[1])
+    record = shard_record(store, job, layout_key, moments)
+    store.write_json(shard_record_path(job.shard), record)
+    return record
+
+
+def _shard_buffers(arrays: tuple[Any, Any], job: ShardJob) -> tuple[np.ndarray, np.ndarray]:
+    """Buffers for one shard: the stored shard when it keeps rows (read before it is replaced), else
+    empty; the rows read from source are filled in afterwards."""
+    reflectance, quality = arrays
+    if job.copy:
+        return np.asarray(reflectance[job.start : job.stop]), np.asarray(quality[job.start : job.stop])
+    count = job.stop - job.start
+    _, bands, size, _ = reflectance.shape
+    return (
+        np.empty((count, bands, size, size), dtype=np.int16),
+        np.empty((count, size, size), dtype=np.uint16),
+    )
+
+
+def read_task(
+    task: ReadTask,
+    records: dict[str, SceneRecord],
+    manifest: Manifest,
+    build_uri: str,
+    layout_key: str,
+    storage_options: dict | None = None,
+) -> list[dict[str, Any]]:
+    """The per-run work: read the run's scenes (each opened once, each unit read once), go through
+    the shards it touches in order, write the ones it owns and stage its patches of the others.
+
+    A unit is dropped from memory after the last shard that needs it, so a task holds about one
+    shard of patches at a time.
+    """
+    from pipeline.tile import read_mask
+
+    store = BuildStore(build_uri, storage_options or {})
+    size = manifest.grid.patch_size
+    kept_sets = {manifest.bands.kept_bands(records[s].wavelengths_nm) for s in task.scenes}
+    if len(kept_sets) > 1:
+        raise ValueError("scenes of one build must share the band axis")
     kept = list(kept_sets.pop()) if kept_sets else []
+    mine = set(task.scenes)
+    patches = task.patches
+    windows = unit_windows(patches, size)
+    last_use = {
+        (p.scene_id, p.row_off): job.shard for job in task.jobs for p in job.source if p.scene_id in mine
+    }
+    owned = set(task.owned)
+    arrays = _open_arrays(store)
+    masks = {scene_id: read_mask(store, scene_id) for scene_id in task.scenes}
+    written = []
     units: dict[tuple[str, int], np.ndarray] = {}
     with _OneSceneAtATime(records, storage_options, kept, windows) as reader:
         for job in task.jobs:
-            count = job.stop - job.start
-            if job.copy:
-                cube = np.asarray(reflectance[job.start : job.stop])
-                bits = np.asarray(quality[job.start : job.stop])
+            source = [p for p in job.source if p.scene_id in mine]
+            if job.shard in owned:
+                cube, bits = _shard_buffers(arrays, job)
+                slots = [p.row - job.start for p in source]
             else:
-                cube = np.empty((count, bands, size, size), dtype=np.int16)
-                bits = np.empty((count, size, size), dtype=np.uint16)
-            for p in job.source:
+                _, bands, _, _ = arrays[0].shape
+                cube = np.empty((len(source), bands, size, size), dtype=np.int16)
+                bits = np.empty((len(source), size, size), dtype=np.uint16)
+                slots = list(range(len(source)))
+            for slot, p in zip(slots, source, strict=True):
                 key = (p.scene_id, p.row_off)
                 if key not in units:
-                    units.update(
-                        reader.read(
-                            key, [k for k, last in last_use.items() if last >= job.shard and k not in units]
-                        )
-                    )
-                window = windows[key]
-                c = p.col_off - window.col_off
-                cube[p.row - job.start] = units[key][:, :, c : c + size]
-                bits[p.row - job.start] = masks[p.scene_id][
-                    p.row_off : p.row_off + size, p.col_off : p.col_off + size
-                ]
-            reflectance[job.start : job.stop] = cube
-            quality[job.start : job.stop] = bits
+                    needed = [k for k, last in last_use.items() if last >= job.shard and k not in units]
+                    units.update(reader.read(key, needed))
+                c = p.col_off - windows[key].col_off
+                cube[slot] = units[key][:, :, c : c + size]
+                bits[slot] = masks[p.scene_id][p.row_off : p.row_off + size, p.col_off : p.col_off + size]
+            if job.shard in owned:
+                written.append(_write_shard(store, arrays, job, (cube, bits), layout_key))
+            else:
+                store.write_bytes(
+                    staging_path(job.shard, task.number),
+                    _npz(rows=np.array([p.row for p in source], dtype=np.int64), cube=cube, bits=bits),
+                )
             for key in [k for k in units if last_use[k] <= job.shard]:
                 del units[key]
-            active = [row - job.start for row in job.active]
-            moments = BandMoments.of_block(cube[active]) if active else BandMoments.empty(bands)
-            record = shard_record(store, job, layout_key, moments)
-            store.write_json(shard_record_path(job.shard), record)
-            written.append(record)
     return written
+
+
+def stitch_task(
+    task: StitchTask, build_uri: str, layout_key: str, storage_options: dict | None = None
+) -> list[dict[str, Any]]:
+    """Assemble one shard from the parts its read tasks staged (and its kept stored rows), write it,
+    then drop the staged parts."""
+    store = BuildStore(build_uri, storage_options or {})
+    job = task.job
+    arrays = _open_arrays(store)
+    cube, bits = _shard_buffers(arrays, job)
+    expected = {p.row for p in job.source}
+    filled: set[int] = set()
+    for part in task.parts:
+        with np.load(io.BytesIO(store.read_bytes(staging_path(job.shard, part)))) as staged:
+            rows = staged["rows"]
+            cube[rows - job.start] = staged["cube"]
+            bits[rows - job.start] = staged["bits"]
+            filled.update(int(r) for r in rows)
+    if filled != expected:
+        raise RuntimeError(f"shard {job.shard}: staged rows do not match the plan")
+    record = _write_shard(store, arrays, job, (cube, bits), layout_key)
+    for part in task.parts:
+        store.fs.rm(store.path(staging_path(job.shard, part)))
+    return [record]
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
 
 
 class _OneSceneAtATime:
@@ -488,68 +463,6 @@ def kept_band_axis(manifest: Manifest, records: Sequence[SceneRecord]) -> list[t
     first = records[0]
     kept = manifest.bands.kept_bands(first.wavelengths_nm)
     return [(b, first.wavelengths_nm[b - 1], first.fwhm_nm[b - 1]) for b in kept]
-
-
-def row_key(patch_id: str, scene_id: str, fingerprint: str) -> str:
-    """Content key of one row: the same key means the same stored pixels."""
-    return hashlib.sha256(f"{patch_id}|{scene_id}|{fingerprint}".encode()).hexdigest()[:16]
-
-
-def plan_jobs(
-    rows: Any,
-    per_shard: int,
-    fingerprints: dict[str, str],
-    records_by_shard: dict[int, dict[str, Any]],
-    layout: str,
-    arrays_kept: bool,
-    valid_shards: set[int],
-) -> tuple[list[ShardJob], dict[int, dict[str, Any]]]:
-    """Which shards to write, and how (pure over the tables): (jobs, reusable records by shard).
-
-    A shard is kept as stored when its record has this layout, the same content key for every row,
-    the same active rows, and the stored object passed the check (`valid_shards`). Otherwise it is
-    rewritten whole by one task: active rows whose key changed are read from their product, all other
-    rows are copied from the existing shard.
-    """
-    jobs, reusable = [], {}
-    n = len(rows)
-    for shard, start in enumerate(range(0, n, per_shard)):
-        stop = min(start + per_shard, n)
-        part = rows.iloc[start:stop]
-        keys, sources, copies, active = [], [], [], []
-        old = records_by_shard.get(shard) if arrays_kept else None
-        old_keys = (
-            dict(zip(range(old["first_row"], old["stop_row"]), old["row_keys"], strict=True)) if old else {}
-        )
-        for r in part.itertuples(index=False):
-            row = int(r.row)
-            if r.active:
-                key = row_key(r.patch_id, r.scene_id, fingerprints.get(r.scene_id, ""))
-                active.append(row)
-                if old_keys.get(row) == key and shard in valid_shards:
-                    copies.append(row)
-                else:
-                    sources.append(PatchRef(row, r.scene_id, int(r.row_off), int(r.col_off)))
-            else:
-                # A retired row keeps what it holds; its key carries over from the shard's record.
-                key = old_keys.get(row, f"retired:{r.patch_id}|{r.scene_id}")
-                copies.append(row)
-            keys.append(key)
-        unchanged = (
-            old is not None
-            and shard in valid_shards
-            and old["layout_key"] == layout
-            and (old["first_row"], old["stop_row"]) == (start, stop)
-            and old["row_keys"] == keys
-            and old["active_rows"] == active
-        )
-        if unchanged and old is not None:
-            reusable[shard] = old
-        else:
-            jobs.append(
-                ShardJob(shard, start, stop, tuple(sources), tuple(copies), tuple(active), tuple(keys))
-            )
-    return jobs, reusable
 
 
 def read_shard_records(store: BuildStore) -> dict[int, dict[str, Any]]:
@@ -653,10 +566,13 @@ def run_write(
     fingerprints = {sid: r.fingerprint for sid, r in records.items()}
     per_shard = manifest.write.patches_per_shard
     jobs, reusable = plan_jobs(rows, per_shard, fingerprints, shard_records, layout, arrays_kept, valid)
-    tasks = group_jobs(jobs, manifest.write.max_shards_per_task)
-    # Each task carries only the scene records it reads.
-    pairs = [(task, {p.scene_id: records[p.scene_id] for p in task.patches}) for task in tasks]
-    results = scheduler.map(_run_task, pairs, manifest, store.uri, layout, storage_options, label="write")
+    plan = plan_tasks(
+        jobs,
+        {sid: r.packaging != "folder" for sid, r in records.items()},
+        per_shard * manifest.write.max_shards_per_task,
+        scheduler.parallelism,
+    )
+    results = run_plan(plan, records, manifest, store, layout, scheduler, storage_options)
     watch.lap("write")
     shard_count = (len(rows) + per_shard - 1) // per_shard
     for stale in [s for s in shard_records if s >= shard_count]:
@@ -673,7 +589,8 @@ def run_write(
         "shards": shard_count,
         "shards_written": len(jobs),
         "rows_read_from_source": sum(len(j.source) for j in jobs),
-        "tasks": len(tasks),
+        "read_tasks": len(plan.reads),
+        "stitched_shards": len(plan.stitches),
         "dataset_bytes": _dataset_bytes(store),
     }
     watch.lap("finish")
@@ -697,15 +614,44 @@ def shards_table(records: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SHARDS_SCHEMA)
 
 
-def _run_task(
-    pair: tuple[WriteTask, dict[str, SceneRecord]],
+def run_plan(
+    plan: WritePlan,
+    records: dict[str, SceneRecord],
+    manifest: Manifest,
+    store: BuildStore,
+    layout: str,
+    scheduler: Any,
+    storage_options: dict | None,
+) -> list[list[dict[str, Any]]]:
+    """Read tasks in parallel, then the stitch tasks over what they staged; staging is removed after
+    (and before: parts left by an interrupted run belong to an older plan)."""
+    _remove_staging(store)
+    # Each read task carries only the scene records it reads.
+    pairs = [(task, {s: records[s] for s in task.scenes}) for task in plan.reads]
+    results = scheduler.map(
+        _run_read_task, pairs, manifest, store.uri, layout, storage_options, label="write"
+    )
+    results += scheduler.map(
+        stitch_task, list(plan.stitches), store.uri, layout, storage_options, label="write: stitch shards"
+    )
+    _remove_staging(store)
+    return results
+
+
+def _remove_staging(store: BuildStore) -> None:
+    if store.fs.exists(store.path(STAGING)):
+        store.fs.rm(store.path(STAGING), recursive=True)
+
+
+def _run_read_task(
+    pair: tuple[ReadTask, dict[str, SceneRecord]],
     manifest: Manifest,
     build_uri: str,
     layout: str,
     storage_options: dict | None,
 ) -> list[dict[str, Any]]:
     task, records = pair
-    return write_task(task, records, manifest, build_uri, layout, storage_options)
+    return read_task(task, records, manifest, build_uri, layout, storage_options)
 
 
 def write_statistics(

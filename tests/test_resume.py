@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 
 
 def small_shards_manifest(tmp_path: Path) -> Path:
-    """The demo manifest with two patches per shard and one shard per task (several write tasks)."""
+    """The demo manifest with two patches per shard and one shard's worth of work per task (several
+    write tasks, stitched shards)."""
     raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
     raw["write"] = {"patches_per_shard": 2, "compression_level": 5, "max_shards_per_task": 1}
     path = tmp_path / "manifest.yaml"
@@ -87,7 +88,8 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
     run_all(manifest, build, products, names=("inventory", "mask", "tile", "dedup"))
     shards = dataset(reference_build)["reflectance"].shape[0] // 2
     assert shards >= 3
-    env = {**os.environ, FAULT_ENV: f"kill-once:ShardJob(shard=1,:{tmp_path / 'marker'}"}
+    # Killed in the second read task: the first has written its shards (and staged parts of others).
+    env = {**os.environ, FAULT_ENV: f"kill-once:ReadTask(number=1,:{tmp_path / 'marker'}"}
     command = [
         sys.executable,
         "-m",
@@ -104,7 +106,7 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     done = sorted(int(p.stem) for p in (build / "write" / "shards").iterdir())
-    assert done and 1 not in done, "some shards were written before the kill, shard 1 was not"
+    assert 0 < len(done) < shards, "some shards were written before the kill, not all"
     assert not (build / "_stages" / "write.json").exists()
     # No partial shard: every stored shard object is complete and matches its record, or absent.
     assert verify_build(BuildStore(str(build))).bad == ()
