@@ -3,8 +3,10 @@
 The pure core is `check_product` (metadata + raster facts in, a `SceneRecord` or a one-line reason
 out); `inspect_source` is the per-source Dask task (I/O); `run_inventory` writes
 `inventory/scenes.parquet` (GeoParquet), `inventory/rejected.parquet` and `_stages/inventory.json`.
-Reading is cheap by design: metadata, raster headers and one pixel per layer (the last one, which
-a truncated file no longer has), never the whole cube.
+Reading is cheap by design: metadata and raster headers, never the whole cube. A truncated raster is
+caught by reading its last pixel where that costs one seek (a folder, S3), and, inside a ZIP (where
+reaching the last pixel would inflate the whole member), by checking that the member holds every
+byte the raster's own header says its data occupies.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import rasterio
+from rasterio.enums import Interleaving
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
@@ -225,11 +229,21 @@ def check_product(
     )
 
 
-def read_raster_facts(path: str) -> RasterFacts:
-    """Header facts of one raster, after reading its last pixel (a truncated file fails here)."""
+def read_raster_facts(path: str, stored_bytes: int | None = None) -> RasterFacts:
+    """Header facts of one raster, after checking it is whole: its last pixel is read, or, when the
+    raster is a ZIP member of `stored_bytes` (uncompressed) bytes, its data extent is checked against
+    that size."""
+    layer = path.rsplit("-", 1)[-1]
     try:
         with rasterio.open(path) as src:
-            src.read(src.count, window=Window(src.width - 1, src.height - 1, 1, 1))
+            extent = data_extent(src) if stored_bytes is not None else None
+            if extent is None:
+                src.read(src.count, window=Window(src.width - 1, src.height - 1, 1, 1))
+            elif extent > stored_bytes:  # type: ignore[operator]
+                raise ProductError(
+                    f"unreadable raster {layer}: truncated, its data ends at byte {extent} "
+                    f"but the file holds {stored_bytes}"
+                )
             epsg = src.crs.to_epsg() if src.crs else None
             t = src.transform
             return RasterFacts(
@@ -241,9 +255,31 @@ def read_raster_facts(path: str) -> RasterFacts:
                 transform=(t.a, t.b, t.c, t.d, t.e, t.f),
             )
     except RasterioError as exc:
-        layer = path.rsplit("-", 1)[-1]
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ProductError(f"unreadable raster {layer}: {message}") from None
+
+
+def data_extent(src: Any) -> int | None:
+    """Where the raster's data ends in its file, from its header alone (None when unknown): for a
+    GeoTIFF the end of the furthest last block of any band, for ENVI the header offset plus the cube."""
+    if src.driver == "GTiff":
+        block_rows, block_cols = src.block_shapes[0]
+        last = f"{(src.width - 1) // block_cols}_{(src.height - 1) // block_rows}"
+        bands = range(1, src.count + 1) if src.interleaving == Interleaving.band else [1]
+        ends = []
+        for band in bands:
+            offset = src.get_tag_item(f"BLOCK_OFFSET_{last}", "TIFF", bidx=band)
+            size = src.get_tag_item(f"BLOCK_SIZE_{last}", "TIFF", bidx=band)
+            if offset is None or size is None:
+                return None
+            ends.append(int(offset) + int(size))
+        return max(ends)
+    if src.driver == "ENVI":
+        envi = src.tags(ns="ENVI")
+        header = int(envi.get("header_offset", 0))
+        itemsize = np.dtype(src.dtypes[0]).itemsize
+        return header + src.width * src.height * src.count * itemsize
+    return None
 
 
 def inspect_product(opened: OpenedProduct, manifest: Manifest) -> SceneRecord | Rejection:
@@ -252,8 +288,9 @@ def inspect_product(opened: OpenedProduct, manifest: Manifest) -> SceneRecord | 
         metadata_bytes = opened.metadata_bytes()
         metadata = SceneMetadata.from_xml(metadata_bytes)
         layers = location.layers()
+        sizes = dict(location.members) if location.packaging != "folder" else {}
         rasters = {
-            layer: read_raster_facts(opened.gdal_path(layer))
+            layer: read_raster_facts(opened.gdal_path(layer), sizes.get(layers[layer]))
             for layer in (SPECTRAL_IMAGE, *QUALITY_LAYERS)
             if layer in layers
         }

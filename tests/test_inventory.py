@@ -164,6 +164,29 @@ def test_truncated_tiff(small_products, tmp_path, manifest):
     assert_only_victim_rejected(scenes, rejected, good, "unreadable raster SPECTRAL_IMAGE", victim.name)
 
 
+@pytest.mark.parametrize("fmt", ["GTiff", "ENVI"])
+def test_truncated_cube_inside_a_deflated_zip(small_products, mixed_products, tmp_path, manifest, fmt):
+    """Inside a ZIP the last pixel is not read (that would inflate the whole member): the member must
+    still hold every byte the raster's header places its data in."""
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    if fmt == "ENVI":
+        out, truth = mixed_products
+        source = next(p for p in truth.products if p.packaging == "folder" and p.format == "BIP")
+        shutil.rmtree(victim)
+        victim = inputs / source.path
+        shutil.copytree(out / source.path, victim)
+    (cube,) = [p for p in victim.glob("*-SPECTRAL_IMAGE.*") if p.suffix.upper() != ".HDR"]
+    data = cube.read_bytes()
+    cube.write_bytes(data[: len(data) - 5000])
+    with zipfile.ZipFile(inputs / f"{victim.name}.ZIP", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(victim.iterdir()):
+            archive.write(path, f"{victim.name}/{path.name}")
+    shutil.rmtree(victim)
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(scenes, rejected, good, "truncated, its data ends at byte", victim.name)
+    assert rejected[0]["reason"].startswith("unreadable raster SPECTRAL_IMAGE")
+
+
 def test_malformed_xml(small_products, tmp_path, manifest):
     inputs, good, victim = with_victim(small_products, tmp_path)
     (xml,) = victim.glob("*-METADATA.XML")
