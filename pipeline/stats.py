@@ -44,8 +44,8 @@ class BandMoments:
     @classmethod
     def of_block(cls, cubes: np.ndarray) -> BandMoments:
         """Moments of (n, B, y, x) int16 patches, exact: integer count, sum and sum of squares per band
-        (one patch at a time, so memory stays at one patch in float64), then M2 = (n*SS - S^2) / n
-        in Python integers, which neither overflow nor cancel."""
+        (one patch at a time, in int64: a patch's sum of squares stays below 2**44), then
+        M2 = (n*SS - S^2) / n in Python integers, which neither overflow nor cancel."""
         bands = cubes.shape[1]
         count = np.zeros(bands, np.int64)
         total = np.zeros(bands, np.int64)
@@ -54,16 +54,19 @@ class BandMoments:
         maximum = np.full(bands, np.iinfo(np.int16).min, np.int64)
         for cube in cubes:
             values = cube.reshape(bands, -1)
-            valid = values != NODATA_VALUE
-            count += np.count_nonzero(valid, axis=1)
-            clean = np.where(valid, values, np.int16(0))
+            invalid = values == NODATA_VALUE
+            if invalid.any():
+                valid = ~invalid
+                count += np.count_nonzero(valid, axis=1)
+                clean = np.where(valid, values, np.int16(0))
+                lowest = np.where(valid, values, np.int16(np.iinfo(np.int16).max)).min(axis=1)
+            else:  # the usual case: a kept patch holds no nodata in a kept band
+                count += values.shape[1]
+                clean = values
+                lowest = values.min(axis=1)
             total += clean.sum(axis=1, dtype=np.int64)
-            # Squares of int16 summed over one patch stay below 2**53: exact in float64.
-            as_float = clean.astype(np.float64)
-            squares += np.einsum("bp,bp->b", as_float, as_float).astype(np.int64)
-            minimum = np.minimum(
-                minimum, np.where(valid, values, np.int16(np.iinfo(np.int16).max)).min(axis=1)
-            )
+            squares += np.einsum("bp,bp->b", clean, clean, dtype=np.int64, casting="unsafe")
+            minimum = np.minimum(minimum, lowest)
             # Nodata is the smallest int16, so it never wins a max over a band with a valid pixel.
             maximum = np.maximum(maximum, values.max(axis=1))
         n = [int(c) for c in count]
