@@ -266,7 +266,8 @@ class WriteSettings:
 
     patches_per_shard: int = 32
     compression_level: int = 5
-    # Shards that share a grid row of a scene join one task, up to this many (bounds task size).
+    # A write task reads about this many shards' worth of patches at most (bounds task size; small
+    # builds are cut finer, into at least two tasks per worker).
     max_shards_per_task: int = 8
 
     KEYS = {"patches_per_shard", "compression_level", "max_shards_per_task"}
