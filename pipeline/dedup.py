@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.grid import Cell, GridSpec, cell_bounds, cells_for_bounds
+from pipeline.grid import LOCATION_ID_MAX_INDEX, Cell, GridSpec
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -99,51 +99,133 @@ def neighbour_overlaps(
     location_ids: Iterable[str], spec: GridSpec, max_degrees_from_edge: float = 0.5
 ) -> dict[str, tuple[str, ...]]:
     """For each location, the locations of the build in a neighbouring UTM zone that cover more than
-    half of it (each scene uses the zone of its centre, so one ground area can appear in two zones)."""
-    from pyproj import Transformer
-    from shapely.geometry import Polygon
+    half of it (each scene uses the zone of its centre, so one ground area can appear in two zones).
 
-    cells = [Cell.parse(lid) for lid in location_ids]
-    by_zone: dict[int, set[Cell]] = defaultdict(set)
-    for cell in cells:
-        by_zone[cell.epsg].add(cell)
+    Array-wise per pair of zones (a zone holds tens of thousands of cells at archive scale): outlines of
+    the cells near the zone edge, 9 points per side, projected into the other zone; the other zone's
+    cells that their bounds reach are kept when the exact overlap exceeds half a cell."""
+    import shapely
+    from pyproj import Transformer
+
+    by_zone: dict[int, set[tuple[int, int]]] = defaultdict(set)
+    for location_id in set(location_ids):
+        cell = Cell.parse(location_id)
+        by_zone[cell.epsg].add((cell.i, cell.j))
+    keys = {epsg: np.fromiter((i * _KEY + j for i, j in cells), np.int64) for epsg, cells in by_zone.items()}
     found: dict[str, set[str]] = defaultdict(set)
     half = 0.5 * spec.cell_size**2
+    t = np.linspace(0.0, 1.0, 9)
     for epsg, zone_cells in by_zone.items():
         zone = epsg % 100
         edges = (-180.0 + 6 * (zone - 1), -180.0 + 6 * zone)
         to_lonlat = Transformer.from_crs(f"EPSG:{epsg}", "EPSG:4326", always_xy=True)
-        ordered = sorted(zone_cells)
-        centres = np.array(
-            [[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in (cell_bounds(c, spec) for c in ordered)]
+        ij = np.array(sorted(zone_cells), dtype=np.int64).reshape(-1, 2)
+        xmin, ymin, xmax, ymax = _cell_bounds(ij[:, 0], ij[:, 1], spec)
+        lon, _ = to_lonlat.transform((xmin + xmax) / 2, (ymin + ymax) / 2)
+        near = np.minimum(np.abs(lon - edges[0]), np.abs(lon - edges[1])) <= max_degrees_from_edge
+        if not near.any():
+            continue
+        ij, xmin, ymin, xmax, ymax = ij[near], xmin[near], ymin[near], xmax[near], ymax[near]
+        ones = np.ones_like(t)
+        xs = np.concatenate(
+            [
+                xmin[:, None] + (xmax - xmin)[:, None] * t,
+                xmax[:, None] * ones,
+                xmax[:, None] - (xmax - xmin)[:, None] * t,
+                xmin[:, None] * ones,
+            ],
+            axis=1,
         )
-        lon, _ = to_lonlat.transform(centres[:, 0], centres[:, 1])
-        near_edge = np.minimum(np.abs(lon - edges[0]), np.abs(lon - edges[1])) <= max_degrees_from_edge
+        ys = np.concatenate(
+            [
+                ymax[:, None] * ones,
+                ymax[:, None] - (ymax - ymin)[:, None] * t,
+                ymin[:, None] * ones,
+                ymin[:, None] + (ymax - ymin)[:, None] * t,
+            ],
+            axis=1,
+        )
         for other in neighbour_zones(epsg):
             if other not in by_zone:
                 continue
             to_other = Transformer.from_crs(f"EPSG:{epsg}", f"EPSG:{other}", always_xy=True)
-            for cell, near in zip(ordered, near_edge.tolist(), strict=True):
-                if not near:
-                    continue
-                xmin, ymin, xmax, ymax = cell_bounds(cell, spec)
-                t = np.linspace(0.0, 1.0, 9)
-                xs = np.concatenate(
-                    [xmin + (xmax - xmin) * t, np.full(9, xmax), xmax - (xmax - xmin) * t, np.full(9, xmin)]
+            ox, oy = to_other.transform(xs.ravel(), ys.ravel())
+            outlines = shapely.polygons(np.stack([ox, oy], axis=-1).reshape(len(ij), xs.shape[1], 2))
+            which, ci, cj = _cells_reached(shapely.bounds(outlines), spec)
+            member = (ci >= 0) & (ci <= LOCATION_ID_MAX_INDEX) & (cj >= 0) & (cj <= LOCATION_ID_MAX_INDEX)
+            member[member] = np.isin(ci[member] * _KEY + cj[member], keys[other])
+            which, ci, cj = which[member], ci[member], cj[member]
+            if not len(which):
+                continue
+            bxmin, bymin, bxmax, bymax = _cell_bounds(ci, cj, spec)
+            # the ring of Polygon.from_bounds, so that the overlap is computed on the same vertices
+            boxes = shapely.polygons(
+                np.stack(
+                    [np.stack([bxmin, bxmin, bxmax, bxmax], 1), np.stack([bymin, bymax, bymax, bymin], 1)],
+                    axis=-1,
                 )
-                ys = np.concatenate(
-                    [np.full(9, ymax), ymax - (ymax - ymin) * t, np.full(9, ymin), ymin + (ymax - ymin) * t]
-                )
-                ox, oy = to_other.transform(xs, ys)
-                outline = Polygon(zip(ox, oy, strict=True))
-                for candidate in cells_for_bounds(other, outline.bounds, spec):
-                    if candidate not in by_zone[other]:
-                        continue
-                    box = Polygon.from_bounds(*cell_bounds(candidate, spec))
-                    if outline.intersection(box).area > half:
-                        found[cell.location_id].add(candidate.location_id)
-                        found[candidate.location_id].add(cell.location_id)
-    return {lid: tuple(sorted(ids)) for lid, ids in found.items()}
+            )
+            overlap = shapely.area(shapely.intersection(outlines[which], boxes)) > half
+            for k, i, j in zip(
+                which[overlap].tolist(), ci[overlap].tolist(), cj[overlap].tolist(), strict=True
+            ):
+                mine = Cell(epsg, *ij[k].tolist()).location_id
+                theirs = Cell(other, i, j).location_id
+                found[mine].add(theirs)
+                found[theirs].add(mine)
+    return {lid: tuple(sorted(ids)) for lid, ids in sorted(found.items())}
+
+
+_KEY = LOCATION_ID_MAX_INDEX + 1  # i * _KEY + j: one integer per cell of a zone
+_MAX_COORDINATE = 1e12  # as in pipeline.grid: larger values are not projected coordinates
+
+
+def _cell_bounds(i: np.ndarray, j: np.ndarray, spec: GridSpec) -> tuple[np.ndarray, ...]:
+    """`grid.cell_bounds` for arrays of cells, with the same floating-point operations."""
+    p = spec.patch_size
+    return (
+        spec.offset + (i * p) * spec.pixel_size,
+        spec.offset + (j * p) * spec.pixel_size,
+        spec.offset + ((i + 1) * p) * spec.pixel_size,
+        spec.offset + ((j + 1) * p) * spec.pixel_size,
+    )
+
+
+def _axis_cells(values: np.ndarray, spec: GridSpec) -> np.ndarray:
+    """`grid._axis_cell` for an array: the cell interval holding each value, exact at cell edges."""
+    if not np.isfinite(values).all() or (np.abs(values) > _MAX_COORDINATE).any():
+        raise ValueError("bounds must be finite projected coordinates")
+    p = spec.patch_size
+    index = np.floor((values - spec.offset) / spec.cell_size).astype(np.int64)
+    while (low := spec.offset + (index * p) * spec.pixel_size > values).any():
+        index -= low
+    while (high := spec.offset + ((index + 1) * p) * spec.pixel_size <= values).any():
+        index += high
+    return index
+
+
+def _cells_reached(bounds: np.ndarray, spec: GridSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For boxes (xmin, ymin, xmax, ymax) of positive size, every (box index, i, j) of a cell whose
+    interior meets the box's interior, as `grid.cells_for_bounds` finds them."""
+    p = spec.patch_size
+
+    def last_before(values: np.ndarray) -> np.ndarray:
+        index = _axis_cells(values, spec)
+        return index - (spec.offset + (index * p) * spec.pixel_size == values)
+
+    i_first, i_last = _axis_cells(bounds[:, 0], spec), last_before(bounds[:, 2])
+    j_first, j_last = _axis_cells(bounds[:, 1], spec), last_before(bounds[:, 3])
+    parts = []
+    span_i = int((i_last - i_first).max(initial=-1)) + 1
+    span_j = int((j_last - j_first).max(initial=-1)) + 1
+    for di in range(span_i):
+        for dj in range(span_j):
+            inside = np.nonzero((i_first + di <= i_last) & (j_first + dj <= j_last))[0]
+            parts.append((inside, i_first[inside] + di, j_first[inside] + dj))
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
 # Stage I/O ---------------------------------------------------------------------------------------
@@ -223,9 +305,6 @@ def build_index(
     patches keep theirs and new ones are appended; rows that no longer hold an index patch are
     listed as retired (their pixels stay in the Zarr arrays, hidden from index, catalog and queries).
     """
-    import geopandas
-    import pandas as pd
-
     chosen = choose_patches(candidates_from_plan(plan))
     old_rows: dict[str, tuple[int, str]] = {}
     if previous is not None:
@@ -237,38 +316,7 @@ def build_index(
     retired_set = set(already_retired["row"].astype(int)) if already_retired is not None else set()
     row_of, newly_retired = assign_rows(chosen, old_rows, retired_set)
     chosen = sorted(chosen, key=lambda p: row_of[p.patch_id])
-    by_key = plan.set_index(["scene_id", "location_id"])
-    rows = []
-    for patch in chosen:
-        source = by_key.loc[(patch.candidate.scene_id, patch.candidate.location_id)]
-        record = {
-            "row": row_of[patch.patch_id],
-            "patch_id": patch.patch_id,
-            "location_id": patch.candidate.location_id,
-            "scene_id": patch.candidate.scene_id,
-            "duplicates": list(patch.duplicates),
-            "acquisition_date": patch.patch_id.split("_")[1],
-        }
-        for column in (
-            "epsg",
-            "i",
-            "j",
-            "col_off",
-            "row_off",
-            "size",
-            "start_time",
-            "datatake_id",
-            "tile_id",
-            "processor_version",
-            "disqualifying_pixels",
-            "scene_transform",
-            "geometry",
-            *[c for c in plan.columns if c.endswith("_fraction")],
-        ):
-            record[column] = source[column]
-        record["x_ul"] = float(source["x_min"])
-        record["y_ul"] = float(source["y_max"])
-        rows.append(record)
+    fractions = [c for c in plan.columns if c.endswith("_fraction")]
     columns = [
         "row",
         "patch_id",
@@ -290,47 +338,14 @@ def build_index(
         "processor_version",
         "disqualifying_pixels",
         "scene_transform",
-        *[c for c in plan.columns if c.endswith("_fraction")],
+        *fractions,
         "geometry",
     ]
-    patches = geopandas.GeoDataFrame(rows, columns=columns, geometry="geometry", crs="EPSG:4326")
+    patches = _patches_table(plan, chosen, row_of, columns)
     retired = _retired_table(previous, already_retired, newly_retired, columns)
 
     overlaps = neighbour_overlaps(sorted(set(patches["location_id"])), spec)
-    location_rows = []
-    for location_id, group in patches.groupby("location_id", sort=True):
-        dates = sorted(set(group["acquisition_date"]))
-        location_rows.append(
-            {
-                "location_id": location_id,
-                "epsg": int(group["epsg"].iloc[0]),
-                "i": int(group["i"].iloc[0]),
-                "j": int(group["j"].iloc[0]),
-                "n_dates": len(dates),
-                "first_date": pd.Timestamp(dates[0]).date(),
-                "last_date": pd.Timestamp(dates[-1]).date(),
-                "patch_ids": sorted(group["patch_id"]),
-                "neighbour_zone_overlaps": list(overlaps.get(location_id, ())),
-                "geometry": group.geometry.iloc[0],
-            }
-        )
-    locations = geopandas.GeoDataFrame(
-        location_rows,
-        columns=[
-            "location_id",
-            "epsg",
-            "i",
-            "j",
-            "n_dates",
-            "first_date",
-            "last_date",
-            "patch_ids",
-            "neighbour_zone_overlaps",
-            "geometry",
-        ],
-        geometry="geometry",
-        crs="EPSG:4326",
-    )
+    locations = _locations_table(patches, overlaps)
     n_dates = dict(zip(locations["location_id"], locations["n_dates"], strict=True))
     patches["n_dates"] = patches["location_id"].map(n_dates).astype("int64")
 
@@ -425,4 +440,128 @@ def _retired_table(
         geopandas.GeoDataFrame(table, geometry="geometry", crs="EPSG:4326")
         .sort_values("row")
         .reset_index(drop=True)
+    )
+
+
+# Table builders of build_index ---------------------------------------------------------------------
+# Whole columns are taken from the plan at once: looking up one plan row per patch (pandas `.loc`) and
+# grouping one location at a time took minutes at the scale of the full archive.
+
+_PLAN_COLUMNS = (
+    "epsg",
+    "i",
+    "j",
+    "col_off",
+    "row_off",
+    "size",
+    "start_time",
+    "datatake_id",
+    "tile_id",
+    "processor_version",
+    "disqualifying_pixels",
+    "scene_transform",
+)
+
+_LOCATION_COLUMNS = [
+    "location_id",
+    "epsg",
+    "i",
+    "j",
+    "n_dates",
+    "first_date",
+    "last_date",
+    "patch_ids",
+    "neighbour_zone_overlaps",
+    "geometry",
+]
+
+
+def _object_array(values: list[Any]) -> np.ndarray:
+    # Filled one by one: numpy would turn a list of equal-length lists into a 2-D array.
+    out = np.empty(len(values), dtype=object)
+    for k, value in enumerate(values):
+        out[k] = value
+    return out
+
+
+def _plan_positions(plan: Any, scene_ids: list[str], location_ids: list[str]) -> np.ndarray:
+    """Positions in `plan` of the (scene_id, location_id) pairs; each pair must occur exactly once."""
+    import pandas as pd
+
+    keys = pd.MultiIndex.from_arrays([plan["scene_id"], plan["location_id"]])
+    if not keys.is_unique:
+        raise ValueError("plan/patches.parquet holds a (scene_id, location_id) pair twice")
+    positions = keys.get_indexer(pd.MultiIndex.from_arrays([scene_ids, location_ids]))
+    if (positions < 0).any():
+        raise KeyError("a chosen patch is missing from plan/patches.parquet")
+    return np.asarray(positions, dtype=np.int64)
+
+
+def _patches_table(plan: Any, chosen: list[ChosenPatch], row_of: dict[str, int], columns: list[str]) -> Any:
+    """The index patches in row order; plan columns keep their dtypes (the plan is written by the
+    tile stage from Python rows, so they are the dtypes pandas infers for those rows)."""
+    import geopandas
+
+    if not chosen:
+        return geopandas.GeoDataFrame([], columns=columns, geometry="geometry", crs="EPSG:4326")
+    fractions = [c for c in columns if c.endswith("_fraction")]
+    positions = _plan_positions(
+        plan, [p.candidate.scene_id for p in chosen], [p.candidate.location_id for p in chosen]
+    )
+    source = plan[[*_PLAN_COLUMNS, *fractions, "x_min", "y_max"]].take(positions).reset_index(drop=True)
+    data: dict[str, Any] = {
+        "row": np.asarray([row_of[p.patch_id] for p in chosen], dtype=np.int64),
+        "patch_id": [p.patch_id for p in chosen],
+        "location_id": [p.candidate.location_id for p in chosen],
+        "scene_id": [p.candidate.scene_id for p in chosen],
+        "duplicates": _object_array([list(p.duplicates) for p in chosen]),
+        "acquisition_date": [p.patch_id.split("_")[1] for p in chosen],
+    }
+    for column in (*_PLAN_COLUMNS, *fractions):
+        data[column] = source[column]
+    data["x_ul"] = source["x_min"].to_numpy(dtype=np.float64)
+    data["y_ul"] = source["y_max"].to_numpy(dtype=np.float64)
+    data["geometry"] = plan.geometry.values.take(positions)
+    return geopandas.GeoDataFrame(
+        {column: data[column] for column in columns}, geometry="geometry", crs="EPSG:4326"
+    )
+
+
+def _locations_table(patches: Any, overlaps: dict[str, tuple[str, ...]]) -> Any:
+    """One row per location, sorted by location_id: the cell (from its first patch in row order),
+    its distinct acquisition dates and its patch ids (sorted)."""
+    import geopandas
+
+    if not len(patches):
+        return geopandas.GeoDataFrame([], columns=_LOCATION_COLUMNS, geometry="geometry", crs="EPSG:4326")
+    first = patches.drop_duplicates("location_id", keep="first").sort_values("location_id", kind="stable")
+    location_ids = first["location_id"].tolist()
+    dates = (
+        patches[["location_id", "acquisition_date"]]
+        .drop_duplicates()
+        .groupby("location_id", sort=True)["acquisition_date"]
+    )
+    ids = patches[["location_id", "patch_id"]].sort_values(["location_id", "patch_id"], kind="stable")
+    ends = np.cumsum(ids.groupby("location_id", sort=True).size().to_numpy())
+    patch_ids = ids["patch_id"].tolist()
+    starts = np.concatenate([[0], ends[:-1]])
+
+    def day(text: str) -> date:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+
+    return geopandas.GeoDataFrame(
+        {
+            "location_id": location_ids,
+            "epsg": first["epsg"].to_numpy(dtype=np.int64),
+            "i": first["i"].to_numpy(dtype=np.int64),
+            "j": first["j"].to_numpy(dtype=np.int64),
+            "n_dates": dates.size().to_numpy(dtype=np.int64),
+            "first_date": _object_array([day(d) for d in dates.min().tolist()]),
+            "last_date": _object_array([day(d) for d in dates.max().tolist()]),
+            "patch_ids": _object_array([patch_ids[a:b] for a, b in zip(starts, ends, strict=True)]),
+            "neighbour_zone_overlaps": _object_array([list(overlaps.get(lid, ())) for lid in location_ids]),
+            "geometry": first.geometry.values,
+        },
+        geometry="geometry",
+        crs="EPSG:4326",
     )

@@ -51,6 +51,25 @@ def fragment(name: str) -> Any:
 
 
 @cache
+def _parsed(name: str) -> Any:
+    """The parsed fragment, shared: never hand it out without `_copy` (item builders run once per patch,
+    and parsing the JSON for each of half a million items was a large share of the catalog's time)."""
+    return json.loads(_fragment_text(name))
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of a JSON value (much cheaper than `copy.deepcopy` or re-parsing, for small ones)."""
+    if isinstance(value, dict):
+        return {key: inner if isinstance(inner, _SCALARS) else _copy(inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [inner if isinstance(inner, _SCALARS) else _copy(inner) for inner in value]
+    return value
+
+
+@cache
 def _extensions() -> dict[str, dict[str, str]]:
     known: dict[str, dict[str, str]] = fragment("extensions")
     return known
@@ -72,17 +91,27 @@ def _keys(value: Any) -> Iterator[str]:
 def with_extensions(document: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
     """Set `stac_extensions` to the schema URIs of those of `names` whose fields the document uses
     (an extension listed without any of its fields fails its schema)."""
-    known = _extensions()
     if document.get("type") == "Feature":  # fields live in properties and assets only: a cheap scan
-        keys: Iterable[str] = [
+        keys = (
             *document["properties"],
             *(key for asset in document.get("assets", {}).values() for key in asset),
-        ]
+        )
+        # items of one collection share their field names: resolve each distinct set once
+        document["stac_extensions"] = list(_feature_extension_uris(keys, tuple(names)))
     else:
-        keys = _keys(document)
-    used = {key.split(":", 1)[0] + ":" for key in keys if ":" in key}
-    document["stac_extensions"] = [known[name]["uri"] for name in names if known[name]["prefix"] in used]
+        document["stac_extensions"] = _extension_uris(_keys(document), names)
     return document
+
+
+def _extension_uris(keys: Iterable[str], names: Iterable[str]) -> list[str]:
+    known = _extensions()
+    used = {key.split(":", 1)[0] + ":" for key in keys if ":" in key}
+    return [known[name]["uri"] for name in names if known[name]["prefix"] in used]
+
+
+@lru_cache(maxsize=1024)
+def _feature_extension_uris(keys: tuple[str, ...], names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_extension_uris(keys, names))
 
 
 # Hrefs --------------------------------------------------------------------------------------------
@@ -196,7 +225,7 @@ def band_objects(bands: Sequence[Band]) -> list[dict[str, Any]]:
 
 def dataset_asset(href: str, bands: Sequence[Band] | None = None) -> dict[str, Any]:
     asset: dict[str, Any] = {"href": href}
-    asset.update(fragment("dataset_asset"))
+    asset.update(_copy(_parsed("dataset_asset")))
     if bands is not None:
         asset["bands"] = band_objects(bands)
     return asset
@@ -217,11 +246,11 @@ class PatchPaths:
 
 def patch_item(patch: PatchRecord, scene: SceneRow, paths: PatchPaths, collection_id: str) -> dict[str, Any]:
     """The STAC item of one patch (id = patch_id, datetime = the scene's start time)."""
-    template = fragment("patch_item")
+    template = _parsed("patch_item")
     size = patch.size
     transform = patch_transform(patch)
     properties: dict[str, Any] = {"datetime": patch.datetime}
-    properties.update(template["properties"])
+    properties.update(_copy(template["properties"]))
     properties.update(
         {
             "proj:code": f"EPSG:{patch.epsg}",
@@ -553,15 +582,20 @@ def rebase_hrefs(item: dict[str, Any], source: str, target: str) -> dict[str, An
 
     Shallow: only `links` and `assets` are copied; the rest is shared with `item`."""
     source_dir = posixpath.dirname(source)
-
-    def rebase(href: str) -> str:
-        if "://" in href or href.startswith("/"):
-            return href
-        return relative_href(target, posixpath.normpath(posixpath.join(source_dir, href)))
-
     out = dict(item)
-    out["links"] = [{**entry, "href": rebase(entry["href"])} for entry in item.get("links", [])]
+    out["links"] = [
+        {**entry, "href": _rebase(source_dir, target, entry["href"])} for entry in item.get("links", [])
+    ]
     out["assets"] = {
-        key: {**asset, "href": rebase(asset["href"])} for key, asset in item.get("assets", {}).items()
+        key: {**asset, "href": _rebase(source_dir, target, asset["href"])}
+        for key, asset in item.get("assets", {}).items()
     }
     return out
+
+
+@lru_cache(maxsize=1 << 16)
+def _rebase(source_dir: str, target: str, href: str) -> str:
+    # cached: the items of one folder share most of their hrefs (root, parent, collection, dataset)
+    if "://" in href or href.startswith("/"):
+        return href
+    return relative_href(target, posixpath.normpath(posixpath.join(source_dir, href)))

@@ -115,14 +115,42 @@ def _to_arrow(items: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
     every item first, which dominated the run time); the flattening of properties, the timestamp and
     bbox-struct conversion and the geoarrow metadata are stac_geoparquet's own (`to_arrow_batch`; private
     in 0.8, hence the pin stac-geoparquet<0.9)."""
-    import shapely
-    from shapely.geometry import shape
     from stac_geoparquet.arrow._batch import StacJsonBatch
 
-    rows = [{**item, "geometry": shapely.to_wkb(shape(item["geometry"]), flavor="iso")} for item in items]
+    wkb = _wkb([item["geometry"] for item in items])
+    rows = [{**item, "geometry": geometry} for item, geometry in zip(items, wkb, strict=True)]
     array = pa.array(rows, type=pa.struct(schema))
     batch = StacJsonBatch(pa.RecordBatch.from_struct_array(array))
     return batch.to_arrow_batch(drop_invalid_properties=False).inner
+
+
+def _wkb(geometries: list[dict[str, Any]]) -> list[bytes]:
+    """ISO WKB of GeoJSON geometries; 2-D polygons (every patch item) are built array-wise, since one
+    shapely object per item cost more than the rest of the conversion."""
+    import numpy as np
+    import shapely
+    from shapely.geometry import shape
+
+    def one_by_one() -> list[bytes]:
+        return [shapely.to_wkb(shape(geometry), flavor="iso") for geometry in geometries]
+
+    if not geometries or any(g.get("type") != "Polygon" or not g.get("coordinates") for g in geometries):
+        return one_by_one()
+    rings = [ring for geometry in geometries for ring in geometry["coordinates"]]
+    try:
+        points = np.asarray([point for ring in rings for point in ring], dtype=np.float64)
+    except ValueError:  # points of mixed dimension
+        return one_by_one()
+    if points.ndim != 2 or points.shape[1] != 2 or any(len(ring) < 4 for ring in rings):
+        return one_by_one()
+    ring_offsets = np.cumsum([0, *(len(ring) for ring in rings)])
+    if not (points[ring_offsets[:-1]] == points[ring_offsets[1:] - 1]).all():  # shape() closes open rings
+        return one_by_one()
+    polygon_offsets = np.cumsum([0, *(len(geometry["coordinates"]) for geometry in geometries)])
+    polygons = shapely.from_ragged_array(
+        shapely.GeometryType.POLYGON, points, (ring_offsets, polygon_offsets)
+    )
+    return list(shapely.to_wkb(polygons, flavor="iso"))
 
 
 def write_items_parquet(

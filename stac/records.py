@@ -167,6 +167,67 @@ def geojson(geometry: Any) -> tuple[dict[str, Any], BBox]:
     return _lists(dict(mapping(oriented))), (xmin, ymin, xmax, ymax)
 
 
+def geojson_many(geometries: Any) -> list[tuple[dict[str, Any], BBox]]:
+    """`geojson` for a sequence of shapely geometries, array-wise for 2-D polygons (the cells of the
+    index; one call per geometry took most of the catalog's parse time at archive scale)."""
+    import numpy as np
+    import shapely
+
+    array = np.asarray(geometries, dtype=object)
+    if not len(array):
+        return []
+    valid = shapely.get_type_id(array) == shapely.GeometryType.POLYGON
+    valid &= ~shapely.is_empty(array) & ~shapely.has_z(array)
+    if not valid.all():
+        return [geojson(geometry) for geometry in array]
+    out: list[tuple[dict[str, Any], BBox]] = []
+    for start in range(0, len(array), _CHUNK):  # in chunks: the GEOS copies and coordinate arrays
+        out.extend(_polygons_geojson(array[start : start + _CHUNK]))  # of all rows would double peak RSS
+    return out
+
+
+_CHUNK = 65536
+
+
+def _polygons_geojson(array: Any) -> list[tuple[dict[str, Any], BBox]]:
+    import shapely
+
+    oriented = shapely.orient_polygons(array, exterior_cw=False)
+    bounds = [tuple(box) for box in shapely.bounds(oriented).tolist()]
+    _, coordinates, (ring_offsets, polygon_offsets) = shapely.to_ragged_array(oriented)
+    # tuples, as shapely's `mapping` gives them
+    points = list(zip(coordinates[:, 0].tolist(), coordinates[:, 1].tolist(), strict=True))
+    rings = ring_offsets.tolist()
+    polygons = polygon_offsets.tolist()
+    out = []
+    for k in range(len(array)):
+        shape = tuple(tuple(points[rings[r] : rings[r + 1]]) for r in range(polygons[k], polygons[k + 1]))
+        out.append(({"type": "Polygon", "coordinates": shape}, bounds[k]))
+    return out
+
+
+def iso_utc_many(values: Any) -> list[str]:
+    """`iso_utc` for a column, array-wise for datetime64 columns within years 1000-9999."""
+    import numpy as np
+    import pandas as pd
+
+    series = values if isinstance(values, pd.Series) else pd.Series(values)
+    if series.dtype.kind != "M":
+        return [iso_utc(value) for value in series.tolist()]
+    index = pd.DatetimeIndex(series)
+    if index.hasnans:
+        raise ValueError("missing time")
+    index = index.tz_localize("UTC") if index.tz is None else index.tz_convert("UTC")
+    micros = index.floor("us").tz_localize(None).as_unit("us").asi8
+    seconds = np.floor_divide(micros, 1_000_000)
+    fraction = (micros - seconds * 1_000_000).tolist()
+    years = index.year
+    if len(index) and (years.min() < 1000 or years.max() > 9999):  # strftime's %Y and numpy's differ
+        return [iso_utc(value) for value in series.tolist()]
+    text = np.datetime_as_string(seconds.astype("datetime64[s]"), unit="s").tolist()
+    return [f"{t}.{f:06d}Z" if f else f"{t}Z" for t, f in zip(text, fraction, strict=True)]
+
+
 def flags_of(columns: Iterable[str]) -> tuple[str, ...]:
     """The quality flags with a `<flag>_fraction` column, in FLAG_ORDER then alphabetical order."""
     present = {c.removesuffix("_fraction") for c in columns if c.endswith("_fraction")}
@@ -219,60 +280,84 @@ def _require(frame: Any, columns: Sequence[str], table: str) -> None:
         raise ValueError(f"{table} lacks column(s) {', '.join(missing)}")
 
 
+def _column(frame: Any, name: str, convert: Any) -> list[Any]:
+    """A column as Python values, `convert` applied to each (int, float or str, as a row-wise read
+    would apply it; numpy/pandas scalars come out of `tolist` as Python ones already)."""
+    return [convert(value) for value in frame[name].tolist()]
+
+
 def parse_patches(frame: Any, pixel_size: float = 30.0) -> list[PatchRecord]:
-    """`index/patches.parquet` as records (GeoDataFrame in EPSG:4326; geometry column `geometry`)."""
+    """`index/patches.parquet` as records (GeoDataFrame in EPSG:4326; geometry column `geometry`).
+
+    Column-wise: half a million rows at archive scale."""
     _require(frame, PATCH_COLUMNS, "index/patches.parquet")
     flags = flags_of(frame.columns)
-    geometry_name = frame.geometry.name
-    out = []
-    for raw in _records(frame):
-        geometry, bbox = geojson(raw[geometry_name])
-        transform = raw.get("scene_transform")
-        if transform is not None and len(transform) >= 6:
-            a, b, _, d, e, _ = (float(v) for v in list(transform)[:6])
-        else:
-            a, b, d, e = pixel_size, 0.0, 0.0, -pixel_size
-        fractions = tuple((flag, float(raw[f"{flag}_fraction"])) for flag in flags)
-        out.append(
-            PatchRecord(
-                row=int(raw["row"]),
-                patch_id=str(raw["patch_id"]),
-                location_id=str(raw["location_id"]),
-                scene_id=str(raw["scene_id"]),
-                duplicates=tuple(
-                    sorted(str(s) for s in (raw["duplicates"] if raw["duplicates"] is not None else ()))
-                ),
-                epsg=int(raw["epsg"]),
-                i=int(raw["i"]),
-                j=int(raw["j"]),
-                col_off=int(raw["col_off"]),
-                row_off=int(raw["row_off"]),
-                size=int(raw["size"]),
-                x_ul=float(raw["x_ul"]),
-                y_ul=float(raw["y_ul"]),
-                pixel=(a, b, d, e),
-                datetime=iso_utc(raw["start_time"]),
-                datatake_id=str(raw["datatake_id"]),
-                processor_version=str(raw["processor_version"]),
-                fractions=fractions,
-                n_dates=int(raw["n_dates"]),
-                geometry=geometry,
-                bbox=bbox,
-            )
-        )
+    out: list[PatchRecord] = []
+    for start in range(0, len(frame), _CHUNK):  # chunks bound the column lists held at once
+        out.extend(_patch_records(frame.iloc[start : start + _CHUNK], flags, pixel_size))
     ids = [p.patch_id for p in out]
     if len(set(ids)) != len(ids):
         raise ValueError("index/patches.parquet holds a patch_id twice")
     return out
 
 
+def _patch_records(frame: Any, flags: tuple[str, ...], pixel_size: float) -> list[PatchRecord]:
+    shapes = geojson_many(frame.geometry.values)
+    if "scene_transform" in frame.columns:
+        transforms = frame["scene_transform"].tolist()
+    else:
+        transforms = [None] * len(frame)
+    default_pixel = (pixel_size, 0.0, 0.0, -pixel_size)
+    pixels = []
+    for transform in transforms:
+        if transform is not None and len(transform) >= 6:
+            a, b, _, d, e, _ = (float(v) for v in list(transform)[:6])
+            pixels.append((a, b, d, e))
+        else:
+            pixels.append(default_pixel)
+    fraction_columns = [_column(frame, f"{flag}_fraction", float) for flag in flags]
+    fractions = [tuple(zip(flags, values, strict=True)) for values in zip(*fraction_columns, strict=True)]
+    if not flags:
+        fractions = [()] * len(frame)
+    duplicates = [
+        tuple(sorted(str(s) for s in (value if value is not None else ())))
+        for value in frame["duplicates"].tolist()
+    ]
+    columns: Iterator[tuple[Any, ...]] = zip(
+        _column(frame, "row", int),
+        _column(frame, "patch_id", str),
+        _column(frame, "location_id", str),
+        _column(frame, "scene_id", str),
+        duplicates,
+        _column(frame, "epsg", int),
+        _column(frame, "i", int),
+        _column(frame, "j", int),
+        _column(frame, "col_off", int),
+        _column(frame, "row_off", int),
+        _column(frame, "size", int),
+        _column(frame, "x_ul", float),
+        _column(frame, "y_ul", float),
+        pixels,
+        iso_utc_many(frame["start_time"]),
+        _column(frame, "datatake_id", str),
+        _column(frame, "processor_version", str),
+        fractions,
+        _column(frame, "n_dates", int),
+        [geometry for geometry, _ in shapes],
+        [bbox for _, bbox in shapes],
+        strict=True,
+    )
+    return [PatchRecord(*values) for values in columns]
+
+
 def parse_scenes(frame: Any) -> list[SceneRow]:
     """`inventory/scenes.parquet` as records (GeoDataFrame; the footprint is its active geometry)."""
     _require(frame, SCENE_COLUMNS, "inventory/scenes.parquet")
-    geometry_name = frame.geometry.name
+    shapes = geojson_many(frame.geometry.values)
+    starts = iso_utc_many(frame["start_time"])
+    ends = iso_utc_many(frame["stop_time"])
     out = []
-    for raw in _records(frame):
-        geometry, bbox = geojson(raw[geometry_name])
+    for raw, (geometry, bbox), start, end in zip(_records(frame), shapes, starts, ends, strict=True):
         processing = raw.get("processing_time")
         cover = tuple(
             (name, value)
@@ -289,8 +374,8 @@ def parse_scenes(frame: Any) -> list[SceneRow]:
                 scene_id=str(raw["scene_id"]),
                 datatake_id=str(raw["datatake_id"]),
                 tile_id=int(raw["tile_id"]),
-                start_datetime=iso_utc(raw["start_time"]),
-                end_datetime=iso_utc(raw["stop_time"]),
+                start_datetime=start,
+                end_datetime=end,
                 processor_version=str(raw["processor_version"]),
                 processing_datetime=None if processing is None else iso_utc(processing),
                 epsg=int(raw["epsg"]),

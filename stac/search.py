@@ -17,7 +17,7 @@ Semantics:
 - Results are ordered by datetime, then id; `limit` keeps the first `limit` of them (`matched` counts all).
 
 How (no DuckDB extension needed, fast on a 540,000-item file): row groups whose statistics (bbox struct
-columns, datetime, cloud, n_dates) rule them out are skipped; the small filter columns of the others are
+columns, datetime, cloud, n_dates, id) rule them out are skipped; the small filter columns of the others are
 read and filtered with pyarrow; the exact shapely test runs on the survivors' geometries only; the
 full rows of the final ids are read lazily, from their row groups, when `to_table`/`to_geojson` is
 called. Measured on a synthetic 540,000-item file (30 MB, 66 row groups): 20-200 ms per query.
@@ -25,6 +25,7 @@ called. Measured on a synthetic 540,000-item file (30 MB, 66 row groups): 20-200
 
 from __future__ import annotations
 
+import bisect
 import os
 import posixpath
 import re
@@ -288,11 +289,23 @@ def _prune(
     window: TimeWindow | None,
     max_cloud: float | None,
     min_dates: int | None,
+    ids: Sequence[str] | None = None,
 ) -> bool:
-    """True when the row group's statistics show that no row of it can match."""
+    """True when the row group's statistics show that no row of it can match (`ids` sorted)."""
 
     def get(name: str) -> tuple[Any, Any] | None:
         return stats.get(name)
+
+    if ids is not None:
+        # rows are in catalog order (zone, block, location, time) and ids start with the location, so
+        # each row group holds a narrow id range: an id lookup reads one or two of them
+        bounds = get("id")
+        if not ids:
+            return True
+        if bounds and isinstance(bounds[0], str) and isinstance(bounds[1], str):
+            at = bisect.bisect_left(ids, bounds[0])
+            if at == len(ids) or ids[at] > bounds[1]:
+                return True
 
     if boxes is not None:
         xmin, xmax, ymin, ymax = get("bbox.xmin"), get("bbox.xmax"), get("bbox.ymin"), get("bbox.ymax")
@@ -377,15 +390,16 @@ def search(
         expression = _and(expression, pc.field("eo:cloud_cover") <= float(max_cloud))
     if min_dates is not None:
         expression = _and(expression, pc.field("spectralearth:n_dates") >= int(min_dates))
+    wanted_ids: list[str] | None = None
     if ids is not None:
-        wanted = pa.array(sorted({str(i) for i in ([ids] if isinstance(ids, str) else ids)}), pa.string())
-        expression = _and(expression, pc.field("id").isin(wanted))
+        wanted_ids = sorted({str(i) for i in ([ids] if isinstance(ids, str) else ids)})
+        expression = _and(expression, pc.field("id").isin(pa.array(wanted_ids, pa.string())))
 
     # 1. row groups that statistics cannot rule out; 2. plain filters on their small columns
     groups = [
         group
         for group in range(len(index.starts))
-        if not _prune(index.stats(group), boxes, window, max_cloud, min_dates)
+        if not _prune(index.stats(group), boxes, window, max_cloud, min_dates, wanted_ids)
     ]
     columns = [c for c in FILTER_COLUMNS if c in index.file.schema_arrow.names]
     candidates = index.read(groups, columns)
