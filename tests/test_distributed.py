@@ -4,8 +4,10 @@ workers rejected with its reason instead of being retried forever."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import dask
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -64,6 +66,10 @@ def test_local_cluster_equals_synchronous_and_survives_a_dead_worker(
         assert np.array_equal(got[name], want[name]), name
     for table in ("inventory/scenes.parquet", "plan/patches.parquet", "index/patches.parquet"):
         assert pq.read_table(target / table).equals(pq.read_table(synchronous_build / table)), table
+    # Workers (the restarted one too) run without distributed's malloc trim setting and profiler.
+    with faulty.client() as client:
+        assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
+        assert set(client.run(dask.config.get, "distributed.worker.profile.enabled").values()) == {False}
 
 
 def test_product_that_keeps_killing_workers_is_rejected(demo_products, manifest, tmp_path):
