@@ -235,6 +235,102 @@ class Scheduler:
                 outcomes[k] = ("error", TaskFailed(f"task ended {futures[k].status} three times"))
         return [self._settle(items[k], outcomes[k], on_error) for k in range(len(items))]
 
+    def map_then(
+        self,
+        first: Callable[..., T],
+        first_items: Sequence[Any],
+        then: Callable[..., T],
+        then_items: Sequence[Any],
+        after: Sequence[Sequence[int]],
+        *args: Any,
+        label: str = "",
+    ) -> tuple[list[T], list[T]]:
+        """`map(first, first_items, *args)` and `map(then, then_items, *args)`, where `then_items[j]`
+        starts as soon as the first tasks `after[j]` are done (not after all of them), in one graph.
+        A failure stops the stage (TaskFailed), as `map` does without `on_error`."""
+        if len(after) != len(then_items):
+            raise ValueError("after needs one entry per then-item")
+        if label and self.progress:
+            print(f"{label}: {len(first_items)} + {len(then_items)} tasks", flush=True)
+        if not then_items:
+            return self.map(first, first_items, *args), []
+        if self.distributed:
+            outcomes = self._map_then_distributed(first, first_items, then, then_items, after, args)
+        else:
+            outcomes = self._map_then_local(first, first_items, then, then_items, after, args)
+        items = [*first_items, *then_items]
+        results = [self._settle(item, outcome, None) for item, outcome in zip(items, outcomes, strict=True)]
+        return results[: len(first_items)], results[len(first_items) :]
+
+    def _map_then_local(self, first, first_items, then, then_items, after, args) -> list:
+        def guarded(function: Callable[..., Any], item: Any, *rest: Any) -> Any:
+            try:
+                return ("ok", call_with_config(function, self.gdal_config, item, *rest))
+            except Exception as exc:  # reported per item by the caller
+                return ("error", exc)
+
+        def guarded_after(item: Any, rest: tuple, *needed: tuple[str, Any]) -> Any:
+            failed = [value for kind, value in needed if kind == "error"]
+            return ("error", failed[0]) if failed else guarded(then, item, *rest)
+
+        firsts = [
+            dask.delayed(guarded, pure=False)(first, item, *args, dask_key_name=f"task-{k:09d}")
+            for k, item in enumerate(first_items)
+        ]
+        thens = [
+            dask.delayed(guarded_after, pure=False)(
+                item, args, *[firsts[k] for k in after[j]], dask_key_name=f"then-{j:09d}"
+            )
+            for j, item in enumerate(then_items)
+        ]
+        workers = self.workers or (os.cpu_count() or 1)
+        with dask.config.set(scheduler=self.name, num_workers=workers):
+            if self.progress:
+                with ProgressBar(minimum=1.0, dt=0.5):
+                    return list(dask.compute(*firsts, *thens))
+            return list(dask.compute(*firsts, *thens))
+
+    def _map_then_distributed(self, first, first_items, then, then_items, after, args) -> list:
+        from distributed import progress, wait
+
+        with self.client() as client:
+            firsts = [
+                client.submit(call_with_config, first, self.gdal_config, item, *args, pure=False)
+                for item in first_items
+            ]
+            thens = [
+                client.submit(
+                    _call_after,
+                    then,
+                    self.gdal_config,
+                    item,
+                    args,
+                    *[firsts[k] for k in after[j]],
+                    pure=False,
+                )
+                for j, item in enumerate(then_items)
+            ]
+            futures = [*firsts, *thens]
+            if self.progress:
+                progress(futures)
+                print(flush=True)
+            wait(futures)
+            outcomes: list[tuple[str, Any]] = []
+            for future in futures:
+                if future.status == "finished":
+                    outcomes.append(("ok", future.result()))
+                elif future.status == "error":
+                    outcomes.append(("error", future.exception()))
+                else:
+                    outcomes.append(("error", TaskFailed(f"task ended {future.status}")))
+        if any(kind == "error" and isinstance(value, TaskFailed) for kind, value in outcomes):
+            # Cancelled or lost while workers restarted: run the graph once more, in two plain rounds
+            # (every task is idempotent; finished ones rewrite the same bytes).
+            first_results = self.map(first, first_items, *args)
+            then_results = self.map(then, then_items, *args)
+            return [("ok", r) for r in [*first_results, *then_results]]
+        return outcomes
+
     @staticmethod
     def _settle(item: Any, outcome: tuple[str, Any], on_error) -> Any:
         kind, value = outcome
@@ -243,6 +339,13 @@ class Scheduler:
         if on_error is not None:
             return on_error(item, value)
         raise TaskFailed(f"task for {describe(item)} failed: {type(value).__name__}: {value}") from value
+
+
+def _call_after(
+    function: Callable[..., T], config: tuple[tuple[str, str], ...], item: Any, args: tuple, *needed: Any
+) -> T:
+    """A task that runs after `needed` (their results only order it)."""
+    return call_with_config(function, config, item, *args)
 
 
 def failure_reason(exc: BaseException) -> str:

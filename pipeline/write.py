@@ -623,17 +623,25 @@ def run_plan(
     scheduler: Any,
     storage_options: dict | None,
 ) -> list[list[dict[str, Any]]]:
-    """Read tasks in parallel, then the stitch tasks over what they staged; staging is removed after
-    (and before: parts left by an interrupted run belong to an older plan)."""
+    """Read tasks in parallel, each stitch task as soon as the read tasks it needs are done; staging is
+    removed after (and before: parts left by an interrupted run belong to an older plan)."""
     _remove_staging(store)
     # Each read task carries only the scene records it reads.
     pairs = [(task, {s: records[s] for s in task.scenes}) for task in plan.reads]
-    results = scheduler.map(
-        _run_read_task, pairs, manifest, store.uri, layout, storage_options, label="write"
+    # A stitch task starts as soon as the read tasks that stage its parts are done.
+    reads, stitches = scheduler.map_then(
+        _run_read_task,
+        pairs,
+        _run_stitch_task,
+        list(plan.stitches),
+        [stitch.parts for stitch in plan.stitches],
+        manifest,
+        store.uri,
+        layout,
+        storage_options,
+        label="write",
     )
-    results += scheduler.map(
-        stitch_task, list(plan.stitches), store.uri, layout, storage_options, label="write: stitch shards"
-    )
+    results = [*reads, *stitches]
     _remove_staging(store)
     return results
 
@@ -641,6 +649,12 @@ def run_plan(
 def _remove_staging(store: BuildStore) -> None:
     if store.fs.exists(store.path(STAGING)):
         store.fs.rm(store.path(STAGING), recursive=True)
+
+
+def _run_stitch_task(
+    task: StitchTask, manifest: Manifest, build_uri: str, layout: str, storage_options: dict | None
+) -> list[dict[str, Any]]:
+    return stitch_task(task, build_uri, layout, storage_options)
 
 
 def _run_read_task(

@@ -88,8 +88,9 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
     run_all(manifest, build, products, names=("inventory", "mask", "tile", "dedup"))
     shards = dataset(reference_build)["reflectance"].shape[0] // 2
     assert shards >= 3
-    # Killed in the second read task: the first has written its shards (and staged parts of others).
-    env = {**os.environ, FAULT_ENV: f"kill-once:ReadTask(number=1,:{tmp_path / 'marker'}"}
+    # Killed when stitching shard 1: the read tasks it waits for have written the shards they own and
+    # staged their parts of shard 1.
+    env = {**os.environ, FAULT_ENV: f"kill-once:StitchTask(job=ShardJob(shard=1,:{tmp_path / 'marker'}"}
     command = [
         sys.executable,
         "-m",
@@ -106,7 +107,8 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     done = sorted(int(p.stem) for p in (build / "write" / "shards").iterdir())
-    assert 0 < len(done) < shards, "some shards were written before the kill, not all"
+    assert done and 1 not in done, "some shards were written before the kill, shard 1 was not"
+    assert list((build / "write" / "staging").iterdir()), "parts of shard 1 were staged"
     assert not (build / "_stages" / "write.json").exists()
     # No partial shard: every stored shard object is complete and matches its record, or absent.
     assert verify_build(BuildStore(str(build))).bad == ()
