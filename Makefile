@@ -37,7 +37,7 @@ SEED ?= 0
 split: setup
 	$(BIN)/spectralearth split --build $(BUILD) --name $(SPLIT_NAME) --kind $(SPLIT_KIND) --seed $(SEED)
 
-# Full-size benchmarks (~11 min on 2 cores with the products cached, +2 min the first time): ratios
+# Full-size benchmarks (~6 min on 2 cores with the products cached, +2 min the first time): ratios
 # against the floor and the naive way, in one run.
 bench: setup
 	$(BIN)/python bench/run.py
