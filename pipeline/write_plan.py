@@ -86,14 +86,6 @@ class WritePlan:
     reads: tuple[ReadTask, ...]
     stitches: tuple[StitchTask, ...]
 
-    @property
-    def tasks(self) -> int:
-        return len(self.reads) + len(self.stitches)
-
-
-def read_units(patches: Sequence[PatchRef]) -> set[tuple[str, int]]:
-    return {(p.scene_id, p.row_off) for p in patches}
-
 
 def unit_windows(patches: Sequence[PatchRef], size: int) -> dict[tuple[str, int], Window]:
     """The one window each read unit (scene, grid row) is read with: the columns its patches span."""

@@ -12,9 +12,13 @@ from pipeline.write_plan import (
     ShardJob,
     partition_runs,
     plan_tasks,
-    read_units,
     unit_windows,
 )
+
+
+def read_units(patches):
+    """The (scene, grid row) strips the patches are read from."""
+    return {(p.scene_id, p.row_off) for p in patches}
 
 
 @st.composite

@@ -284,12 +284,18 @@ def _scratch_dir() -> Iterator[str]:
 
 def _copy_member(stream: IO[bytes], target: str, declared: int, what: str) -> None:
     """Copy one archive member, refusing more bytes than its header declared or the global cap."""
+    _write_member(iter(lambda: stream.read(COPY_CHUNK), b""), target, declared, what)
+
+
+def _write_member(chunks: Iterator[bytes], target: str, declared: int, what: str) -> None:
+    """Write an archive member's bytes to scratch: size-checked against its header, the global cap
+    and the free space."""
     _check_declared(declared, what)
     free = shutil.disk_usage(os.path.dirname(target)).free
     if declared > free:
         raise ProductError(f"not enough scratch space to unpack {what} ({declared} bytes, {free} free)")
     with open(target, "wb") as out:
-        for chunk in _bounded(iter(lambda: stream.read(COPY_CHUNK), b""), declared, what):
+        for chunk in _bounded(chunks, declared, what):
             out.write(chunk)
 
 
@@ -583,15 +589,7 @@ def _unpack_deflated(
             chunks = _member_chunks(handle, info) if standard else _zipfile_chunks(opened, info)
             target = os.path.join(scratch, "members", name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            free = shutil.disk_usage(os.path.dirname(target)).free
-            if info.file_size > free:
-                raise ProductError(
-                    f"not enough scratch space to unpack {info.filename} "
-                    f"({info.file_size} bytes, {free} free)"
-                )
-            with open(target, "wb") as out:
-                for chunk in _bounded(chunks, info.file_size, info.filename):
-                    out.write(chunk)
+            _write_member(chunks, target, info.file_size, info.filename)
             opened.local_members[info.filename] = target
 
 
