@@ -142,7 +142,7 @@ class Scheduler:
                 with client:
                     yield client
                 return
-            workers = self.workers or (os.cpu_count() or 1)
+            workers = self.parallelism
             key = (workers, self.allowed_failures)
             cluster = _LOCAL_CLUSTERS.get(key)
             if cluster is None or cluster.status.name != "running":
@@ -181,58 +181,65 @@ class Scheduler:
         return self._map_local(function, items, args, on_error)
 
     def _map_local(self, function, items, args, on_error) -> list:
-        def guarded(item: Any, *rest: Any) -> Any:
-            try:
-                return ("ok", call_with_config(function, self.gdal_config, item, *rest))
-            except Exception as exc:  # reported per item below, never swallowed silently
-                return ("error", exc)
-
         # Ordered key names: local schedulers then run the tasks in item order (scene or shard order),
         # which keeps a resumed build's work predictable.
         tasks = [
-            dask.delayed(guarded, pure=False)(item, *args, dask_key_name=f"task-{k:09d}")
+            dask.delayed(_guarded, pure=False)(
+                function, self.gdal_config, item, *args, dask_key_name=f"task-{k:09d}"
+            )
             for k, item in enumerate(items)
         ]
-        workers = self.workers or (os.cpu_count() or 1)
-        with dask.config.set(scheduler=self.name, num_workers=workers):
-            if self.progress:
-                with ProgressBar(minimum=1.0, dt=0.5):
-                    outcomes = list(dask.compute(*tasks))
-            else:
-                outcomes = list(dask.compute(*tasks))
+        outcomes = self._compute_local(tasks)
         return [self._settle(item, outcome, on_error) for item, outcome in zip(items, outcomes, strict=True)]
 
-    def _map_distributed(self, function, items, args, on_error) -> list:
+    def _compute_local(self, tasks: list[Any]) -> list[tuple[str, Any]]:
+        with dask.config.set(scheduler=self.name, num_workers=self.parallelism):
+            if self.progress:
+                with ProgressBar(minimum=1.0, dt=0.5):
+                    return list(dask.compute(*tasks))
+            return list(dask.compute(*tasks))
+
+    def _wait(self, futures: list[Any]) -> list[tuple[str, Any] | None]:
+        """Wait for the futures; each one's outcome, None for one that ended neither finished nor failed
+        (cancelled or lost while workers restarted)."""
         from distributed import progress, wait
 
+        if self.progress:
+            progress(futures)
+            print(flush=True)
+        wait(futures)
+        outcomes: list[tuple[str, Any] | None] = []
+        for future in futures:
+            if future.status == "finished":
+                outcomes.append(("ok", future.result()))
+            elif future.status == "error":
+                outcomes.append(("error", future.exception()))
+            else:
+                outcomes.append(None)
+        return outcomes
+
+    def _map_distributed(self, function, items, args, on_error) -> list:
         outcomes: dict[int, tuple[str, Any]] = {}
         with self.client() as client:
             pending = list(range(len(items)))
             # A future can end neither finished nor failed (cancelled or lost while workers restart);
             # such items are submitted again, a bounded number of times.
             for _ in range(3):
-                futures = {
-                    k: client.submit(
-                        call_with_config, function, self.gdal_config, items[k], *args, pure=False
-                    )
+                futures = [
+                    client.submit(call_with_config, function, self.gdal_config, items[k], *args, pure=False)
                     for k in pending
-                }
-                if self.progress:
-                    progress(list(futures.values()))
-                    print(flush=True)
-                wait(list(futures.values()))
-                pending = []
-                for k, future in futures.items():
-                    if future.status == "finished":
-                        outcomes[k] = ("ok", future.result())
-                    elif future.status == "error":
-                        outcomes[k] = ("error", future.exception())
+                ]
+                lost = []
+                for k, outcome in zip(pending, self._wait(futures), strict=True):
+                    if outcome is None:
+                        lost.append(k)
                     else:
-                        pending.append(k)
+                        outcomes[k] = outcome
+                pending = lost
                 if not pending:
                     break
             for k in pending:
-                outcomes[k] = ("error", TaskFailed(f"task ended {futures[k].status} three times"))
+                outcomes[k] = ("error", TaskFailed("task was cancelled or lost three times"))
         return [self._settle(items[k], outcomes[k], on_error) for k in range(len(items))]
 
     def map_then(
@@ -263,18 +270,14 @@ class Scheduler:
         return results[: len(first_items)], results[len(first_items) :]
 
     def _map_then_local(self, first, first_items, then, then_items, after, args) -> list:
-        def guarded(function: Callable[..., Any], item: Any, *rest: Any) -> Any:
-            try:
-                return ("ok", call_with_config(function, self.gdal_config, item, *rest))
-            except Exception as exc:  # reported per item by the caller
-                return ("error", exc)
-
         def guarded_after(item: Any, rest: tuple, *needed: tuple[str, Any]) -> Any:
             failed = [value for kind, value in needed if kind == "error"]
-            return ("error", failed[0]) if failed else guarded(then, item, *rest)
+            return ("error", failed[0]) if failed else _guarded(then, self.gdal_config, item, *rest)
 
         firsts = [
-            dask.delayed(guarded, pure=False)(first, item, *args, dask_key_name=f"task-{k:09d}")
+            dask.delayed(_guarded, pure=False)(
+                first, self.gdal_config, item, *args, dask_key_name=f"task-{k:09d}"
+            )
             for k, item in enumerate(first_items)
         ]
         thens = [
@@ -283,16 +286,9 @@ class Scheduler:
             )
             for j, item in enumerate(then_items)
         ]
-        workers = self.workers or (os.cpu_count() or 1)
-        with dask.config.set(scheduler=self.name, num_workers=workers):
-            if self.progress:
-                with ProgressBar(minimum=1.0, dt=0.5):
-                    return list(dask.compute(*firsts, *thens))
-            return list(dask.compute(*firsts, *thens))
+        return self._compute_local([*firsts, *thens])
 
     def _map_then_distributed(self, first, first_items, then, then_items, after, args) -> list:
-        from distributed import progress, wait
-
         with self.client() as client:
             firsts = [
                 client.submit(call_with_config, first, self.gdal_config, item, *args, pure=False)
@@ -310,20 +306,8 @@ class Scheduler:
                 )
                 for j, item in enumerate(then_items)
             ]
-            futures = [*firsts, *thens]
-            if self.progress:
-                progress(futures)
-                print(flush=True)
-            wait(futures)
-            outcomes: list[tuple[str, Any]] = []
-            for future in futures:
-                if future.status == "finished":
-                    outcomes.append(("ok", future.result()))
-                elif future.status == "error":
-                    outcomes.append(("error", future.exception()))
-                else:
-                    outcomes.append(("error", TaskFailed(f"task ended {future.status}")))
-        if any(kind == "error" and isinstance(value, TaskFailed) for kind, value in outcomes):
+            outcomes = self._wait([*firsts, *thens])
+        if any(outcome is None for outcome in outcomes):
             # Cancelled or lost while workers restarted: run the graph once more, in two plain rounds
             # (every task is idempotent; finished ones rewrite the same bytes).
             first_results = self.map(first, first_items, *args)
@@ -339,6 +323,16 @@ class Scheduler:
         if on_error is not None:
             return on_error(item, value)
         raise TaskFailed(f"task for {describe(item)} failed: {type(value).__name__}: {value}") from value
+
+
+def _guarded(
+    function: Callable[..., Any], config: tuple[tuple[str, str], ...], item: Any, *args: Any
+) -> tuple[str, Any]:
+    """A local-scheduler task: its outcome, so one failing item is reported per item, never swallowed."""
+    try:
+        return ("ok", call_with_config(function, config, item, *args))
+    except Exception as exc:
+        return ("error", exc)
 
 
 def _call_after(
