@@ -283,14 +283,41 @@ class WriteSettings:
         return cls(patches_per_shard=per_shard, compression_level=level, max_shards_per_task=max_shards)
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Budgets that bound what one untrusted product may cost a worker. A member or product over
+    budget is rejected with its sizes (a property of the product under these limits, so the limits
+    are part of the inventory's configuration hash)."""
+
+    memory_bytes: int = 3 * 1024**3  # an inflated member held in memory; larger ones go to scratch
+    scratch_bytes: int = 64 * 1024**3  # what one product may unpack to scratch in all
+    xml_bytes: int = 16 * 1024**2  # METADATA.XML and other XML above this are refused unparsed
+
+    KEYS = {"memory_bytes", "scratch_bytes", "xml_bytes"}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Limits:
+        _check_keys(raw, cls.KEYS, "limits")
+        defaults = cls()
+        return cls(
+            memory_bytes=_integer(
+                raw.get("memory_bytes", defaults.memory_bytes), "limits.memory_bytes", low=1
+            ),
+            scratch_bytes=_integer(
+                raw.get("scratch_bytes", defaults.scratch_bytes), "limits.scratch_bytes", low=1
+            ),
+            xml_bytes=_integer(raw.get("xml_bytes", defaults.xml_bytes), "limits.xml_bytes", low=1024),
+        )
+
+
 # What each stage's output depends on (cumulative along the stage order).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "inventory": ("filters", "bands"),
-    "mask": ("filters", "bands", "quality"),
-    "tile": ("filters", "bands", "quality", "grid"),
-    "dedup": ("filters", "bands", "quality", "grid"),
-    "write": ("filters", "bands", "quality", "grid", "write"),
-    "catalog": ("filters", "bands", "quality", "grid", "write", "catalog"),
+    "inventory": ("filters", "bands", "limits"),
+    "mask": ("filters", "bands", "limits", "quality"),
+    "tile": ("filters", "bands", "limits", "quality", "grid"),
+    "dedup": ("filters", "bands", "limits", "quality", "grid"),
+    "write": ("filters", "bands", "limits", "quality", "grid", "write"),
+    "catalog": ("filters", "bands", "limits", "quality", "grid", "write", "catalog"),
 }
 
 
@@ -317,6 +344,7 @@ class Manifest:
     grid: GridSettings = field(default_factory=GridSettings)
     quality: QualityPolicy = field(default_factory=QualityPolicy)
     write: WriteSettings = field(default_factory=WriteSettings)
+    limits: Limits = field(default_factory=Limits)
     storage: StorageSettings = field(default_factory=StorageSettings)  # never part of a config hash
     catalog: Any = None  # stac.settings.CatalogSettings (imported lazily: stac builds on pipeline)
     source: str = "<dict>"  # where it was read from, for messages; not part of any hash
@@ -330,6 +358,7 @@ class Manifest:
         "grid",
         "quality",
         "write",
+        "limits",
         "storage",
         "catalog",
     }
@@ -358,6 +387,7 @@ class Manifest:
                 grid=GridSettings.from_dict(raw.get("grid") or {}),
                 quality=QualityPolicy.from_dict(raw.get("quality") or {}),
                 write=WriteSettings.from_dict(raw.get("write") or {}),
+                limits=Limits.from_dict(raw.get("limits") or {}),
                 storage=_storage(raw.get("storage")),
                 catalog=_catalog(raw.get("catalog")),
                 source=source,
