@@ -10,10 +10,13 @@ host, which is not a secret.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
+
+from pipeline.errors import redact
 
 # GDAL per process: a bounded block cache and one thread per task keep memory per worker flat.
 GDAL_DEFAULTS = {
@@ -34,7 +37,33 @@ SECRET_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID
 
 
 class StorageError(ValueError):
-    """Storage settings that cannot be used."""
+    """Storage settings that cannot be used. Messages never carry a credential (see `redact`)."""
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def has_credentials(uri: str) -> bool:
+    """True when `uri` carries user info (scheme://KEY:SECRET@host/...). A secret may hold '/' (AWS
+    secrets do), so 'KEY:SE/CRET@bucket' counts too; 'bucket/a@b' (an '@' in a key) does not."""
+    scheme = _SCHEME.match(uri)
+    if scheme is None:
+        return False
+    rest = uri[scheme.end() :]
+    if "@" in rest.split("/", 1)[0]:
+        return True
+    before_at, at, _ = rest.partition("@")
+    user, colon, _ = before_at.partition(":")
+    return bool(at and colon and "/" not in user)
+
+
+def refuse_credentials(uri: str) -> None:
+    """Raise StorageError, without echoing the secret, when `uri` carries credentials."""
+    if has_credentials(uri):
+        raise StorageError(
+            f"{redact(uri)}: credentials in a URI are refused (they would end up in logs and tables); "
+            "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a named profile"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +96,9 @@ class StorageSettings:
         if endpoint:
             parsed = urlparse(endpoint)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:
-                raise StorageError(f"'storage.endpoint_url' must be http(s)://host[:port], got {endpoint!r}")
+                raise StorageError(
+                    f"'storage.endpoint_url' must be http(s)://host[:port], got {redact(repr(endpoint))}"
+                )
             if parsed.username or parsed.password:
                 raise StorageError("'storage.endpoint_url' must not carry credentials")
         return cls(

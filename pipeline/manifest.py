@@ -9,6 +9,7 @@ the key: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cloud import StorageError, StorageSettings
+from pipeline.cloud import StorageError, StorageSettings, refuse_credentials
 from pipeline.storage import canonical_json
 
 
@@ -36,18 +37,30 @@ def _check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> No
 
 
 def _number(value: Any, key: str, *, low: float | None = None, high: float | None = None) -> float:
+    """A finite number within [low, high]. NaN compares false with every bound, so it is refused
+    first: a NaN limit must never read as "no limit"."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ManifestError(f"'{key}' must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ManifestError(f"'{key}' must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ManifestError(f"'{key}' must be within [{low}, {high}], got {value!r}")
+        raise ManifestError(f"'{key}' must be {_range_text(low, high)}, got {value!r}")
     return float(value)
 
 
-def _integer(value: Any, key: str, *, low: int | None = None) -> int:
+def _range_text(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"within [{low:g}, {high:g}]"
+    if low is not None:
+        return f">= {low:g}"
+    return f"<= {high:g}" if high is not None else "a number"
+
+
+def _integer(value: Any, key: str, *, low: int | None = None, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ManifestError(f"'{key}' must be an integer, got {value!r}")
-    if low is not None and value < low:
-        raise ManifestError(f"'{key}' must be >= {low}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ManifestError(f"'{key}' must be an integer {_range_text(low, high)}, got {value!r}")
     return value
 
 
@@ -193,9 +206,30 @@ class BandPolicy:
         return tuple(kept)
 
 
+# The grid's sizes. A patch side is a multiple of 16 pixels from 16 to 1024: a patch is one GeoTIFF
+# tile of an export (TIFF tiles are multiples of 16) and one inner Zarr chunk, and a larger patch no
+# longer fits inside a ~1000 x 1000 px EnMAP scene. A cell side (patch_size x pixel_size) must exceed
+# 1000 m: UTM northings reach 10,000,000 m and the location id writes each cell index with 4 digits (at
+# most 9999). A pixel is at most 1000 m: the lattice holds the corners of sensor pixels.
+PATCH_SIZE_STEP = 16
+PATCH_SIZE_RANGE = (16, 1024)
+MAX_PIXEL_SIZE_M = 1000.0
+MIN_CELL_SIZE_M = 1000.0  # exclusive
+PATCH_SIZE_RULE = (
+    f"a multiple of {PATCH_SIZE_STEP} from {PATCH_SIZE_RANGE[0]} to {PATCH_SIZE_RANGE[1]} whose cell "
+    f"(patch_size x grid.pixel_size) is wider than {MIN_CELL_SIZE_M:g} m, so that every UTM cell index "
+    "fits a 4-digit location id"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class GridSettings:
-    """The global patch grid (SPEC, stage 3) and what to do with a scene off its lattice."""
+    """The global patch grid (SPEC, stage 3) and what to do with a scene off its lattice.
+
+    Allowed values (see PATCH_SIZE_RULE): `pixel_size` a finite number in [0.001, 1000] m, `offset` in
+    [0, pixel_size), `patch_size` a multiple of 16 in [16, 1024] with patch_size x pixel_size > 1000 m
+    (with 30 m pixels: 48 to 1024).
+    """
 
     patch_size: int = 128
     pixel_size: float = 30.0
@@ -210,8 +244,18 @@ class GridSettings:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> GridSettings:
         _check_keys(raw, cls.KEYS, "grid")
-        pixel = _number(raw.get("pixel_size", 30.0), "grid.pixel_size", low=0.001)
-        patch = _integer(raw.get("patch_size", 128), "grid.patch_size", low=1)
+        pixel = _number(raw.get("pixel_size", 30.0), "grid.pixel_size", low=0.001, high=MAX_PIXEL_SIZE_M)
+        patch = raw.get("patch_size", 128)
+        if (
+            isinstance(patch, bool)
+            or not isinstance(patch, int)
+            or patch % PATCH_SIZE_STEP
+            or not PATCH_SIZE_RANGE[0] <= patch <= PATCH_SIZE_RANGE[1]
+            or patch * pixel <= MIN_CELL_SIZE_M
+        ):
+            raise ManifestError(
+                f"'grid.patch_size' must be {PATCH_SIZE_RULE} (grid.pixel_size {pixel:g} m), got {patch!r}"
+            )
         offset = _number(raw.get("offset", 15.0), "grid.offset", low=0)
         if offset >= pixel:
             raise ManifestError(f"'grid.offset' must be below grid.pixel_size ({pixel:g}), got {offset:g}")
@@ -299,7 +343,7 @@ class Limits:
     def from_dict(cls, raw: Mapping[str, Any]) -> Limits:
         _check_keys(raw, cls.KEYS, "limits")
         defaults = cls()
-        return cls(
+        limits = cls(
             memory_bytes=_integer(
                 raw.get("memory_bytes", defaults.memory_bytes), "limits.memory_bytes", low=1
             ),
@@ -308,6 +352,55 @@ class Limits:
             ),
             xml_bytes=_integer(raw.get("xml_bytes", defaults.xml_bytes), "limits.xml_bytes", low=1024),
         )
+        if limits.xml_bytes > limits.memory_bytes:
+            # XML is parsed in memory: a budget above the memory budget would never be honoured
+            raise ManifestError(
+                f"'limits.xml_bytes' ({limits.xml_bytes}) must not exceed limits.memory_bytes "
+                f"({limits.memory_bytes}): XML is parsed in memory"
+            )
+        return limits
+
+
+# Bytes of one reflectance sample (int16) and the band count of an EnMAP L2A product, the most a
+# build can keep when the manifest does not fix `bands.expected_count`.
+SAMPLE_BYTES = 2
+ENMAP_BANDS = 224
+
+
+def shard_bytes(write: WriteSettings, grid: GridSettings, bands: BandPolicy) -> int:
+    """Raw size of one full shard in the worst case (every band of the band policy kept): a write task
+    holds at least one whole shard in memory."""
+    band_count = bands.expected_count or ENMAP_BANDS
+    return write.patches_per_shard * band_count * grid.patch_size**2 * SAMPLE_BYTES
+
+
+def _check_shard_budget(write: WriteSettings, grid: GridSettings, bands: BandPolicy, limits: Limits) -> None:
+    size = shard_bytes(write, grid, bands)
+    if size <= limits.memory_bytes:
+        return
+    band_count = bands.expected_count or ENMAP_BANDS
+    per_patch = size // write.patches_per_shard
+    most = limits.memory_bytes // per_patch
+    hint = (
+        f"at most {most} patches per shard fit"
+        if most >= 2
+        else "not even 2 patches fit: raise limits.memory_bytes or lower grid.patch_size"
+    )
+    raise ManifestError(
+        f"'write.patches_per_shard' {write.patches_per_shard} makes one shard of {_size_text(size)} "
+        f"({write.patches_per_shard} x {band_count} bands x {grid.patch_size}^2 px x {SAMPLE_BYTES} bytes), "
+        f"above limits.memory_bytes {_size_text(limits.memory_bytes)}: {hint}"
+    )
+
+
+def _size_text(size: int) -> str:
+    """`size` bytes in decimal units (1.5 GB), exact bytes below 1 kB."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if value < 1000 or unit == "PB":
+            return f"{size} B" if unit == "B" else f"{value:.3g} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
 
 
 # What each stage's output depends on (cumulative along the stage order).
@@ -332,6 +425,13 @@ def _storage(raw: Any) -> StorageSettings:
         return StorageSettings.from_dict(raw)
     except StorageError as exc:
         raise ManifestError(str(exc)) from None
+
+
+def _no_credentials(uri: str, key: str) -> None:
+    try:
+        refuse_credentials(uri)
+    except StorageError as exc:
+        raise ManifestError(f"'{key}': {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,16 +478,25 @@ class Manifest:
             description = raw.get("description", "")
             if not isinstance(description, str):
                 raise ManifestError("'description' must be text")
+            for index, uri in enumerate(inputs):
+                _no_credentials(uri, f"inputs[{index}]")
+            filters = SceneFilters.from_dict(raw.get("filters") or {})
+            bands = BandPolicy.from_dict(raw.get("bands") or {})
+            grid = GridSettings.from_dict(raw.get("grid") or {})
+            quality = QualityPolicy.from_dict(raw.get("quality") or {})
+            write = WriteSettings.from_dict(raw.get("write") or {})
+            limits = Limits.from_dict(raw.get("limits") or {})
+            _check_shard_budget(write, grid, bands, limits)
             return cls(
                 name=name,
                 description=description,
                 inputs=tuple(inputs),
-                filters=SceneFilters.from_dict(raw.get("filters") or {}),
-                bands=BandPolicy.from_dict(raw.get("bands") or {}),
-                grid=GridSettings.from_dict(raw.get("grid") or {}),
-                quality=QualityPolicy.from_dict(raw.get("quality") or {}),
-                write=WriteSettings.from_dict(raw.get("write") or {}),
-                limits=Limits.from_dict(raw.get("limits") or {}),
+                filters=filters,
+                bands=bands,
+                grid=grid,
+                quality=quality,
+                write=write,
+                limits=limits,
                 storage=_storage(raw.get("storage")),
                 catalog=_catalog(raw.get("catalog")),
                 source=source,

@@ -96,3 +96,141 @@ def test_filters():
     assert "after end_date" in filters.reject_reason(datetime(2024, 1, 1, tzinfo=UTC), 5, "V010303")
     assert "cloud cover 11 %" in filters.reject_reason(t, 11, "V010303")
     assert "not in [V010303]" in filters.reject_reason(t, 5, "V010400")
+
+
+# Numbers: finite and in range, the error names the key ------------------------------------------
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"quality": {"max_fraction": {"cloud": NAN}}}, "'quality.max_fraction.cloud' must be a finite"),
+        ({"quality": {"max_fraction": {"snow": INF}}}, "'quality.max_fraction.snow' must be a finite"),
+        (
+            {"quality": {"max_fraction": {"cloud": 1.5}}},
+            r"'quality.max_fraction.cloud' must be within \[0, 1\]",
+        ),
+        ({"filters": {"max_cloud_cover": NAN}}, "'filters.max_cloud_cover' must be a finite"),
+        ({"filters": {"max_cloud_cover": -INF}}, "'filters.max_cloud_cover' must be a finite"),
+        ({"grid": {"pixel_size": INF}}, "'grid.pixel_size' must be a finite"),
+        ({"grid": {"pixel_size": 5000}}, r"'grid.pixel_size' must be within \[0.001, 1000\]"),
+        ({"grid": {"offset": NAN}}, "'grid.offset' must be a finite"),
+        ({"grid": {"offset": 30}}, "'grid.offset' must be below grid.pixel_size"),
+        ({"grid": {"offset": -1}}, "'grid.offset' must be >= 0"),
+        (
+            {"bands": {"drop_wavelengths_nm": [[1000, INF]]}},
+            r"'bands.drop_wavelengths_nm\[0\]' must be a finite",
+        ),
+        (
+            {"bands": {"drop_wavelengths_nm": [[NAN, 1200]]}},
+            r"'bands.drop_wavelengths_nm\[0\]' must be a finite",
+        ),
+        ({"limits": {"memory_bytes": 0}}, "'limits.memory_bytes' must be an integer >= 1"),
+        ({"limits": {"scratch_bytes": -5}}, "'limits.scratch_bytes' must be an integer >= 1"),
+        ({"limits": {"memory_bytes": 1.5e9}}, "'limits.memory_bytes' must be an integer"),
+        ({"limits": {"xml_bytes": True}}, "'limits.xml_bytes' must be an integer"),
+        ({"limits": {"memory_bytes": 2**20, "xml_bytes": 2**21}}, "'limits.xml_bytes' .* must not exceed"),
+        ({"write": {"compression_level": 10}}, "'write.compression_level' must be 1-9"),
+    ],
+)
+def test_numbers_are_finite_and_in_range(raw, message):
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_dict({"name": "x", **raw}, source="m.yaml")
+
+
+def test_nan_read_from_yaml_is_an_error_not_no_limit(tmp_path):
+    # YAML's .nan and .inf are how such values really arrive
+    path = tmp_path / "m.yaml"
+    path.write_text("name: x\nquality:\n  max_fraction:\n    cloud: .nan\nfilters:\n  max_cloud_cover: 10\n")
+    with pytest.raises(
+        ManifestError, match=rf"^{path}: 'quality.max_fraction.cloud' must be a finite number"
+    ):
+        Manifest.from_yaml(path)
+    path.write_text("name: x\ngrid:\n  pixel_size: .inf\n")
+    with pytest.raises(ManifestError, match="'grid.pixel_size' must be a finite number, got inf"):
+        Manifest.from_yaml(path)
+
+
+@pytest.mark.parametrize("size", [7, 0, -128, 8, 24, 32, 40, 1000, 1040, 2048, True, 128.0, "128"])
+def test_patch_size_outside_the_grid_rule_is_refused_with_the_rule(size):
+    with pytest.raises(ManifestError) as caught:
+        Manifest.from_dict({"name": "x", "grid": {"patch_size": size}})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'grid.patch_size' must be a multiple of 16 from 16 to 1024" in message
+    assert "wider than 1000 m" in message and f"got {size!r}" in message
+
+
+def test_patch_size_rule_accepts_what_the_grid_allows():
+    from pipeline.grid import LOCATION_ID_MAX_INDEX, GridSpec
+
+    allowed = []
+    for size in range(1, 1100):
+        for pixel in (30.0, 62.6):
+            try:
+                grid = Manifest.from_dict(
+                    {
+                        "name": "x",
+                        "grid": {"patch_size": size, "pixel_size": pixel, "offset": 0},
+                        "write": {"patches_per_shard": 2},  # shards of the largest patches fit 3 GiB
+                    }
+                ).grid
+            except ManifestError:
+                continue
+            allowed.append((size, pixel))
+            # every accepted grid writes the largest UTM northing (10,000,000 m) as a 4-digit index
+            spec = GridSpec(grid.patch_size, grid.pixel_size, grid.offset)
+            assert int(10_000_000 // spec.cell_size) <= LOCATION_ID_MAX_INDEX
+    assert {s for s, p in allowed if p == 30.0} == set(range(48, 1025, 16))
+    assert {s for s, p in allowed if p == 62.6} == set(range(16, 1025, 16))
+
+
+def test_shard_too_large_for_the_memory_budget_is_refused_with_its_size():
+    with pytest.raises(ManifestError) as caught:
+        Manifest.from_dict({"name": "x", "write": {"patches_per_shard": 1_000_000_000}}, source="m.yaml")
+    message = str(caught.value)
+    assert "\n" not in message
+    # 1e9 x 224 bands x 128^2 px x 2 bytes = 7.34e15 bytes, over the default 3 GiB budget
+    assert message.startswith("m.yaml: 'write.patches_per_shard' 1000000000 makes one shard of 7.34 PB")
+    assert "limits.memory_bytes 3.22 GB" in message
+    assert "at most 438 patches per shard fit" in message
+    assert 438 * 224 * 128**2 * 2 <= 3 * 1024**3 < 439 * 224 * 128**2 * 2
+
+
+@pytest.mark.parametrize(
+    ("per_shard", "patch", "bands", "memory", "fits"),
+    [
+        (32, 128, 224, 3 * 1024**3, True),
+        (438, 128, 224, 3 * 1024**3, True),
+        (439, 128, 224, 3 * 1024**3, False),
+        (64, 256, None, 2 * 10**9, True),  # no expected_count: 224 bands, the worst case
+        (64, 256, None, 10**9, False),
+        (100, 128, 100, 100 * 100 * 128**2 * 2, True),
+        (101, 128, 100, 100 * 100 * 128**2 * 2, False),
+    ],
+)
+def test_shard_budget_matches_its_formula(per_shard, patch, bands, memory, fits):
+    raw = {
+        "name": "x",
+        "write": {"patches_per_shard": per_shard},
+        "grid": {"patch_size": patch},
+        "bands": {"expected_count": bands},
+        "limits": {"memory_bytes": memory, "xml_bytes": 1024},
+    }
+    if fits:
+        manifest = Manifest.from_dict(raw)
+        assert manifest.write.patches_per_shard == per_shard
+    else:
+        with pytest.raises(ManifestError, match="'write.patches_per_shard' .* above limits.memory_bytes"):
+            Manifest.from_dict(raw)
+
+
+def test_input_with_credentials_is_refused_without_echoing_them():
+    with pytest.raises(ManifestError) as caught:
+        Manifest.from_dict(
+            {"name": "x", "inputs": ["/data", "s3://KEYID7Q:Wq9/xTopsecretVALUE@bucket/x"]}, source="m.yaml"
+        )
+    message = str(caught.value)
+    assert message.startswith("m.yaml: 'inputs[1]': s3://***@bucket/x: credentials in a URI are refused")
+    assert "KEYID7Q" not in message and "Wq9" not in message and "TopsecretVALUE" not in message
