@@ -20,40 +20,6 @@ SECRET = "s3cr3t-never-logged"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's standalone S3 server in its own process on 127.0.0.1 (a thread in this process would
-    deadlock: GDAL holds the GIL while it waits for the server's answer)."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("moto's S3 server did not start") from None
-            time.sleep(0.2)
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=10)
-
-
 @pytest.fixture
 def s3_env(s3_server, monkeypatch, tmp_path):
     for name, value in {
