@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
+from pipeline.engine import StageResult, up_to_date
 from pipeline.manifest import Manifest
 from pipeline.storage import BuildStore, StageRecord, Stopwatch
+from pipeline.tables import STAC_ITEMS, STAC_ROOT, read_geodataframe_checked, read_table_checked
 
 STAGE = "catalog"
 
 
-def run_catalog(manifest: Manifest, store: BuildStore, force: bool = False) -> Any:
+def _outputs_valid(store: BuildStore) -> bool:
+    read_table_checked(store, STAC_ITEMS)
+    root = store.read_json(STAC_ROOT)
+    return isinstance(root, dict) and root.get("type") == "Catalog"
+
+
+def run_catalog(manifest: Manifest, store: BuildStore, force: bool = False) -> StageResult:
     from pipeline.dedup import INDEX_PATCHES
     from pipeline.inventory import SCENES_TABLE
-    from pipeline.mask import StageResult, read_scenes
+    from pipeline.mask import read_scenes
     from pipeline.write import SHARDS_TABLE, kept_band_axis
     from stac.catalog import build_catalog
 
@@ -27,12 +34,10 @@ def run_catalog(manifest: Manifest, store: BuildStore, force: bool = False) -> A
         digest.update(store.read_bytes(table))
     input_fingerprint = digest.hexdigest()[:16]
     config_hash = manifest.stage_hash(STAGE)
-    done = store.up_to_date(
-        STAGE, config_hash, input_fingerprint, ("stac/catalog.json", "stac/items.parquet"), force
-    )
+    done = up_to_date(store, STAGE, config_hash, input_fingerprint, lambda: _outputs_valid(store), force)
     if done:
-        return StageResult(done["counts"], skipped=True)
-    index = store.read_geodataframe(INDEX_PATCHES)
+        return done
+    index = read_geodataframe_checked(store, INDEX_PATCHES)
     used = [r for r in read_scenes(store) if r.scene_id in set(index["scene_id"])]
     summary = build_catalog(store, manifest.catalog, kept_band_axis(manifest, used))
     watch.lap("catalog")

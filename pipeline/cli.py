@@ -2,49 +2,134 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
+from pipeline.cloud import StorageError, refuse_credentials
 from pipeline.enmap.metadata import MetadataError
 from pipeline.enmap.product import ProductError
+from pipeline.errors import BuildFault, StageFailed, TransientError, one_line, redact
 from pipeline.export import SelectionError
+from pipeline.lock import BuildLock, LockError
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.run import SchedulerError, TaskFailed
 from pipeline.stages import StaleStageError
 
 EXPECTED_ERRORS = (
+    BuildFault,
+    StageFailed,
+    TransientError,
     StaleStageError,
     SelectionError,
     ManifestError,
     SchedulerError,
     ProductError,
     MetadataError,
-    FileNotFoundError,
     TaskFailed,
+    LockError,  # BuildLocked (another run holds the build), LockLost
+    StorageError,  # unusable storage settings or a URI carrying credentials
+    OSError,  # a file that is missing or unreadable, a full disk: the environment, said in one line
 )
+
+
+DEBUG_ENV = "SPECTRALEARTH_DEBUG"  # "1": an internal error also prints its (redacted) traceback
 
 
 class PipelineFailure(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"spectralearth: error: {self.format_message()}", err=True)
+        click.echo(f"spectralearth: error: {redact(self.format_message())}", err=True)
+
+
+# user info in a URI given on the command line (scheme://KEY:SECRET@host/...); a secret may hold '/'
+_ARGUMENT_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^@\s]+)@")
+
+
+def _argument_secrets(values: Iterable[Any]) -> list[str]:
+    """Credentials found in the command's arguments, longest first. Libraries echo parts of a URI
+    without its scheme (e.g. botocore's 'Invalid bucket name "KEY:SECRET@bucket"'), which `redact`
+    cannot recognise, so the literal texts are masked too."""
+    found: set[str] = set()
+    for value in values:
+        for text in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(text, str):
+                for match in _ARGUMENT_USERINFO.finditer(text):
+                    userinfo = match.group(1)
+                    found.update(part for part in (userinfo, *userinfo.split(":")) if len(part) >= 3)
+    return sorted(found, key=len, reverse=True)
+
+
+def _mask(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return redact(text)
+
+
+def _refuse_credentials(values: Iterable[Any]) -> None:
+    """Every URI argument (--build, --input, --export, ...) without credentials: they would reach logs,
+    tables and messages. Refused before any work, in one line that does not repeat them."""
+    for value in values:
+        for text in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(text, str):
+                refuse_credentials(text)
+
+
+def _one_line_call(
+    function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], raw: tuple[str, ...] = ()
+) -> Any:
+    """Run a command; whatever goes wrong ends in one line on stderr and a non-zero exit, never a
+    traceback (unless SPECTRALEARTH_DEBUG=1 asks for it), and never a credential. `raw`: the command
+    line's words, when the arguments are not parsed yet."""
+    arguments = [*args, *kwargs.values(), *raw]
+    secrets = _argument_secrets(arguments)
+    try:
+        _refuse_credentials(arguments)
+        return function(*args, **kwargs)
+    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except EXPECTED_ERRORS as exc:
+        raise PipelineFailure(_mask(one_line(exc), secrets)) from None
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV) == "1":
+            text = "".join(traceback.format_exception(exc))
+            click.echo(_mask(text, secrets).rstrip("\n"), err=True)
+            raise PipelineFailure(
+                _mask(f"internal error: {type(exc).__name__}: {one_line(exc)}", secrets)
+            ) from None
+        raise PipelineFailure(
+            _mask(
+                f"internal error: {type(exc).__name__}: {one_line(exc)}; "
+                f"rerun with {DEBUG_ENV}=1 for the traceback",
+                secrets,
+            )
+        ) from None
 
 
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Typed errors as one line (see `_one_line_call`); every command is wrapped in it."""
+
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except EXPECTED_ERRORS as exc:
-            raise PipelineFailure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        return _one_line_call(command, args, kwargs)
 
     return wrapper
+
+
+class OneLineGroup(click.Group):
+    """The command group: a command that forgot `@one_line_errors` still never shows a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return _one_line_call(super().invoke, (ctx,), {}, raw=tuple(ctx.args))
 
 
 def stage_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -90,13 +175,20 @@ def _require_products(result: Any, inputs: list[str], store: Any) -> None:
         )
 
 
+@contextmanager
+def _locked(store: Any, command: str) -> Iterator[BuildLock]:
+    """Hold the build's lock for the whole of a command that writes to it: one run at a time (SPEC)."""
+    with BuildLock(store, f"spectralearth {command}") as lock:
+        yield lock
+
+
 def _context(manifest_path: str, build: str, scheduler: str, workers: int | None, no_progress: bool) -> Any:
     from pipeline.stages import BuildContext
 
     return BuildContext.create(Manifest.from_yaml(manifest_path), build, scheduler, workers, not no_progress)
 
 
-@click.group()
+@click.group(cls=OneLineGroup)
 @click.version_option(package_name="spectralearth-pipeline")
 def main() -> None:
     """Build SpectralEarth-style hyperspectral patch datasets from EnMAP L2A products."""
@@ -126,7 +218,8 @@ def inventory(
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     all_inputs = _all_inputs(context, inputs)
-    result = context.run("inventory", inputs=all_inputs, force=force)
+    with _locked(context.store, "inventory"):
+        result = context.run("inventory", inputs=all_inputs, force=force)
     print_stage_summary("inventory", context.store, result)
     _require_products(result, all_inputs, context.store)
 
@@ -143,7 +236,8 @@ def _stage_command(name: str, doc: str) -> Callable[..., Any]:
         from pipeline.report import print_stage_summary
 
         context = _context(manifest_path, build, scheduler, workers, no_progress)
-        result = context.run(name, force=force)
+        with _locked(context.store, name):
+            result = context.run(name, force=force)
         print_stage_summary(name, context.store, result)
 
     command.__doc__ = doc
@@ -169,7 +263,8 @@ def report_command(
 ) -> None:
     """One self-contained HTML page about the build: report/index.html (funnel, map, spectra, samples)."""
     context = _context(manifest_path, build, scheduler, workers, no_progress)
-    click.echo(f"report: {context.run('report')}")
+    with _locked(context.store, "report"):
+        click.echo(f"report: {context.run('report')}")
 
 
 @main.command()
@@ -190,17 +285,19 @@ def split(build: str, name: str, kind: str, fractions: str, seed: int, block_cel
     from pipeline.splits import make_split
 
     parts = _floats(fractions, 3, "--fractions") or [0.8, 0.1, 0.1]
+    store = open_build(build)
     try:
-        summary = make_split(
-            open_build(build),
-            name,
-            kind=kind,  # type: ignore[arg-type]
-            fractions=(parts[0], parts[1], parts[2]),
-            seed=seed,
-            block_cells=block_cells,
-        )
+        with _locked(store, "split"):
+            summary = make_split(
+                store,
+                name,
+                kind=kind,  # type: ignore[arg-type]
+                fractions=(parts[0], parts[1], parts[2]),
+                seed=seed,
+                block_cells=block_cells,
+            )
     except ValueError as exc:
-        raise PipelineFailure(str(exc)) from None
+        raise PipelineFailure(one_line(exc)) from None
     counts = ", ".join(f"{k} {v}" for k, v in summary.patches.items())
     click.echo(f"split {name} ({kind}, seed {seed}): {counts} patch(es)")
 
@@ -227,11 +324,13 @@ def run_all(
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     all_inputs = _all_inputs(context, inputs)
-    for name in ORDER:
-        result = context.run(name, inputs=all_inputs, force=force)
-        print_stage_summary(name, context.store, result)
-        if name == "inventory":
-            _require_products(result, all_inputs, context.store)
+    with _locked(context.store, "run") as lock:
+        for name in ORDER:
+            result = context.run(name, inputs=all_inputs, force=force)
+            lock.check()  # a run that lost its build stops before the next stage
+            print_stage_summary(name, context.store, result)
+            if name == "inventory":
+                _require_products(result, all_inputs, context.store)
 
 
 @main.command()
@@ -243,7 +342,9 @@ def verify(build: str, repair: bool) -> None:
     from pipeline.query import open_build
     from pipeline.write import verify_build
 
-    result = verify_build(open_build(build), repair=repair)
+    store = open_build(build)
+    with _locked(store, "verify --repair") if repair else nullcontext():
+        result = verify_build(store, repair=repair)
     click.echo(
         f"verify: {result.shards} shards, {len(result.bad)} bad, {len(result.unrecorded)} without a record"
     )
@@ -276,17 +377,76 @@ def _geojson(text: str | None) -> Any:
 
     if text is None:
         return None
-    source = Path(text).read_text() if not text.lstrip().startswith("{") else text
+    if text.lstrip().startswith("{"):
+        source = text
+    else:
+        try:
+            source = Path(text).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise PipelineFailure(f"--intersects: cannot read {text}: {reason}") from None
     try:
         return json.loads(source)
     except json.JSONDecodeError as exc:
         raise PipelineFailure(f"--intersects is not GeoJSON: {exc}") from None
 
 
-@main.command()
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return "," not in word
+
+
+def join_bbox_words(args: list[str]) -> list[str]:
+    """`--bbox W S E N` (four words, as stac-client takes it) rewritten to `--bbox W,S,E,N`.
+
+    click gives an option a fixed number of values, so the words are joined before it parses them: up
+    to four number words right after `--bbox` become one value. A number word is never taken for an
+    option (`-72` is a longitude here, not `-7 2`). `--bbox=W,S,E,N` and `--bbox W,S,E,N` pass as they
+    are; words after `--` are left alone."""
+    out: list[str] = []
+    index = 0
+    while index < len(args):
+        word = args[index]
+        out.append(word)
+        index += 1
+        if word == "--":
+            out.extend(args[index:])
+            break
+        if word == "--bbox":
+            numbers: list[str] = []
+            while index < len(args) and len(numbers) < 4 and _is_number(args[index]):
+                numbers.append(args[index])
+                index += 1
+            if numbers:
+                out.append(",".join(numbers))
+    return out
+
+
+class BboxCommand(click.Command):
+    """A command whose `--bbox` takes four numbers as well as the comma form (see join_bbox_words)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, join_bbox_words(args))
+
+
+@main.command(cls=BboxCommand)
 @click.option("--build", required=True, help="Build location: a local folder or an s3:// prefix.")
-@click.option("--bbox", default=None, help="west,south,east,north in degrees (EPSG:4326).")
-@click.option("--intersects", default=None, help="GeoJSON geometry (a file or inline JSON).")
+@click.option(
+    "--bbox",
+    default=None,
+    metavar="W,S,E,N | W S E N",
+    help="west, south, east, north in degrees (EPSG:4326), comma-separated or as four numbers "
+    "(negative ones too). West > east crosses the antimeridian (STAC API).",
+)
+@click.option(
+    "--intersects",
+    default=None,
+    help="GeoJSON (a file or inline JSON): a geometry, a Feature (its geometry) or a FeatureCollection "
+    "(the union of its features' geometries).",
+)
 @click.option(
     "--datetime",
     "when",
@@ -296,9 +456,12 @@ def _geojson(text: str | None) -> Any:
 @click.option("--max-cloud", type=float, default=None, help="Largest eo:cloud_cover (percent).")
 @click.option("--min-dates", type=int, default=None, help="Only locations seen on at least this many dates.")
 @click.option("--ids", default=None, help="Comma-separated patch ids.")
-@click.option("--limit", type=int, default=None, help="At most this many results.")
+@click.option("--limit", type=int, default=None, help="At most this many results (0 to 1000000000).")
 @click.option(
-    "--split", "split_spec", default=None, help="NAME:SPLIT, e.g. blocked:train: only that split's patches."
+    "--split",
+    "split_spec",
+    default=None,
+    help="NAME:PART, e.g. blocked:train: only that part (train, validation, test, buffer) of a split.",
 )
 @click.option(
     "--format", "output", type=click.Choice(["ids", "geojson", "table"]), default="ids", show_default=True
@@ -332,13 +495,6 @@ def query(
     from pipeline.query import query as run_query
 
     id_list = ids.split(",") if ids else None
-    if split_spec:
-        from pipeline.query import open_build
-        from pipeline.splits import split_filter
-
-        split_name, _, part = split_spec.partition(":")
-        wanted = split_filter(open_build(build), split_name, part)
-        id_list = sorted(wanted & set(id_list)) if id_list is not None else sorted(wanted)
     try:
         result = run_query(
             build,
@@ -349,9 +505,10 @@ def query(
             min_dates=min_dates,
             ids=id_list,
             limit=limit,
+            split=split_spec,
         )
-    except ValueError as exc:
-        raise PipelineFailure(str(exc)) from None
+    except ValueError as exc:  # QueryError and the other bad values: one line
+        raise PipelineFailure(one_line(exc)) from None
     if output == "ids":
         for patch_id in result.ids:
             click.echo(patch_id)
@@ -466,10 +623,9 @@ def demo(
     """Synthesise a handful of products in mixed packaging and run the stages on them."""
     from pipeline.demo import run_demo
 
-    ok = run_demo(
-        _context(manifest_path, build, scheduler, workers, no_progress),
-        products_dir or f"{build.rstrip('/')}-products",
-    )
+    context = _context(manifest_path, build, scheduler, workers, no_progress)
+    with _locked(context.store, "demo"):
+        ok = run_demo(context, products_dir or f"{build.rstrip('/')}-products")
     if not ok:
         raise PipelineFailure("the demo build does not match what the generator made (see above)")
 

@@ -17,7 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.engine import StageResult, up_to_date
+from pipeline.errors import one_line
+from pipeline import tables
 from pipeline.grid import LOCATION_ID_MAX_INDEX, Cell, GridSpec
+from pipeline.storage import StageRecord, Stopwatch
+from pipeline.tables import CorruptOutput, read_geodataframe_checked, read_table_checked
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -230,15 +235,16 @@ def _cells_reached(bounds: np.ndarray, spec: GridSpec) -> tuple[np.ndarray, np.n
 
 # Stage I/O ---------------------------------------------------------------------------------------
 
-INDEX_PATCHES = "index/patches.parquet"
-INDEX_LOCATIONS = "index/locations.parquet"
-INDEX_RETIRED = "index/retired.parquet"
-INDEX_LINEAGE = "index/lineage.json"
+INDEX_PATCHES = tables.INDEX_PATCHES
+INDEX_LOCATIONS = tables.INDEX_LOCATIONS
+INDEX_RETIRED = tables.INDEX_RETIRED
+INDEX_LINEAGE = tables.INDEX_LINEAGE
 STAGE = "dedup"
 
 
 def candidates_from_plan(frame: Any) -> list[Candidate]:
-    kept = frame[frame["kept"]]
+    # As a boolean mask: an untyped empty column would otherwise select columns, not rows.
+    kept = frame[frame["kept"].astype(bool).to_numpy()]
     out = []
     for row in kept[
         [
@@ -371,34 +377,31 @@ def build_index(
     return patches, retired, locations, counts
 
 
-def run_dedup(manifest: Any, store: Any, force: bool = False) -> Any:
-    from pipeline.mask import StageResult
-    from pipeline.storage import StageRecord, Stopwatch
+def _outputs_valid(store: Any) -> bool:
+    for table in (INDEX_PATCHES, INDEX_LOCATIONS, INDEX_RETIRED):
+        read_table_checked(store, table)
+    return bool(store.read_json(INDEX_LINEAGE).get("lineage"))
+
+
+def run_dedup(manifest: Any, store: Any, force: bool = False) -> StageResult:
     from pipeline.tile import PATCHES_TABLE, grid_spec
 
     watch = Stopwatch()
-    if not store.exists(PATCHES_TABLE):
-        raise FileNotFoundError(f"{store.uri_of(PATCHES_TABLE)} is missing: run the tile stage first")
-    raw = store.read_bytes(PATCHES_TABLE)
-    input_fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+    plan = read_geodataframe_checked(store, PATCHES_TABLE)
+    input_fingerprint = hashlib.sha256(store.read_bytes(PATCHES_TABLE)).hexdigest()[:16]
     config_hash = manifest.stage_hash(STAGE)
-    done = store.up_to_date(STAGE, config_hash, input_fingerprint, (INDEX_PATCHES, INDEX_LOCATIONS), force)
+    done = up_to_date(store, STAGE, config_hash, input_fingerprint, lambda: _outputs_valid(store), force)
     if done:
-        return StageResult(done["counts"], skipped=True)
+        return done
     previous = store.read_stage_record(STAGE)
-    plan = store.read_geodataframe(PATCHES_TABLE)
     # Incremental: an index of the same configuration keeps its rows (new patches are appended);
-    # after a configuration change the index starts afresh with a new lineage.
+    # after a configuration change the index starts afresh with a new lineage. An index that does not
+    # validate is not trusted: the index starts afresh too.
     incremental = (
-        previous is not None
-        and previous["config_hash"] == config_hash
-        and store.exists(INDEX_PATCHES)
-        and store.exists(INDEX_LINEAGE)
+        not force and previous is not None and previous.get("config_hash") == config_hash and _readable(store)
     )
-    old = store.read_geodataframe(INDEX_PATCHES) if incremental else None
-    old_retired = (
-        store.read_geodataframe(INDEX_RETIRED) if incremental and store.exists(INDEX_RETIRED) else None
-    )
+    old = read_geodataframe_checked(store, INDEX_PATCHES) if incremental else None
+    old_retired = read_geodataframe_checked(store, INDEX_RETIRED) if incremental else None
     patches, retired, locations, counts = build_index(plan, grid_spec(manifest.grid), old, old_retired)
     watch.lap("dedup")
     lineage = (
@@ -416,6 +419,15 @@ def run_dedup(manifest: Any, store: Any, force: bool = False) -> Any:
     return StageResult(counts, skipped=False)
 
 
+def _readable(store: Any) -> bool:
+    """The previous index can be extended: its tables and lineage validate."""
+    try:
+        return _outputs_valid(store)
+    except (CorruptOutput, ValueError, KeyError, TypeError) as exc:
+        print(f"dedup: the previous index is not usable ({one_line(exc)}); starting it afresh")
+        return False
+
+
 def _retired_table(
     previous: Any, already_retired: Any, newly_retired: dict[int, str], columns: list[str]
 ) -> Any:
@@ -431,9 +443,7 @@ def _retired_table(
         leaving["retired_reason"] = leaving["row"].map(newly_retired)
         parts.append(leaving)
     if not parts:
-        return geopandas.GeoDataFrame(
-            columns=[*columns, "retired_reason"], geometry="geometry", crs="EPSG:4326"
-        )
+        return tables.empty_geodataframe(tables.INDEX_RETIRED_SCHEMA, [*columns, "retired_reason"])
     table = pd.concat(parts, ignore_index=True).drop_duplicates(subset="row", keep="first")
     table = table.drop(columns=[c for c in table.columns if c not in (*columns, "retired_reason")])
     return (
@@ -503,7 +513,7 @@ def _patches_table(plan: Any, chosen: list[ChosenPatch], row_of: dict[str, int],
     import geopandas
 
     if not chosen:
-        return geopandas.GeoDataFrame([], columns=columns, geometry="geometry", crs="EPSG:4326")
+        return tables.empty_geodataframe(tables.INDEX_PATCHES_SCHEMA, columns)
     fractions = [c for c in columns if c.endswith("_fraction")]
     positions = _plan_positions(
         plan, [p.candidate.scene_id for p in chosen], [p.candidate.location_id for p in chosen]
@@ -533,7 +543,7 @@ def _locations_table(patches: Any, overlaps: dict[str, tuple[str, ...]]) -> Any:
     import geopandas
 
     if not len(patches):
-        return geopandas.GeoDataFrame([], columns=_LOCATION_COLUMNS, geometry="geometry", crs="EPSG:4326")
+        return tables.empty_geodataframe(tables.INDEX_LOCATIONS_SCHEMA, _LOCATION_COLUMNS)
     first = patches.drop_duplicates("location_id", keep="first").sort_values("location_id", kind="stable")
     location_ids = first["location_id"].tolist()
     dates = (

@@ -66,6 +66,12 @@ class TransientError(RuntimeError):
     """A fault of the environment (network, timeout, permission, disk full, a lost worker)."""
 
 
+class BuildFault(RuntimeError):
+    """A build file (an earlier stage's output) that is missing or corrupt: never a product's rejection.
+    The stage fails at once, naming the stage to rerun; that stage redoes the item, since its outputs are
+    validated before they are trusted."""
+
+
 class StageFailed(RuntimeError):
     """A stage that could not finish because of a persistent transient fault; nothing was rejected."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -24,22 +24,37 @@ from rasterio.enums import Interleaving
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from pipeline import tables
+from pipeline.engine import (
+    ItemStage,
+    StageResult,
+    WorkItem,
+    content_key,
+    prune_checkpoints,
+    run_items,
+    up_to_date,
+)
 from pipeline.enmap.metadata import MetadataError, SceneMetadata
-from pipeline.enmap.names import SPECTRAL_IMAGE, ProductName, ProductNameError
+from pipeline.enmap.names import SPECTRAL_IMAGE, ProductName, ProductNameError, parse_file_name
 from pipeline.enmap.product import (
+    ArchiveRejected,
     OpenedProduct,
     ProductError,
     ProductLocation,
     ProductSource,
     Rejection,
+    discover,
+    format_size,
     iter_products,
 )
+from pipeline.errors import TransientError, is_transient, one_line
 from pipeline.manifest import Manifest
-from pipeline.storage import canonical_json
+from pipeline.storage import StageRecord, Stopwatch, canonical_json, fingerprint_of
+from pipeline.tables import read_geodataframe_checked, read_table_checked
 
 STAGE = "inventory"
-SCENES_TABLE = "inventory/scenes.parquet"
-REJECTED_TABLE = "inventory/rejected.parquet"
+SCENES_TABLE = tables.SCENES
+REJECTED_TABLE = tables.INVENTORY_REJECTED
 QUALITY_LAYERS = (
     "QL_QUALITY_CLASSES",
     "QL_QUALITY_CLOUD",
@@ -50,6 +65,13 @@ QUALITY_LAYERS = (
     "QL_PIXELMASK",
 )
 PIXEL_SIZE_M = 30.0
+# The name carries the start time truncated to whole seconds; METADATA.XML the exact one.
+START_TIME_TOLERANCE = timedelta(seconds=1)
+# What a raster file may hold beyond the end of its full-resolution data (overviews are at most a
+# third of it, plus IFDs and tags); a member holding more carries bytes no reader needs, which would
+# only cost an unpack (a cube with 20 GiB appended once went to scratch whole).
+APPENDED_SLACK_SHARE = 0.5
+APPENDED_SLACK_BYTES = 16 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +161,12 @@ def check_product(
             f"METADATA.XML datatake {metadata.datatake_id} tile {metadata.tile_id} "
             "disagree with the product name"
         )
-    present = location.basenames()
-    listed_missing = [f for f in metadata.file_names if f not in present]
+    if abs(metadata.start_time - name.start) > START_TIME_TOLERANCE:
+        raise ProductError(
+            f"metadata startTime {metadata.start_time.isoformat()} disagrees with the name's "
+            f"{name.start.isoformat()} (more than 1 s apart)"
+        )
+    listed_missing = [f for f in metadata.file_names if not _listed_file_present(f, location)]
     if listed_missing:
         raise ProductError(f"missing file listed in METADATA.XML: {listed_missing[0]}")
     for layer in (SPECTRAL_IMAGE, *QUALITY_LAYERS):
@@ -229,21 +255,48 @@ def check_product(
     )
 
 
-def read_raster_facts(path: str, stored_bytes: int | None = None) -> RasterFacts:
-    """Header facts of one raster, after checking it is whole: its last pixel is read, or, when the
-    raster is a ZIP member of `stored_bytes` (uncompressed) bytes, its data extent is checked against
-    that size."""
+def _listed_file_present(listed: str, location: ProductLocation) -> bool:
+    """A file METADATA.XML lists is present under its own name, in any case, or spelt as its
+    delivery spells that layer (`_COG.tiff` for `.TIF`, `-METADATA.XML.XML` for `-METADATA.XML`)."""
+    present = location.basenames()
+    if listed in present or listed.lower() in {name.lower() for name in present}:
+        return True
+    parsed = parse_file_name(listed)
+    if parsed is None:
+        return False
+    keys = {found.key for name in present if (found := parse_file_name(name)) is not None}
+    return parsed.key in keys
+
+
+def read_raster_facts(
+    path: str, stored_bytes: int | None = None, read_last_pixel: bool | None = None
+) -> RasterFacts:
+    """Header facts of one raster, after checking it is whole and holds nothing beyond its data.
+
+    With the file's size (`stored_bytes`, uncompressed for a ZIP member) the data extent its header
+    gives is checked against it: truncated when the data ends beyond it, refused when far more bytes
+    follow the data than overviews and tags could fill. The last pixel is read where that costs one
+    seek (`read_last_pixel`, default: when the size is unknown; never inside a ZIP, where it would
+    inflate the whole member). A read that fails because of the storage (permission, network) raises
+    TransientError: the product is not rejected for it.
+    """
     layer = path.rsplit("-", 1)[-1]
     try:
         with rasterio.open(path) as src:
             extent = data_extent(src) if stored_bytes is not None else None
-            if extent is None:
+            if extent is not None and stored_bytes is not None:
+                if extent > stored_bytes:
+                    raise ProductError(
+                        f"unreadable raster {layer}: truncated, its data ends at byte {extent} "
+                        f"but the file holds {stored_bytes}"
+                    )
+                if stored_bytes - extent > extent * APPENDED_SLACK_SHARE + APPENDED_SLACK_BYTES:
+                    raise ProductError(
+                        f"raster {layer} holds {format_size(stored_bytes)} but its data ends at "
+                        f"{format_size(extent)}: {format_size(stored_bytes - extent)} appended beyond it"
+                    )
+            if read_last_pixel or (read_last_pixel is None and extent is None):
                 src.read(src.count, window=Window(src.width - 1, src.height - 1, 1, 1))
-            elif extent > stored_bytes:  # type: ignore[operator]
-                raise ProductError(
-                    f"unreadable raster {layer}: truncated, its data ends at byte {extent} "
-                    f"but the file holds {stored_bytes}"
-                )
             epsg = src.crs.to_epsg() if src.crs else None
             t = src.transform
             return RasterFacts(
@@ -255,8 +308,9 @@ def read_raster_facts(path: str, stored_bytes: int | None = None) -> RasterFacts
                 transform=(t.a, t.b, t.c, t.d, t.e, t.f),
             )
     except RasterioError as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ProductError(f"unreadable raster {layer}: {message}") from None
+        if is_transient(exc):
+            raise TransientError(f"reading raster {layer}: {one_line(exc)}") from exc
+        raise ProductError(f"unreadable raster {layer}: {one_line(exc)}") from None
 
 
 def data_extent(src: Any) -> int | None:
@@ -286,11 +340,12 @@ def inspect_product(opened: OpenedProduct, manifest: Manifest) -> SceneRecord | 
     location = opened.location
     try:
         metadata_bytes = opened.metadata_bytes()
-        metadata = SceneMetadata.from_xml(metadata_bytes)
+        metadata = SceneMetadata.from_xml(metadata_bytes, max_bytes=manifest.limits.xml_bytes)
         layers = location.layers()
-        sizes = dict(location.members) if location.packaging != "folder" else {}
+        sizes = dict(location.members)
+        in_folder = location.packaging == "folder"
         rasters = {
-            layer: read_raster_facts(opened.gdal_path(layer), sizes.get(layers[layer]))
+            layer: read_raster_facts(opened.gdal_path(layer), sizes.get(layers[layer]), in_folder)
             for layer in (SPECTRAL_IMAGE, *QUALITY_LAYERS)
             if layer in layers
         }
@@ -309,13 +364,21 @@ def inspect_product(opened: OpenedProduct, manifest: Manifest) -> SceneRecord | 
 def inspect_source(
     source: ProductSource, manifest: Manifest, storage_options: dict | None = None
 ) -> list[SceneRecord | Rejection]:
-    """The per-source task: resolve the source into products and check each one."""
+    """The per-source task: resolve the source into products and check each one.
+
+    What the products are (corrupt, malformed, over budget, an archive refused whole) comes back as
+    rejections; a fault of the storage while listing or reading (OSError, a network or permission
+    error from GDAL) raises out of the task, so the stage retries it instead of rejecting anything.
+    """
     results: list[SceneRecord | Rejection] = []
     try:
-        for item in iter_products(source, storage_options):
+        for item in iter_products(source, storage_options, manifest.limits):
             results.append(item if isinstance(item, Rejection) else inspect_product(item, manifest))
-    except (ProductError, OSError) as exc:
-        results.append(Rejection(source.uri, None, STAGE, f"{type(exc).__name__}: {exc}"))
+    except ArchiveRejected as exc:
+        # Refused whole: whatever was read from it before the bad entry is dropped too.
+        return [Rejection(source.uri, None, STAGE, str(exc))]
+    except ProductError as exc:
+        results.append(Rejection(source.uri, None, STAGE, one_line(exc)))
     return results
 
 
@@ -402,15 +465,6 @@ def records_from_frame(frame: Any) -> list[SceneRecord]:
 # Stage I/O ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class InventoryResult:
-    counts: dict[str, Any]
-    skipped: bool  # True when the outputs were already up to date
-
-
-SOURCES_CACHE = "inventory/sources.json"
-
-
 def source_key(source: ProductSource) -> str:
     payload = [source.kind, source.uri, [list(e) for e in source.entries], source.stamp]
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:24]
@@ -463,10 +517,10 @@ def summarise(records: list[SceneRecord], rejections: list[Rejection]) -> dict[s
     }
 
 
-def _source_failed(source: ProductSource, exc: BaseException) -> list[SceneRecord | Rejection]:
-    from pipeline.run import failure_reason
-
-    return [Rejection(source.uri, None, STAGE, failure_reason(exc))]
+def _outputs_valid(store: Any) -> bool:
+    read_geodataframe_checked(store, SCENES_TABLE)
+    read_table_checked(store, REJECTED_TABLE)
+    return True
 
 
 def run_inventory(
@@ -476,50 +530,40 @@ def run_inventory(
     scheduler: Any,
     storage_options: dict | None = None,
     force: bool = False,
-) -> InventoryResult:
-    """Discover, check (one task per source), and write the inventory tables and stage record."""
-    from pipeline.enmap.product import discover
-    from pipeline.storage import StageRecord, Stopwatch
-
+) -> StageResult:
+    """Discover, check (one content-keyed, checkpointed task per source), and write the inventory
+    tables and stage record. A source listed exactly as before keeps its results."""
     watch = Stopwatch()
     sources, rejections = discover(inputs, storage_options)
     watch.lap("discover")
     config_hash = manifest.stage_hash(STAGE)
-    input_fingerprint = sources_fingerprint(sources)
-    done = store.up_to_date(STAGE, config_hash, input_fingerprint, (SCENES_TABLE, REJECTED_TABLE), force)
+    items = [WorkItem(content_key(source_key(s), config_hash), s.uri, s) for s in sources]
+    input_fingerprint = fingerprint_of(
+        [sorted(item.key for item in items), sorted(canonical_json(result_to_json(r)) for r in rejections)]
+    )
+    done = up_to_date(store, STAGE, config_hash, input_fingerprint, lambda: _outputs_valid(store), force)
     if done:
-        return InventoryResult(done["counts"], skipped=True)
-    previous = store.read_stage_record(STAGE)
-
-    # Incremental: a source listed exactly as before (same files, sizes, stamps) under the same
-    # configuration keeps its results; only new or changed sources are inspected.
-    cache: dict[str, list[SceneRecord | Rejection]] = {}
-    if not force and previous and previous["config_hash"] == config_hash and store.exists(SOURCES_CACHE):
-        cache = {
-            key: [result_from_json(r) for r in results]
-            for key, results in store.read_json(SOURCES_CACHE).items()
-        }
-    todo = [s for s in sources if source_key(s) not in cache]
-    fresh = scheduler.map(
-        inspect_source, todo, manifest, storage_options, label="inventory", on_error=_source_failed
+        return done
+    stage = ItemStage(
+        name=STAGE,
+        task=inspect_source,
+        task_args=(manifest, storage_options),
+        encode=lambda results: [result_to_json(r) for r in results],
+        decode=lambda data: [result_from_json(r) for r in data],
+        on_failure=lambda item, reason: [Rejection(item.payload.uri, None, STAGE, reason)],
     )
-    results_by_key = {
-        **{source_key(s): cache[source_key(s)] for s in sources if source_key(s) in cache},
-        **{source_key(s): r for s, r in zip(todo, fresh, strict=True)},
-    }
+    outcome = run_items(store, stage, items, scheduler, force=force)
     watch.lap("inspect")
-    store.write_json(
-        SOURCES_CACHE, {k: [result_to_json(r) for r in v] for k, v in sorted(results_by_key.items())}
-    )
-    per_source = [results_by_key[source_key(s)] for s in sources]
+    per_source = [outcome.results[item.key] for item in items]
     records, more_rejections = split_duplicates([item for items in per_source for item in items])
     rejections = rejections + more_rejections
     store.write_geodataframe(SCENES_TABLE, scenes_frame(records))
     store.write_table(REJECTED_TABLE, rejected_table(rejections))
+    prune_checkpoints(store, STAGE, [item.key for item in items])
     watch.lap("write")
     counts = summarise(records, rejections) | {
-        "sources_inspected": len(todo),
-        "sources_reused": len(sources) - len(todo),
+        "sources_inspected": outcome.done,
+        "sources_reused": outcome.reused,
     }
     store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
-    return InventoryResult(counts, skipped=False)
+    return StageResult(counts, skipped=False)

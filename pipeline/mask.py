@@ -5,6 +5,7 @@ scene-sized 2-D arrays plus one block of the kept bands; combine into the uint16
 `pipeline.quality`; write `mask/<scene_id>.tif` (tiled, deflate) atomically; report the fractions of
 each flag over the footprint and the kept bands that hold no data at all in this scene.
 This is the first of the two reads of the spectral cube a build makes (the other is `write`).
+The stage runs through `pipeline.engine`: one content-keyed, checkpointed task per scene.
 """
 
 from __future__ import annotations
@@ -20,8 +21,19 @@ from rasterio.errors import RasterioError
 from rasterio.io import MemoryFile
 from rasterio.windows import Window
 
+from pipeline import tables
+from pipeline.engine import (
+    ItemStage,
+    StageResult,
+    WorkItem,
+    content_key,
+    prune_checkpoints,
+    run_items,
+    up_to_date,
+)
 from pipeline.enmap.product import ProductError, Rejection, open_product
-from pipeline.inventory import SCENES_TABLE, SceneRecord, records_from_frame
+from pipeline.errors import TransientError, is_transient, one_line
+from pipeline.inventory import SCENES_TABLE, SceneRecord, records_from_frame, rejected_table
 from pipeline.manifest import Manifest
 from pipeline.quality import (
     BACKGROUND,
@@ -32,10 +44,11 @@ from pipeline.quality import (
     quality_bits,
 )
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of
+from pipeline.tables import read_geodataframe_checked, read_table_checked
 
 STAGE = "mask"
-MASKS_TABLE = "mask/masks.parquet"
-REJECTED_TABLE = "mask/rejected.parquet"
+MASKS_TABLE = tables.MASKS
+REJECTED_TABLE = tables.MASK_REJECTED
 BLOCK_ROWS = 128  # rows per read: one block of kept bands is ~B x 128 x W int16 (about 65 MB at full size)
 # rasterio passes an integer GDAL_CACHEMAX to GDAL as bytes (256 would mean 256 bytes, and a BIP cube
 # read band by band then re-reads every scanline once per band).
@@ -44,7 +57,7 @@ BINARY_LAYERS = ("QL_QUALITY_CLOUD", "QL_QUALITY_CLOUDSHADOW", "QL_QUALITY_HAZE"
 
 
 def mask_path(scene_id: str) -> str:
-    return f"mask/{scene_id}.tif"
+    return tables.mask_raster(scene_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +182,16 @@ def mask_scene(
     try:
         bits, valid = compute_mask(record, kept, storage_options)
     except (RasterioError, ProductError, OSError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return Rejection(record.source_uri, record.scene_id, STAGE, f"unreadable while masking: {message}")
+        if is_transient(exc):
+            raise
+        if isinstance(exc, FileNotFoundError) or "No such file" in str(exc):
+            # The product changed under the build since inventory: not a property of the product.
+            raise TransientError(
+                f"{record.scene_id}: a file of the product vanished: {one_line(exc)}"
+            ) from exc
+        return Rejection(
+            record.source_uri, record.scene_id, STAGE, f"unreadable while masking: {one_line(exc)}"
+        )
     encoded = encode_mask(record, bits)
     store.write_bytes(mask_path(record.scene_id), encoded)
     return summarise_mask(
@@ -234,21 +255,53 @@ def summaries_from_table(table: pa.Table) -> list[MaskSummary]:
 
 
 def read_scenes(store: BuildStore) -> list[SceneRecord]:
-    if not store.exists(SCENES_TABLE):
-        raise FileNotFoundError(f"{store.uri_of(SCENES_TABLE)} is missing: run the inventory stage first")
-    return records_from_frame(store.read_geodataframe(SCENES_TABLE))
+    return records_from_frame(read_geodataframe_checked(store, SCENES_TABLE))
 
 
-@dataclass(frozen=True, slots=True)
-class StageResult:
-    counts: dict[str, Any]
-    skipped: bool
+# The stage -----------------------------------------------------------------------------------------
 
 
-def _scene_failed(record: SceneRecord, exc: BaseException) -> Rejection:
-    from pipeline.run import failure_reason
+def encode_result(result: MaskSummary | Rejection) -> dict[str, Any]:
+    """A checkpoint of one scene's result (JSON)."""
+    if isinstance(result, Rejection):
+        return {"rejection": asdict(result)}
+    return {"summary": asdict(result)}
 
-    return Rejection(record.source_uri, record.scene_id, STAGE, failure_reason(exc))
+
+def decode_result(data: dict[str, Any]) -> MaskSummary | Rejection:
+    if "rejection" in data:
+        return Rejection(**data["rejection"])
+    row = dict(data["summary"])
+    return MaskSummary(
+        scene_id=str(row["scene_id"]),
+        fingerprint=str(row["fingerprint"]),
+        config_hash=str(row["config_hash"]),
+        mask_sha256=str(row["mask_sha256"]),
+        kept_bands=tuple(int(b) for b in row["kept_bands"]),
+        empty_kept_bands=tuple(int(b) for b in row["empty_kept_bands"]),
+        footprint_pixels=int(row["footprint_pixels"]),
+        fractions=tuple((str(flag), float(value)) for flag, value in row["fractions"]),
+    )
+
+
+def _mask_intact(store: BuildStore, result: MaskSummary | Rejection) -> bool:
+    """A saved mask result holds while its mask file has the checksum it was made with."""
+    if isinstance(result, Rejection):
+        return True
+    path = mask_path(result.scene_id)
+    try:
+        return hashlib.sha256(store.read_bytes(path)).hexdigest() == result.mask_sha256
+    except FileNotFoundError:
+        return False
+
+
+def _outputs_valid(store: BuildStore, scene_ids: list[str]) -> bool:
+    summaries = summaries_from_table(read_table_checked(store, MASKS_TABLE))
+    read_table_checked(store, REJECTED_TABLE)
+    listed = {s.scene_id for s in summaries}
+    present = set(store.fs.find(store.path("mask"))) if store.exists("mask") else set()
+    present = {p.rsplit("/", 1)[-1] for p in present}
+    return listed <= set(scene_ids) and all(mask_path(s).rsplit("/", 1)[-1] in present for s in listed)
 
 
 def run_mask(
@@ -258,50 +311,41 @@ def run_mask(
     storage_options: dict | None = None,
     force: bool = False,
 ) -> StageResult:
-    """Mask every inventoried scene; reuse the masks of scenes whose product and settings are unchanged."""
-    from pipeline.inventory import rejected_table
-
+    """Mask every inventoried scene; a scene whose product and settings are unchanged keeps its mask."""
     watch = Stopwatch()
     records = read_scenes(store)
     config_hash = stage_config_hash(manifest)
-    input_fingerprint = fingerprint_of(sorted((r.scene_id, r.fingerprint) for r in records))
-    done = store.up_to_date(STAGE, config_hash, input_fingerprint, (MASKS_TABLE,), force)
-    if done:
-        return StageResult(done["counts"], skipped=True)
-
-    # Resume: a scene whose mask exists, matches its recorded checksum, and was made from the same
-    # product with the same settings is not masked again.
-    reusable: dict[str, MaskSummary] = {}
-    if not force and store.exists(MASKS_TABLE):
-        for summary in summaries_from_table(store.read_table(MASKS_TABLE)):
-            reusable[summary.scene_id] = summary
-    fresh: list[MaskSummary] = []
-    todo: list[SceneRecord] = []
-    for record in records:
-        old = reusable.get(record.scene_id)
-        if (
-            old
-            and old.fingerprint == record.fingerprint
-            and old.config_hash == config_hash
-            and store.exists(mask_path(record.scene_id))
-            and hashlib.sha256(store.read_bytes(mask_path(record.scene_id))).hexdigest() == old.mask_sha256
-        ):
-            fresh.append(old)
-        else:
-            todo.append(record)
-    watch.lap("plan")
-    results = scheduler.map(
-        mask_scene, todo, manifest, store.uri, storage_options, label="mask", on_error=_scene_failed
+    items = [WorkItem(content_key(r.fingerprint, config_hash), r.scene_id, r) for r in records]
+    input_fingerprint = fingerprint_of(sorted(item.key for item in items))
+    scene_ids = [r.scene_id for r in records]
+    done = up_to_date(
+        store, STAGE, config_hash, input_fingerprint, lambda: _outputs_valid(store, scene_ids), force
     )
+    if done:
+        return done
+    stage = ItemStage(
+        name=STAGE,
+        task=mask_scene,
+        task_args=(manifest, store.uri, storage_options),
+        encode=encode_result,
+        decode=decode_result,
+        on_failure=lambda item, reason: Rejection(
+            item.payload.source_uri, item.payload.scene_id, STAGE, reason
+        ),
+        still_valid=lambda item, result: _mask_intact(store, result),
+    )
+    outcome = run_items(store, stage, items, scheduler, force=force)
     watch.lap("mask")
-    summaries = fresh + [r for r in results if isinstance(r, MaskSummary)]
+    results = [outcome.results[item.key] for item in items]
+    summaries = [r for r in results if isinstance(r, MaskSummary)]
     rejections = [r for r in results if isinstance(r, Rejection)]
     store.write_table(MASKS_TABLE, masks_table(summaries))
     store.write_table(REJECTED_TABLE, rejected_table(rejections))
+    prune_checkpoints(store, STAGE, [item.key for item in items])
     counts = {
         "scenes": len(records),
         "masked": len(summaries),
-        "reused": len(fresh),
+        "reused": outcome.reused,
         "rejected": len(rejections),
         "scenes_with_empty_kept_bands": sum(1 for s in summaries if s.empty_kept_bands),
         "kept_bands": len(summaries[0].kept_bands) if summaries else 0,

@@ -9,26 +9,26 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import os
-import signal
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import dask
 from dask.diagnostics import ProgressBar
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.cloud import GDAL_DEFAULTS, apply_gdal_config
+from pipeline.engine import DEFAULT_RETRY, RetryPolicy, WorkItem, describe
 
 T = TypeVar("T")
 LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")
 DISTRIBUTED_LOCAL = "local"  # a LocalCluster of worker processes sized to the machine (the default)
-# Test-only fault injection: "<mode>:<text>:<marker folder>" makes the task whose item's text contains
-# <text> exit its process hard, once ("kill-once", recorded by a marker file) or every time ("kill-always").
-FAULT_ENV = "SPECTRALEARTH_FAULT"
+# Workers that declare this resource (`dask worker --resources "unpack=1"`) run at most one product-reading
+# task at a time: one unpacked product per worker. Our LocalCluster declares it.
+UNPACK_RESOURCE = "unpack"
 
 
 _LOCAL_CLUSTERS: dict[tuple[int, int], Any] = {}
@@ -50,31 +50,11 @@ class TaskFailed(RuntimeError):
     """A task that failed on every try; the message names the item."""
 
 
-def _inject_fault(item: Any) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    mode, text, marker_dir = spec.split(":", 2)
-    if text not in repr(item):
-        return
-    marker = Path(marker_dir) / f"killed-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-    if mode == "kill-once":
-        if marker.exists():
-            return
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    elif mode != "kill-always":
-        return
-    sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def call_with_config(
     function: Callable[..., T], config: tuple[tuple[str, str], ...], item: Any, *args: Any
 ) -> T:
     """Run one task: set GDAL's configuration in this process, then call the stage function."""
     apply_gdal_config(dict(config))
-    _inject_fault(item)
     return function(item, *args)
 
 
@@ -86,6 +66,8 @@ class Scheduler:
     gdal_config: tuple[tuple[str, str], ...] = field(default=tuple(sorted(GDAL_DEFAULTS.items())))
     # How often a task may lose its worker before it counts as failed (distributed only).
     allowed_failures: int = 2
+    # Backoff of a task that hits a transient fault (pipeline.engine.with_retries).
+    retry: RetryPolicy = DEFAULT_RETRY
 
     def __post_init__(self) -> None:
         if (
@@ -102,7 +84,12 @@ class Scheduler:
     def with_config(self, config: Mapping[str, str]) -> Scheduler:
         merged = dict(self.gdal_config) | dict(config)
         return Scheduler(
-            self.name, self.workers, self.progress, tuple(sorted(merged.items())), self.allowed_failures
+            self.name,
+            self.workers,
+            self.progress,
+            tuple(sorted(merged.items())),
+            self.allowed_failures,
+            self.retry,
         )
 
     @property
@@ -140,6 +127,7 @@ class Scheduler:
                 except OSError as exc:
                     raise SchedulerError(f"cannot reach the Dask scheduler at {self.name}: {exc}") from None
                 with client:
+                    client.register_plugin(GdalSettings(self.gdal_config), name=GdalSettings.name)
                     yield client
                 return
             workers = self.parallelism
@@ -154,10 +142,97 @@ class Scheduler:
                     processes=True,
                     dashboard_address=":0",  # any free port: never clash with another cluster
                     silence_logs=40,
+                    resources={UNPACK_RESOURCE: 1},
                 )
                 _LOCAL_CLUSTERS[key] = cluster
             with Client(cluster) as client:
+                client.register_plugin(GdalSettings(self.gdal_config), name=GdalSettings.name)
                 yield client
+
+    def run_items(
+        self,
+        task: Callable[..., Any],
+        items: Sequence[WorkItem],
+        args: tuple[Any, ...],
+        settle: Callable[[WorkItem, Any, BaseException | None], None],
+        *,
+        label: str = "",
+    ) -> None:
+        """Run `task(item.payload, *args)` for every item, one task each, and call
+        `settle(item, result, None)` (or `settle(item, None, error)`) on this process as each one finishes,
+        in completion order, so the caller can checkpoint results while the others still run."""
+        if not items:
+            return
+        if label and self.progress:
+            print(f"{label}: {len(items)} tasks", flush=True)
+        if self.distributed:
+            self._run_items_distributed(task, items, args, settle, label)
+        elif self.name == "synchronous":
+            bar = _progress_bar(len(items), label, self.progress)
+            for item in items:
+                try:
+                    result, error = call_with_config(task, self.gdal_config, item.payload, *args), None
+                except Exception as exc:
+                    result, error = None, exc
+                settle(item, result, error)
+                bar.update(1)
+            bar.close()
+        else:
+            executor: Executor = (
+                ThreadPoolExecutor(self.parallelism)
+                if self.name == "threads"
+                else ProcessPoolExecutor(self.parallelism)
+            )
+            with executor:
+                self._settle_futures(
+                    {
+                        executor.submit(call_with_config, task, self.gdal_config, item.payload, *args): item
+                        for item in items
+                    },
+                    settle,
+                    label,
+                )
+
+    def _settle_futures(self, pending: dict[Any, WorkItem], settle, label: str) -> None:
+        bar = _progress_bar(len(pending), label, self.progress)
+        while pending:
+            done, _ = wait_futures(list(pending), return_when=FIRST_COMPLETED)
+            for future in done:
+                item = pending.pop(future)
+                error = future.exception()
+                settle(item, None if error else future.result(), error)
+                bar.update(1)
+        bar.close()
+
+    def _run_items_distributed(self, task, items, args, settle, label: str) -> None:
+        from distributed import as_completed
+
+        with self.client() as client:
+            resources = _unpack_resources(client, label)
+            futures = {
+                client.submit(
+                    call_with_config,
+                    task,
+                    self.gdal_config,
+                    item.payload,
+                    *args,
+                    key=f"{label or 'task'}-{_key_safe(item.label)}-{k:06d}-{item.key}",
+                    pure=False,
+                    retries=1,  # after the task's own backoff: once more, maybe on another worker
+                    resources=resources,
+                ): item
+                for k, item in enumerate(items)
+            }
+            bar = _progress_bar(len(futures), label, self.progress)
+            for future in as_completed(list(futures)):
+                item = futures[future]
+                if future.status == "finished":
+                    settle(item, future.result(), None)
+                else:
+                    error = future.exception() if future.status == "error" else None
+                    settle(item, None, error or _Lost(f"task {future.key} was {future.status}"))
+                bar.update(1)
+            bar.close()
 
     def map(
         self,
@@ -325,6 +400,50 @@ class Scheduler:
         raise TaskFailed(f"task for {describe(item)} failed: {type(value).__name__}: {value}") from value
 
 
+class GdalSettings(WorkerPlugin):
+    """A distributed worker plugin: every worker (a restarted one too) applies the build's GDAL
+    configuration (cache size, threads, S3 endpoint) when it starts, before it runs a task."""
+
+    name = "spectralearth-gdal"
+
+    def __init__(self, config: tuple[tuple[str, str], ...]) -> None:
+        self.config = config
+
+    def setup(self, worker: Any) -> None:
+        apply_gdal_config(dict(self.config))
+
+
+class _Lost(ConnectionError):
+    """A future that ended neither finished nor failed (cancelled, or lost while workers restarted)."""
+
+
+def _key_safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[-80:]
+
+
+def _unpack_resources(client: Any, label: str) -> dict[str, float] | None:
+    """`{"unpack": 1}` when every worker declares that resource, so one product-reading task runs per
+    worker; None otherwise (an external cluster whose workers declare nothing: we say so and run
+    unconstrained rather than wait forever for a resource no worker has)."""
+    workers = client.scheduler_info().get("workers", {})
+    if workers and all(UNPACK_RESOURCE in (w.get("resources") or {}) for w in workers.values()):
+        return {UNPACK_RESOURCE: 1}
+    if workers:
+        print(
+            f"{label}: the cluster's workers declare no '{UNPACK_RESOURCE}' resource; tasks run "
+            f'unconstrained (start workers with --resources "{UNPACK_RESOURCE}=1" to hold one unpacked '
+            "product per worker)",
+            flush=True,
+        )
+    return None
+
+
+def _progress_bar(total: int, label: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label or "tasks", disable=not enabled, mininterval=0.5, leave=False)
+
+
 def _guarded(
     function: Callable[..., Any], config: tuple[tuple[str, str], ...], item: Any, *args: Any
 ) -> tuple[str, Any]:
@@ -348,16 +467,3 @@ def failure_reason(exc: BaseException) -> str:
         return "worker process died on every try: the product keeps killing workers"
     message = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-def describe(item: Any) -> str:
-    for attribute in ("scene_id", "uri"):
-        if hasattr(item, attribute):
-            return str(getattr(item, attribute))
-    if isinstance(item, tuple) and item:
-        return describe(item[0])
-    if hasattr(item, "scenes"):
-        return f"write task {item.number} (scenes {', '.join(item.scenes)})"
-    if hasattr(item, "job"):
-        return f"shard {item.job.shard}"
-    return type(item).__name__

@@ -23,7 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-STAGES_DIR = "_stages"
+from pipeline import tables
+
+STAGES_DIR = tables.STAGES_DIR
 
 
 def is_remote(uri: str) -> bool:
@@ -84,9 +86,21 @@ class BuildStore:
         return bool(self.fs.exists(self.path(relative)))
 
     def read_bytes(self, relative: str) -> bytes:
-        return bytes(self.fs.cat_file(self.path(relative)))
+        return bytes(_retrying(self.fs.cat_file, self.path(relative)))
+
+    def cat_many(self, paths: list[str]) -> dict[str, bytes]:
+        """Several objects at once (full paths as `path()` gives them): concurrent GETs on S3."""
+        if not paths:
+            return {}
+        found = _retrying(self.fs.cat, paths, on_error="omit")
+        # fsspec may return keys without the protocol; map them back to the paths asked for.
+        by_stripped = {self.fs._strip_protocol(p): p for p in paths}
+        return {by_stripped.get(self.fs._strip_protocol(k), k): bytes(v) for k, v in found.items()}
 
     def write_bytes(self, relative: str, data: bytes) -> None:
+        _retrying(self._write_bytes, relative, data)
+
+    def _write_bytes(self, relative: str, data: bytes) -> None:
         target = self.path(relative)
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -129,7 +143,7 @@ class BuildStore:
 
     # Stage records -------------------------------------------------------------------------------
     def stage_record_path(self, stage: str) -> str:
-        return f"{STAGES_DIR}/{stage}.json"
+        return tables.stage_record(stage)
 
     def read_stage_record(self, stage: str) -> dict[str, Any] | None:
         relative = self.stage_record_path(stage)
@@ -158,6 +172,26 @@ class BuildStore:
         ):
             return None
         return previous
+
+
+# Reads and writes of the build location ride out a brief outage of the store (a restarting S3
+# endpoint, a full disk being cleaned): transient faults are retried with backoff, others raised at once.
+STORE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def _retrying(function: Any, *args: Any, **kwargs: Any) -> Any:
+    from pipeline.errors import is_transient
+
+    for delay in (*STORE_RETRY_DELAYS, None):
+        try:
+            return function(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            if delay is None or not is_transient(exc):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def software_versions() -> dict[str, str]:

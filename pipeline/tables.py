@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import BuildFault
 from pipeline.quality import FLAG_NAMES
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ def producer_of(path: str) -> str:
 # Errors --------------------------------------------------------------------------------------------
 
 
-class CorruptOutput(ValueError):
+class CorruptOutput(BuildFault, ValueError):
     """A build file that cannot be trusted; its one-line message names it and what remakes it."""
 
     def __init__(self, path: str, reason: str) -> None:
@@ -611,3 +612,24 @@ def check_written(store: BuildStore, path: str) -> None:
     else:
         reader = read_json_checked
     reader(store, path)
+
+
+# Empty tables --------------------------------------------------------------------------------------
+
+
+def empty_geodataframe(schema: TableSchema, columns: Sequence[str] | None = None) -> Any:
+    """A GeoDataFrame of no rows whose columns have the declared types (so that an empty build's table
+    reads like any other: datetimes are datetimes, `kept` is boolean); `columns` picks and orders them
+    (an undeclared `*_fraction` column is float64, any other undeclared one untyped)."""
+    import geopandas
+
+    declared = {c.name: c.type for c in schema.columns}
+    names = list(columns) if columns is not None else list(schema.names)
+
+    def kind(name: str) -> pa.DataType:
+        return declared.get(name, pa.float64() if name.endswith("_fraction") else pa.null())
+
+    frame = pa.schema([(n, kind(n)) for n in names if n != schema.geometry]).empty_table().to_pandas()
+    geometry = schema.geometry or "geometry"
+    frame[geometry] = geopandas.GeoSeries([], crs="EPSG:4326")
+    return geopandas.GeoDataFrame(frame[names] if geometry in names else frame, geometry=geometry, crs="EPSG:4326")

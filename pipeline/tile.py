@@ -8,23 +8,36 @@ Only the masks are read here; no pixels of the cube are copied.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from rasterio.io import MemoryFile
 
+from pipeline.engine import (
+    ItemStage,
+    StageResult,
+    WorkItem,
+    content_key,
+    prune_checkpoints,
+    run_items,
+    up_to_date,
+)
+from pipeline import tables
 from pipeline.enmap.product import Rejection
+from pipeline.errors import BuildFault
 from pipeline.grid import Cell, GridSpec, OffLatticeError, cell_bounds, cells_in_raster, check_lattice
-from pipeline.inventory import SceneRecord
+from pipeline.inventory import SceneRecord, rejected_table
 from pipeline.manifest import GridSettings, Manifest, QualityPolicy
-from pipeline.mask import MASKS_TABLE, MaskSummary, StageResult, mask_path, read_scenes, summaries_from_table
+from pipeline.mask import MASKS_TABLE, MaskSummary, mask_path, read_scenes, summaries_from_table
 from pipeline.quality import BACKGROUND, FLAG_NAMES, flag_present
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of
+from pipeline.tables import read_table_checked
 
 STAGE = "tile"
-PATCHES_TABLE = "plan/patches.parquet"
-REJECTED_TABLE = "plan/rejected.parquet"
+PATCHES_TABLE = tables.PLAN_PATCHES
+REJECTED_TABLE = tables.PLAN_REJECTED
 
 
 def grid_spec(settings: GridSettings) -> GridSpec:
@@ -128,8 +141,18 @@ def cell_polygon_lonlat(cells: list[Cell], spec: GridSpec) -> list[Any]:
     return polygons
 
 
-def read_mask(store: BuildStore, scene_id: str) -> np.ndarray:
-    with MemoryFile(store.read_bytes(mask_path(scene_id))) as memory, memory.open() as src:
+def read_mask(store: BuildStore, scene_id: str, sha256: str | None = None) -> np.ndarray:
+    """A scene's mask; with `sha256`, checked first: a mask that does not match is removed (so the mask
+    stage redoes it) and reported as a BuildFault, never planned from."""
+    path = mask_path(scene_id)
+    try:
+        data = store.read_bytes(path)
+    except FileNotFoundError:
+        raise BuildFault(f"{path} is missing: rerun mask (or run)") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        store.fs.rm(store.path(path))
+        raise BuildFault(f"{path} did not match its checksum and was removed: rerun mask (or run)")
+    with MemoryFile(data) as memory, memory.open() as src:
         return np.asarray(src.read(1))
 
 
@@ -150,7 +173,7 @@ def plan_scene(
             return Rejection(record.source_uri, record.scene_id, STAGE, f"off the grid lattice: {exc}")
         transform = snap_to_lattice(transform, spec)
         check_lattice(transform, spec)
-    bits = read_mask(BuildStore(build_uri, storage_options or {}), record.scene_id)
+    bits = read_mask(BuildStore(build_uri, storage_options or {}), record.scene_id, summary.mask_sha256)
     decisions = decide_cells(bits, transform, record.epsg, spec, manifest.quality, summary.empty_kept_bands)
     polygons = cell_polygon_lonlat([d.cell for d in decisions], spec)
     rows = []
@@ -215,6 +238,8 @@ def patches_frame(rows: list[dict[str, Any]]) -> Any:
         *[f"{flag}_fraction" for flag in FLAG_NAMES],
         "geometry",
     ]
+    if not rows:  # every scene dropped or without a candidate: still the plan's columns and types
+        return tables.empty_geodataframe(tables.PLAN_SCHEMA, columns)
     ordered = sorted(rows, key=lambda r: (r["scene_id"], r["row_off"], r["col_off"]))
     frame = geopandas.GeoDataFrame(ordered, columns=columns, geometry="geometry", crs="EPSG:4326")
     frame["reason"] = frame["reason"].astype("string")
@@ -225,6 +250,43 @@ def stage_config_hash(manifest: Manifest) -> str:
     return manifest.stage_hash(STAGE)
 
 
+def encode_result(result: list[dict[str, Any]] | Rejection) -> dict[str, Any]:
+    """A checkpoint of one scene's plan rows (JSON, exact: WKB geometry, ISO times, float repr)."""
+    if isinstance(result, Rejection):
+        return {"rejection": asdict(result)}
+    rows = []
+    for row in result:
+        out = dict(row)
+        out["geometry"] = row["geometry"].wkb_hex
+        out["start_time"] = row["start_time"].isoformat()
+        out["datatake_start"] = row["datatake_start"].isoformat()
+        rows.append(out)
+    return {"rows": rows}
+
+
+def decode_result(data: dict[str, Any]) -> list[dict[str, Any]] | Rejection:
+    from datetime import datetime
+
+    import shapely
+
+    if "rejection" in data:
+        return Rejection(**data["rejection"])
+    rows = []
+    for row in data["rows"]:
+        out = dict(row)
+        out["geometry"] = shapely.from_wkb(bytes.fromhex(row["geometry"]))
+        out["start_time"] = datetime.fromisoformat(row["start_time"])
+        out["datatake_start"] = datetime.fromisoformat(row["datatake_start"])
+        rows.append(out)
+    return rows
+
+
+def _outputs_valid(store: BuildStore) -> bool:
+    read_table_checked(store, PATCHES_TABLE)
+    read_table_checked(store, REJECTED_TABLE)
+    return True
+
+
 def run_tile(
     manifest: Manifest,
     store: BuildStore,
@@ -232,38 +294,45 @@ def run_tile(
     storage_options: dict | None = None,
     force: bool = False,
 ) -> StageResult:
-    from pipeline.inventory import rejected_table
-
+    """Plan every masked scene; a scene whose product, mask and settings are unchanged keeps its rows."""
     watch = Stopwatch()
     records = {r.scene_id: r for r in read_scenes(store)}
     if not store.exists(MASKS_TABLE):
         raise FileNotFoundError(f"{store.uri_of(MASKS_TABLE)} is missing: run the mask stage first")
-    summaries = [s for s in summaries_from_table(store.read_table(MASKS_TABLE)) if s.scene_id in records]
+    summaries = [
+        s for s in summaries_from_table(read_table_checked(store, MASKS_TABLE)) if s.scene_id in records
+    ]
     config_hash = stage_config_hash(manifest)
-    input_fingerprint = fingerprint_of(sorted((s.scene_id, s.mask_sha256) for s in summaries))
-    done = store.up_to_date(STAGE, config_hash, input_fingerprint, (PATCHES_TABLE,), force)
+    items = [
+        WorkItem(
+            content_key(records[s.scene_id].fingerprint, s.mask_sha256, config_hash),
+            s.scene_id,
+            (records[s.scene_id], s),
+        )
+        for s in summaries
+    ]
+    input_fingerprint = fingerprint_of(sorted(item.key for item in items))
+    done = up_to_date(store, STAGE, config_hash, input_fingerprint, lambda: _outputs_valid(store), force)
     if done:
-        return StageResult(done["counts"], skipped=True)
-    previous = store.read_stage_record(STAGE)
-    # Incremental: a scene whose mask is unchanged under the same configuration keeps its plan rows.
-    reused: dict[str, list[dict[str, Any]]] = {}
-    if not force and previous and previous["config_hash"] == config_hash and store.exists(PATCHES_TABLE):
-        old = store.read_geodataframe(PATCHES_TABLE)
-        if "mask_sha256" in old.columns:
-            current = {s.scene_id: s.mask_sha256 for s in summaries}
-            for scene_id, group in old.groupby("scene_id"):
-                if current.get(scene_id) == group["mask_sha256"].iloc[0]:
-                    reused[scene_id] = _rows_of(group)
-    pairs = [(records[s.scene_id], s) for s in summaries if s.scene_id not in reused]
-    results = scheduler.map(
-        _plan_pair, pairs, manifest, store.uri, storage_options, label="tile", on_error=_pair_failed
+        return done
+    stage = ItemStage(
+        name=STAGE,
+        task=_plan_pair,
+        task_args=(manifest, store.uri, storage_options),
+        encode=encode_result,
+        decode=decode_result,
+        on_failure=lambda item, reason: Rejection(
+            item.payload[0].source_uri, item.payload[0].scene_id, STAGE, reason
+        ),
     )
+    outcome = run_items(store, stage, items, scheduler, force=force)
     watch.lap("tile")
-    rows = [row for group in reused.values() for row in group]
-    rows += [row for result in results if not isinstance(result, Rejection) for row in result]
+    results = [outcome.results[item.key] for item in items]
+    rows = [row for result in results if not isinstance(result, Rejection) for row in result]
     rejections = [r for r in results if isinstance(r, Rejection)]
     store.write_geodataframe(PATCHES_TABLE, patches_frame(rows))
     store.write_table(REJECTED_TABLE, rejected_table(rejections))
+    prune_checkpoints(store, STAGE, [item.key for item in items])
     dropped: dict[str, int] = {}
     for row in rows:
         if not row["kept"]:
@@ -271,7 +340,7 @@ def run_tile(
             dropped[kind] = dropped.get(kind, 0) + 1
     counts = {
         "scenes": len(summaries),
-        "scenes_planned": len(pairs),
+        "scenes_planned": outcome.done,
         "scenes_rejected": len(rejections),
         "candidates": len(rows),
         "kept": sum(1 for r in rows if r["kept"]),
@@ -280,27 +349,6 @@ def run_tile(
     watch.lap("write")
     store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
     return StageResult(counts, skipped=False)
-
-
-def _rows_of(frame: Any) -> list[dict[str, Any]]:
-    """Plan rows back as the dicts plan_scene makes (timestamps as datetimes, lists as lists)."""
-    import pandas as pd
-
-    rows = []
-    for row in frame.to_dict("records"):
-        row["start_time"] = row["start_time"].to_pydatetime()
-        row["datatake_start"] = row["datatake_start"].to_pydatetime()
-        row["scene_transform"] = [float(v) for v in row["scene_transform"]]
-        row["reason"] = None if pd.isna(row["reason"]) else str(row["reason"])
-        rows.append(row)
-    return rows
-
-
-def _pair_failed(pair: tuple[SceneRecord, MaskSummary], exc: BaseException) -> Rejection:
-    from pipeline.run import failure_reason
-
-    record = pair[0]
-    return Rejection(record.source_uri, record.scene_id, STAGE, failure_reason(exc))
 
 
 def _plan_pair(

@@ -26,12 +26,16 @@ import pyarrow as pa
 import rasterio
 from rasterio.windows import Window
 
+from pipeline.engine import StageResult, up_to_date
 from pipeline.enmap.product import open_product
+from pipeline.errors import is_transient
 from pipeline.inventory import SceneRecord
 from pipeline.manifest import Manifest
 from pipeline.quality import NODATA_VALUE
 from pipeline.stats import BandMoments, npy_bytes
-from pipeline.storage import BuildStore, StageRecord, Stopwatch
+from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json
+from pipeline import tables
+from pipeline.tables import read_geodataframe_checked, read_table_checked
 from pipeline.write_plan import (
     STAGING,
     ReadTask,
@@ -45,9 +49,9 @@ from pipeline.write_plan import (
 )
 
 STAGE = "write"
-DATASET = "dataset.zarr"
-SHARDS_TABLE = "write/shards.parquet"
-SHARD_RECORDS = "write/shards"
+DATASET = tables.DATASET
+SHARDS_TABLE = tables.SHARDS
+SHARD_RECORDS = tables.SHARD_RECORDS
 REFLECTANCE_SCALE = 0.0001
 
 
@@ -84,12 +88,21 @@ def ensure_arrays(
 
     size = manifest.grid.patch_size
     per_shard = manifest.write.patches_per_shard
+    # A chunk dimension must be at least 1, even along an axis of length 0 (a build that kept no patch,
+    # or has no band axis at all, still gets well-formed empty arrays).
+    band_chunk = max(1, len(bands))
     try:
         group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3, use_consolidated=False)
         kept = group.attrs.get("layout_key") == layout and {"reflectance", "quality"} <= set(
             group.array_keys()
         )
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        kept = False
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        # Metadata that does not parse is not trusted: the arrays are made afresh (every shard rewritten).
+        print(f"write: dataset.zarr's metadata is unreadable ({type(exc).__name__}); writing it afresh")
         kept = False
     if kept:
         for name in ("reflectance", "quality"):
@@ -105,8 +118,8 @@ def ensure_arrays(
     group.create_array(
         "reflectance",
         shape=(rows, len(bands), size, size),
-        chunks=(1, len(bands), size, size),
-        shards=(per_shard, len(bands), size, size),
+        chunks=(1, band_chunk, size, size),
+        shards=(per_shard, band_chunk, size, size),
         dtype="int16",
         fill_value=NODATA_VALUE,
         compressors=codec,
@@ -224,7 +237,7 @@ def zarr_store(store: BuildStore) -> Any:
 
 def shard_key(array: str, shard: int, ndim: int) -> str:
     """Store key of a shard (default chunk key encoding: `c/<i>/0/0...`)."""
-    return f"{DATASET}/{array}/c/{shard}" + "/0" * (ndim - 1)
+    return tables.shard_object(array, shard, ndim)
 
 
 def _open_arrays(store: BuildStore) -> tuple[Any, Any]:
@@ -421,7 +434,7 @@ class _OneSceneAtATime:
 
 
 def shard_record_path(shard: int) -> str:
-    return f"{SHARD_RECORDS}/{shard:06d}.json"
+    return tables.shard_record(shard)
 
 
 def shard_record(store: BuildStore, job: ShardJob, layout_key: str, moments: BandMoments) -> dict[str, Any]:
@@ -456,8 +469,15 @@ SHARDS_SCHEMA = pa.schema(
 )
 
 
-def kept_band_axis(manifest: Manifest, records: Sequence[SceneRecord]) -> list[tuple[int, float, float]]:
-    """(band number, wavelength nm, fwhm nm) of the build's band axis, from the first scene."""
+def kept_band_axis(
+    manifest: Manifest, records: Sequence[SceneRecord], fallback: Sequence[SceneRecord] = ()
+) -> list[tuple[int, float, float]]:
+    """(band number, wavelength nm, fwhm nm) of the build's band axis, from the first scene of
+    `records` (the scenes patches come from), else from the first of `fallback` (every inventoried
+    scene): a build that kept no patch still has its products' band axis, so its empty arrays are
+    (0, B, size, size) like any other build's."""
+    if not records:
+        records = fallback
     if not records:
         return []
     first = records[0]
@@ -470,11 +490,40 @@ def read_shard_records(store: BuildStore) -> dict[int, dict[str, Any]]:
     if not store.fs.exists(folder):
         return {}
     records = {}
-    for path in sorted(store.fs.find(folder)):
-        if path.endswith(".json"):
-            record = json.loads(store.fs.cat_file(path))
-            records[int(record["shard"])] = record
+    paths = [p for p in sorted(store.fs.find(folder)) if p.endswith(".json")]
+    for path, raw in store.cat_many(paths).items():
+        # A record that does not parse or lacks what a reader relies on is not trusted: its shard is
+        # treated as unrecorded and written again (verify reports it).
+        try:
+            record = json.loads(raw)
+            shard = int(record["shard"])
+            missing = SHARD_RECORD_KEYS - set(record)
+        except (ValueError, KeyError, TypeError):
+            print(f"write: ignoring the unreadable shard record {path.rsplit('/', 1)[-1]}")
+            continue
+        if missing or path.rsplit("/", 1)[-1] != f"{shard:06d}.json":
+            print(f"write: ignoring the incomplete shard record {path.rsplit('/', 1)[-1]}")
+            continue
+        records[shard] = record
     return records
+
+
+SHARD_RECORD_KEYS = frozenset(
+    {
+        "shard",
+        "first_row",
+        "stop_row",
+        "row_keys",
+        "active_rows",
+        "layout_key",
+        "reflectance_sha256",
+        "quality_sha256",
+        "reflectance_bytes",
+        "quality_bytes",
+        "moments",
+        "scenes",
+    }
+)
 
 
 def check_shards(store: BuildStore, records: dict[int, dict[str, Any]], checksums: bool) -> set[int]:
@@ -504,14 +553,13 @@ def index_rows(store: BuildStore) -> Any:
 
     from pipeline.dedup import INDEX_PATCHES, INDEX_RETIRED
 
-    active = store.read_geodataframe(INDEX_PATCHES)
+    active = read_geodataframe_checked(store, INDEX_PATCHES)
     active["active"] = True
     parts = [active]
-    if store.exists(INDEX_RETIRED):
-        retired = store.read_geodataframe(INDEX_RETIRED)
-        if len(retired):
-            retired["active"] = False
-            parts.append(retired)
+    retired = read_geodataframe_checked(store, INDEX_RETIRED)
+    if len(retired):
+        retired["active"] = False
+        parts.append(retired)
     rows = pd.concat(parts, ignore_index=True).sort_values("row").reset_index(drop=True)
     if list(rows["row"]) != list(range(len(rows))):
         raise ValueError("index rows are not 0..N-1: rebuild the index (dedup --force)")
@@ -532,27 +580,30 @@ def run_write(
     `verify`); every other shard is written whole by exactly one task.
     """
     from pipeline.dedup import INDEX_LINEAGE, INDEX_PATCHES, INDEX_RETIRED
-    from pipeline.mask import StageResult, read_scenes
+    from pipeline.mask import MASKS_TABLE, read_scenes, summaries_from_table
 
     watch = Stopwatch()
-    if not store.exists(INDEX_PATCHES):
-        raise FileNotFoundError(f"{store.uri_of(INDEX_PATCHES)} is missing: run the dedup stage first")
     digest = hashlib.sha256(store.read_bytes(INDEX_PATCHES))
-    if store.exists(INDEX_RETIRED):
-        digest.update(store.read_bytes(INDEX_RETIRED))
+    digest.update(store.read_bytes(INDEX_RETIRED))
+    # The masks are part of every row's content: a scene masked again (other quality bits) must be
+    # written again even when its patch ids, scene and product are unchanged.
+    mask_sha = {
+        s.scene_id: s.mask_sha256 for s in summaries_from_table(read_table_checked(store, MASKS_TABLE))
+    }
+    digest.update(canonical_json(sorted(mask_sha.items())).encode())
     input_fingerprint = digest.hexdigest()[:16]
     config_hash = manifest.stage_hash(STAGE)
-    previous = store.read_stage_record(STAGE)
     shard_records = read_shard_records(store)
-    if (
-        not force
-        and previous
-        and previous["config_hash"] == config_hash
-        and previous["input_fingerprint"] == input_fingerprint
-        and store.exists(SHARDS_TABLE)
-        and len(check_shards(store, shard_records, checksums=verify)) == previous["counts"]["shards"]
-    ):
-        return StageResult(previous["counts"], skipped=True)
+    done = up_to_date(
+        store,
+        STAGE,
+        config_hash,
+        input_fingerprint,
+        lambda: _outputs_valid(store, shard_records, verify),
+        force,
+    )
+    if done:
+        return done
     rows = index_rows(store)
     records = {r.scene_id: r for r in read_scenes(store)}
     active = rows[rows["active"]]
@@ -563,7 +614,7 @@ def run_write(
     write_row_arrays(store, rows, bands)
     watch.lap("template")
     valid = check_shards(store, shard_records, checksums=verify) if arrays_kept else set()
-    fingerprints = {sid: r.fingerprint for sid, r in records.items()}
+    fingerprints = {sid: f"{r.fingerprint}|{mask_sha.get(sid, '')}" for sid, r in records.items()}
     per_shard = manifest.write.patches_per_shard
     jobs, reusable = plan_jobs(rows, per_shard, fingerprints, shard_records, layout, arrays_kept, valid)
     plan = plan_tasks(
@@ -596,6 +647,20 @@ def run_write(
     watch.lap("finish")
     store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
     return StageResult(counts, skipped=False)
+
+
+def _outputs_valid(store: BuildStore, shard_records: dict[int, dict[str, Any]], checksums: bool) -> bool:
+    """The dataset's metadata parses, the shard table validates, and every shard it lists is stored
+    as its record says (by size, or by checksum with `checksums`)."""
+    for path in (f"{DATASET}/zarr.json", f"{DATASET}/reflectance/zarr.json", f"{DATASET}/quality/zarr.json"):
+        metadata = store.read_json(path)
+        if not isinstance(metadata, dict) or metadata.get("zarr_format") != 3:
+            return False
+    table = read_table_checked(store, SHARDS_TABLE)
+    listed = set(table.column("shard").to_pylist())
+    return listed <= set(shard_records) and listed <= check_shards(
+        store, {s: shard_records[s] for s in listed}, checksums
+    )
 
 
 def shards_table(records: list[dict[str, Any]]) -> pa.Table:
@@ -679,19 +744,19 @@ def write_statistics(
     total = BandMoments.empty(len(bands))
     for moments in shard_moments:
         total = total.merge(moments)
-    store.write_bytes("stats/mean.npy", npy_bytes(total.mean.astype(np.float32)))
-    store.write_bytes("stats/std.npy", npy_bytes(total.std.astype(np.float32)))
+    store.write_bytes(tables.STATS_MEAN, npy_bytes(total.valid_mean.astype(np.float32)))
+    store.write_bytes(tables.STATS_STD, npy_bytes(total.std.astype(np.float32)))
     summary = {
         "units": "stored int16 (reflectance x 10000); nodata -32768 excluded",
         "band": [b[0] for b in bands],
         "wavelength_nm": [b[1] for b in bands],
         "count": total.count.tolist(),
-        "mean": _finite(total.mean),
+        "mean": _finite(total.valid_mean),
         "std": _finite(total.std),
         "min": _finite(total.minimum),
         "max": _finite(total.maximum),
     }
-    store.write_json("stats/statistics.json", summary)
+    store.write_json(tables.STATS_SUMMARY, summary)
     array = zarr.open_array(zarr_store(store), path="reflectance", mode="r+")
     array.attrs.update(
         {"band_statistics": {k: summary[k] for k in ("units", "count", "mean", "std", "min", "max")}}
