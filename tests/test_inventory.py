@@ -270,36 +270,69 @@ def _zip_folder(folder: Path, target: Path, extra: dict[str, bytes] | None = Non
             archive.writestr(name, data)
 
 
-def test_archive_entry_escaping_the_folder(small_products, tmp_path, manifest):
-    """A tar.gz delivery with an entry that would land outside the extraction folder: the entry is
-    reported and skipped, the product ZIP beside it is still read, and nothing is written outside."""
+def _delivery_with(product_zip: Path, delivery: Path, bad: tarfile.TarInfo, payload: bytes = b"") -> None:
+    """A tar.gz delivery holding the product ZIP and, after it, one bad entry (so a streaming reader
+    has already read the product when it meets the entry)."""
+    with tarfile.open(delivery, "w:gz") as tar:
+        tar.add(product_zip, arcname=f"{delivery.name.split('.')[0]}/ENMAP.HSI.L2A/{product_zip.name}")
+        tar.addfile(bad, io.BytesIO(payload) if payload else None)
+
+
+def _escaping_entry(kind: str) -> tuple[tarfile.TarInfo, bytes]:
+    if kind == "path":
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = len(b"escaped")
+        return info, b"escaped"
+    info = tarfile.TarInfo("delivery/ENMAP.HSI.L2A/link")
+    info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+    info.linkname = "../../../../etc/passwd" if kind == "symlink" else "../outside.ZIP"
+    return info, b""
+
+
+@pytest.mark.parametrize("kind", ["path", "symlink", "hardlink"])
+def test_archive_entry_escaping_the_folder_rejects_the_archive_whole(small_products, tmp_path, manifest, kind):
+    """A tar.gz delivery with an entry that leaves the extraction folder (a path, a symlink or a hard
+    link) is not a genuine delivery: the whole archive is rejected with one line, its product too
+    (although it was read before the entry), and nothing is written outside."""
     inputs, good, victim = with_victim(small_products, tmp_path)
     product_zip = tmp_path / f"{victim.name}.ZIP"
     _zip_folder(victim, product_zip)
     shutil.rmtree(victim)
     delivery = inputs / "dims_op_oc_oc-en_000000001_1.tar.gz"
-    with tarfile.open(delivery, "w:gz") as tar:
-        payload = b"escaped"
-        info = tarfile.TarInfo("../../escaped.txt")
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
-        tar.add(product_zip, arcname=f"dims_op_oc_oc-en_000000001_1/ENMAP.HSI.L2A/{product_zip.name}")
+    bad, payload = _escaping_entry(kind)
+    _delivery_with(product_zip, delivery, bad, payload)
     _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
-    assert sorted(s.scene_id for s in scenes) == sorted([*good, victim.name])
+    assert sorted(s.scene_id for s in scenes) == sorted(good)
     (row,) = rejected
-    assert "unsafe archive entry '../../escaped.txt'" in row["reason"]
+    assert row["source_uri"] == str(delivery) and row["scene_id"] is None
+    assert row["reason"].startswith("archive rejected whole: entry") and "\n" not in row["reason"]
+    assert repr(bad.name) in row["reason"]
     assert not (tmp_path / "escaped.txt").exists() and not (inputs.parent.parent / "escaped.txt").exists()
 
 
-def test_zip_entry_escaping_the_folder(small_products, tmp_path, manifest):
+def test_archive_symlink_inside_its_folder_is_harmless(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    product_zip = tmp_path / f"{victim.name}.ZIP"
+    _zip_folder(victim, product_zip)
+    shutil.rmtree(victim)
+    delivery = inputs / "dims_op_oc_oc-en_000000003_1.tar.gz"
+    link = tarfile.TarInfo("dims_op_oc_oc-en_000000003_1/ENMAP.HSI.L2A/latest")
+    link.type, link.linkname = tarfile.SYMTYPE, product_zip.name
+    _delivery_with(product_zip, delivery, link)
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert sorted(s.scene_id for s in scenes) == sorted([*good, victim.name]) and rejected == []
+
+
+def test_zip_entry_escaping_the_folder_rejects_the_zip_whole(small_products, tmp_path, manifest):
     inputs, good, victim = with_victim(small_products, tmp_path)
     product_zip = inputs / f"{victim.name}.ZIP"
     _zip_folder(victim, product_zip, extra={"../../evil.sh": b"#!/bin/sh\n"})
     shutil.rmtree(victim)
     _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
-    assert sorted(s.scene_id for s in scenes) == sorted([*good, victim.name])
+    assert sorted(s.scene_id for s in scenes) == sorted(good)
     (row,) = rejected
-    assert "unsafe archive entry '../../evil.sh'" in row["reason"]
+    assert row["source_uri"] == str(product_zip)
+    assert row["reason"] == "archive rejected whole: entry '../../evil.sh' escapes its folder"
 
 
 def test_corrupt_zip_inside_tar(small_products, tmp_path, manifest):

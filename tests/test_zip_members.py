@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import rasterio
 
-import pipeline.enmap.product as product_module
 from pipeline import stages
 from pipeline.enmap.product import open_product
 from pipeline.enmap.synth import SynthConfig, generate
-from pipeline.manifest import Manifest
+from pipeline.manifest import Limits, Manifest
 from pipeline.mask import read_scenes
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
@@ -57,19 +56,19 @@ def reference_cube(container: Path, tmp_path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("where", ["memory", "scratch"])
-def test_inflated_members_read_bit_for_bit(zipped, tmp_path, monkeypatch, where):
+def test_inflated_members_read_bit_for_bit(zipped, tmp_path, where):
     out, truth = zipped
     manifest = Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
     store = BuildStore(str(tmp_path / "build"))
     stages.run_stage("inventory", manifest, store, SYNC, inputs=[str(out)])
-    if where == "scratch":
-        monkeypatch.setattr(product_module, "MEMORY_UNPACK_BYTES", 0)
+    # A memory budget below every member sends them to scratch.
+    limits = Limits(memory_bytes=1) if where == "scratch" else Limits()
     records = read_scenes(store)
     assert {r.packaging for r in records} == {"zip"} and len(records) == 2
     for record in records:
         with zipfile.ZipFile(record.container_uri) as archive:
             assert spectral_member(archive).compress_type == zipfile.ZIP_DEFLATED
-        with open_product(record.location(), unpack=("SPECTRAL_IMAGE",)) as opened:
+        with open_product(record.location(), unpack=("SPECTRAL_IMAGE",), limits=limits) as opened:
             path = opened.spectral_path
             assert path.startswith("/vsimem/") if where == "memory" else Path(path).is_file()
             with rasterio.open(path) as src:

@@ -6,6 +6,7 @@ an external entity (or an entity bomb) is refused instead of being expanded.
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -98,7 +99,13 @@ class SceneMetadata:
     file_names: tuple[str, ...]
 
     @classmethod
-    def from_xml(cls, data: bytes | str) -> SceneMetadata:
+    def from_xml(cls, data: bytes | str, max_bytes: int | None = None) -> SceneMetadata:
+        """Parse METADATA.XML; a document over `max_bytes` is refused unparsed (readers should not
+        have read it whole in the first place: see `OpenedProduct.metadata_bytes`)."""
+        if max_bytes is not None and len(data) > max_bytes:
+            raise MetadataError(
+                f"METADATA.XML holds {len(data)} bytes, over the {max_bytes} bytes XML limit; not parsed"
+            )
         try:
             root = SafeET.fromstring(data, forbid_dtd=False, forbid_entities=True, forbid_external=True)
         except DefusedXmlException as exc:
@@ -204,13 +211,21 @@ def _channel_list(root: ET.Element, path: str) -> set[int]:
         raise MetadataError(f"METADATA.XML element {path} is not a list of band numbers") from None
 
 
-def _band_value(node: ET.Element, number: int, tag: str) -> float:
+def _band_value(node: ET.Element, number: int, tag: str, positive: bool = False) -> float:
+    """A band's value; finite always (NaN would slip through every comparison downstream), and
+    above zero where `positive` (wavelength, FWHM: a negative FWHM used to crash `catalog`)."""
     try:
-        return _float(node, tag)
+        value = _float(node, tag)
     except MetadataError:
         raise MetadataError(
             f"METADATA.XML bandCharacterisation/bandID[{number}]/{tag} is missing or not a number"
         ) from None
+    if not math.isfinite(value) or (positive and value <= 0):
+        kind = "a positive finite number" if positive else "a finite number"
+        raise MetadataError(
+            f"METADATA.XML bandCharacterisation/bandID[{number}]/{tag} is {value!r}, not {kind}"
+        )
+    return value
 
 
 def _bands(root: ET.Element) -> tuple[Band, ...]:
@@ -230,8 +245,8 @@ def _bands(root: ET.Element) -> tuple[Band, ...]:
         bands.append(
             Band(
                 number=number,
-                wavelength_nm=_band_value(node, number, "wavelengthCenterOfBand"),
-                fwhm_nm=_band_value(node, number, "FWHMOfBand"),
+                wavelength_nm=_band_value(node, number, "wavelengthCenterOfBand", positive=True),
+                fwhm_nm=_band_value(node, number, "FWHMOfBand", positive=True),
                 gain=_band_value(node, number, "GainOfBand"),
                 offset=_band_value(node, number, "OffsetOfBand"),
                 detector=detector,
@@ -285,8 +300,9 @@ def _optional_float(root: ET.Element, path: str) -> float | None:
 
 def _build(root: ET.Element) -> SceneMetadata:
     name = _text(root, "metadata/name")
-    # The real products write the metadata file's own name here (`<scene>-METADATA.XML`).
-    scene_id = re.sub(r"-METADATA\.xml$", "", name, flags=re.IGNORECASE)
+    # The real products write the metadata file's own name here (`<scene>-METADATA.XML`; a portal
+    # download may call the file `-METADATA.XML.XML`).
+    scene_id = re.sub(r"-METADATA(?:\.xml)+$", "", name, flags=re.IGNORECASE)
 
     width = _int(root, "specific/widthOfOrthoScene")
     height = _int(root, "specific/heightOfOrthoScene")

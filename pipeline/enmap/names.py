@@ -2,7 +2,8 @@
 
 A product is `ENMAP01-____L2A-DT<datatake>_<start>Z_<tile>_V<version>_<processed>Z` and each of its
 files is `<name>-<SUFFIX>.<EXT>` (for example `-SPECTRAL_IMAGE.TIF`, `-QL_QUALITY_CLOUD.TIF`,
-`-METADATA.XML`, or `-SPECTRAL_IMAGE_COG.tiff` and `-METADATA.xml` in the ARD variant).
+`-METADATA.XML`, or `-SPECTRAL_IMAGE_COG.tiff` / `_COG.TIF` and `-METADATA.xml` / `-METADATA.XML.XML` in
+the ARD variant), suffix and extension in any case.
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ PRODUCT_NAME_PATTERN = (
 )
 _NAME_RE = re.compile(rf"^{PRODUCT_NAME_PATTERN}$")
 _SEARCH_RE = re.compile(PRODUCT_NAME_PATTERN)
-# `<name>-<SUFFIX>.<EXT>`; the suffix is upper case with underscores, the extension any case.
-_FILE_RE = re.compile(rf"^(?P<name>{PRODUCT_NAME_PATTERN})-(?P<suffix>[A-Z0-9_]+)\.(?P<ext>[A-Za-z0-9]+)$")
+# `<name>-<SUFFIX>.<EXT>`, suffix and extension in any case (deliveries write `-METADATA.XML`,
+# `-METADATA.xml`, `_COG.tiff`, `_COG.TIF`); DLR's portal has been seen to deliver the metadata as
+# `-METADATA.XML.XML`, so a doubled `.xml` is one extension.
+_FILE_RE = re.compile(
+    rf"^(?P<name>{PRODUCT_NAME_PATTERN})-(?P<suffix>[A-Za-z0-9_]+)"
+    r"\.(?P<ext>(?i:xml\.xml)|[A-Za-z0-9]+)$"
+)
 
 SPECTRAL_IMAGE = "SPECTRAL_IMAGE"
 METADATA = "METADATA"
@@ -85,13 +91,34 @@ class ProductFileName:
     """One file of a product: its product name, layer suffix and extension."""
 
     product: str
-    suffix: str
-    extension: str
+    suffix: str  # upper case, as the layer names are written
+    extension: str  # as written (`TIF`, `tiff`, `xml`, `XML.XML`)
 
     @property
     def layer(self) -> str:
         """The layer this file holds, the ARD spelling folded in (`X_COG` -> `X`)."""
         return self.suffix.removesuffix(ARD_SUFFIX)
+
+    @property
+    def is_cog(self) -> bool:
+        return self.suffix.endswith(ARD_SUFFIX)
+
+    @property
+    def kind(self) -> str:
+        """What role the file plays, whatever its spelling: `raster`, `sidecar` or its lower-case
+        extension (`xml`, ...); `-METADATA.XML.XML` is an `xml`."""
+        extension = self.extension.lower()
+        if extension in RASTER_EXTENSIONS:
+            return "raster"
+        if extension in SIDECAR_EXTENSIONS:
+            return "sidecar"
+        return extension.rsplit(".", 1)[-1]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(product, layer, kind): equal for two spellings of the same file (`-QL_PIXELMASK.TIF` and
+        `-QL_PIXELMASK_COG.tiff`, `-METADATA.XML` and `-METADATA.XML.XML`)."""
+        return (self.product, self.layer, self.kind)
 
     @property
     def is_raster(self) -> bool:
@@ -107,7 +134,7 @@ def parse_file_name(basename: str) -> ProductFileName | None:
     match = _FILE_RE.match(basename)
     if match is None:
         return None
-    return ProductFileName(match["name"], match["suffix"], match["ext"])
+    return ProductFileName(match["name"], match["suffix"].upper(), match["ext"])
 
 
 def find_product_names(text: str) -> list[str]:

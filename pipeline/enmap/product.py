@@ -10,41 +10,66 @@ unpacked once, streaming and size-checked, into a scratch folder that is removed
 
 A deflated raster that a stage reads in full is inflated once per open (ISA-L's inflate, ~1.5x
 zlib's speed, CRC-checked) into GDAL's in-memory file system, or into scratch when it is larger than
-`SPECTRALEARTH_MEMORY_UNPACK_BYTES`: writing ~1 GB to a disk-backed scratch folder cost as much as
+the manifest's `limits.memory_bytes`: writing ~1 GB to a disk-backed scratch folder cost as much as
 inflating it.
+
+Archives are untrusted. Every inflate and unpack is bounded twice: by the size its header declares
+(never a byte more is produced) and by the manifest's `limits` (memory for what is held in memory,
+scratch for all one product unpacks, XML for METADATA.XML, checked before a byte is read); a member or
+product over budget is rejected with its sizes. An archive with an entry that escapes its folder is
+rejected whole. Scratch folders carry their owner's pid, so the scratch a killed task left behind is
+removed at the next start (`clean_stale_scratch`).
+
+Faults are kept apart from product properties: an OSError or network error while listing or reading
+(permission, disk full, connection refused) propagates as an exception, so the stage retries it;
+only what the bytes say (a corrupt ZIP, a bomb, an escaping entry) becomes a `ProductError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
+import json
 import os
 import posixpath
 import shutil
+import socket
 import struct
 import tarfile
 import tempfile
+import time
 import zipfile
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, cast
+from typing import IO, Any, cast
 
 import fsspec
+import psutil
 from isal import isal_zlib
 from rasterio.io import MemoryFile
 
 from pipeline.enmap.names import METADATA, SPECTRAL_IMAGE, find_product_names, parse_file_name
+from pipeline.errors import is_transient
+from pipeline.manifest import Limits
 from pipeline.storage import gdal_path, join
 
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 SCENE_LIST_SUFFIXES = (".txt", ".list")
-# A product ZIP is a few GB; anything claiming more is refused rather than filling the scratch disk.
-MAX_UNPACKED_BYTES = int(os.environ.get("SPECTRALEARTH_MAX_UNPACKED_BYTES", 64 * 1024**3))
 COPY_CHUNK = 8 * 1024 * 1024
-# Deflated members up to this size are inflated into memory (/vsimem/), larger ones into scratch.
-MEMORY_UNPACK_BYTES = int(os.environ.get("SPECTRALEARTH_MEMORY_UNPACK_BYTES", 3 * 1024**3))
+# Scratch folders are `<SPECTRALEARTH_SCRATCH or the system temp folder>/spectralearth-scratch-*`,
+# each with an owner file naming the host, pid and process start time of the task that made it.
+SCRATCH_PREFIX = "spectralearth-scratch-"
+SCRATCH_OWNER = "owner.json"
+# A scratch folder without a readable owner file (its task was killed between creating it and
+# writing the file) is stale once it is this old.
+UNOWNED_SCRATCH_AGE_S = 600.0
+# Deflate cannot expand data by more than ~0.03 % plus a few bytes per block; a member whose
+# compressed size claims more than this over its uncompressed size is corrupt.
+DEFLATE_SLACK = 1 / 100
 # isal's stubs declare its error as an instance; it is the exception class.
 INFLATE_ERROR = cast("type[Exception]", isal_zlib.error)
 ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
@@ -52,6 +77,38 @@ ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, 
 
 class ProductError(Exception):
     """A product (or archive) that cannot be used; the message is the one-line reason."""
+
+
+class ArchiveRejected(ProductError):
+    """An archive refused whole (an entry escapes its folder: it is not a genuine delivery). Raised by
+    `iter_products` even after products of the archive were yielded: the caller drops them."""
+
+
+def format_size(size: int) -> str:
+    """`20.0 GiB`, `3.0 MiB`, `512 bytes`: sizes as a user reads them in a reason."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def over_budget(what: str, verb: str, size: int, budget: int, kind: str) -> str:
+    """The one-line reason for something over a budget, with both sizes."""
+    return f"{what} {verb} {format_size(size)}, over the {format_size(budget)} {kind} budget"
+
+
+@dataclass
+class ScratchBudget:
+    """What one opened product may still unpack to scratch (`limits.scratch_bytes` in all)."""
+
+    limit: int
+    used: int = 0
+
+    def reserve(self, size: int, what: str) -> None:
+        if self.used + size > self.limit:
+            already = f" ({format_size(self.used)} of it already unpacked)" if self.used else ""
+            raise ProductError(over_budget(what, "unpacks to", size, self.limit, "scratch") + already)
+        self.used += size
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +174,8 @@ class ProductLocation:
 def _variant(names: list[str]) -> str:
     for name in names:
         parsed = parse_file_name(posixpath.basename(name))
-        if parsed and (
-            parsed.suffix.endswith("_COG") or (parsed.layer == METADATA and parsed.extension == "xml")
-        ):
+        # `_COG` rasters, or metadata spelt otherwise than the standard `-METADATA.XML`.
+        if parsed and (parsed.is_cog or (parsed.layer == METADATA and parsed.extension != "XML")):
             return "ard"
     return "standard"
 
@@ -133,16 +189,20 @@ def _unsafe_member(name: str) -> bool:
 
 
 def discover(
-    inputs: list[str], storage_options: dict | None = None
+    inputs: list[str], storage_options: dict | None = None, limits: Limits = Limits()
 ) -> tuple[list[ProductSource], list[Rejection]]:
     """Walk the inputs (folders, archives, scene-list files; local or s3://) and list product sources.
 
-    Only listings are read here; archives are opened when a source is resolved, inside a task.
+    Only listings are read here; archives are opened when a source is resolved, inside a task. A
+    listing that fails (permission, network) raises: an input that cannot be read now is not
+    rejected. Symlinks in a local input are followed when they stay inside it and reported (a
+    rejection with the reason) when they leave it or lead nowhere.
     """
+    clean_stale_scratch()
     sources: list[ProductSource] = []
     rejections: list[Rejection] = []
     for uri in inputs:
-        found = _discover_one(uri, storage_options or {}, rejections, depth=0)
+        found = _discover_one(uri, storage_options or {}, rejections, depth=0, limits=limits)
         if not found and not any(r.source_uri == uri for r in rejections):
             rejections.append(Rejection(uri, None, "inventory", f"no EnMAP L2A product found under {uri}"))
         sources.extend(found)
@@ -151,7 +211,9 @@ def discover(
     return sorted(unique.values(), key=lambda s: (s.uri, s.kind)), rejections
 
 
-def _discover_one(uri: str, options: dict, rejections: list[Rejection], depth: int) -> list[ProductSource]:
+def _discover_one(
+    uri: str, options: dict, rejections: list[Rejection], depth: int, limits: Limits
+) -> list[ProductSource]:
     fs, root = fsspec.core.url_to_fs(uri, **options)
     protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
 
@@ -162,14 +224,22 @@ def _discover_one(uri: str, options: dict, rejections: list[Rejection], depth: i
         rejections.append(Rejection(uri, None, "inventory", f"input does not exist: {uri}"))
         return []
     if fs.isdir(root):
-        listing = fs.find(root, withdirs=False, detail=True)
+        if _is_local(fs):
+            listing = _local_listing(root, rejections)
+        else:
+            listing = fs.find(root, withdirs=False, detail=True)
     else:
         listing = {root: fs.info(root)}
         if root.lower().endswith(SCENE_LIST_SUFFIXES):
             if depth > 0:
                 rejections.append(Rejection(uri, None, "inventory", "scene list names another scene list"))
                 return []
-            return _discover_list(fs, root, to_uri, options, rejections)
+            size = int(listing[root].get("size") or 0)
+            if size > limits.memory_bytes:
+                reason = over_budget("scene list", "holds", size, limits.memory_bytes, "memory")
+                rejections.append(Rejection(uri, None, "inventory", reason))
+                return []
+            return _discover_list(fs, root, to_uri, options, rejections, limits)
 
     sources: list[ProductSource] = []
     folders: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)
@@ -189,7 +259,53 @@ def _discover_one(uri: str, options: dict, rejections: list[Rejection], depth: i
     return sources
 
 
-def _discover_list(fs, root: str, to_uri, options: dict, rejections: list[Rejection]) -> list[ProductSource]:
+def _is_local(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _local_listing(root: str, rejections: list[Rejection]) -> dict[str, dict[str, Any]]:
+    """Every file under a local folder, as fsspec's `find(detail=True)` lists it, with symlinks
+    resolved: a link whose target stays inside the input is followed (a linked file is listed under
+    the link's name, with its target's size; a linked folder is reached through its real path, which
+    the walk visits anyway, so nothing is found twice and a loop cannot recur), a link that leaves
+    the input or leads nowhere is a rejection with its reason. A folder that cannot be listed raises.
+    """
+    real_root = os.path.realpath(root)
+    listing: dict[str, dict[str, Any]] = {}
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for directory, dirnames, filenames in os.walk(root, onerror=fail):
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if not os.path.exists(target):
+                    reason = f"broken symlink: {path} -> {os.readlink(path)} leads nowhere"
+                    rejections.append(Rejection(path, None, "inventory", reason))
+                    continue
+                if not _inside(target, real_root):
+                    reason = f"symlink leaves the input: {path} -> {target} is outside {root}"
+                    rejections.append(Rejection(path, None, "inventory", reason))
+                    continue
+                if os.path.isdir(target):
+                    continue  # walked through its real path
+            elif name in dirnames:
+                continue
+            stat = os.stat(path)
+            listing[path] = {"name": path, "size": stat.st_size, "type": "file", "mtime": stat.st_mtime}
+    return listing
+
+
+def _discover_list(
+    fs: Any, root: str, to_uri: Any, options: dict, rejections: list[Rejection], limits: Limits
+) -> list[ProductSource]:
     base = posixpath.dirname(root)
     sources: list[ProductSource] = []
     for line in fs.cat_file(root).decode("utf-8", errors="replace").splitlines():
@@ -198,7 +314,7 @@ def _discover_list(fs, root: str, to_uri, options: dict, rejections: list[Reject
             continue
         if "://" not in entry and not entry.startswith("/"):
             entry = to_uri(posixpath.join(base, entry))
-        found = _discover_one(entry, options, rejections, depth=1)
+        found = _discover_one(entry, options, rejections, depth=1, limits=limits)
         if not found and not any(r.source_uri == entry for r in rejections):
             rejections.append(
                 Rejection(entry, None, "inventory", f"no EnMAP L2A product found under {entry}")
@@ -229,11 +345,23 @@ def folder_products(source: ProductSource) -> list[ProductLocation]:
     return out
 
 
+def _corrupt_bytes_error(exc: BaseException) -> bool:
+    """An OSError that the archive's bytes caused (a gzip or bzip2 stream that is not one, a seek to a
+    negative offset a corrupt directory names), as opposed to a fault of the file system or network."""
+    if not isinstance(exc, OSError) or is_transient(exc):
+        return False
+    return isinstance(exc, gzip.BadGzipFile) or exc.errno in (None, errno.EINVAL)
+
+
 def _zip_listing(handle: IO[bytes], what: str) -> list[zipfile.ZipInfo]:
     try:
         with zipfile.ZipFile(handle) as archive:
             return archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as exc:
+        raise ProductError(f"corrupt ZIP {what}: {exc}") from None
+    except OSError as exc:
+        if not _corrupt_bytes_error(exc):
+            raise
         raise ProductError(f"corrupt ZIP {what}: {exc}") from None
 
 
@@ -244,17 +372,9 @@ def _zip_products(
     members = []
     source = container_uri if inner_zip is None else f"{container_uri}!{inner_zip}"
     for info in infos:
-        if info.is_dir():
-            continue
         if _unsafe_member(info.filename):
-            rejections.append(
-                Rejection(
-                    source,
-                    None,
-                    "inventory",
-                    f"unsafe archive entry {info.filename!r} escapes the folder; skipped",
-                )
-            )
+            raise ArchiveRejected(_escape_reason(info.filename))
+        if info.is_dir():
             continue
         members.append((info.filename, info.file_size))
     products = []
@@ -270,40 +390,129 @@ def _zip_products(
     return products, rejections
 
 
+def _escape_reason(name: str, detail: str = "escapes its folder") -> str:
+    return f"archive rejected whole: entry {name!r} {detail}"
+
+
+def _tar_entry_problem(info: tarfile.TarInfo) -> str | None:
+    """Why a tar entry makes its archive untrustworthy, or None: a path or link that leaves the
+    archive's folder, or a device/FIFO (no genuine delivery holds one)."""
+    if _unsafe_member(info.name):
+        return _escape_reason(info.name)
+    if info.issym():
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(info.name), info.linkname))
+        if info.linkname.startswith(("/", "\\")) or _unsafe_member(target):
+            return _escape_reason(info.name, f"is a symlink to {info.linkname!r}, outside its folder")
+    if info.islnk() and _unsafe_member(info.linkname):
+        return _escape_reason(info.name, f"is a hard link to {info.linkname!r}, outside its folder")
+    if info.isdev():
+        return _escape_reason(info.name, "is a device or FIFO")
+    return None
+
+
+# Scratch ----------------------------------------------------------------------------------------
+
+
+def scratch_base() -> str:
+    """Where scratch folders live: `SPECTRALEARTH_SCRATCH`, else the system's temporary folder."""
+    return os.environ.get("SPECTRALEARTH_SCRATCH") or tempfile.gettempdir()
+
+
+def _process_start(pid: int) -> float | None:
+    """The start time of a live process, None when there is none with that pid."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return float(process.create_time())
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        return -1.0  # it exists, we may not look at it: alive
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool:
+    started = _process_start(int(owner["pid"]))
+    if started is None:
+        return False
+    # A pid reused by a later process is not the owner (start times agree to well within a second).
+    return started < 0 or abs(started - float(owner["started"])) < 1.0
+
+
+def clean_stale_scratch(base: str | None = None) -> list[str]:
+    """Remove the scratch folders whose owning process (on this host) is gone; returns their paths.
+
+    Cheap (one listing of the scratch folder): called at the start of `discover` and `open_product`,
+    so the scratch of a killed task is removed by the next task on the machine.
+    """
+    base = base or scratch_base()
+    try:
+        entries = list(os.scandir(base))
+    except FileNotFoundError:
+        return []
+    host = socket.gethostname()
+    removed = []
+    for entry in sorted(entries, key=lambda e: e.name):
+        if not entry.name.startswith(SCRATCH_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            with open(os.path.join(entry.path, SCRATCH_OWNER), encoding="utf-8") as handle:
+                owner = json.load(handle)
+            stale = owner["host"] == host and not _owner_alive(owner)
+        except FileNotFoundError:
+            try:
+                stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > UNOWNED_SCRATCH_AGE_S
+            except FileNotFoundError:
+                continue  # removed meanwhile by another cleaner or its owner
+        except (ValueError, KeyError, TypeError):
+            stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > UNOWNED_SCRATCH_AGE_S
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
 @contextlib.contextmanager
 def _scratch_dir() -> Iterator[str]:
-    base = os.environ.get("SPECTRALEARTH_SCRATCH") or None
-    if base:
-        os.makedirs(base, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="spectralearth-", dir=base)
+    base = scratch_base()
+    os.makedirs(base, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=base)
     try:
+        owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": _process_start(os.getpid()),
+        }
+        staging = os.path.join(path, SCRATCH_OWNER + ".tmp")
+        with open(staging, "w", encoding="utf-8") as handle:
+            json.dump(owner, handle)
+        os.replace(staging, os.path.join(path, SCRATCH_OWNER))
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _copy_member(stream: IO[bytes], target: str, declared: int, what: str) -> None:
-    """Copy one archive member, refusing more bytes than its header declared or the global cap."""
-    _write_member(iter(lambda: stream.read(COPY_CHUNK), b""), target, declared, what)
+def _copy_member(stream: IO[bytes], target: str, declared: int, what: str, budget: ScratchBudget) -> None:
+    """Copy one archive member, refusing more bytes than its header declared or the scratch budget."""
+    _write_member(iter(lambda: stream.read(COPY_CHUNK), b""), target, declared, what, budget)
 
 
-def _write_member(chunks: Iterator[bytes], target: str, declared: int, what: str) -> None:
-    """Write an archive member's bytes to scratch: size-checked against its header, the global cap
-    and the free space."""
-    _check_declared(declared, what)
+def _write_member(
+    chunks: Iterator[bytes], target: str, declared: int, what: str, budget: ScratchBudget
+) -> None:
+    """Write an archive member's bytes to scratch: size-checked against its header and the product's
+    scratch budget (a product property: rejected), then the free space (the environment: raised)."""
+    budget.reserve(declared, f"member {what}")
     free = shutil.disk_usage(os.path.dirname(target)).free
     if declared > free:
-        raise ProductError(f"not enough scratch space to unpack {what} ({declared} bytes, {free} free)")
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on the scratch disk to unpack {what} ({format_size(declared)}, "
+            f"{format_size(free)} free)",
+        )
     with open(target, "wb") as out:
         for chunk in _bounded(chunks, declared, what):
             out.write(chunk)
-
-
-def _check_declared(declared: int, what: str) -> None:
-    if declared > MAX_UNPACKED_BYTES:
-        raise ProductError(
-            f"archive entry {what} declares {declared} bytes, above the {MAX_UNPACKED_BYTES} cap"
-        )
 
 
 def _bounded(chunks: Iterator[bytes], declared: int, what: str) -> Iterator[bytes]:
@@ -333,9 +542,28 @@ def _check_crc(info: zipfile.ZipInfo, crc: int) -> None:
         raise ProductError(f"corrupt ZIP entry {info.filename}: CRC mismatch")
 
 
-def _member_bytes(handle: IO[bytes], info: zipfile.ZipInfo) -> bytes:
+def _check_compressed_size(info: zipfile.ZipInfo) -> None:
+    """Refuse a member whose compressed size cannot belong to its declared size (it would make us
+    read that many bytes into memory)."""
+    most = info.file_size
+    if info.compress_type != zipfile.ZIP_STORED:
+        most += int(info.file_size * DEFLATE_SLACK) + 4096
+    if info.compress_size > most:
+        raise ProductError(
+            f"corrupt ZIP entry {info.filename}: {format_size(info.compress_size)} compressed for "
+            f"{format_size(info.file_size)} declared"
+        )
+
+
+def _member_bytes(handle: IO[bytes], info: zipfile.ZipInfo, memory_bytes: int, kind: str = "memory") -> bytes:
     """The uncompressed bytes of a stored or deflated ZIP member, inflated in one call (a streamed
-    inflate plus growing the in-memory file cost ~0.6 s more per GB); size- and CRC-checked."""
+    inflate plus growing the in-memory file cost ~0.6 s more per GB); refused before reading when it
+    declares more than `memory_bytes`, never inflated past its declared size; CRC-checked."""
+    if info.file_size > memory_bytes:
+        raise ProductError(
+            over_budget(f"member {info.filename}", "inflates to", info.file_size, memory_bytes, kind)
+        )
+    _check_compressed_size(info)
     handle.seek(_member_data_offset(handle, info))
     raw = handle.read(info.compress_size)
     if len(raw) != info.compress_size:
@@ -363,6 +591,7 @@ def _member_bytes(handle: IO[bytes], info: zipfile.ZipInfo) -> bytes:
 def _member_chunks(handle: IO[bytes], info: zipfile.ZipInfo) -> Iterator[bytes]:
     """The uncompressed bytes of a stored or deflated ZIP member, streamed and CRC-checked (for members
     too large to hold in memory)."""
+    _check_compressed_size(info)
     handle.seek(_member_data_offset(handle, info))
     inflater = isal_zlib.decompressobj(-15) if info.compress_type == zipfile.ZIP_DEFLATED else None
     remaining, crc = info.compress_size, 0
@@ -372,9 +601,16 @@ def _member_chunks(handle: IO[bytes], info: zipfile.ZipInfo) -> Iterator[bytes]:
             if not raw:
                 raise ProductError(f"archive entry {info.filename} is truncated in the container")
             remaining -= len(raw)
-            out = inflater.decompress(raw) if inflater else raw
-            crc = isal_zlib.crc32(out, crc)
-            yield out
+            if inflater is None:
+                crc = isal_zlib.crc32(raw, crc)
+                yield raw
+                continue
+            # Inflate in bounded pieces: a chunk of zeros may expand a thousandfold.
+            while raw:
+                out = inflater.decompress(raw, COPY_CHUNK)
+                raw = inflater.unconsumed_tail
+                crc = isal_zlib.crc32(out, crc)
+                yield out
         if inflater:
             tail = inflater.flush()
             crc = isal_zlib.crc32(tail, crc)
@@ -392,6 +628,7 @@ class OpenedProduct:
     storage_options: dict
     local_zip: str | None = None  # the unpacked inner ZIP of a tar.gz delivery
     local_members: dict[str, str] = field(default_factory=dict)  # ZIP member -> unpacked copy
+    limits: Limits = field(default_factory=Limits)
 
     def _zip_gdal_path(self) -> str:
         return self.local_zip if self.local_zip else gdal_path(self.location.container_uri)
@@ -425,21 +662,39 @@ class OpenedProduct:
             except (zipfile.BadZipFile, EOFError) as exc:
                 raise ProductError(f"corrupt ZIP {self.location.source_uri}: {exc}") from None
 
-    def read_member(self, layer: str) -> bytes:
+    def read_member(self, layer: str, budget: int | None = None, kind: str = "memory") -> bytes:
+        """A layer's bytes, in memory: refused unread when it declares (listing, ZIP header) more than
+        `budget` (default `limits.memory_bytes`), and never read or inflated past it."""
+        budget = self.limits.memory_bytes if budget is None else budget
         member = self.location.member(layer)
         if self.location.packaging == "folder":
+            listed = dict(self.location.members).get(member, 0)
+            if listed > budget:
+                raise ProductError(over_budget(f"member {member}", "holds", listed, budget, kind))
             with fsspec.open(
                 join(self.location.container_uri, member), "rb", **self.storage_options
             ) as handle:
-                return handle.read()
-        with self.open_zip() as archive:
-            try:
-                return archive.read(member)
-            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-                raise ProductError(f"corrupt ZIP entry {member}: {exc}") from None
+                data = handle.read(budget + 1)
+            if len(data) > budget:
+                raise ProductError(f"member {member} holds more than the {format_size(budget)} {kind} budget")
+            return data
+        with self.open_container() as handle:
+            infos = {
+                info.filename: info
+                for info in _zip_listing(handle, posixpath.basename(self.location.source_uri))
+            }
+            if member not in infos:
+                raise ProductError(f"missing file: {member} is no longer in the archive")
+            info = infos[member]
+            if info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                return _member_bytes(handle, info, budget, kind)
+        if info.file_size > budget:
+            raise ProductError(over_budget(f"member {member}", "inflates to", info.file_size, budget, kind))
+        return b"".join(_bounded(_zipfile_chunks(self, info), info.file_size, member))
 
     def metadata_bytes(self) -> bytes:
-        return self.read_member(METADATA)
+        """METADATA.XML, refused before a byte is read when it declares more than `limits.xml_bytes`."""
+        return self.read_member(METADATA, self.limits.xml_bytes, "XML")
 
     @property
     def spectral_path(self) -> str:
@@ -447,47 +702,69 @@ class OpenedProduct:
 
 
 def iter_products(
-    source: ProductSource, storage_options: dict | None = None
+    source: ProductSource, storage_options: dict | None = None, limits: Limits = Limits()
 ) -> Iterator[OpenedProduct | Rejection]:
     """Every product of a source, opened; each is valid until the next one is asked for.
 
-    A tar.gz is streamed once: each product ZIP in it is unpacked, yielded, and removed before the
-    stream moves on, so scratch holds one unpacked archive at a time.
+    A tar.gz is streamed once: each product ZIP in it is unpacked (within `limits.scratch_bytes`),
+    yielded, and removed before the stream moves on, so scratch holds one unpacked archive at a time.
+    Raises `ArchiveRejected` for an archive refused whole (possibly after some of its products were
+    yielded: the caller drops them), and OSError for a fault of the storage (never a rejection).
     """
     options = storage_options or {}
     if source.kind == "folder":
         for location in folder_products(source):
-            yield OpenedProduct(location, options)
+            yield OpenedProduct(location, options, limits=limits)
         return
     if source.kind == "zip":
         try:
             with fsspec.open(source.uri, "rb", **options) as handle:
                 infos = _zip_listing(handle, posixpath.basename(source.uri))
+        except ArchiveRejected:
+            raise
         except ProductError as exc:
             yield Rejection(source.uri, None, "inventory", str(exc))
             return
         products, rejections = _zip_products(infos, source.uri, "zip", None)
         yield from rejections
         for location in products:
-            yield OpenedProduct(location, options)
+            yield OpenedProduct(location, options, limits=limits)
         return
-    yield from _iter_tar(source, options)
+    yield from _iter_tar(source, options, limits)
 
 
-def _iter_tar(source: ProductSource, options: dict) -> Iterator[OpenedProduct | Rejection]:
+def _tar_corrupt(exc: BaseException) -> bool:
+    """An error of the tar stream that its bytes caused (not the storage)."""
+    return isinstance(exc, tarfile.TarError | EOFError | zlib.error) or _corrupt_bytes_error(exc)
+
+
+def _iter_tar(source: ProductSource, options: dict, limits: Limits) -> Iterator[OpenedProduct | Rejection]:
     found_any = False
-    try:
-        with fsspec.open(source.uri, "rb", **options) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for info in tar:
+    with fsspec.open(source.uri, "rb", **options) as raw:
+        try:
+            tar = tarfile.open(fileobj=raw, mode="r|*")
+        except Exception as exc:
+            if not _tar_corrupt(exc):
+                raise
+            yield Rejection(source.uri, None, "inventory", f"corrupt archive: {type(exc).__name__}: {exc}")
+            return
+        with tar:
+            entries = iter(tar)
+            while True:
+                try:
+                    info = next(entries)
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    if not _tar_corrupt(exc):
+                        raise
+                    reason = f"corrupt archive: {type(exc).__name__}: {exc}"
+                    yield Rejection(source.uri, None, "inventory", reason)
+                    return
+                problem = _tar_entry_problem(info)
+                if problem:
+                    raise ArchiveRejected(problem)
                 name = info.name
-                if _unsafe_member(name) or info.issym() or info.islnk() or info.isdev():
-                    yield Rejection(
-                        source.uri,
-                        None,
-                        "inventory",
-                        f"unsafe archive entry {name!r} escapes the folder; skipped",
-                    )
-                    continue
                 if (
                     not info.isfile()
                     or not name.lower().endswith(ZIP_SUFFIXES)
@@ -501,26 +778,34 @@ def _iter_tar(source: ProductSource, options: dict) -> Iterator[OpenedProduct | 
                     if stream is None:
                         continue
                     try:
-                        _copy_member(stream, local_zip, info.size, name)
+                        _copy_member(stream, local_zip, info.size, name, ScratchBudget(limits.scratch_bytes))
                         with open(local_zip, "rb") as handle:
                             infos = _zip_listing(handle, posixpath.basename(name))
+                        products, rejections = _zip_products(infos, source.uri, "targz", name)
+                    except ArchiveRejected:
+                        raise
                     except ProductError as exc:
                         yield Rejection(f"{source.uri}!{name}", None, "inventory", str(exc))
                         continue
-                    products, rejections = _zip_products(infos, source.uri, "targz", name)
+                    except Exception as exc:
+                        if not _tar_corrupt(exc):
+                            raise
+                        reason = f"corrupt archive: {type(exc).__name__}: {exc}"
+                        yield Rejection(source.uri, None, "inventory", reason)
+                        return
                     yield from rejections
                     for location in products:
-                        yield OpenedProduct(location, options, local_zip=local_zip)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        yield Rejection(source.uri, None, "inventory", f"corrupt archive: {type(exc).__name__}: {exc}")
-        return
+                        yield OpenedProduct(location, options, local_zip=local_zip, limits=limits)
     if not found_any:
         yield Rejection(source.uri, None, "inventory", "archive holds no EnMAP L2A product ZIP")
 
 
 @contextlib.contextmanager
 def open_product(
-    location: ProductLocation, storage_options: dict | None = None, unpack: tuple[str, ...] = ()
+    location: ProductLocation,
+    storage_options: dict | None = None,
+    unpack: tuple[str, ...] = (),
+    limits: Limits = Limits(),
 ) -> Iterator[OpenedProduct]:
     """Open one known product (for the stages after inventory).
 
@@ -529,10 +814,14 @@ def open_product(
     sequentially, into memory (or scratch, when large) for as long as the product is open, because
     GDAL's random access into a deflate stream restarts decompression on every backward seek, which
     made a band-by-band read of a 75 MB ENVI BIL cube take ~50 s instead of ~0.2 s.
+    Members up to `limits.memory_bytes` go to memory; all the product unpacks to scratch (the inner
+    ZIP of a tar.gz, larger members) stays within `limits.scratch_bytes`, else ProductError.
     """
     options = storage_options or {}
+    clean_stale_scratch()
+    budget = ScratchBudget(limits.scratch_bytes)
     with _scratch_dir() as scratch:
-        opened = OpenedProduct(location, options)
+        opened = OpenedProduct(location, options, limits=limits)
         if location.packaging == "targz":
             opened.local_zip = os.path.join(scratch, "product.zip")
             with (
@@ -544,28 +833,28 @@ def open_product(
                         stream = tar.extractfile(info)
                         if stream is None:
                             break
-                        _copy_member(stream, opened.local_zip, info.size, info.name)
+                        _copy_member(stream, opened.local_zip, info.size, info.name, budget)
                         break
                 else:
                     raise ProductError(f"{location.inner_zip} is no longer in {location.container_uri}")
         with contextlib.ExitStack() as stack:
             if location.packaging != "folder" and unpack:
-                _unpack_deflated(opened, unpack, scratch, stack)
+                _unpack_deflated(opened, unpack, scratch, stack, budget)
             yield opened
 
 
 def _unpack_deflated(
-    opened: OpenedProduct, layers: tuple[str, ...], scratch: str, stack: contextlib.ExitStack
+    opened: OpenedProduct,
+    layers: tuple[str, ...],
+    scratch: str,
+    stack: contextlib.ExitStack,
+    budget: ScratchBudget,
 ) -> None:
     location = opened.location
     wanted = {location.member(layer) for layer in layers}
     stems = {posixpath.splitext(m)[0] for m in wanted}
     with opened.open_container() as handle:
-        try:
-            with zipfile.ZipFile(handle) as archive:
-                infos = archive.infolist()
-        except (zipfile.BadZipFile, EOFError) as exc:
-            raise ProductError(f"corrupt ZIP {location.source_uri}: {exc}") from None
+        infos = _zip_listing(handle, location.source_uri)
         # One in-memory folder per opened product, so an ENVI header lands beside its data file.
         folder = f"spectralearth-{os.getpid()}-{id(opened):x}"
         for info in infos:
@@ -577,19 +866,17 @@ def _unpack_deflated(
             if info.compress_type == zipfile.ZIP_STORED and info.filename in wanted:
                 continue
             name = posixpath.basename(info.filename)
-            _check_declared(info.file_size, info.filename)
             standard = info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-            if standard and info.file_size <= MEMORY_UNPACK_BYTES:
+            if standard and info.file_size <= opened.limits.memory_bytes:
                 # MemoryFile serves the bytes object in place: no copy.
-                memory = stack.enter_context(
-                    MemoryFile(_member_bytes(handle, info), dirname=folder, filename=name)
-                )
+                data = _member_bytes(handle, info, opened.limits.memory_bytes)
+                memory = stack.enter_context(MemoryFile(data, dirname=folder, filename=name))
                 opened.local_members[info.filename] = memory.name
                 continue
             chunks = _member_chunks(handle, info) if standard else _zipfile_chunks(opened, info)
             target = os.path.join(scratch, "members", name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            _write_member(chunks, target, info.file_size, info.filename)
+            _write_member(chunks, target, info.file_size, info.filename, budget)
             opened.local_members[info.filename] = target
 
 
