@@ -420,6 +420,14 @@ def _catalog(raw: Any) -> Any:
     return CatalogSettings.from_dict(raw or {})
 
 
+def _labels(raw: Any) -> tuple[Any, ...]:
+    if raw is None:
+        return ()
+    from pipeline.labels import parse_labels  # the labels stage owns its section (imported lazily)
+
+    return parse_labels(raw)
+
+
 def _storage(raw: Any) -> StorageSettings:
     try:
         return StorageSettings.from_dict(raw)
@@ -447,6 +455,7 @@ class Manifest:
     limits: Limits = field(default_factory=Limits)
     storage: StorageSettings = field(default_factory=StorageSettings)  # never part of a config hash
     catalog: Any = None  # stac.settings.CatalogSettings (imported lazily: stac builds on pipeline)
+    labels: tuple[Any, ...] = ()  # pipeline.labels.LabelSpec per benchmark; only the labels stage reads it
     source: str = "<dict>"  # where it was read from, for messages; not part of any hash
 
     KEYS = {
@@ -461,6 +470,7 @@ class Manifest:
         "limits",
         "storage",
         "catalog",
+        "labels",
     }
 
     @classmethod
@@ -499,6 +509,7 @@ class Manifest:
                 limits=limits,
                 storage=_storage(raw.get("storage")),
                 catalog=_catalog(raw.get("catalog")),
+                labels=_labels(raw.get("labels")),
                 source=source,
             )
         except ManifestError as exc:
