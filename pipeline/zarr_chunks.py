@@ -22,13 +22,17 @@ shard are never written by zarr: they are absent from the index whatever the set
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
 import google_crc32c
+import numcodecs
+import numcodecs.blosc
 import numpy as np
 from numcodecs.blosc import compress, decompress
 
@@ -81,6 +85,21 @@ class ChunkCodec:
     def nbytes(self) -> int:
         """Decoded size of one chunk."""
         return math.prod(self.chunk_shape) * np.dtype(self.dtype).itemsize
+
+    def key(self) -> str:
+        """What the bytes of an encoded chunk depend on: these settings and the encoder's build
+        (c-blosc and its codecs can change their output between releases, so chunks encoded by
+        another build are still readable but no longer the bytes zarr-python would write here).
+        Suitable for keying stored encoded candidates."""
+        identity = json.dumps(
+            {
+                "codec": asdict(self),
+                "numcodecs": numcodecs.__version__,
+                "blosc": numcodecs.blosc.VERSION_STRING,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
     @classmethod
     def from_array_metadata(

@@ -4,6 +4,8 @@ back by zarr-python and TensorStore; per-cell sums (pipeline.cell_moments) again
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -416,6 +418,8 @@ def test_chunk_codec_checks_its_settings():
         with pytest.raises(ValueError):
             replace(codec, **bad)
     assert codec.nbytes == 8 * 8 * 2
+    assert codec.key() == quality_codec(manifest(8, 5)).key()  # not the shard size
+    assert codec.key() != replace(codec, clevel=4).key() != replace(codec, write_empty_chunks=False).key()
 
 
 def test_tensorstore_reads_a_zarr_written_dataset_too(tmp_path):
@@ -431,3 +435,30 @@ def test_tensorstore_reads_a_zarr_written_dataset_too(tmp_path):
         "kvstore": {"driver": "file", "path": str(Path(store.path(DATASET)) / "reflectance")},
     }
     np.testing.assert_array_equal(ts.open(spec).result().read().result(), values)
+
+
+def test_codec_bench_runs_and_reports_every_choice(tmp_path):
+    """bench/codec_bench.py --quick: a table and a dict with every choice (no timing is asserted)."""
+    out = tmp_path / "codecs.json"
+    bench = Path(__file__).resolve().parent.parent / "bench" / "codec_bench.py"
+    command = [
+        sys.executable,
+        str(bench),
+        "--quick",
+        "--repeats",
+        "1",
+        "--cache",
+        str(tmp_path),
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["patch_shape"] == [202, 128, 128] and result["patches"] >= 1
+    assert set(result["codecs"]) == {"zstd-5", "zstd-3", "zstd-1", "lz4"}
+    for label, figures in result["codecs"].items():
+        assert figures["shuffle"] == "bitshuffle" and label in done.stdout
+        assert figures["encode_mb_s"] > 0 and figures["decode_mb_s"] > 0
+        assert figures["ratio"] > 1  # spectra compress
+        assert abs(figures["stored_mb"] * figures["ratio"] - result["raw_mb"]) < 0.05 * result["raw_mb"]
