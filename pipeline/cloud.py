@@ -62,7 +62,7 @@ def refuse_credentials(uri: str) -> None:
     if has_credentials(uri):
         raise StorageError(
             f"{redact(uri)}: credentials in a URI are refused (they would end up in logs and tables); "
-            "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a named profile"
+            "give them through the AWS environment variables or a named profile"
         )
 
 
