@@ -19,9 +19,10 @@ that a `classes` remap leaves out. Each active patch is labelled on its own grid
 `y_ul`, 30 m pixels, 128 x 128):
 
 - sample points: `nearest` takes the centre of every pixel; `mode` takes an n x n lattice of points
-  inside every pixel (n = ceil(2 x 30 m / source resolution), at least 3 and at most 15, so each source
-  pixel is hit about twice per axis) and keeps the majority class, ties to the smallest code (0, "no
-  label", votes like any class, so a pixel mostly outside the source stays unlabelled);
+  inside every pixel (rasters: n = ceil(2 x 30 m / source resolution), at least 3 and at most 15, so
+  each source pixel is hit about twice per axis; polygons: n = 5) and keeps the majority class, ties
+  to the smallest code (0, "no label", votes like any class, so a pixel mostly outside the source
+  stays unlabelled);
 - rasters: the points are transformed into the source CRS one by one with an exact transformer
   (`rasterio.warp.transform`, PROJ per point: no interpolated approximation), and each takes the source
   pixel that contains it (`floor` of its pixel coordinates, as GDAL's nearest neighbour does); only
@@ -77,6 +78,7 @@ STAGE_PREFIX = "labels-"
 MAX_CODE = 65535  # uint16
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _MODE_MIN, _MODE_MAX = 3, 15
+VECTOR_MODE_FACTOR = 5  # polygons have no resolution: 5 x 5 points per pixel (6 m apart)
 _NONE = np.iinfo(np.int64).max  # "no polygon here" while taking the smallest covering class
 
 
@@ -249,7 +251,7 @@ def spec_named(manifest: Manifest, name: str | None) -> list[LabelSpec]:
 def mode_factor(source_resolution: float, pixel_size: float) -> int:
     """Sample points per pixel side for `mode`: about two per source pixel, within [3, 15]."""
     if not source_resolution > 0:
-        return _MODE_MAX
+        return VECTOR_MODE_FACTOR
     return int(min(_MODE_MAX, max(_MODE_MIN, math.ceil(2 * pixel_size / source_resolution))))
 
 
@@ -521,23 +523,31 @@ class VectorSource:
             else np.zeros(0, bool)
         )
         geoms, codes = geoms[keep], codes[keep]
+        shapely.prepare(geoms)
         self._cache = (bbox, shapely.STRtree(geoms), geoms, codes)
 
     def sample(self, epsg: int, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
-
+        """Class of the polygon covering each point (smallest class where several do; 0 where
+        none), or None when no polygon lies under the points."""
         assert self._cache is not None, "prepare() first"
         _, tree, geoms, codes = self._cache
         if not len(geoms):
             return None
         sx, sy = transform_points(f"EPSG:{epsg}", self.crs_wkt, xs.ravel(), ys.ravel())
-        points = shapely.points(np.asarray(sx), np.asarray(sy))
-        point_index, geom_index = tree.query(points, predicate="intersects")
-        if not len(point_index):
+        px, py = np.asarray(sx), np.asarray(sy)
+        candidates = tree.query(shapely.box(px.min(), py.min(), px.max(), py.max()), predicate="intersects")
+        if not len(candidates):
             return None
-        classes = codes[geom_index].astype(np.int64)
-        classes = np.where(classes == 0, _NONE, classes)  # a class beats an unmapped polygon
-        best = np.full(points.shape, _NONE, dtype=np.int64)
-        np.minimum.at(best, point_index, classes)
+        best = np.full(px.shape, _NONE, dtype=np.int64)
+        for k, (x0, y0, x1, y1) in zip(
+            candidates.tolist(), shapely.bounds(geoms[candidates]).tolist(), strict=True
+        ):
+            near = np.flatnonzero((px >= x0) & (px <= x1) & (py >= y0) & (py <= y1))
+            if not len(near):
+                continue
+            inside = near[shapely.intersects_xy(geoms[k], px[near], py[near])]  # the boundary counts
+            code = int(codes[k]) or _NONE  # a class beats an unmapped (0) polygon
+            best[inside] = np.minimum(best[inside], code)
         best[best == _NONE] = 0
         return best.reshape(xs.shape)
 
@@ -600,7 +610,7 @@ def read_rows(store: BuildStore) -> Rows:
         assert isinstance(quality, zarr.Array)
         shards = quality.shards or quality.chunks
         return Rows(
-            patch_id=column("patch_id").astype(str),
+            patch_id=np.array([str(v) for v in column("patch_id").tolist()], dtype=object),
             epsg=column("epsg").astype(np.int64),
             x_ul=column("x_ul").astype(np.float64),
             y_ul=column("y_ul").astype(np.float64),
