@@ -501,19 +501,18 @@ class JsonSchema:
     kind: str
     required: Mapping[str, type | tuple[type, ...]]
 
-    def problem(self, value: Any) -> str | None:
+    def problem(self, value: Any, within: str = "") -> str | None:
+        """What is wrong with `value`, or None; `within` names the object it sits in (`attributes.`)."""
         if not isinstance(value, dict):
-            return f"not a JSON object but {type(value).__name__}"
-        missing = [key for key in self.required if key not in value]
+            return f"{within or 'record'} is not a JSON object but {type(value).__name__}"
+        missing = [within + key for key in self.required if key not in value]
         if missing:
             return f"missing key(s) {', '.join(missing[:3])}"
         for key, kinds in self.required.items():
-            if (
-                not isinstance(value[key], kinds)
-                or isinstance(value[key], bool)
-                and bool not in _tuple(kinds)
-            ):
-                return f"key {key} holds {type(value[key]).__name__}"
+            # JSON true/false parse as bool, a subclass of int: not a count or an index.
+            wrong_bool = isinstance(value[key], bool) and bool not in _tuple(kinds)
+            if not isinstance(value[key], kinds) or wrong_bool:
+                return f"key {within}{key} holds {type(value[key]).__name__}"
         return None
 
 
@@ -588,7 +587,7 @@ def parse_json(path: str, data: bytes, schema: JsonSchema | None = None) -> dict
         raise CorruptOutput(path, "not valid JSON" if data else "empty file") from None
     problem = declared.problem(value)
     if problem is None and declared is DATASET_METADATA_SCHEMA:
-        problem = DATASET_ATTRIBUTES_SCHEMA.problem(value["attributes"])
+        problem = DATASET_ATTRIBUTES_SCHEMA.problem(value["attributes"], within="attributes.")
     if problem is None and declared is STAGE_RECORD_SCHEMA and value["stage"] != producer_of(path):
         problem = f"records stage {value['stage']!r}"
     if problem is None and declared is SHARD_RECORD_SCHEMA and path != shard_record(value["shard"]):
@@ -629,7 +628,11 @@ def empty_geodataframe(schema: TableSchema, columns: Sequence[str] | None = None
     def kind(name: str) -> pa.DataType:
         return declared.get(name, pa.float64() if name.endswith("_fraction") else pa.null())
 
+    # numpy has no typed empty list or date column: those are untyped (written as Arrow `null`, which
+    # an empty table may hold; pandas' ArrowDtype would keep the type but does not read back).
     frame = pa.schema([(n, kind(n)) for n in names if n != schema.geometry]).empty_table().to_pandas()
     geometry = schema.geometry or "geometry"
     frame[geometry] = geopandas.GeoSeries([], crs="EPSG:4326")
-    return geopandas.GeoDataFrame(frame[names] if geometry in names else frame, geometry=geometry, crs="EPSG:4326")
+    return geopandas.GeoDataFrame(
+        frame[names] if geometry in names else frame, geometry=geometry, crs="EPSG:4326"
+    )
