@@ -93,6 +93,12 @@ class BandMoments:
         )
 
     @property
+    def valid_mean(self) -> np.ndarray:
+        """The mean, NaN for a band with no valid pixel (`mean` holds 0.0 there, which merges cleanly
+        but is not a statistic of anything: an empty build's bands have no mean)."""
+        return np.where(self.count > 0, self.mean, np.nan)
+
+    @property
     def std(self) -> np.ndarray:
         """Population standard deviation (ddof = 0); NaN for a band with no valid pixel."""
         with np.errstate(invalid="ignore", divide="ignore"):
