@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import tables
 from pipeline.engine import StageResult, up_to_date
 from pipeline.errors import one_line
-from pipeline import tables
 from pipeline.grid import LOCATION_ID_MAX_INDEX, Cell, GridSpec
 from pipeline.storage import StageRecord, Stopwatch
 from pipeline.tables import CorruptOutput, read_geodataframe_checked, read_table_checked

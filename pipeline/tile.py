@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from rasterio.io import MemoryFile
 
+from pipeline import tables
 from pipeline.engine import (
     ItemStage,
     StageResult,
@@ -24,7 +25,6 @@ from pipeline.engine import (
     run_items,
     up_to_date,
 )
-from pipeline import tables
 from pipeline.enmap.product import Rejection
 from pipeline.errors import BuildFault
 from pipeline.grid import Cell, GridSpec, OffLatticeError, cell_bounds, cells_in_raster, check_lattice

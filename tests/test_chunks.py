@@ -298,6 +298,28 @@ def test_multidimensional_shard_grid_matches_zarr(tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    "cname, clevel, blocksize", [("lz4", 5, 0), ("zstd", 1, 1024 * 1024), ("zstd", 3, 65536)]
+)
+def test_other_blosc_settings_match_zarr(tmp_path, cname, clevel, blocksize):
+    """The codec choices the bench compares (another compressor, an explicit block size) are still
+    byte-identical to zarr-python's shards."""
+    rng = np.random.default_rng(clevel)
+    blosc = BloscCodec(cname=cname, clevel=clevel, shuffle=BloscShuffle.bitshuffle, blocksize=blocksize)
+    array = zarr.create_array(
+        str(tmp_path / "a"), shape=(3, 40, 64, 64), chunks=(1, 40, 64, 64), shards=(2, 40, 64, 64),
+        dtype="int16", fill_value=NODATA_VALUE, compressors=blosc,
+    )  # fmt: skip
+    values = np.stack([make_patch(rng, "spectra", 40, 64) for _ in range(3)])
+    array[:] = values
+    codec = ChunkCodec.from_array_metadata(array.metadata.to_dict(), write_empty_chunks=False)
+    assert (codec.cname, codec.clevel, codec.blocksize) == (cname, clevel, blocksize)
+    chunks = [encode_chunk(codec, v) for v in values]
+    for shard in range(2):
+        stored = (tmp_path / "a" / "c" / str(shard) / "0" / "0" / "0").read_bytes()
+        assert stored == assemble_shard(codec, chunks[2 * shard : 2 * shard + 2], 2)
+
+
 def test_encode_chunk_edges():
     m = manifest(8, 2)
     codec = reflectance_codec(m, 3)
@@ -456,7 +478,7 @@ def test_codec_bench_runs_and_reports_every_choice(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert result["patch_shape"] == [202, 128, 128] and result["patches"] >= 1
-    assert set(result["codecs"]) == {"zstd-5", "zstd-3", "zstd-1", "lz4"}
+    assert {"zstd-5", "zstd-1", "lz4"} <= set(result["codecs"])  # the choices issue 12 names
     for label, figures in result["codecs"].items():
         assert figures["shuffle"] == "bitshuffle" and label in done.stdout
         assert figures["encode_mb_s"] > 0 and figures["decode_mb_s"] > 0
