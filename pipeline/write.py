@@ -26,6 +26,7 @@ import pyarrow as pa
 import rasterio
 from rasterio.windows import Window
 
+from pipeline import tables
 from pipeline.engine import StageResult, up_to_date
 from pipeline.enmap.product import open_product
 from pipeline.errors import is_transient
@@ -34,7 +35,6 @@ from pipeline.manifest import Manifest
 from pipeline.quality import NODATA_VALUE
 from pipeline.stats import BandMoments, npy_bytes
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json
-from pipeline import tables
 from pipeline.tables import read_geodataframe_checked, read_table_checked
 from pipeline.write_plan import (
     STAGING,

@@ -30,17 +30,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import tables
 from stac import build
 from stac.geoparquet import write_items_parquet
 from stac.partition import BLOCK_CELLS, Node, max_links, partition, patch_key, scene_key
 from stac.records import Band, PatchRecord, SceneRow, flags_of, parse_bands, parse_patches, parse_scenes
 from stac.settings import CatalogSettings
 
-STAC_DIR = "stac"
+STAC_DIR = tables.STAC_DIR
 ROOT = "catalog.json"
 ITEMS_PARQUET = "items.parquet"
-PATCHES_TABLE = "index/patches.parquet"
-SCENES_TABLE = "inventory/scenes.parquet"
+PATCHES_TABLE = tables.INDEX_PATCHES
+SCENES_TABLE = tables.SCENES
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +125,13 @@ def plan_catalog(
     missing = sorted({p.scene_id for p in ordered} - known)
     if missing:
         raise ValueError(f"patches come from scenes missing in {SCENES_TABLE}: {', '.join(missing[:3])}")
+    parsed_bands = parse_bands(bands)
+    if ordered and not parsed_bands:
+        raise ValueError("the band axis must hold at least one band when there are patches")
     limit = settings.items_per_catalog
     return CatalogPlan(
         settings=settings,
-        bands=parse_bands(bands),
+        bands=parsed_bands,
         dataset=dataset_href,
         patches=ordered,
         scenes=scene_order,

@@ -124,6 +124,21 @@ def _to_arrow(items: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
     return batch.to_arrow_batch(drop_invalid_properties=False).inner
 
 
+def _empty_batch(schema: pa.Schema) -> pa.RecordBatch:
+    """No rows, with exactly the columns and types a non-empty chunk converts to (stac_geoparquet's
+    conversion cannot run on zero rows, so one placeholder item is converted and sliced away)."""
+    placeholder = {
+        "type": "Feature",
+        "id": "placeholder",
+        "geometry": {"type": "Polygon", "coordinates": [[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]]},
+        "bbox": [0.0, 0.0, 1.0, 1.0],
+        "properties": {"datetime": "1970-01-01T00:00:00Z"},
+        "links": [],
+        "assets": {},
+    }
+    return _to_arrow([placeholder], schema).slice(0, 0)
+
+
 def _wkb(geometries: list[dict[str, Any]]) -> list[bytes]:
     """ISO WKB of GeoJSON geometries; 2-D polygons (every patch item) are built array-wise, since one
     shapely object per item cost more than the rest of the conversion."""
@@ -169,8 +184,8 @@ def write_items_parquet(
     schema = patch_item_schema(flags)
     batches = (_to_arrow(chunk, schema) for chunk in batched(_check_keys(items, schema), ROW_GROUP_SIZE))
     first = next(batches, None)
-    if first is None:
-        raise ValueError("no items to write to items.parquet")
+    if first is None:  # a build that kept no patch: a valid, empty table with the same columns
+        first = _empty_batch(schema)
     reader = pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], batches))
     handle, temporary = tempfile.mkstemp(suffix=".parquet")
     os.close(handle)

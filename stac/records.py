@@ -26,8 +26,8 @@ class Band:
     """One band of the build's band axis: its 1-based number in the product and its response in nm."""
 
     number: int
-    wavelength_nm: float
-    fwhm_nm: float
+    wavelength_nm: float | None  # None: not a positive finite number, so not stated in the catalog
+    fwhm_nm: float | None
 
     @property
     def name(self) -> str:
@@ -35,17 +35,26 @@ class Band:
 
 
 def parse_bands(bands: Iterable[tuple[int, float, float] | Band]) -> tuple[Band, ...]:
+def _positive(value: Any) -> float | None:
+    number = _number(value)
+    return number if number is not None and number > 0 else None
+
+
     out = []
     for band in bands:
-        if not isinstance(band, Band):
+        if isinstance(band, Band):
+            number, wavelength, fwhm = band.number, band.wavelength_nm, band.fwhm_nm
+        else:
             number, wavelength, fwhm = band
-            band = Band(int(number), float(wavelength), float(fwhm))
-        if band.number < 1 or not (band.wavelength_nm > 0 and band.fwhm_nm > 0):
-            raise ValueError(f"invalid band {band}: numbers start at 1, wavelength and FWHM are positive")
-        out.append(band)
+        if int(number) < 1:
+            raise ValueError(f"invalid band number {number}: band numbers start at 1")
+        # A response the catalog cannot state (not a positive finite number: inventory rejects such
+        # products, but an older build's tables may hold one) is left out of that band's object; it must
+        # not fail the catalog of every patch of the build, whose band axis comes from one scene.
+        out.append(Band(int(number), _positive(wavelength), _positive(fwhm)))
     numbers = [b.number for b in out]
-    if not out or len(set(numbers)) != len(numbers):
-        raise ValueError("the band axis must hold at least one band and no band twice")
+    if len(set(numbers)) != len(numbers):
+        raise ValueError("the band axis must not hold a band twice")
     return tuple(out)
 
 

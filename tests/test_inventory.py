@@ -10,12 +10,14 @@ import io
 import shutil
 import tarfile
 import zipfile
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.enmap.names import ProductName
 from pipeline.enmap.synth import SynthConfig, Truth, generate
 from pipeline.inventory import REJECTED_TABLE, SCENES_TABLE, records_from_frame, run_inventory
 from pipeline.manifest import Manifest
@@ -290,7 +292,9 @@ def _escaping_entry(kind: str) -> tuple[tarfile.TarInfo, bytes]:
 
 
 @pytest.mark.parametrize("kind", ["path", "symlink", "hardlink"])
-def test_archive_entry_escaping_the_folder_rejects_the_archive_whole(small_products, tmp_path, manifest, kind):
+def test_archive_entry_escaping_the_folder_rejects_the_archive_whole(
+    small_products, tmp_path, manifest, kind
+):
     """A tar.gz delivery with an entry that leaves the extraction folder (a path, a symlink or a hard
     link) is not a genuine delivery: the whole archive is rejected with one line, its product too
     (although it was read before the entry), and nothing is written outside."""
@@ -420,3 +424,193 @@ def test_unknown_manifest_key_is_one_line_cli_error(tmp_path):
     )
     assert result.exit_code == 2
     assert "unknown key 'filters.max_clouds'" in result.output
+
+
+# Inputs as delivered ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ard_spellings(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Truth]]:
+    """One small ARD product per delivered spelling of its rasters and metadata."""
+    made = {}
+    for raster, metadata in [("TIF", "XML.XML"), ("tiff", "XML.XML"), ("TIF", "xml"), ("tiff", "XML")]:
+        out = tmp_path_factory.mktemp(f"ard-{raster}-{metadata}")
+        config = SynthConfig(
+            seed=17,
+            sites=1,
+            revisits=1,
+            overlapping_tiles=0,
+            reprocessed=0,
+            width=83,
+            height=71,
+            packagings=("ard",),
+            ard_raster_extension=raster,
+            ard_metadata_extension=metadata,
+        )
+        made[(raster, metadata)] = (out, generate(out, config))
+    return made
+
+
+@pytest.mark.parametrize(
+    "spelling", [("TIF", "XML.XML"), ("tiff", "XML.XML"), ("TIF", "xml"), ("tiff", "XML")]
+)
+@pytest.mark.parametrize("packaging", ["folder", "zip"])
+def test_ard_spellings_are_read_like_the_others(ard_spellings, tmp_path, manifest, spelling, packaging):
+    """SPEC Input: every raster `-<LAYER>_COG.TIF` or `_COG.tiff`, the metadata `-METADATA.XML`,
+    `.xml` or `.XML.XML` (DLR's portal): found, resolved from the listing and accepted."""
+    out, truth = ard_spellings[spelling]
+    (product,) = truth.products
+    raster, metadata = spelling
+    files = sorted(p.name for p in (out / product.path).iterdir())
+    assert f"{product.scene_id}-SPECTRAL_IMAGE_COG.{raster}" in files
+    assert f"{product.scene_id}-METADATA.{metadata}" in files
+    inputs = out
+    if packaging == "zip":
+        inputs = tmp_path / "zipped"
+        inputs.mkdir()
+        _zip_folder(out / product.path, inputs / f"{product.scene_id}.ZIP")
+    result, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert rejected == []
+    (scene,) = scenes
+    assert scene.scene_id == product.scene_id and scene.variant == "ard"
+    assert scene.packaging == packaging
+    assert (scene.width, scene.height, scene.band_count) == (83, 71, 224)
+
+
+def test_synth_default_ard_spelling_is_unchanged(ard_spellings):
+    """The ARD options default to the spelling the generator always wrote (other tests rely on it)."""
+    config = SynthConfig()
+    assert (config.ard_raster_extension, config.ard_metadata_extension) == ("tiff", "xml")
+
+
+# Symlinks in local inputs ------------------------------------------------------------------------------
+
+
+def test_symlinked_product_folders_inside_the_input_are_followed(small_products, tmp_path, manifest):
+    """A link to a product folder, a link to a folder of products, and a product whose cube is a link
+    to a file elsewhere in the input: every product is found once, nothing is rejected."""
+    out, truth = small_products
+    root = tmp_path / "root"
+    store = root / "store"
+    store.mkdir(parents=True)
+    for product in truth.products:
+        shutil.copytree(out / product.path, store / product.path)
+    (root / "by_date").mkdir()
+    (root / "by_date" / "first").symlink_to(store / truth.products[0].path, target_is_directory=True)
+    (root / "all").symlink_to(store, target_is_directory=True)
+    # The third product's files live in a blob folder; its product folder holds links to them.
+    third = truth.products[2]
+    blobs = root / "blobs"
+    shutil.move(store / third.path, blobs)
+    linked = root / "linked" / third.path
+    linked.mkdir(parents=True)
+    for blob in sorted(blobs.iterdir()):
+        (linked / blob.name).symlink_to(blob)
+    (blobs / "unrelated.txt").write_text("x")
+    _, scenes, rejected = inventory([root], tmp_path / "build", manifest)
+    assert rejected == [r for r in rejected if "same product already found" in r["reason"]]
+    assert sorted(s.scene_id for s in scenes) == sorted(p.scene_id for p in truth.products)
+    by_id = {s.scene_id: s for s in scenes}
+    assert by_id[third.scene_id].container_uri in (str(linked), str(blobs))
+
+
+def test_symlink_leaving_the_input_is_reported(small_products, tmp_path, manifest):
+    out, truth = small_products
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "product").symlink_to(out / truth.products[0].path, target_is_directory=True)
+    (links / "folder-of-products").symlink_to(out, target_is_directory=True)
+    _, scenes, rejected = inventory([links], tmp_path / "build", manifest)
+    assert scenes == []
+    reasons = {r["source_uri"]: r["reason"] for r in rejected}
+    for name in ("product", "folder-of-products"):
+        reason = reasons[str(links / name)]
+        assert reason.startswith("symlink leaves the input:") and "\n" not in reason
+        assert f"is outside {links}" in reason
+
+
+def test_symlink_loops_and_broken_links_do_not_hang(small_products, tmp_path, manifest):
+    out, truth = small_products
+    root = tmp_path / "root"
+    shutil.copytree(out / truth.products[0].path, root / truth.products[0].path)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / truth.products[0].path / "back").symlink_to(root / truth.products[0].path)
+    (root / "self").symlink_to(root / "self")
+    (root / "dangling").symlink_to(root / "nowhere")
+    _, scenes, rejected = inventory([root], tmp_path / "build", manifest)
+    assert [s.scene_id for s in scenes] == [truth.products[0].scene_id]
+    reasons = {r["source_uri"]: r["reason"] for r in rejected}
+    assert set(reasons) == {str(root / "self"), str(root / "dangling")}
+    assert all(reason.startswith("broken symlink:") for reason in reasons.values())
+
+
+# Metadata against the name -------------------------------------------------------------------------
+
+
+def _set_element(xml: Path, tag: str, value: str) -> None:
+    text = xml.read_text()
+    start = text.index(f"<{tag}>") + len(f"<{tag}>")
+    end = text.index(f"</{tag}>", start)
+    xml.write_text(text[:start] + value + text[end:])
+
+
+def _set_start_time(xml: Path, value: str) -> None:
+    _set_element(xml, "startTime", value)
+
+
+def _set_times(xml: Path, start: datetime) -> None:
+    """startTime `start`, stopTime 10 s later (a small synthetic scene lasts under a second)."""
+    _set_element(xml, "startTime", start.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    _set_element(xml, "stopTime", (start + timedelta(seconds=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+
+
+def test_start_time_disagreeing_with_the_name_is_rejected(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (xml,) = victim.glob("*-METADATA.XML")
+    _set_start_time(xml, "1900-01-01T00:00:00.000000Z")
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(
+        scenes,
+        rejected,
+        good,
+        "metadata startTime 1900-01-01T00:00:00+00:00 disagrees with the name",
+        victim.name,
+    )
+
+
+@pytest.mark.parametrize("offset_s", [0.0, 0.999999])
+def test_start_time_within_the_second_the_name_truncates_to(small_products, tmp_path, manifest, offset_s):
+    """The name truncates the start to whole seconds (the real sample: 10:20:20 in the name,
+    10:20:20.999936 in METADATA.XML): within 1 s they agree."""
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (xml,) = victim.glob("*-METADATA.XML")
+    start = ProductName.parse(victim.name).start + timedelta(seconds=offset_s)
+    _set_times(xml, start)
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert rejected == [] and len(scenes) == 3
+
+
+@pytest.mark.parametrize("offset_s", [-1.5, 2.0, 3600.0])
+def test_start_time_more_than_a_second_off_is_rejected(small_products, tmp_path, manifest, offset_s):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (xml,) = victim.glob("*-METADATA.XML")
+    start = ProductName.parse(victim.name).start + timedelta(seconds=offset_s)
+    _set_times(xml, start)
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(
+        scenes, rejected, good, f"metadata startTime {start.isoformat()} disagrees with the name", victim.name
+    )
+
+
+def test_negative_fwhm_rejects_its_product_only(small_products, tmp_path, manifest):
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    (xml,) = victim.glob("*-METADATA.XML")
+    text = xml.read_text()
+    characterisation = text.index("<bandCharacterisation>")
+    start = text.index("<FWHMOfBand>", characterisation) + len("<FWHMOfBand>")
+    end = text.index("</FWHMOfBand>", start)
+    xml.write_text(text[:start] + "-5.8" + text[end:])
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert_only_victim_rejected(
+        scenes, rejected, good, "bandID[1]/FWHMOfBand is -5.8, not a positive finite number", victim.name
+    )

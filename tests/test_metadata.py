@@ -152,3 +152,48 @@ def test_size_mismatch_inside_metadata(real_metadata_bytes):
     broken = real_metadata_bytes.replace(b"<columns>1128</columns>", b"<columns>1127</columns>")
     with pytest.raises(MetadataError, match="raster size disagrees"):
         SceneMetadata.from_xml(broken)
+
+
+def _first_band_value(document: bytes, tag: str, value: str) -> bytes:
+    """The document with `tag` of band 1 in bandCharacterisation set to `value`."""
+    start = document.index(b"<bandCharacterisation>")
+    open_tag, close_tag = f"<{tag}>".encode(), f"</{tag}>".encode()
+    begin = document.index(open_tag, start) + len(open_tag)
+    end = document.index(close_tag, begin)
+    return document[:begin] + value.encode() + document[end:]
+
+
+@pytest.mark.parametrize(
+    ("tag", "value"),
+    [
+        ("FWHMOfBand", "-5.8"),
+        ("FWHMOfBand", "0"),
+        ("FWHMOfBand", "NaN"),
+        ("FWHMOfBand", "inf"),
+        ("wavelengthCenterOfBand", "nan"),
+        ("wavelengthCenterOfBand", "-420.0"),
+        ("GainOfBand", "nan"),
+    ],
+)
+def test_band_values_must_be_finite_and_positive(real_metadata_bytes, tag, value):
+    """A negative FWHM in one product used to crash `catalog` for the whole build: it is a property
+    of that product, refused at parse time with the band and the value."""
+    broken = _first_band_value(real_metadata_bytes, tag, value)
+    with pytest.raises(MetadataError, match=rf"bandID\[1\]/{tag} is .*not a (positive )?finite number") as info:
+        SceneMetadata.from_xml(broken)
+    assert "\n" not in str(info.value)
+
+
+def test_xml_over_the_limit_is_refused_unparsed(real_metadata_bytes, real):
+    limit = len(real_metadata_bytes) - 1
+    with pytest.raises(MetadataError, match=f"holds {len(real_metadata_bytes)} bytes, over the {limit}"):
+        SceneMetadata.from_xml(real_metadata_bytes, max_bytes=limit)
+    assert SceneMetadata.from_xml(real_metadata_bytes, max_bytes=limit + 1) == real
+
+
+def test_portal_metadata_name_gives_the_scene_id(real_metadata_bytes, real):
+    """A portal download names the file `-METADATA.XML.XML`; `metadata/name` may say so too."""
+    name = f"{real.scene_id}-METADATA.XML".encode()
+    doubled = real_metadata_bytes.replace(b">" + name + b"<", b">" + name + b".XML<", 1)
+    assert doubled != real_metadata_bytes
+    assert SceneMetadata.from_xml(doubled).scene_id == real.scene_id

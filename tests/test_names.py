@@ -42,3 +42,30 @@ def test_file_names_and_ard_layers():
     assert parse_file_name(f"{REAL}-METADATA.xml").layer == "METADATA"
     assert parse_file_name("README.txt") is None
     assert find_product_names(f"dims/ENMAP.HSI.L2A/{REAL}.ZIP") == [REAL]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "layer", "kind"),
+    [
+        ("-SPECTRAL_IMAGE_COG.TIF", "SPECTRAL_IMAGE", "raster"),
+        ("-QL_QUALITY_CLASSES_COG.tiff", "QL_QUALITY_CLASSES", "raster"),
+        ("-ql_quality_cloud_cog.Tiff", "QL_QUALITY_CLOUD", "raster"),
+        ("-METADATA.XML", "METADATA", "xml"),
+        ("-METADATA.xml", "METADATA", "xml"),
+        ("-METADATA.XML.XML", "METADATA", "xml"),
+        ("-metadata.xml.xml", "METADATA", "xml"),
+        ("-SPECTRAL_IMAGE.HDR", "SPECTRAL_IMAGE", "sidecar"),
+    ],
+)
+def test_delivered_spellings_resolve_to_their_layer(suffix, layer, kind):
+    """SPEC Input: COG rasters as `_COG.TIF` or `_COG.tiff`, metadata as `.XML`, `.xml` or `.XML.XML`,
+    suffixes and extensions in any case."""
+    parsed = parse_file_name(REAL + suffix)
+    assert parsed is not None and parsed.product == REAL
+    assert (parsed.layer, parsed.kind) == (layer, kind)
+    assert parsed.key == (REAL, layer, kind)
+
+
+@pytest.mark.parametrize("suffix", ["-SPECTRAL_IMAGE.TIF.aux.xml", "-METADATA.XML.bak", "-METADATA", "-.XML"])
+def test_other_files_are_not_product_files(suffix):
+    assert parse_file_name(REAL + suffix) is None

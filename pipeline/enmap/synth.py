@@ -20,7 +20,9 @@ What a product looks like
   interleave are reported as for the GeoTIFF. "ard" packaging always writes every raster as
   `-<LAYER>_COG.tiff` with GDAL's COG driver (DEFLATE + predictor, 256 px blocks, pixel interleaved as GDAL
   3.10 writes multi-band COGs, no overviews: building them takes minutes at full size) and the
-  metadata as `-METADATA.xml` (also `-HISTORY.xml`).
+  metadata as `-METADATA.xml` (also `-HISTORY.xml`). The other spellings deliveries use are options:
+  `ard_raster_extension` "TIF" writes `-<LAYER>_COG.TIF`; `ard_metadata_extension` "XML" or "XML.XML"
+  (as DLR's portal has been seen to deliver) names the metadata and history files so.
 - Packaging (cycled over products): "folder" -> `<out>/<name>/<files>`; "zip" -> `<out>/<name>.ZIP` with
   folder `<name>/` inside (deflate, level `zip_compresslevel`, 0 = stored); "targz" -> DLR delivery
   `<out>/dims_op_oc_oc-en_<9 digits>_1.tar.gz` holding
@@ -146,6 +148,9 @@ from pipeline.enmap.names import ProductName
 __all__ = ["SynthConfig", "Truth", "ProductTruth", "generate", "load_band_table", "PACKAGINGS", "FORMATS"]
 
 PACKAGINGS = ("folder", "zip", "targz", "ard")
+# Spellings of the ARD variant's files seen in deliveries (SPEC, Input).
+ARD_RASTER_EXTENSIONS = ("tiff", "TIF")
+ARD_METADATA_EXTENSIONS = ("xml", "XML", "XML.XML")
 FORMATS = ("GTiff", "BSQ", "BIL", "BIP")
 NODATA = -32768
 GAIN = 0.0001
@@ -210,6 +215,8 @@ class SynthConfig:
     reprocessed_version: str = "V010400"
     zip_compresslevel: int = 1  # deflate level of the product ZIPs (0 = stored)
     first_date: str = "2023-04-03"  # acquisitions start on or after this day
+    ard_raster_extension: str = "tiff"  # ARD rasters `-<LAYER>_COG.<this>`: "tiff" or "TIF"
+    ard_metadata_extension: str = "xml"  # ARD `-METADATA.<this>`, `-HISTORY.<this>`: "xml", "XML", "XML.XML"
 
     def __post_init__(self) -> None:
         if self.sites < 1 or self.revisits < 1:
@@ -240,6 +247,10 @@ class SynthConfig:
         for v in (self.processor_version, self.reprocessed_version):
             ProductName.format(1, datetime(2024, 1, 1), 1, v, datetime(2024, 1, 1))
         datetime.strptime(self.first_date, "%Y-%m-%d")
+        if self.ard_raster_extension not in ARD_RASTER_EXTENSIONS:
+            raise ValueError(f"ard_raster_extension must be one of {ARD_RASTER_EXTENSIONS}")
+        if self.ard_metadata_extension not in ARD_METADATA_EXTENSIONS:
+            raise ValueError(f"ard_metadata_extension must be one of {ARD_METADATA_EXTENSIONS}")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -625,6 +636,7 @@ class _Product:
     stop: datetime
     packaging: str = "folder"
     fmt: str = "GTiff"
+    ard_raster_extension: str = "tiff"
     superseded_by: _Product | None = None
     supersedes: _Product | None = None
     partner: _Product | None = None
@@ -890,6 +902,7 @@ class _Plan:
             p.packaging = cfg.packagings[i % len(cfg.packagings)]
             if p.packaging == "ard":
                 p.fmt = "COG"
+                p.ard_raster_extension = cfg.ard_raster_extension
             else:
                 p.fmt = cfg.formats[(i - ard_count) % len(cfg.formats)]
             ard_count += p.packaging == "ard"
@@ -1212,7 +1225,7 @@ class _Sink:
 def _layer_file(name: str, layer: str, p: _Product) -> tuple[str, str, str]:
     """(file name, sink format, interleave) of a raster layer."""
     if p.packaging == "ard":
-        return f"{name}-{layer}_COG.tiff", "COG", "band"
+        return f"{name}-{layer}_COG.{p.ard_raster_extension}", "COG", "band"
     if p.fmt == "GTiff":
         return f"{name}-{layer}.TIF", "GTiff", "band"
     interleave = p.fmt.lower() if layer == "SPECTRAL_IMAGE" else "bsq"
@@ -1850,8 +1863,9 @@ def _write_product(plan: _Plan, p: _Product, out: Path) -> dict[str, Any]:
     _remove(stage)
     stage.mkdir(parents=True)
     written = _write_rasters(plan, p, stage)
-    history_name = f"{name}-HISTORY.{'xml' if ard else 'XML'}"
-    meta_name = f"{name}-METADATA.{'xml' if ard else 'XML'}"
+    xml_extension = plan.config.ard_metadata_extension if ard else "XML"
+    history_name = f"{name}-HISTORY.{xml_extension}"
+    meta_name = f"{name}-METADATA.{xml_extension}"
     history = _history_xml(p)
     (stage / history_name).write_bytes(history)
     files = dict(written.files)
