@@ -37,6 +37,8 @@ GEOJSON = "application/geo+json"
 JSON = "application/json"
 DATASET_ASSET = "dataset"
 GEOPARQUET_ASSET = "geoparquet"
+# The extent of an empty collection (a build that kept nothing): STAC requires one bbox.
+WHOLE_WORLD: BBox = (-180.0, -90.0, 180.0, 90.0)
 
 
 # Fragments -----------------------------------------------------------------------------------------
@@ -208,16 +210,18 @@ def patch_transform(patch: PatchRecord) -> list[float]:
 
 
 # Bands and assets ---------------------------------------------------------------------------------
+def _micrometres(nanometres: float | None) -> float | None:
+    return None if nanometres is None else round(nanometres / 1000.0, 9)
+
+
 def band_objects(bands: Sequence[Band]) -> list[dict[str, Any]]:
     """STAC 1.1 `bands`: name, eo v2 centre wavelength / FWHM in micrometres, raster v2 scale/offset."""
     out = []
     for band in bands:
-        entry: dict[str, Any] = {
-            "name": band.name,
-            "description": f"EnMAP band {band.number} ({band.wavelength_nm:g} nm)",
-            "eo:center_wavelength": round(band.wavelength_nm / 1000.0, 9),
-            "eo:full_width_half_max": round(band.fwhm_nm / 1000.0, 9),
-        }
+        wavelength = "" if band.wavelength_nm is None else f" ({band.wavelength_nm:g} nm)"
+        entry: dict[str, Any] = {"name": band.name, "description": f"EnMAP band {band.number}{wavelength}"}
+        _set(entry, "eo:center_wavelength", _micrometres(band.wavelength_nm))
+        _set(entry, "eo:full_width_half_max", _micrometres(band.fwhm_nm))
         entry.update(fragment("band"))
         out.append(entry)
     return out
@@ -390,6 +394,8 @@ def _range(values: Iterable[float | int | None]) -> dict[str, Any] | None:
 
 
 def extent(bboxes: Sequence[BBox], datetimes: Sequence[str]) -> dict[str, Any]:
+    if not bboxes or not datetimes:
+        return {"spatial": {"bbox": [list(WHOLE_WORLD)]}, "temporal": {"interval": [[None, None]]}}
     return {
         "spatial": {
             "bbox": [
@@ -415,8 +421,9 @@ def _collection_links(
     return links
 
 
-def _years(datetimes: Sequence[str]) -> tuple[int | None, int | None]:
-    if not datetimes:
+def _years(datetimes: Sequence[str | None]) -> tuple[int | None, int | None]:
+    known = [d for d in datetimes if d is not None]
+    if not known:
         return None, None
     return int(min(datetimes)[:4]), int(max(datetimes)[:4])
 
@@ -469,7 +476,7 @@ def patch_collection(
         "license": settings.license,
         "providers": [p.to_stac() for p in settings.providers],
         "extent": {
-            "spatial": {"bbox": [list(summary.bbox)]},
+            "spatial": {"bbox": [list(summary.bbox or WHOLE_WORLD)]},
             "temporal": {"interval": [[summary.start, summary.end]]},
         },
         "summaries": summaries,
@@ -487,9 +494,9 @@ class PatchSummary:
     """What the patch collection says about all its items (computed in one pass by `summarise`)."""
 
     count: int
-    bbox: BBox
-    start: str
-    end: str
+    bbox: BBox | None  # None (and no start or end) for an empty collection
+    start: str | None
+    end: str | None
     proj_codes: frozenset[str]
     orbit_states: frozenset[str]
     processor_versions: frozenset[str]
@@ -501,8 +508,21 @@ class PatchSummary:
 
 
 def summarise(patches: Sequence[PatchRecord], scenes: dict[str, SceneRow]) -> PatchSummary:
-    if not patches:
-        raise ValueError("no patches to catalog (index/patches.parquet is empty)")
+    if not patches:  # a build that kept no patch is valid: an empty collection, no extent to speak of
+        return PatchSummary(
+            count=0,
+            bbox=None,
+            start=None,
+            end=None,
+            proj_codes=frozenset(),
+            orbit_states=frozenset(),
+            processor_versions=frozenset(),
+            cloud_cover=None,
+            snow_cover=None,
+            sun_elevation=None,
+            off_nadir=None,
+            n_dates=None,
+        )
     used = [scenes[p.scene_id] for p in patches]
     views = [view_fields(s) for s in used]
     return PatchSummary(
@@ -533,8 +553,6 @@ def scene_collection(
     children: Sequence[tuple[str, str]],
     settings: CatalogSettings,
 ) -> dict[str, Any]:
-    if not scenes:
-        raise ValueError("no scenes to catalog (inventory/scenes.parquet is empty)")
     template = fragment("scene_collection")
     starts = [s.start_datetime for s in scenes]
     ends = [s.end_datetime for s in scenes]
