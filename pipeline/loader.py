@@ -32,12 +32,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipeline import tables
 from pipeline.quality import NODATA_VALUE
 from pipeline.storage import BuildStore
 from pipeline.write import DATASET, REFLECTANCE_SCALE
 
-STATS_MEAN = "stats/mean.npy"
-STATS_STD = "stats/std.npy"
+STATS_MEAN = tables.STATS_MEAN
+STATS_STD = tables.STATS_STD
 NODATA = NODATA_VALUE
 
 Units = Literal["stored", "reflectance"]

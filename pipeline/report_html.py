@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from pipeline import tables
 from pipeline.quality import (
     BACKGROUND,
     CIRRUS_MASK,
@@ -44,7 +45,7 @@ from pipeline.quality import (
 from pipeline.storage import BuildStore
 from pipeline.write import REFLECTANCE_SCALE
 
-REPORT_PATH = "report/index.html"
+REPORT_PATH = tables.REPORT
 RGB_WAVELENGTHS_NM = (650.0, 550.0, 460.0)
 STRETCH_PERCENTILES = (2.0, 98.0)
 DPI = 80

@@ -43,13 +43,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import tables
 from pipeline.dedup import INDEX_LOCATIONS, INDEX_PATCHES
 from pipeline.grid import Cell
 from pipeline.storage import BuildStore
 
 SPLITS = ("train", "validation", "test")
 BUFFER = "buffer"
-SPLITS_DIR = "splits"
+SPLITS_DIR = tables.SPLITS_DIR
 # Footprints (EPSG:4326) closer than this are touching, across zones: ~0.1 m.
 CONTACT_DEGREES = 1e-6
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")

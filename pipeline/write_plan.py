@@ -24,7 +24,9 @@ from typing import Any
 
 from rasterio.windows import Window
 
-STAGING = "write/staging"
+from pipeline import tables
+
+STAGING = tables.WRITE_STAGING
 # Cost of opening a scene that must be unpacked (a deflated ZIP member), in patches written: measured
 # in `make bench` on 1250 x 1250 x 224 products, unpacking takes ~3.5 s and writing one patch (read of
 # its strip + encode) ~0.08 s.
@@ -100,7 +102,7 @@ def unit_windows(patches: Sequence[PatchRef], size: int) -> dict[tuple[str, int]
 
 
 def staging_path(shard: int, read_task: int) -> str:
-    return f"{STAGING}/{shard:06d}-{read_task:06d}.npz"
+    return tables.staging_part(shard, read_task)
 
 
 def row_key(patch_id: str, scene_id: str, fingerprint: str) -> str:
