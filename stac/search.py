@@ -302,7 +302,8 @@ def _max_cloud(value: Any) -> float | None:
 def _count(value: Any, name: str, low: int, high: int) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+    # numpy integers (from a table) count; bools and floats do not
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= int(value) <= high:
         raise QueryError(f"{name} must be an integer from {low} to {high}, got {value!r}")
     return int(value)
 

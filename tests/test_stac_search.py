@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,13 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shapely.geometry import box, shape
+from shapely.geometry import box, mapping, shape
+from shapely.ops import unary_union
 
 from pipeline.storage import BuildStore
 from stac import geoparquet
 from stac.catalog import build_catalog
-from stac.search import TimeWindow, parse_datetime, search
+from stac.search import QueryError, TimeWindow, parse_datetime, search
 from stac.settings import CatalogSettings
 from tests.stac_helpers import block_network, json_files, make_tables, many_scene_specs, write_tables
 
@@ -269,8 +271,116 @@ def test_search_through_a_build_store(index: tuple[Path, list[dict[str, Any]]]) 
 )
 def test_bad_queries(index: tuple[Path, list[dict[str, Any]]], kwargs: dict[str, Any], message: str) -> None:
     path, _ = index
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(QueryError, match=message):
         search(path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"limit": 10**20}, r"limit must be an integer from 0 to 1000000000, got 100000000000000000000"),
+        ({"limit": 2.5}, "limit must be an integer"),
+        ({"limit": True}, "limit must be an integer"),
+        ({"min_dates": 0}, "min_dates must be an integer from 1"),
+        ({"min_dates": 10**30}, "min_dates must be an integer from 1"),
+        ({"max_cloud": float("nan")}, "max_cloud must be a finite number"),
+        ({"max_cloud": -1}, r"max_cloud must be a percentage within \[0, 100\]"),
+        ({"bbox": (0, 0, float("nan"), 1)}, "bbox east must be a finite number"),
+        ({"bbox": (0, 0, 1, 1, 2, float("inf"))}, "bbox maximum height must be a finite number"),
+        ({"bbox": (0, -90.5, 1, 1)}, "bbox south must be a latitude"),
+        ({"bbox": (181, 0, 182, 1)}, "bbox west must be a longitude"),
+        ({"bbox": "0,0,1,1"}, "bbox must be 4"),
+        ({"bbox": (0, "0", 1, 1)}, "bbox south must be a number"),
+        ({"intersects": {"type": "Polygon"}}, "the Polygon has no 'coordinates'"),
+        ({"intersects": {"type": "Circle", "coordinates": [0, 0]}}, "unknown type 'Circle'"),
+        ({"intersects": {"type": "Point", "coordinates": [0, float("nan")]}}, "latitude must be a finite"),
+        ({"intersects": {"type": "Point", "coordinates": [0, 91]}}, "latitude must be a latitude"),
+        ({"intersects": box(0, 0, float("inf"), 1)}, "every coordinate must be a finite number"),
+        ({"intersects": box(0, 0, 1, 100)}, "latitudes within"),
+        ({"intersects": "POINT (0 0)"}, "intersects must be a GeoJSON geometry"),
+        ({"intersects": {"type": "GeometryCollection"}}, "no 'geometries' list"),
+        (
+            {
+                "intersects": {
+                    "type": "GeometryCollection",
+                    "geometries": [{"type": "Feature", "geometry": None}],
+                }
+            },
+            r"geometries\[0\] must be a geometry, not a Feature",
+        ),
+        ({"datetime": "9999-12-31T23:00:00-05:00"}, "out of range in UTC"),
+        ({"datetime": 20230101}, "a time bound must be a string"),
+    ],
+)
+def test_unusable_values_raise_query_error(
+    index: tuple[Path, list[dict[str, Any]]], kwargs: dict[str, Any], message: str
+) -> None:
+    path, _ = index
+    with pytest.raises(QueryError, match=message) as caught:
+        search(path, **kwargs)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_date_bound_on_the_last_day_of_year_9999(index: tuple[Path, list[dict[str, Any]]]) -> None:
+    path, items = index
+    # the end of the last representable day, not an overflow
+    assert search(path, datetime="2023-01-01/9999-12-31").ids == tuple(
+        brute_force(items, window=parse_datetime("2023-01-01/.."))
+    )
+
+
+def test_any_bbox_is_searched_or_refused(index: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Every 4-number bbox either matches brute force (west > east: both sides of the antimeridian) or
+    raises QueryError; never another exception, never a silent empty answer for NaN."""
+    path, items = index
+    number = st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.floats(-200, 200),
+        st.sampled_from([-180.0, 180.0, -90.0, 90.0, 10.7, 47.5, 11.0, 47.6]),
+    )
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.tuples(number, number, number, number))
+    def check(bbox: tuple[float, float, float, float]) -> None:
+        west, south, east, north = bbox
+        valid = (
+            all(math.isfinite(v) for v in bbox)
+            and -180 <= west <= 180
+            and -180 <= east <= 180
+            and -90 <= south <= north <= 90
+        )
+        if not valid:
+            with pytest.raises(QueryError):
+                search(path, bbox=bbox)
+            return
+        area = (
+            box(west, south, east, north)
+            if west <= east
+            else box(west, south, 180, north).union(box(-180, south, east, north))
+        )
+        assert list(search(path, bbox=bbox).ids) == brute_force(items, intersects=area)
+
+    check()
+
+
+def test_feature_collection_is_the_union_of_its_features(index: tuple[Path, list[dict[str, Any]]]) -> None:
+    path, items = index
+    first, last = shape(items[0]["geometry"]), shape(items[-1]["geometry"])
+    areas = [first.centroid.buffer(0.002), last.centroid.buffer(0.002)]
+    collection = {
+        "type": "FeatureCollection",
+        "features": [{"type": "Feature", "properties": {}, "geometry": mapping(area)} for area in areas],
+    }
+    union = unary_union(areas)
+    result = search(path, intersects=collection, datetime="2023-01-01/2024-12-31")
+    expected = brute_force(items, intersects=union, window=parse_datetime("2023-01-01/2024-12-31"))
+    assert expected and list(result.ids) == expected
+    assert (
+        search(path, intersects=collection["features"][0]).ids
+        == search(path, intersects=mapping(areas[0])).ids
+    )
+    collection_of_geometries = {"type": "GeometryCollection", "geometries": [mapping(a) for a in areas]}
+    assert search(path, intersects=collection_of_geometries).ids == search(path, intersects=collection).ids
 
 
 # Time semantics -----------------------------------------------------------------------------------
