@@ -27,7 +27,8 @@ T = TypeVar("T")
 LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")
 DISTRIBUTED_LOCAL = "local"  # a LocalCluster of worker processes sized to the machine (the default)
 # Workers that declare this resource (`dask worker --resources "unpack=1"`) run at most one product-reading
-# task at a time: one unpacked product per worker. Our LocalCluster declares it.
+# task at a time: one unpacked product per worker, however many threads they have. Our LocalCluster has
+# one thread per worker instead (see `_unpack_resources`).
 UNPACK_RESOURCE = "unpack"
 
 
@@ -142,7 +143,6 @@ class Scheduler:
                     processes=True,
                     dashboard_address=":0",  # any free port: never clash with another cluster
                     silence_logs=40,
-                    resources={UNPACK_RESOURCE: 1},
                 )
                 _LOCAL_CLUSTERS[key] = cluster
             with Client(cluster) as client:
@@ -428,7 +428,10 @@ def _unpack_resources(client: Any, label: str) -> dict[str, float] | None:
     workers = client.scheduler_info().get("workers", {})
     if workers and all(UNPACK_RESOURCE in (w.get("resources") or {}) for w in workers.values()):
         return {UNPACK_RESOURCE: 1}
-    if workers:
+    # One thread per worker (our LocalCluster) already runs one task at a time. Tasks with resource
+    # restrictions bypass the scheduler's queue (worker-saturation) and are assigned to workers eagerly,
+    # so a product that kills its worker would also take the blame away from innocent queued tasks.
+    if workers and any(w.get("nthreads", 1) > 1 for w in workers.values()):
         print(
             f"{label}: the cluster's workers declare no '{UNPACK_RESOURCE}' resource; tasks run "
             f'unconstrained (start workers with --resources "{UNPACK_RESOURCE}=1" to hold one unpacked '

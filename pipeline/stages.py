@@ -23,8 +23,11 @@ UPSTREAM = {name: ORDER[: ORDER.index(name)] for name in ORDER}
 def require_upstream(name: str, manifest: Manifest, store: BuildStore) -> None:
     """Refuse to mix configurations: every earlier stage must have run with this manifest's settings."""
     for upstream in UPSTREAM[name]:
-        record = store.read_stage_record(upstream)
-        if record is None:
+        try:
+            record = store.read_stage_record(upstream)
+        except ValueError:  # not JSON: never trusted
+            record = None
+        if not isinstance(record, dict) or "config_hash" not in record:
             raise StaleStageError(
                 f"{name} needs the {upstream} stage first: run `spectralearth {upstream}` "
                 "(or `spectralearth run`)"

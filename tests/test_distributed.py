@@ -15,8 +15,9 @@ import zarr
 
 from pipeline import stages
 from pipeline.manifest import Manifest
-from pipeline.run import FAULT_ENV, Scheduler
+from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
+from tests.faults import KillOnTask
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -54,11 +55,15 @@ def test_local_cluster_equals_synchronous_and_survives_a_dead_worker(
     victim = truth.products[0].scene_id
     # The first task of this scene's SceneRecord (its mask task) kills its worker process (SIGKILL);
     # the nanny restarts it and the scheduler reruns the task.
-    faulty = Scheduler("local", workers=2, progress=False).with_config(
-        {FAULT_ENV: f"kill-once:SceneRecord(scene_id='{victim}':{tmp_path / 'markers'}"}
-    )
+    faulty = Scheduler("local", workers=2, progress=False)
+    with faulty.client() as client:
+        client.register_plugin(KillOnTask(f"mask-{victim}", str(tmp_path / "markers")))
     target = tmp_path / "cluster"
-    results = build(manifest, faulty, products, target)
+    try:
+        results = build(manifest, faulty, products, target)
+    finally:
+        with faulty.client() as client:
+            client.unregister_worker_plugin(KillOnTask.name)
     assert (tmp_path / "markers").exists(), "the fault fired: a worker died during the build"
     assert results["mask"].counts["rejected"] == 0
     got, want = arrays(target), arrays(synchronous_build)
@@ -75,11 +80,15 @@ def test_local_cluster_equals_synchronous_and_survives_a_dead_worker(
 def test_product_that_keeps_killing_workers_is_rejected(demo_products, manifest, tmp_path):
     products, truth = demo_products
     victim = truth.products[1].scene_id
-    faulty = Scheduler("local", workers=2, progress=False, allowed_failures=1).with_config(
-        {FAULT_ENV: f"kill-always:SceneRecord(scene_id='{victim}':{tmp_path / 'markers'}"}
-    )
+    faulty = Scheduler("local", workers=2, progress=False, allowed_failures=1)
+    with faulty.client() as client:
+        client.register_plugin(KillOnTask(f"mask-{victim}", str(tmp_path / "markers"), always=True))
     target = tmp_path / "cluster"
-    results = build(manifest, faulty, products, target, names=("inventory", "mask"))
+    try:
+        results = build(manifest, faulty, products, target, names=("inventory", "mask"))
+    finally:
+        with faulty.client() as client:
+            client.unregister_worker_plugin(KillOnTask.name)
     assert results["mask"].counts["rejected"] == 1
     (row,) = pq.read_table(target / "mask" / "rejected.parquet").to_pylist()
     assert row["scene_id"] == victim and row["stage"] == "mask"

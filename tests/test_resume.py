@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import zarr
 
 from pipeline import stages
 from pipeline.manifest import Manifest
-from pipeline.run import FAULT_ENV, Scheduler
+from pipeline.run import Scheduler
 from pipeline.stages import StaleStageError
 from pipeline.storage import BuildStore
 from pipeline.write import verify_build
@@ -90,11 +89,8 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
     assert shards >= 3
     # Killed when stitching shard 1: the read tasks it waits for have written the shards they own and
     # staged their parts of shard 1.
-    env = {**os.environ, FAULT_ENV: f"kill-once:StitchTask(job=ShardJob(shard=1,:{tmp_path / 'marker'}"}
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
+    kill = f"pipeline.write:_run_stitch_task:StitchTask(job=ShardJob(shard=1,:{tmp_path / 'marker'}"
+    arguments = [
         "write",
         "--manifest",
         str(manifest_path),
@@ -104,7 +100,8 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
         "synchronous",
         "--no-progress",
     ]
-    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "tests.faults", kill, "--", *arguments]
+    killed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     done = sorted(int(p.stem) for p in (build / "write" / "shards").iterdir())
     assert done and 1 not in done, "some shards were written before the kill, shard 1 was not"
@@ -113,7 +110,8 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
     # No partial shard: every stored shard object is complete and matches its record, or absent.
     assert verify_build(BuildStore(str(build))).bad == ()
 
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "pipeline.cli", *arguments]
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     counts = json.loads((build / "_stages" / "write.json").read_text())["counts"]
     assert counts["shards_written"] == shards - len(done), "shards done before the kill are not written again"
