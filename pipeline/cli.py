@@ -95,7 +95,10 @@ def _one_line_call(
     try:
         _refuse_credentials(arguments)
         return function(*args, **kwargs)
-    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+    except click.ClickException as exc:  # usage errors echo the bad value: mask credentials in it
+        exc.message = _mask(exc.message, secrets)
+        raise
+    except (click.exceptions.Exit, click.exceptions.Abort):
         raise
     except EXPECTED_ERRORS as exc:
         raise PipelineFailure(_mask(one_line(exc), secrets)) from None

@@ -397,3 +397,11 @@ def test_a_command_without_the_decorator_still_ends_in_one_line():
     result = CliRunner().invoke(group, ["crash"])
     assert_one_line_error(result, "internal error: ZeroDivisionError: division by zero; rerun with")
     assert CliRunner().invoke(group, ["fine"]).output == "ok\n"
+
+
+def test_a_usage_error_does_not_echo_credentials(build):
+    """click repeats a bad value in its usage error; credentials in it are masked."""
+    root, _ = build
+    result = run("query", "--build", str(root), "--limit", f"many {CREDENTIAL_URI}")
+    assert result.exit_code == 2 and "is not a valid integer" in result.output
+    assert KEY not in result.output and SECRET not in result.output and "Traceback" not in result.output
