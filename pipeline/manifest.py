@@ -206,11 +206,11 @@ class BandPolicy:
         return tuple(kept)
 
 
-# The grid's sizes. A patch side is a multiple of 16 pixels from 16 to 1024: a patch is one GeoTIFF
-# tile of an export (TIFF tiles are multiples of 16) and one inner Zarr chunk, and a larger patch no
-# longer fits inside a ~1000 x 1000 px EnMAP scene. A cell side (patch_size x pixel_size) must exceed
-# 1000 m: UTM northings reach 10,000,000 m and the location id writes each cell index with 4 digits (at
-# most 9999). A pixel is at most 1000 m: the lattice holds the corners of sensor pixels.
+# The grid's sizes. A patch side is a multiple of 16 pixels from 16 to 1024: an exported patch is then a
+# whole number of TIFF tiles (TIFF tile sides are multiples of 16, so a tiled GeoTIFF or COG of it has no
+# partial tile), and an EnMAP scene is about 1000 px wide, so larger patches would never lie inside one.
+# A cell side (patch_size x pixel_size) must exceed 1000 m: UTM northings reach 10,000,000 m and the
+# location id writes each cell index with 4 digits (at most 9999). A pixel is at most 1000 m.
 PATCH_SIZE_STEP = 16
 PATCH_SIZE_RANGE = (16, 1024)
 MAX_PIXEL_SIZE_M = 1000.0
