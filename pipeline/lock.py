@@ -11,8 +11,9 @@ A lock whose holder is gone is taken over: on the same machine (same boot, same 
 holder's process is dead or its PID now belongs to a process started at another time; anywhere when its
 lease expired without renewal (measured by the store's own clock: file mtime locally, the server's
 `Last-Modified` and `Date` on S3, so clock skew between machines does not matter on S3). Takeover is
-atomic too: on S3 a PUT with `If-Match` on the stale lock's ETag, locally a rename of the stale file to
-a unique name (checked to be the file judged stale, else put back) followed by an `O_EXCL` create.
+atomic too: on S3 a PUT with `If-Match` on the stale lock's ETag; locally takers pass one at a time
+through an `O_EXCL` mutex (`_lock.json.takeover`), check that the lock still is the one judged stale
+and replace it by rename, so the lock never disappears and a plain create cannot slip in.
 Whoever takes over learns whom from (`took_over_from`): that run's half-written outputs are not to be
 trusted, which the stage engine's checks of every output take care of.
 """
@@ -46,6 +47,8 @@ DEFAULT_LEASE_SECONDS = 60.0
 # write): wait for it instead of judging it.
 _UNREADABLE_GRACE_SECONDS = 2.0
 _ATTEMPTS = 50
+# A local takeover holds `_lock.json.takeover` for milliseconds; one older than this was abandoned.
+_ABANDONED_TAKEOVER_SECONDS = 10.0
 # A PID's start time read back from /proc is exact to the clock tick; anything further apart is
 # another process that reused the PID.
 _START_TIME_TOLERANCE = 0.5
@@ -241,28 +244,61 @@ class _LocalLock:
         return self._read(self.path)
 
     def take_over(self, stale: Observed, body: bytes) -> _FileToken | None:
-        aside = f"{self.path}.stale-{uuid.uuid4().hex}"
+        """Replace the stale lock by ours in one rename, so that the lock never disappears (a plain
+        create cannot slip in and miss that a holder was taken over from). Takers go one at a time
+        through `_lock.json.takeover` (O_EXCL, holding the taker's record); each checks under it
+        that the lock still is the one it judged stale."""
+        mutex = f"{self.path}.takeover"
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:  # another taker moved it first
+            self._write_new(mutex, body)
+        except FileExistsError:
+            self._clear_abandoned(mutex)
             return None
+        fresh = f"{self.path}.new-{uuid.uuid4().hex}"
+        try:
+            current = self.read()
+            # The holder is compared too: a freed inode number is soon reused.
+            if current is None or current.token != stale.token or current.holder != stale.holder:
+                return None
+            token = self._write_new(fresh, body)
+            os.replace(fresh, self.path)
+            return token
+        finally:
+            for leftover in (fresh, mutex):
+                try:
+                    os.remove(leftover)
+                except FileNotFoundError:
+                    pass
+
+    def _clear_abandoned(self, mutex: str) -> None:
+        """Remove the takeover mutex of a taker that died holding it (a takeover takes milliseconds):
+        moved aside under a unique name, and put back if what was moved is not what was judged."""
+        seen = self._read(mutex)
+        if seen is None:
+            return
+        taker = seen.holder
+        if taker is not None and taker.machine == _this_machine():
+            abandoned = not process_alive(taker.pid, taker.process_started)
+        else:
+            abandoned = seen.age_seconds > _ABANDONED_TAKEOVER_SECONDS
+        if not abandoned:
+            return
+        aside = f"{mutex}.stale-{uuid.uuid4().hex}"
+        try:
+            os.rename(mutex, aside)
+        except FileNotFoundError:
+            return
         moved = self._read(aside)
-        if moved is None or moved.token != stale.token or moved.holder != stale.holder:
-            # Between our reading and our rename another taker replaced the stale lock by its own
-            # (the holder is compared too: a freed inode number is soon reused):
-            # put that one back (link fails if yet another lock appeared; its owner then learns at
-            # its next renewal that the lock is not its own).
+        if moved is None or moved.token != seen.token or moved.holder != seen.holder:
             try:
-                os.link(aside, self.path)
+                os.link(aside, mutex)
             except FileExistsError:
                 pass
-            os.remove(aside)
-            return None
         os.remove(aside)
-        return self.create(body)
 
     def _ours(self, token: _FileToken, run_id: str) -> bool:
-        # A stale taker's rename leaves the path empty for an instant; look again before concluding.
+        # The lock is replaced by rename, never absent, except when its holder released it or an
+        # operator removed it; look again before concluding all the same.
         for _ in range(3):
             current = self.read()
             if current is not None:
