@@ -179,7 +179,9 @@ def test_band_values_must_be_finite_and_positive(real_metadata_bytes, tag, value
     """A negative FWHM in one product used to crash `catalog` for the whole build: it is a property
     of that product, refused at parse time with the band and the value."""
     broken = _first_band_value(real_metadata_bytes, tag, value)
-    with pytest.raises(MetadataError, match=rf"bandID\[1\]/{tag} is .*not a (positive )?finite number") as info:
+    with pytest.raises(
+        MetadataError, match=rf"bandID\[1\]/{tag} is .*not a (positive )?finite number"
+    ) as info:
         SceneMetadata.from_xml(broken)
     assert "\n" not in str(info.value)
 

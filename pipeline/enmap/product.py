@@ -368,7 +368,8 @@ def _zip_listing(handle: IO[bytes], what: str) -> list[zipfile.ZipInfo]:
 def _zip_products(
     infos: list[zipfile.ZipInfo], container_uri: str, packaging: str, inner_zip: str | None
 ) -> tuple[list[ProductLocation], list[Rejection]]:
-    rejections = []
+    """The products an archive listing holds; ArchiveRejected when any entry escapes its folder."""
+    rejections: list[Rejection] = []
     members = []
     source = container_uri if inner_zip is None else f"{container_uri}!{inner_zip}"
     for info in infos:
