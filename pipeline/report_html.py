@@ -56,7 +56,7 @@ MAX_FUNNEL_REASONS = 12
 MAX_MAP_POINTS = 20_000
 MAX_MAP_POLYGONS = 3_000
 STAGE_ORDER = ("inventory", "mask", "tile", "dedup", "write", "catalog")
-REJECTION_TABLES = ("inventory/rejected.parquet", "mask/rejected.parquet", "plan/rejected.parquet")
+REJECTION_TABLES = tuple(tables.REJECTED_BY_STAGE.values())
 
 # Quality-mask categories for the quicklooks, from the lowest to the highest precedence: a pixel takes
 # the colour of the last category whose bits it carries (clear when none).
@@ -691,9 +691,9 @@ def _rings(geometries: Iterable[Any]) -> list[FloatArray]:
 
 
 def _load_locations(store: BuildStore) -> LocationColumns:
-    if not store.exists("index/locations.parquet"):
+    if not store.exists(tables.INDEX_LOCATIONS):
         return LocationColumns.empty()
-    frame = store.read_geodataframe("index/locations.parquet")
+    frame = tables.read_geodataframe_checked(store, tables.INDEX_LOCATIONS)
     bounds = frame.geometry.bounds
     outlines = tuple(_rings(frame.geometry)) if len(frame) <= MAX_MAP_POLYGONS else ()
     return LocationColumns(
@@ -705,9 +705,9 @@ def _load_locations(store: BuildStore) -> LocationColumns:
 
 
 def _load_patches(store: BuildStore) -> tuple[PatchColumns, Any]:
-    if not store.exists("index/patches.parquet"):
+    if not store.exists(tables.INDEX_PATCHES):
         return PatchColumns.empty(), None
-    table = store.read_table("index/patches.parquet")
+    table = tables.read_table_checked(store, tables.INDEX_PATCHES)
     columns = [c for c in ("row", "patch_id", "start_time", "cloud_fraction") if c in table.column_names]
     frame = table.select(columns).to_pandas()
     months = frame["start_time"].dt.tz_localize(None).to_numpy("datetime64[ns]").astype("datetime64[M]")
@@ -716,9 +716,9 @@ def _load_patches(store: BuildStore) -> tuple[PatchColumns, Any]:
 
 
 def _load_footprints(store: BuildStore) -> tuple[FloatArray, ...]:
-    if not store.exists("inventory/scenes.parquet"):
+    if not store.exists(tables.SCENES):
         return ()
-    frame = store.read_geodataframe("inventory/scenes.parquet")
+    frame = tables.read_geodataframe_checked(store, tables.SCENES)
     chosen = evenly_spaced(len(frame), MAX_MAP_POLYGONS)
     return tuple(_rings(frame.geometry.iloc[chosen]))
 
@@ -728,7 +728,7 @@ def _load_rejected(store: BuildStore, limit: int) -> tuple[tuple[RejectedRow, ..
     for relative in REJECTION_TABLES:
         if not store.exists(relative):
             continue
-        for record in store.read_table(relative).to_pylist():
+        for record in tables.read_table_checked(store, relative).to_pylist():
             rows.append(
                 RejectedRow(
                     stage=str(record.get("stage") or relative.split("/")[0]),
@@ -748,7 +748,7 @@ def _load_dataset(
 
     from pipeline.write import zarr_store
 
-    if frame is None or len(frame) == 0 or not store.exists("dataset.zarr/zarr.json"):
+    if frame is None or len(frame) == 0 or not store.exists(tables.DATASET_METADATA):
         return (), None
     source = zarr_store(store)
     reflectance = zarr.open_array(source, path="reflectance", mode="r")
@@ -798,7 +798,9 @@ def load_report_data(
         if record is not None:
             records[stage] = record
     patches, frame = _load_patches(store)
-    statistics = store.read_json("stats/statistics.json") if store.exists("stats/statistics.json") else None
+    statistics = (
+        tables.read_json_checked(store, tables.STATS_SUMMARY) if store.exists(tables.STATS_SUMMARY) else None
+    )
     samples, spectrum = _load_dataset(store, frame, max_samples, need_spectrum=statistics is None)
     if statistics is not None:
         spectrum = spectrum_from_statistics(statistics)

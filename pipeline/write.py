@@ -796,11 +796,15 @@ def verify_build(store: BuildStore, repair: bool = False) -> VerifyResult:
     shards' records (and the write stage's record) so that the next `write` rewrites exactly those."""
     from pipeline.dedup import INDEX_PATCHES
 
-    if not store.exists(INDEX_PATCHES) or not store.exists(f"{DATASET}/zarr.json"):
+    if not store.exists(INDEX_PATCHES) or not store.exists(tables.DATASET_METADATA):
         raise FileNotFoundError(f"{store.uri} holds no written dataset: run the write stage first")
     records = read_shard_records(store)
     rows = index_rows(store)
-    per_shard = int(store.read_json(f"{DATASET}/zarr.json")["attributes"]["patches_per_shard"])
+    # Checked: a damaged zarr.json is named in one line (rerun write), not a KeyError or a JSON traceback.
+    metadata = tables.read_json_checked(store, tables.DATASET_METADATA)
+    per_shard = metadata["attributes"]["patches_per_shard"]
+    if per_shard < 1:
+        raise tables.CorruptOutput(tables.DATASET_METADATA, f"patches_per_shard is {per_shard}")
     expected = set(range((len(rows) + per_shard - 1) // per_shard))
     valid = check_shards(store, {s: r for s, r in records.items() if s in expected}, checksums=True)
     bad = tuple(sorted(s for s in records if s in expected and s not in valid))

@@ -15,10 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline import tables
+from pipeline.cli import main
 from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.manifest import Manifest
 from pipeline.stages import ORDER, BuildContext
@@ -318,3 +320,24 @@ def test_empty_lists_and_all_null_columns():
     assert tables.schema_problem(empty, schema) is None
     rows = pa.table({"a": pa.array([None], pa.null()), "b": pa.array([None], pa.null())})
     assert tables.schema_problem(rows, schema) == "column a is null, expected int64"
+
+
+def test_readers_of_a_damaged_build_answer_in_one_line(damaged):
+    def fails_with(*args: str) -> str:
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        return result.output.strip().splitlines()[-1]
+
+    build = damaged.uri
+    metadata = damaged.read_bytes(tables.DATASET_METADATA)
+    damaged.write_bytes(tables.DATASET_METADATA, metadata[:50])
+    assert fails_with("verify", "--build", build).endswith(
+        "dataset.zarr/zarr.json is corrupt (not valid JSON): rerun write"
+    )
+    damaged.write_bytes(tables.DATASET_METADATA, metadata)
+    index = damaged.read_bytes(tables.INDEX_PATCHES)
+    damaged.write_bytes(tables.INDEX_PATCHES, index[: len(index) // 3])
+    expected = "index/patches.parquet is corrupt (truncated parquet file): rerun dedup"
+    assert fails_with("verify", "--build", build).endswith(expected)
+    report = ("report", "--manifest", str(REPO / "manifests" / "demo.yaml"), "--build", build)
+    assert fails_with(*report, "--scheduler", "synchronous").endswith(expected)
