@@ -399,9 +399,9 @@ class RasterSource:
         points all fall outside the raster (nothing read)."""
 
         sx, sy = transform_points(f"EPSG:{epsg}", self.dataset.crs, xs.ravel(), ys.ravel())
-        col_f, row_f = ~self.transform * (np.asarray(sx), np.asarray(sy))
-        cols = np.floor(np.asarray(col_f)).astype(np.int64)
-        rows = np.floor(np.asarray(row_f)).astype(np.int64)
+        t = self.transform  # north-up (checked on open): pixel coordinates are two divisions
+        cols = np.floor((np.asarray(sx) - t.c) / t.a).astype(np.int64)
+        rows = np.floor((np.asarray(sy) - t.f) / t.e).astype(np.int64)
         inside = (cols >= 0) & (cols < self.dataset.width) & (rows >= 0) & (rows < self.dataset.height)
         if not inside.any():
             return None
@@ -873,13 +873,10 @@ def label_benchmark(
     previous = store.up_to_date(spec.stage, config_hash, input_fingerprint, outputs, force)
     if previous is not None:
         return LabelsResult(spec.name, True, previous["counts"])
+    probe = _open_source(spec, storage_options)  # a bad source stops here, before anything is written
+    resolution = probe.resolution if isinstance(probe, RasterSource) else 0.0  # polygons: none
+    probe.close()
     dtype = label_dtype(spec, storage_options)
-    if spec.kind == "raster":
-        probe = RasterSource(spec.source)
-        resolution = probe.resolution
-        probe.close()
-    else:
-        resolution = 0.0  # polygons have no resolution: the densest lattice
     factor = mode_factor(resolution, rows.pixel_size) if spec.resampling == "mode" else 1
     base_attributes = {
         "long_name": f"{spec.name} labels (0: no label)",
