@@ -165,6 +165,7 @@ class PatchSample:
     wavelengths: np.ndarray  # (B,) nm, of the bands in `reflectance`
     row: int  # the patch's row in dataset.zarr
     units: SampleUnits = "reflectance"
+    label: np.ndarray | None = None  # (H, W) class codes of labels/<name> when asked for (0: no label)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -183,6 +184,7 @@ class _Handles:
     y_ul: np.ndarray
     band: np.ndarray
     wavelength: np.ndarray
+    label: Any = None  # labels/<name> when the dataset was asked for labels
 
 
 @contextmanager
@@ -206,7 +208,7 @@ def _array(group: Any, name: str) -> Any:
     return array
 
 
-def _open(store: BuildStore) -> _Handles:
+def _open(store: BuildStore, labels: str | None = None) -> _Handles:
     import zarr
 
     from pipeline.write import zarr_store
@@ -234,7 +236,19 @@ def _open(store: BuildStore) -> _Handles:
             y_ul=one_d("y_ul", np.float64),
             band=one_d("band", np.int64),
             wavelength=one_d("wavelength", np.float64),
+            label=_label_array(group, store, labels),
         )
+
+
+def _label_array(group: Any, store: BuildStore, name: str | None) -> Any:
+    if name is None:
+        return None
+    try:
+        return _array(group, f"labels/{name}")
+    except KeyError:
+        raise FileNotFoundError(
+            f"{store.uri_of(DATASET)} has no labels/{name}: run `spectralearth labels` first"
+        ) from None
 
 
 # The dataset --------------------------------------------------------------------------------------
@@ -248,7 +262,9 @@ class PatchDataset:
     Zarr row order. `transform`: called on each `PatchSample` (after band selection and unit
     conversion). `bands`: a subset of the kept bands, as 0-based positions (`band_by="index"`) or 1-based
     product band numbers (`band_by="number"`). `dtype`: "float32" (reflectance, NaN for nodata) or
-    "int16" (stored values). `two_views`: index the locations with >= 2 dates among `patch_ids` and
+    "int16" (stored values). `labels`: the name of a benchmark made by the `labels` stage: each sample
+    then carries `label` (H, W) from `labels/<name>`, and `patch_ids` defaults to the benchmark's
+    included patches. `two_views`: index the locations with >= 2 dates among `patch_ids` and
     return pairs of samples of two different dates, chosen from (`seed`, epoch, index); `set_epoch(n)`
     before each epoch. Not a frozen dataclass on purpose: it holds the epoch and, per process, the open
     zarr arrays (dropped when pickled).
@@ -269,6 +285,7 @@ class PatchDataset:
         seed: int = 0,
         dtype: DType = "float32",
         storage_options: dict[str, Any] | None = None,
+        labels: str | None = None,
     ) -> None:
         if isinstance(build, BuildStore):
             if storage_options:
@@ -283,6 +300,12 @@ class PatchDataset:
         self.two_views = bool(two_views)
         self.seed = _non_negative(seed, "seed")
         self.epoch = 0
+        # labels="cdl": each sample carries labels/cdl; by default only the benchmark's patches
+        self.labels = labels
+        if labels is not None and patch_ids is None:
+            from pipeline.labels import included_patches
+
+            patch_ids = included_patches(self.store, labels)
         self._handles: _Handles | None = None
         handles = self._opened()
         self.band_index = band_positions(handles.band, bands, band_by)
@@ -336,7 +359,7 @@ class PatchDataset:
     def _opened(self) -> _Handles:
         handles = self._handles
         if handles is None or handles.pid != os.getpid():  # first use, or a forked worker
-            handles = self._handles = _open(self.store)
+            handles = self._handles = _open(self.store, self.labels)
         return handles
 
     def __getstate__(self) -> dict[str, Any]:
@@ -390,6 +413,7 @@ class PatchDataset:
         with _quiet_zarr():
             stored = np.asarray(h.reflectance[row])
             quality = np.asarray(h.quality[row])
+            label = np.asarray(h.label[row]) if h.label is not None else None
         if self.band_index is not None:
             stored = stored[self.band_index]
         values = to_reflectance(stored) if self.dtype == "float32" else stored
@@ -406,6 +430,7 @@ class PatchDataset:
             wavelengths=self.wavelengths,
             row=int(row),
             units="reflectance" if self.dtype == "float32" else "stored",
+            label=label,
         )
         return self.transform(sample) if self.transform is not None else sample
 
@@ -566,6 +591,11 @@ def sample_to_torch(sample: PatchSample) -> dict[str, Any]:
         "x_ul": sample.x_ul,
         "y_ul": sample.y_ul,
         "row": sample.row,
+        **(
+            {}
+            if sample.label is None
+            else {"label": torch.from_numpy(np.asarray(sample.label, dtype=np.int64))}
+        ),
     }
 
 
