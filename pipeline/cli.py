@@ -95,8 +95,10 @@ def _one_line_call(
     try:
         _refuse_credentials(arguments)
         return function(*args, **kwargs)
-    except click.ClickException as exc:  # usage errors echo the bad value: mask credentials in it
-        exc.message = _mask(exc.message, secrets)
+    except click.ClickException as exc:
+        message = exc.format_message()
+        if _mask(message, secrets) != message:  # a usage error echoing a credential: one masked line
+            raise PipelineFailure(_mask(message, secrets)) from None
         raise
     except (click.exceptions.Exit, click.exceptions.Abort):
         raise
