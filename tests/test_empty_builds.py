@@ -244,3 +244,19 @@ def test_a_first_scene_with_odd_values_does_not_stop_the_catalog(tmp_path):
     band_one = next(b for b in bands if b["name"] == "B001")
     assert "eo:full_width_half_max" not in band_one and band_one["eo:center_wavelength"] > 0
     assert all(b["eo:full_width_half_max"] > 0 for b in bands if b["name"] != "B001")
+
+
+def test_no_scene_at_all_is_a_valid_empty_build(tmp_path):
+    # The CLI stops after inventory when nothing is accepted; the stages themselves still make a valid,
+    # empty build of it (a later run with products then extends it like any other).
+    (tmp_path / "products").mkdir()
+    manifest = manifest_for()
+    counts = run_all(manifest, tmp_path / "products", tmp_path / "build")
+    assert counts["inventory"]["scenes_accepted"] == 0
+    assert counts["catalog"]["scene_items"] == 0 and counts["catalog"]["patch_items"] == 0
+    scenes = json.loads(
+        (tmp_path / "build" / "stac" / manifest.catalog.scene_collection_id / "collection.json").read_text()
+    )
+    assert scenes["spectralearth:count"] == 0
+    assert scenes["extent"]["temporal"]["interval"] == [[None, None]]
+    assert_valid_empty_build(tmp_path / "build", manifest)
