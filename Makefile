@@ -14,7 +14,7 @@ STAGE_ARGS = --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,serve]'
 	touch $@
 
 setup: $(BIN)/.installed

@@ -635,5 +635,45 @@ def demo(
         raise PipelineFailure("the demo build does not match what the generator made (see above)")
 
 
+@main.command()
+@click.option("--build", required=True, help="Build location: a local folder or an s3:// prefix.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@one_line_errors
+def serve(build: str, host: str, port: int) -> None:
+    """A STAC API (search, CQL2 filters, paging) over the build's catalog, until Ctrl-C."""
+    from stac.serve import ServeError
+    from stac.serve import serve as run_server
+
+    try:
+        run_server(build, host=host, port=port)
+    except ServeError as exc:
+        raise PipelineFailure(one_line(exc)) from None
+
+
+@main.command()
+@click.option("--build", required=True, help="Build location: a local folder or an s3:// prefix.")
+@click.option(
+    "--service",
+    default=None,
+    help="A pg_service.conf service name; without it the PG* environment variables (PGHOST, PGPORT, "
+    "PGDATABASE, PGUSER, PGPASSWORD or ~/.pgpass) say where to connect.",
+)
+@one_line_errors
+def publish(build: str, service: str | None) -> None:
+    """Upsert the build's patch collection and items into pgstac (for stac-fastapi-pgstac)."""
+    from stac.pgstac import PublishError
+    from stac.pgstac import publish as publish_build
+    from stac.serve import ServeError
+
+    try:
+        summary = publish_build(build, service=service)
+    except (PublishError, ServeError) as exc:
+        raise PipelineFailure(one_line(exc)) from None
+    click.echo(
+        f"publish: {summary.items} item(s) of {summary.collection_id} upserted into {summary.database}"
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -28,11 +28,14 @@ from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
-from stac.records import Band, BBox, PatchRecord, SceneRow
+from pipeline.enmap.names import parse_file_name
+from stac.records import Band, BBox, PatchRecord, ProductFiles, SceneRow
 from stac.settings import CatalogSettings
 
 STAC_VERSION = "1.1.0"
-ZARR_MEDIA_TYPE = "application/vnd.zarr; version=3"
+# The Zarr media type STAC readers match (xpystac knows `application/vnd+zarr` and `application/vnd.zarr`,
+# not `application/vnd.zarr; version=3`); the format version is in `xarray:open_kwargs.zarr_format`.
+ZARR_MEDIA_TYPE = "application/vnd+zarr"
 GEOJSON = "application/geo+json"
 JSON = "application/json"
 DATASET_ASSET = "dataset"
@@ -197,16 +200,22 @@ def processing_fields(scene: SceneRow) -> dict[str, Any]:
     return out
 
 
+def signed_zero_free(values: Iterable[float]) -> list[float]:
+    """The values with -0.0 written as 0.0 (x + 0.0 is +0.0 for both zeros, unchanged otherwise): a
+    rotation-free transform read from GDAL can carry -0.0 terms, which JSON then spells `-0.0`."""
+    return [float(value) + 0.0 for value in values]
+
+
 def projected_bbox(transform: Sequence[float], width: int, height: int) -> list[float]:
     a, b, c, d, e, f = transform[:6]
     xs = [c + a * col + b * row for col, row in ((0, 0), (width, 0), (0, height), (width, height))]
     ys = [f + d * col + e * row for col, row in ((0, 0), (width, 0), (0, height), (width, height))]
-    return [min(xs), min(ys), max(xs), max(ys)]
+    return signed_zero_free([min(xs), min(ys), max(xs), max(ys)])
 
 
 def patch_transform(patch: PatchRecord) -> list[float]:
     a, b, d, e = patch.pixel
-    return [a, b, patch.x_ul, d, e, patch.y_ul]
+    return signed_zero_free([a, b, patch.x_ul, d, e, patch.y_ul])
 
 
 # Bands and assets ---------------------------------------------------------------------------------
@@ -324,7 +333,7 @@ def scene_item(scene: SceneRow, paths: ScenePaths, collection_id: str, n_patches
         {
             "proj:code": f"EPSG:{scene.epsg}",
             "proj:shape": [scene.height, scene.width],
-            "proj:transform": list(scene.transform),
+            "proj:transform": signed_zero_free(scene.transform),
             "proj:bbox": projected_bbox(scene.transform, scene.width, scene.height),
         }
     )
@@ -355,10 +364,86 @@ def scene_item(scene: SceneRow, paths: ScenePaths, collection_id: str, n_patches
             link("parent", paths.item, paths.parent, JSON),
             link("collection", paths.item, paths.collection, JSON),
         ],
-        "assets": {},
+        "assets": product_assets(scene.files) if scene.files is not None else {},
         "collection": collection_id,
     }
     return with_extensions(document, template["stac_extensions"])
+
+
+# Source product files ------------------------------------------------------------------------------
+_TIFF = "image/tiff; application=geotiff"
+_COG = "image/tiff; application=geotiff; profile=cloud-optimized"
+_MEDIA_TYPES = {
+    "tif": _TIFF,
+    "tiff": _TIFF,
+    "jp2": "image/jp2",
+    "xml": "application/xml",
+    "hdr": "text/plain",  # ENVI header: text; the ENVI cube itself has no registered media type
+}
+_ARCHIVE_TYPES = {"zip": "application/zip", "targz": "application/gzip"}
+# Roles from the STAC best practices (data, metadata, overview, visual) and the common quality-layer
+# roles (cloud, cloud-shadow, snow-ice, land-water, water-mask, reflectance).
+_LAYER_ROLES = {
+    "SPECTRAL_IMAGE": ["data", "reflectance"],
+    "METADATA": ["metadata"],
+    "HISTORY": ["metadata"],
+    "QL_QUALITY_CLOUD": ["metadata", "cloud"],
+    "QL_QUALITY_CLOUDSHADOW": ["metadata", "cloud-shadow"],
+    "QL_QUALITY_SNOW": ["metadata", "snow-ice"],
+    "QL_QUALITY_CLASSES": ["metadata", "land-water"],
+    "QL_VNIR": ["overview", "visual"],
+    "QL_SWIR": ["overview"],
+}
+
+
+def member_href(files: ProductFiles, member: str) -> str | None:
+    """Where a reader opens one file of the product: the file itself in a folder; inside a ZIP, the
+    `zip://<archive>!<member>` (`zip+s3://...`) URI that rasterio and GDAL open in place. Files of the ZIP
+    inside a tar.gz cannot be opened in place (GDAL cannot chain the two): None."""
+    container = files.container_uri.rstrip("/")
+    if files.packaging == "folder":
+        return f"{container}/{member}"
+    if files.packaging == "zip":
+        if "://" in container:
+            scheme, rest = container.split("://", 1)
+            return f"zip+{scheme}://{rest}!{member}"
+        return f"zip://{container}!{member}"
+    return None
+
+
+def product_assets(files: ProductFiles) -> dict[str, dict[str, Any]]:
+    """Assets of a scene item: the source product's archive (when packed) and each of its files, keyed
+    by layer (`spectral_image`, `ql_quality_cloud`, `metadata`, ...; `<layer>_header` for an ENVI
+    header), with media type, roles and `file:size`. Hrefs are where the inventory found the product
+    (absolute: the products are not part of the build)."""
+    assets: dict[str, dict[str, Any]] = {}
+    if files.packaging in _ARCHIVE_TYPES:
+        archive: dict[str, Any] = {
+            "href": files.container_uri,
+            "type": _ARCHIVE_TYPES[files.packaging],
+            "title": "Product archive as delivered",
+            "roles": ["data", "archive"],
+        }
+        if files.inner_zip is not None:
+            archive["description"] = f"The product is the ZIP {files.inner_zip} inside this archive."
+        assets["archive"] = archive
+    for member, size in sorted(files.members):
+        name = parse_file_name(posixpath.basename(member))
+        href = member_href(files, member)
+        if name is None or href is None:
+            continue
+        extension = name.extension.lower()
+        key = name.layer.lower() + ("_header" if name.is_sidecar else "")
+        if key in assets:  # two spellings of one layer: keep the first, the inventory checked them
+            continue
+        asset: dict[str, Any] = {"href": href}
+        media_type = _COG if name.is_cog else _MEDIA_TYPES.get(extension.rsplit(".", 1)[-1])
+        _set(asset, "type", media_type)
+        asset["title"] = posixpath.basename(member)
+        asset["roles"] = ["metadata"] if name.is_sidecar else _LAYER_ROLES.get(name.layer, ["metadata"])
+        asset["file:size"] = size
+        assets[key] = asset
+    return assets
 
 
 # Catalogs and collections -------------------------------------------------------------------------
@@ -425,7 +510,7 @@ def _years(datetimes: Sequence[str | None]) -> tuple[int | None, int | None]:
     known = [d for d in datetimes if d is not None]
     if not known:
         return None, None
-    return int(min(datetimes)[:4]), int(max(datetimes)[:4])
+    return int(min(known)[:4]), int(max(known)[:4])
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,6 +694,39 @@ def rebase_hrefs(item: dict[str, Any], source: str, target: str) -> dict[str, An
         for key, asset in item.get("assets", {}).items()
     }
     return out
+
+
+def join_uri(base: str, relative: str) -> str:
+    """`relative` (posix, may start with `..`) joined onto the absolute path or URI `base` (a folder)."""
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, relative))}"
+    return posixpath.normpath(posixpath.join(base, relative))
+
+
+def absolute_hrefs(document: dict[str, Any], source: str, stac_root: str) -> dict[str, Any]:
+    """A copy of `document` (written at `source`, relative to the STAC root) whose relative hrefs are
+    absolute: resolved against `stac_root`, the absolute path or URI of the build's `stac/` folder.
+
+    Shallow: only `links` and `assets` are copied; the rest is shared with `document`."""
+    source_dir = posixpath.dirname(source)
+    out = dict(document)
+    out["links"] = [
+        {**entry, "href": _absolute(stac_root, source_dir, entry["href"])}
+        for entry in document.get("links", [])
+    ]
+    out["assets"] = {
+        key: {**asset, "href": _absolute(stac_root, source_dir, asset["href"])}
+        for key, asset in document.get("assets", {}).items()
+    }
+    return out
+
+
+@lru_cache(maxsize=1 << 16)
+def _absolute(stac_root: str, source_dir: str, href: str) -> str:
+    if "://" in href or href.startswith("/"):
+        return href
+    return join_uri(stac_root, posixpath.join(source_dir, href))
 
 
 @lru_cache(maxsize=1 << 16)

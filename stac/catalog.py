@@ -284,10 +284,21 @@ def documents(plan: CatalogPlan) -> Iterator[tuple[str, dict[str, Any]]]:
     yield from patch_item_documents(plan)
 
 
-def parquet_items(plan: CatalogPlan) -> Iterator[dict[str, Any]]:
-    """The patch items with hrefs rebased to `stac/items.parquet`, in catalog order."""
+def parquet_items(plan: CatalogPlan, stac_root: str | None = None) -> Iterator[dict[str, Any]]:
+    """The patch items as `stac/items.parquet` holds them, in catalog order: hrefs absolute against
+    `stac_root` (the absolute path or URI of the build's `stac/` folder), or, without one, relative to
+    the parquet file."""
     for path, item in patch_item_documents(plan):
-        yield build.rebase_hrefs(item, path, ITEMS_PARQUET)
+        if stac_root is None:
+            yield build.rebase_hrefs(item, path, ITEMS_PARQUET)
+        else:
+            yield build.absolute_hrefs(item, path, stac_root)
+
+
+def stac_root_of(store: Any) -> str:
+    """The absolute path (local build) or URI of the build's `stac/` folder: the base of the absolute
+    hrefs in `items.parquet` (a JSON file keeps relative ones, so the tree stays movable)."""
+    return str(store.path(STAC_DIR) if store.is_local else store.uri_of(STAC_DIR)).rstrip("/")
 
 
 def serialise(document: dict[str, Any]) -> bytes:
@@ -381,6 +392,7 @@ def write_catalog(store: Any, plan: CatalogPlan, *, workers: int = 8) -> Catalog
     """Write every file of `plan` under `stac/` of `store`, then remove files of an earlier run that
     this one did not write."""
     collection = next(doc for path, doc in catalog_documents(plan) if path == plan.patch_collection)
+    stac_root = stac_root_of(store)
     with _Writer(store, workers) as writer:
         for relative, document in catalog_documents(plan):
             writer.write(relative, document)
@@ -388,13 +400,18 @@ def write_catalog(store: Any, plan: CatalogPlan, *, workers: int = 8) -> Catalog
             writer.write(relative, document)
 
         def patch_items_for_parquet() -> Iterator[dict[str, Any]]:
-            # one pass over the patch items: each is written as JSON and handed on to the parquet
+            # one pass over the patch items: each is written as JSON (relative hrefs) and handed on to
+            # the parquet (absolute hrefs: rows are read without the tree, by DuckDB, servers, xpystac)
             for relative, item in patch_item_documents(plan):
                 writer.write(relative, item)
-                yield build.rebase_hrefs(item, relative, ITEMS_PARQUET)
+                yield build.absolute_hrefs(item, relative, stac_root)
 
         write_items_parquet(
-            store, f"{STAC_DIR}/{ITEMS_PARQUET}", patch_items_for_parquet(), plan.flags, collection=collection
+            store,
+            f"{STAC_DIR}/{ITEMS_PARQUET}",
+            patch_items_for_parquet(),
+            plan.flags,
+            collection=build.absolute_hrefs(collection, plan.patch_collection, stac_root),
         )
     written = writer.written | {f"{STAC_DIR}/{ITEMS_PARQUET}"}
     largest = writer.largest

@@ -8,6 +8,7 @@ non-finite numbers to None (the builders then leave the field out rather than wr
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,12 +35,12 @@ class Band:
         return f"B{self.number:03d}"
 
 
-def parse_bands(bands: Iterable[tuple[int, float, float] | Band]) -> tuple[Band, ...]:
 def _positive(value: Any) -> float | None:
     number = _number(value)
     return number if number is not None and number > 0 else None
 
 
+def parse_bands(bands: Iterable[tuple[int, float, float] | Band]) -> tuple[Band, ...]:
     out = []
     for band in bands:
         if isinstance(band, Band):
@@ -89,6 +90,17 @@ class PatchRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ProductFiles:
+    """Where a scene's source product lies (`inventory/scenes.parquet`): its container (folder, ZIP or
+    tar.gz), the product ZIP inside a tar.gz, and its files as (path in the container or ZIP, bytes)."""
+
+    packaging: str  # "folder" | "zip" | "targz"
+    container_uri: str
+    inner_zip: str | None
+    members: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SceneRow:
     """One row of `inventory/scenes.parquet` (the fields the catalog uses)."""
 
@@ -116,6 +128,7 @@ class SceneRow:
     fingerprint: str | None
     geometry: dict[str, Any]
     bbox: BBox
+    files: ProductFiles | None = None  # None when the table does not say where the product lies
 
     @property
     def year(self) -> int:
@@ -359,6 +372,21 @@ def _patch_records(frame: Any, flags: tuple[str, ...], pixel_size: float) -> lis
     return [PatchRecord(*values) for values in columns]
 
 
+def _product_files(raw: dict[str, Any]) -> ProductFiles | None:
+    packaging, container = _text(raw.get("packaging")), _text(raw.get("container_uri"))
+    if packaging is None or container is None:
+        return None
+    members = raw.get("members")
+    if isinstance(members, str):  # stored as JSON text by the inventory stage
+        members = json.loads(members)
+    return ProductFiles(
+        packaging=packaging,
+        container_uri=container,
+        inner_zip=_text(raw.get("inner_zip")),
+        members=tuple((str(path), int(size)) for path, size in (members or ())),
+    )
+
+
 def parse_scenes(frame: Any) -> list[SceneRow]:
     """`inventory/scenes.parquet` as records (GeoDataFrame; the footprint is its active geometry)."""
     _require(frame, SCENE_COLUMNS, "inventory/scenes.parquet")
@@ -404,6 +432,7 @@ def parse_scenes(frame: Any) -> list[SceneRow]:
                 fingerprint=_text(raw.get("fingerprint")),
                 geometry=geometry,
                 bbox=bbox,
+                files=_product_files(raw),
             )
         )
     ids = [s.scene_id for s in out]

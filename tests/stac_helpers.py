@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from pipeline.quality import FLAG_NAMES
+from stac.schema import packaged_schemas
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMAS = REPO.parent / "shared" / "stac-schemas"
@@ -271,6 +272,7 @@ def offline_validator(root: Path) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.schema_cache.update(extension_schemas(root))
+            self.schema_cache.update(packaged_schemas())  # the spectralearth:* schema the package ships
             self._registry = Registry().with_resources(
                 [(uri, Resource.from_contents(schema)) for uri, schema in self.schema_cache.items()]
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 from datetime import UTC, datetime
@@ -15,9 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.storage import BuildStore
+from stac.build import ProductFiles, product_assets, signed_zero_free
 from stac.build import catalog as catalog_document
 from stac.catalog import CatalogSummary, build_catalog, serialise
 from stac.partition import max_links, partition, patch_key
+from stac.schema import SPECTRALEARTH_SCHEMA_URI, spectralearth_schema
 from stac.settings import MAX_ITEMS_PER_CATALOG, CatalogSettings
 from tests.stac_helpers import (
     NetworkBlocked,
@@ -162,6 +165,10 @@ def test_every_relative_href_resolves_and_tree_is_consistent(built: tuple[Path, 
     for path in json_files(stac_dir):
         document = load(path)
         for rel, href in _hrefs(document):
+            if rel.startswith("asset:") and rel != "asset:dataset" and rel != "asset:geoparquet":
+                # a scene's source product lies outside the build: where the inventory found it
+                assert document["type"] == "Feature" and href.startswith("/data/"), f"{path}: {href}"
+                continue
             assert "://" not in href and not href.startswith("/"), f"{path}: absolute href {href}"
             target = (path.parent / href).resolve()
             if rel == "license":
@@ -221,8 +228,9 @@ def test_patch_item_fields(built: tuple[Path, Any]) -> None:
         assert (path.parent / derived[0]["href"]).resolve() == scene_path.resolve()
         assert scene_item["id"] == row.scene_id
         asset = item["assets"]["dataset"]
-        assert asset["type"] == "application/vnd.zarr; version=3" and asset["roles"] == ["data"]
-        assert asset["xarray:open_kwargs"]["engine"] == "zarr"
+        assert asset["type"] == "application/vnd+zarr" and asset["roles"] == ["data"]
+        assert asset["xarray:open_kwargs"] == {"engine": "zarr", "consolidated": True, "zarr_format": 3}
+        assert SPECTRALEARTH_SCHEMA_URI in item["stac_extensions"]
         west, south, east, north = item["bbox"]
         assert west < east and south < north
     # microseconds are kept, whole seconds are written without a fraction
@@ -281,6 +289,7 @@ def test_every_json_file_validates_offline(built: tuple[Path, Any], validator: A
         assert f"https://stac-extensions.github.io/{extension}/schema.json" in used
     for extension in ("grid/v1.1.0", "processing/v1.2.0", "xarray-assets/v1.0.0"):
         assert f"https://stac-extensions.github.io/{extension}/schema.json" in used
+    assert SPECTRALEARTH_SCHEMA_URI in used
 
 
 def _a_patch_item(built: tuple[Path, Any]) -> dict[str, Any]:
@@ -311,6 +320,13 @@ def _a_patch_item(built: tuple[Path, Any]) -> dict[str, Any]:
         ("properties", "processing:datetime", "2023-05-31T10:20:30+02:00"),
         ("assets", "dataset", {"type": "application/vnd.zarr; version=3"}),
         ("item", "bbox", [1, 2]),
+        ("properties", "spectralearth:row", -1),
+        ("properties", "spectralearth:n_dates", 0),
+        ("properties", "spectralearth:location_id", "32632-164-1377"),
+        ("properties", "spectralearth:scene_id", "ENMAP01-bad"),
+        ("properties", "spectralearth:quality_fractions", {"cloud": 1.5}),
+        ("properties", "spectralearth:scene_window", [0, 0, 128]),
+        ("properties", "spectralearth:unknown", 1),
     ],
 )
 def test_broken_item_fails_validation(
@@ -478,7 +494,7 @@ def test_a_full_leaf_catalog_stays_under_1mb() -> None:
 def test_items_parquet_round_trips(built: tuple[Path, Any]) -> None:
     from stac_geoparquet.arrow import stac_table_to_items
 
-    from stac.build import rebase_hrefs
+    from stac.build import absolute_hrefs
     from stac.records import iso_utc
 
     root, _ = built
@@ -493,7 +509,7 @@ def test_items_parquet_round_trips(built: tuple[Path, Any]) -> None:
     times = table.column("datetime").to_pylist()
     for index, item in enumerate(stac_table_to_items(table)):
         path, original = json_items[item["id"]]
-        expected = rebase_hrefs(original, path.relative_to(stac_dir).as_posix(), "items.parquet")
+        expected = absolute_hrefs(original, path.relative_to(stac_dir).as_posix(), str(stac_dir))
         item["properties"] = {k: v for k, v in item["properties"].items() if v is not None}
         item["properties"]["datetime"] = iso_utc(times[index])
         item["bbox"] = list(item["bbox"])
@@ -501,6 +517,114 @@ def test_items_parquet_round_trips(built: tuple[Path, Any]) -> None:
             for key in [k for k, v in entry.items() if v is None]:
                 del entry[key]
         assert item == expected
-    derived = [e for e in expected["links"] if e["rel"] == "derived_from"][0]
-    assert (stac_dir / derived["href"]).is_file()
-    assert expected["assets"]["dataset"]["href"] == "../dataset.zarr"
+    # absolute hrefs: a row read on its own (DuckDB, a server, xpystac) resolves without the tree
+    for entry in expected["links"]:
+        assert Path(entry["href"]).is_absolute() and Path(entry["href"]).is_file(), entry
+    assert expected["assets"]["dataset"]["href"] == str(root / "dataset.zarr")
+    stored = json.loads(table.schema.metadata[b"stac-geoparquet"])
+    collection = stored["collections"]["spectralearth-enmap-patches"]
+    assert collection["assets"]["geoparquet"]["href"] == str(stac_dir / "items.parquet")
+    assert collection["assets"]["dataset"]["href"] == str(root / "dataset.zarr")
+
+
+# Assets, schema, numbers ---------------------------------------------------------------------------
+def test_no_negative_zero_in_transforms(tmp_path: Path) -> None:
+    scenes, patches = make_tables()
+    negative = [30.0, -0.0, 0.0, -0.0, -30.0, 0.0]
+    scenes["transform"] = [[*negative[:2], t[2], negative[3], -30.0, t[5]] for t in scenes["transform"]]
+    patches["scene_transform"] = [[30.0, -0.0, t[2], -0.0, -30.0, t[5]] for t in patches["scene_transform"]]
+    store = BuildStore(str(tmp_path))
+    write_tables(store, scenes, patches)
+    build_catalog(store, CatalogSettings(), [(1, 418.2, 6.99561)])
+    texts = [p.read_text() for p in json_files(tmp_path / "stac")]
+    assert texts and not any("-0.0" in text for text in texts)
+    transforms = [json.loads(t)["properties"]["proj:transform"] for t in texts if '"Feature"' in t]
+    assert all(math.copysign(1.0, v) > 0 for t in transforms for v in t if v == 0)
+    assert signed_zero_free([-0.0, 1.5, -2.0]) == [0.0, 1.5, -2.0]
+
+
+PRODUCT = "ENMAP01-____L2A-DT0000001049_20230501T102030Z_001_V010303_20230531T102030Z"
+
+
+@pytest.mark.parametrize(
+    ("packaging", "container", "inner", "spectral_href"),
+    [
+        ("folder", f"/data/{PRODUCT}", None, f"/data/{PRODUCT}/{PRODUCT}-SPECTRAL_IMAGE.BSQ"),
+        (
+            "zip",
+            f"/data/{PRODUCT}.ZIP",
+            None,
+            f"zip:///data/{PRODUCT}.ZIP!{PRODUCT}/{PRODUCT}-SPECTRAL_IMAGE.BSQ",
+        ),
+        (
+            "zip",
+            f"s3://b/in/{PRODUCT}.ZIP",
+            None,
+            f"zip+s3://b/in/{PRODUCT}.ZIP!{PRODUCT}/{PRODUCT}-SPECTRAL_IMAGE.BSQ",
+        ),
+        ("targz", "/data/dims_1.tar.gz", f"dims_1/{PRODUCT}.ZIP", None),
+    ],
+)
+def test_scene_assets_are_the_product_files(
+    packaging: str, container: str, inner: str | None, spectral_href: str | None
+) -> None:
+    prefix = "" if packaging == "folder" else f"{PRODUCT}/"
+    names = [
+        "SPECTRAL_IMAGE.BSQ",
+        "SPECTRAL_IMAGE.HDR",
+        "METADATA.XML",
+        "QL_QUALITY_CLOUD_COG.tiff",
+        "QL_VNIR.TIF",
+    ]
+    members = tuple((f"{prefix}{PRODUCT}-{name}", 100 + k) for k, name in enumerate(names))
+    assets = product_assets(ProductFiles(packaging, container, inner, members))
+    if packaging == "folder":
+        assert "archive" not in assets
+    else:
+        archive = assets["archive"]
+        assert archive["href"] == container and "archive" in archive["roles"]
+        assert archive["type"] == {"zip": "application/zip", "targz": "application/gzip"}[packaging]
+    if spectral_href is None:  # files of a ZIP inside a tar.gz cannot be opened in place
+        assert set(assets) == {"archive"} and inner in assets["archive"]["description"]
+        return
+    assert set(assets) - {"archive"} == {
+        "spectral_image",
+        "spectral_image_header",
+        "metadata",
+        "ql_quality_cloud",
+        "ql_vnir",
+    }
+    spectral = assets["spectral_image"]
+    assert spectral["href"] == spectral_href and spectral["roles"] == ["data", "reflectance"]
+    assert spectral["file:size"] == 100
+    assert assets["metadata"]["type"] == "application/xml" and assets["metadata"]["roles"] == ["metadata"]
+    assert assets["ql_quality_cloud"]["type"] == "image/tiff; application=geotiff; profile=cloud-optimized"
+    assert assets["ql_quality_cloud"]["roles"] == ["metadata", "cloud"]
+    assert assets["ql_vnir"]["type"] == "image/tiff; application=geotiff"
+    assert assets["spectral_image_header"]["type"] == "text/plain"
+
+
+def test_scene_items_carry_their_archive(built: tuple[Path, Any]) -> None:
+    root, _ = built
+    scenes_frame, _ = make_tables()
+    scenes = items_of(root / "stac", "enmap-l2a-scenes")
+    for row in scenes_frame.itertuples():
+        _, item = scenes[row.scene_id]
+        assert item["assets"]["archive"]["href"] == row.container_uri
+        assert "https://stac-extensions.github.io/file/v2.1.0/schema.json" not in item["stac_extensions"]
+        assert SPECTRALEARTH_SCHEMA_URI in item["stac_extensions"]
+
+
+def test_spectralearth_schema_is_packaged_and_matches_the_fields(built: tuple[Path, Any]) -> None:
+    """Every spectralearth:* field the catalog writes is described by the packaged schema, and the
+    schema describes no field the catalog never writes."""
+    root, _ = built
+    schema = spectralearth_schema()
+    assert schema["$id"].rstrip("#") == SPECTRALEARTH_SCHEMA_URI
+    described = set(schema["definitions"]["fields"]["properties"])
+    written: set[str] = set()
+    for path in json_files(root / "stac"):
+        document = load(path)
+        fields = document.get("properties", document)
+        written |= {key for key in fields if key.startswith("spectralearth:")}
+    assert written == described

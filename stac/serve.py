@@ -1,0 +1,356 @@
+"""`spectralearth serve`: a STAC API over a build's catalog, read from `stac/items.parquet`.
+
+Built on stac-fastapi with the stac-fastapi-geoparquet backend (DuckDB through rustac), the versions
+pinned in the `serve` extra: core, collections, features, item search (bbox, intersects, datetime, ids,
+limit, offset paging), CQL2 filters in text and JSON (`eo:cloud_cover`, `spectralearth:n_dates`, ...),
+fields and sort, `/queryables` listing the fields a filter can use. DuckDB's spatial extension comes from
+the `rustac-duckdb-extensions` wheel, so nothing is downloaded at run time.
+
+What this module adds to the library:
+- it needs only the build: the patch collection is found from `stac/catalog.json`, a build on `s3://` is
+  served from a local copy of its `items.parquet` (DuckDB here has no httpfs extension);
+- hrefs that resolve: `items.parquet` holds absolute hrefs written against the build's location at catalog
+  time; when the build has since moved (copied elsewhere, synced to S3) they are rebased onto where it is
+  now, and any relative href is resolved against the parquet file. The collection's assets are absolute
+  too, and the packaged `spectralearth:*` schema is served at `/schemas/spectralearth/v1.0.0/schema.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stac.build import absolute_hrefs, join_uri
+from stac.catalog import ITEMS_PARQUET, ROOT, STAC_DIR, stac_root_of
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+GEOPARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
+SCHEMA_ROUTE = "/schemas/spectralearth/v1.0.0/schema.json"
+SERVE_EXTRA = "install the server with: pip install 'spectralearth-pipeline[serve]' (or `make setup`)"
+
+# The fields a CQL2 filter can name (JSON schema types as in the items; `/queryables` lists them).
+QUERYABLES: dict[str, dict[str, Any]] = {
+    "id": {"description": "Patch id", "type": "string"},
+    "datetime": {"description": "Acquisition start (UTC)", "type": "string", "format": "date-time"},
+    "geometry": {"description": "Patch footprint", "$ref": "https://geojson.org/schema/Geometry.json"},
+    "eo:cloud_cover": {
+        "description": "Cloud pixels, percent",
+        "type": "number",
+        "minimum": 0,
+        "maximum": 100,
+    },
+    "eo:snow_cover": {"description": "Snow pixels, percent", "type": "number", "minimum": 0, "maximum": 100},
+    "spectralearth:n_dates": {"description": "Dates with a patch at the location", "type": "integer"},
+    "spectralearth:location_id": {"description": "Grid cell EPSG<code>-<i>-<j>", "type": "string"},
+    "spectralearth:scene_id": {"description": "Source product", "type": "string"},
+    "spectralearth:row": {"description": "Row in dataset.zarr", "type": "integer"},
+    "grid:code": {"description": "Grid cell (= spectralearth:location_id)", "type": "string"},
+    "proj:code": {"description": "CRS of the patch, EPSG:<code>", "type": "string"},
+    "processing:version": {"description": "EnMAP processor version", "type": "string"},
+    "view:sun_elevation": {"description": "Sun elevation, degrees", "type": "number"},
+    "view:off_nadir": {"description": "Off-nadir angle, degrees", "type": "number"},
+    "sat:orbit_state": {"description": "ascending or descending", "type": "string"},
+}
+
+
+class ServeError(ValueError):
+    """The build cannot be served (no catalog, no patch collection): said in one line."""
+
+
+@dataclass(frozen=True)
+class ServedCatalog:
+    """What the server needs from a build, read once at start."""
+
+    title: str
+    description: str
+    catalog_id: str
+    collection: dict[str, Any]  # the patch collection as clients see it (absolute hrefs)
+    items_parquet: str  # local path DuckDB reads (the build's own file, or a local copy of it)
+    build_root: str  # absolute path or URI of the build now
+    written_root: str | None  # the build location the parquet's absolute hrefs were written against
+
+    @property
+    def collection_id(self) -> str:
+        return str(self.collection["id"])
+
+    def public_href(self, href: str) -> str:
+        """`href` of a served item as a client can open it: rebased onto the build's current location
+        when the build moved since the catalog was written; a relative href resolved against the
+        parquet file (catalogs written before items.parquet carried absolute hrefs)."""
+        if "://" not in href and not href.startswith("/"):
+            return join_uri(f"{self.build_root}/{STAC_DIR}", href)
+        old = self.written_root
+        if old is not None and old != self.build_root and href.startswith(old + "/"):
+            return self.build_root + href[len(old) :]
+        return href
+
+
+def _build_root(store: Any) -> str:
+    return posixpath.dirname(stac_root_of(store))
+
+
+def _written_root(items_parquet: str) -> str | None:
+    """The build location an items.parquet was written for: its first item's `root` link is the
+    absolute href of `<build>/stac/catalog.json` (None when the hrefs are relative or there is no row)."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(items_parquet)
+    if parquet.metadata.num_rows == 0:
+        return None
+    first = parquet.read_row_group(0, columns=["links"]).column("links")[0].as_py() or []
+    for entry in first:
+        href = entry.get("href") or ""
+        suffix = f"/{STAC_DIR}/{ROOT}"
+        if entry.get("rel") == "root" and href.endswith(suffix) and ("://" in href or href.startswith("/")):
+            return href[: -len(suffix)]
+    return None
+
+
+def _patch_collection(store: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(path under stac/, collection, root catalog): the collection that mirrors its items in a
+    stac-geoparquet asset, found by following the root catalog's child links."""
+    root_relative = f"{STAC_DIR}/{ROOT}"
+    if not store.exists(root_relative):
+        raise ServeError(f"{store.uri_of(root_relative)} is missing: run the catalog stage first")
+    root = json.loads(store.read_bytes(root_relative))
+    for entry in root.get("links", []):
+        if entry.get("rel") != "child" or "://" in entry["href"] or entry["href"].startswith("/"):
+            continue
+        relative = posixpath.normpath(entry["href"])
+        document = json.loads(store.read_bytes(f"{STAC_DIR}/{relative}"))
+        mirrors = [
+            asset
+            for asset in document.get("assets", {}).values()
+            if "collection-mirror" in asset.get("roles", ()) and asset.get("type") == GEOPARQUET_MEDIA_TYPE
+        ]
+        if document.get("type") == "Collection" and mirrors:
+            return relative, document, root
+    raise ServeError(f"{store.uri_of(root_relative)} links no collection with an items.parquet mirror")
+
+
+def load_catalog(build: Any, cache_dir: str | Path | None = None) -> ServedCatalog:
+    """Read what `serve` needs from a build (a path, an `s3://` URI or a `BuildStore`). A remote
+    items.parquet is copied to `cache_dir` (a new temporary folder by default)."""
+    from pipeline.query import open_build
+
+    store = open_build(build)
+    relative_parquet = f"{STAC_DIR}/{ITEMS_PARQUET}"
+    if not store.exists(relative_parquet):
+        raise ServeError(f"{store.uri_of(relative_parquet)} is missing: run the catalog stage first")
+    path, collection, root = _patch_collection(store)
+    if store.is_local:
+        local_parquet = store.path(relative_parquet)
+    else:
+        folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="spectralearth-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        local_parquet = str(folder / ITEMS_PARQUET)
+        Path(local_parquet).write_bytes(store.read_bytes(relative_parquet))
+    public = absolute_hrefs(collection, path, stac_root_of(store))
+    public["links"] = [entry for entry in public["links"] if entry.get("rel") == "license"]
+    return ServedCatalog(
+        title=str(root.get("title") or collection.get("title") or "SpectralEarth"),
+        description=str(root.get("description") or collection.get("description") or ""),
+        catalog_id=str(root.get("id") or "spectralearth"),
+        collection=public,
+        items_parquet=local_parquet,
+        build_root=_build_root(store),
+        written_root=_written_root(local_parquet),
+    )
+
+
+def queryables(collection_id: str | None = None) -> dict[str, Any]:
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "queryables" if collection_id is None else f"collections/{collection_id}/queryables",
+        "type": "object",
+        "title": "SpectralEarth patch queryables",
+        "description": "Fields a CQL2 filter (cql2-text or cql2-json) can compare.",
+        "properties": QUERYABLES,
+        "additionalProperties": True,
+    }
+
+
+def create_app(served: ServedCatalog) -> Any:
+    """The FastAPI application serving `served` (import errors name the `serve` extra)."""
+    try:
+        import attr
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse
+        from rustac.rustac import DuckdbClient
+        from rustac_duckdb_extensions import extension_directory
+        from stac_fastapi.api.app import StacApi
+        from stac_fastapi.extensions.core.fields import FieldsExtension
+        from stac_fastapi.extensions.core.filter import SearchFilterExtension
+        from stac_fastapi.extensions.core.filter.client import BaseFiltersClient
+        from stac_fastapi.extensions.core.pagination import OffsetPaginationExtension
+        from stac_fastapi.extensions.core.sort import SortExtension
+        from stac_fastapi.geoparquet.api import lifespan
+        from stac_fastapi.geoparquet.client import Client, collection_with_links
+        from stac_fastapi.geoparquet.models import (
+            GetSearchRequestModel,
+            ItemsGetRequestModel,
+            PostSearchRequestModel,
+        )
+        from stac_fastapi.geoparquet.settings import Settings
+    except ImportError as exc:
+        raise ServeError(f"the STAC API server is not installed ({exc.name}): {SERVE_EXTRA}") from None
+
+    from stac.schema import spectralearth_schema
+
+    class BuildClient(Client):
+        """The geoparquet client, with the build's collection as clients see it and item hrefs that
+        resolve (see `ServedCatalog.public_href`)."""
+
+        def all_collections(self, **kwargs: Any) -> Any:
+            out = super().all_collections(**kwargs)
+            out["collections"] = [self.get_collection(served.collection_id, **kwargs)]
+            return out
+
+        def get_collection(self, collection_id: str, **kwargs: Any) -> Any:
+            from stac_fastapi.types.errors import NotFoundError
+
+            if collection_id != served.collection_id:
+                raise NotFoundError(f"Collection does not exist: {collection_id}")
+            collection = json.loads(json.dumps(served.collection))
+            licence = [entry for entry in collection["links"] if entry.get("rel") == "license"]
+            collection = collection_with_links(collection, kwargs["request"])
+            collection["links"].extend(licence)
+            return collection
+
+        def search(self, *, request: Any, url: str, search: Any, **kwargs: Any) -> Any:
+            # a GET filter arrives as text whatever its language, and rustac reads text as cql2-text:
+            # cql2-json text is rewritten as cql2-text (so the `next` link, a GET query string, carries
+            # a filter in the language it names). A filter DuckDB cannot run is the request's fault: 400.
+            import cql2
+            from fastapi import HTTPException
+            from rustac import RustacError
+
+            # rustac answers a filter it cannot parse with every item: each filter is parsed here first
+            text = kwargs.get("filter_expr")
+            language = kwargs.get("filter_lang") or "cql2-text"
+            body = getattr(search, "filter_expr", None)
+            try:
+                if isinstance(text, str) and language == "cql2-json":
+                    kwargs["filter_expr"] = cql2.parse_json(text).to_text()
+                    kwargs["filter_lang"] = "cql2-text"
+                elif isinstance(text, str):
+                    cql2.parse_text(text).validate()
+                if isinstance(body, dict):
+                    cql2.Expr(body).validate()
+            except (ValueError, cql2.ParseError, cql2.ValidationError) as exc:
+                reason = " ".join(str(exc).split())
+                raise HTTPException(400, f"invalid {language} filter: {reason}") from None
+            has_filter = text is not None or body is not None
+            try:
+                return super().search(request=request, url=url, search=search, **kwargs)
+            except RustacError as exc:
+                if not has_filter:
+                    raise
+                raise HTTPException(400, f"invalid filter: {' '.join(str(exc).split())}") from None
+
+        def item_with_links(self, item: Any, request: Any, collection: str) -> Any:
+            item = super().item_with_links(item, request, collection)
+            for entry in item.get("links", []):
+                entry["href"] = served.public_href(entry["href"])
+            for asset in item.get("assets", {}).values():
+                asset["href"] = served.public_href(asset["href"])
+            return item
+
+    @attr.s
+    class Queryables(BaseFiltersClient):
+        def get_queryables(self, collection_id: str | None = None, **kwargs: Any) -> dict[str, Any]:
+            return queryables(collection_id)
+
+    settings = Settings(
+        stac_fastapi_landing_id=served.catalog_id,
+        stac_fastapi_title=served.title,
+        stac_fastapi_description=served.description,
+    )
+    # rustac's Python wrapper that would find the bundled extensions does not construct (rustac 0.9.8):
+    # the native client is given the wheel's extension folder and told never to download
+    client = DuckdbClient(extension_directory=extension_directory(), install_extensions=False)
+    backend_collection = json.loads(json.dumps(served.collection))
+    backend_collection["assets"] = {
+        "data": {"href": served.items_parquet, "type": GEOPARQUET_MEDIA_TYPE, "roles": ["collection-mirror"]}
+    }
+    app = FastAPI(
+        lifespan=lifespan,
+        openapi_url=settings.openapi_url,
+        docs_url=settings.docs_url,
+        redoc_url=settings.docs_url,
+        settings=settings,
+        collections=[backend_collection],
+        duckdb_client=client,
+    )
+
+    @app.get(SCHEMA_ROUTE, include_in_schema=False)
+    def schema() -> Any:
+        return JSONResponse(spectralearth_schema(), media_type="application/schema+json")
+
+    StacApi(
+        settings=settings,
+        client=BuildClient(
+            landing_page_id=served.catalog_id, title=served.title, description=served.description
+        ),
+        app=app,
+        # the backend's request models, made at run time from its extensions (mypy cannot follow)
+        search_get_request_model=GetSearchRequestModel,  # type: ignore[arg-type]
+        search_post_request_model=PostSearchRequestModel,  # type: ignore[arg-type]
+        items_get_request_model=ItemsGetRequestModel,  # type: ignore[arg-type]
+        extensions=[
+            OffsetPaginationExtension(),
+            SearchFilterExtension(client=Queryables()),
+            FieldsExtension(),
+            SortExtension(),
+        ],
+    )
+    return app
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def running(app: Any, host: str = DEFAULT_HOST, port: int | None = None) -> Iterator[str]:
+    """Serve `app` from a thread for the duration of the block; yields the base URL. Stopped cleanly
+    (uvicorn's graceful exit) when the block ends."""
+    import uvicorn
+
+    port = free_port(host) if port is None else port
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="spectralearth-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise ServeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def serve(build: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Serve the build until interrupted (Ctrl-C)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ServeError(f"the STAC API server is not installed (uvicorn): {SERVE_EXTRA}") from None
+    app = create_app(load_catalog(build))
+    uvicorn.run(app, host=host, port=port, log_level="info")
