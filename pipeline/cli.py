@@ -469,6 +469,9 @@ class BboxCommand(click.Command):
     help="NAME:PART, e.g. blocked:train: only that part (train, validation, test, buffer) of a split.",
 )
 @click.option(
+    "--labels", "labels_name", default=None, help="NAME: only the patches of that benchmark (labels stage)."
+)
+@click.option(
     "--format", "output", type=click.Choice(["ids", "geojson", "table"]), default="ids", show_default=True
 )
 @click.option("--export", "export_to", default=None, help="Write the matching patches here.")
@@ -490,6 +493,7 @@ def query(
     ids: str | None,
     limit: int | None,
     split_spec: str | None,
+    labels_name: str | None,
     output: str,
     export_to: str | None,
     export_format: str,
@@ -500,6 +504,12 @@ def query(
     from pipeline.query import query as run_query
 
     id_list = ids.split(",") if ids else None
+    if labels_name:
+        from pipeline.labels import included_patches
+        from pipeline.query import open_build
+
+        benchmark = set(included_patches(open_build(build), labels_name))
+        id_list = sorted(benchmark & set(id_list)) if id_list is not None else sorted(benchmark)
     try:
         result = run_query(
             build,
@@ -673,6 +683,67 @@ def publish(build: str, service: str | None) -> None:
     click.echo(
         f"publish: {summary.items} item(s) of {summary.collection_id} upserted into {summary.database}"
     )
+
+
+@main.command(name="labels")
+@stage_options
+@click.option(
+    "--name", "benchmark", default=None, help="Only this benchmark of the manifest's labels section."
+)
+@click.option("--force", is_flag=True, help="Re-label even when the labels are up to date.")
+@one_line_errors
+def labels_command(
+    manifest_path: str,
+    build: str,
+    scheduler: str,
+    workers: int | None,
+    no_progress: bool,
+    benchmark: str | None,
+    force: bool,
+) -> None:
+    """Align the manifest's label maps to the patches: labels/<name> in dataset.zarr and a table."""
+    from pipeline.labels import LabelSourceError, print_labels_summary, run_labels
+
+    context = _context(manifest_path, build, scheduler, workers, no_progress)
+    try:
+        results = run_labels(
+            context.manifest, context.store, context.scheduler, context.storage_options, force, benchmark
+        )
+    except LabelSourceError as exc:
+        raise PipelineFailure(one_line(exc)) from None
+    for result in results:
+        print_labels_summary(result)
+
+
+@main.command(name="export-benchmark")
+@click.option("--build", required=True, help="Build location: a local folder or an s3:// prefix.")
+@click.option(
+    "--labels", "name", required=True, help="The benchmark (a name of the manifest's labels section)."
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder to write the benchmark into."
+)
+@click.option("--split", type=click.Choice(["random", "blocked"]), default="random", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--block-cells", type=int, default=8, show_default=True, help="blocked: block side in grid cells."
+)
+@one_line_errors
+def export_benchmark_command(
+    build: str, name: str, out: str, split: str, seed: int, block_cells: int
+) -> None:
+    """Write a benchmark as the SpectralEarth authors' loaders read it: enmap/, <name>/, data/splits/."""
+    from pipeline.benchmark import BenchmarkError, export_benchmark
+    from pipeline.query import open_build
+
+    try:
+        written = export_benchmark(
+            open_build(build), name, out, split=split, seed=seed, block_cells=block_cells
+        )
+    except BenchmarkError as exc:
+        raise PipelineFailure(one_line(exc)) from None
+    counts = ", ".join(f"{part} {n}" for part, n in written.splits.items())
+    click.echo(f"export-benchmark {name}: {written.patches} patches to {out} ({split} split: {counts})")
 
 
 if __name__ == "__main__":  # pragma: no cover

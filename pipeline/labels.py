@@ -884,6 +884,7 @@ def label_benchmark(
         "source_version": version,
         "settings": spec.settings(),
         "samples_per_pixel_side": factor,
+        "pixel_size_m": rows.pixel_size,
         "coordinates": "patch_id location_id scene_id time epsg x_ul y_ul active",
     }
     _create_array(store, spec, rows, dtype, base_attributes)
@@ -967,3 +968,28 @@ def label_array(store: BuildStore, name: str) -> Any:
             ) from None
     assert isinstance(array, zarr.Array)
     return array
+
+
+def histogram_lines(counts: Mapping[str, Any], width: int = 40) -> list[str]:
+    """The class histogram of a stage record's counts, one line per class with its share of labelled
+    pixels of the included patches."""
+    histogram = {int(k): int(v) for k, v in (counts.get("histogram") or {}).items()}
+    total = sum(histogram.values())
+    lines = []
+    for code in sorted(histogram):
+        share = histogram[code] / total if total else 0.0
+        lines.append(f"  class {code:>5d}: {share * 100:5.1f} %  {'#' * round(share * width)}")
+    return lines
+
+
+def print_labels_summary(result: LabelsResult) -> None:
+    counts = result.counts
+    excluded = counts.get("excluded") or {}
+    reasons = ", ".join(f"{n} {why}" for why, n in sorted(excluded.items())) or "none"
+    state = " (up to date)" if result.skipped else ""
+    print(
+        f"labels {result.name}{state}: {counts.get('patches', 0)} patches, {counts.get('included', 0)} "
+        f"included (excluded: {reasons}); {counts.get('classes', 0)} classes, {counts.get('dtype')}"
+    )
+    for line in histogram_lines(counts):
+        print(line)
