@@ -68,10 +68,11 @@ PIXEL_SIZE_M = 30.0
 # The name carries the start time truncated to whole seconds; METADATA.XML the exact one.
 START_TIME_TOLERANCE = timedelta(seconds=1)
 # What a raster file may hold beyond the end of its full-resolution data (overviews are at most a
-# third of it, plus IFDs and tags); a member holding more carries bytes no reader needs, which would
-# only cost an unpack (a cube with 20 GiB appended once went to scratch whole).
-APPENDED_SLACK_SHARE = 0.5
-APPENDED_SLACK_BYTES = 16 * 1024**2
+# third of it, plus IFDs and tags; generous, since the last block need not be the last bytes); a
+# member holding more carries bytes no reader needs, which would only cost an unpack (a cube with
+# 20 GiB appended once went to scratch whole).
+APPENDED_SLACK_SHARE = 1.0
+APPENDED_SLACK_BYTES = 64 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)

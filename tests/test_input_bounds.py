@@ -249,6 +249,35 @@ def test_tar_delivery_unpacking_past_the_scratch_budget_is_rejected(product, tmp
     assert list(private_scratch.iterdir()) == [], "nothing is left in scratch"
 
 
+def test_tar_entry_declaring_more_than_the_scratch_budget_stops_the_stream(product, tmp_path):
+    """Any entry of a delivery (not only the product ZIP) larger than a product may unpack is not
+    streamed through: that would inflate it all."""
+    (tmp_path / "in").mkdir()
+    delivery = tmp_path / "in" / "dims_op_oc_oc-en_000000001_1.tar.gz"
+    with tarfile.open(delivery, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("dims_op_oc_oc-en_000000001_1/padding.bin")
+        info.size = 40 * MiB
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    rejection = single_rejection(
+        inspect_source(only_source(tmp_path / "in"), manifest(scratch_bytes=16 * MiB))
+    )
+    assert rejection.reason == (
+        "entry dims_op_oc_oc-en_000000001_1/padding.bin declares 40.0 MiB, over the 16.0 MiB scratch budget"
+    )
+
+
+def test_open_product_of_a_corrupted_delivery_is_a_product_error(product, tmp_path):
+    folder = copy_product(product, tmp_path / "work")
+    inner = zip_folder(folder, tmp_path / "work" / f"{folder.name}.ZIP")
+    (tmp_path / "in").mkdir()
+    delivery = delivery_of(inner.read_bytes(), folder.name, tmp_path / "in" / "d.tar.gz")
+    (opened,) = iter_products(only_source(tmp_path / "in"))
+    delivery.write_bytes(delivery.read_bytes()[: delivery.stat().st_size // 2])
+    with pytest.raises(ProductError, match="^corrupt archive: "):
+        with open_product(opened.location):
+            pass
+
+
 def test_tar_delivery_budget_boundary(product, tmp_path):
     folder = copy_product(product, tmp_path / "work")
     inner = zip_folder(folder, tmp_path / "work" / f"{folder.name}.ZIP")
@@ -265,13 +294,13 @@ def test_tar_delivery_budget_boundary(product, tmp_path):
 
 @pytest.mark.parametrize("packaging", ["folder", "zip"])
 def test_cube_with_bytes_appended_is_rejected(product, tmp_path, packaging):
-    """A cube member with 40 MiB appended beyond what its raster header needs would pass into a
+    """A cube member with 80 MiB appended beyond what its raster header needs would pass into a
     scratch write of all of it: inventory rejects it, with the sizes."""
     folder = copy_product(product, tmp_path / "work")
     (cube,) = folder.glob("*-SPECTRAL_IMAGE.TIF")
     original = cube.stat().st_size
     with open(cube, "ab") as handle:
-        handle.write(bytes(40 * MiB))
+        handle.write(bytes(80 * MiB))
     inputs = tmp_path / "in"
     inputs.mkdir()
     if packaging == "zip":
@@ -280,8 +309,8 @@ def test_cube_with_bytes_appended_is_rejected(product, tmp_path, packaging):
         shutil.move(folder, inputs / folder.name)
     rejection = single_rejection(inspect_source(only_source(inputs), manifest()))
     assert rejection.scene_id == folder.name
-    assert rejection.reason.startswith("raster SPECTRAL_IMAGE.TIF holds 41.")
-    assert rejection.reason.endswith("appended beyond it") and "40." in rejection.reason
+    assert rejection.reason.startswith("raster SPECTRAL_IMAGE.TIF holds 81.")
+    assert rejection.reason.endswith("appended beyond it") and ": 80." in rejection.reason
     assert original < 2 * MiB
 
 

@@ -771,6 +771,14 @@ def _iter_tar(source: ProductSource, options: dict, limits: Limits) -> Iterator[
                     or not name.lower().endswith(ZIP_SUFFIXES)
                     or not find_product_names(name)
                 ):
+                    if info.size > limits.scratch_bytes:
+                        # Streaming past it would inflate that much (CPU, not disk): no entry of a
+                        # usable delivery is larger than what one product may unpack.
+                        reason = over_budget(
+                            f"entry {name}", "declares", info.size, limits.scratch_bytes, "scratch"
+                        )
+                        yield Rejection(source.uri, None, "inventory", reason)
+                        return
                     continue
                 found_any = True
                 with _scratch_dir() as scratch:
@@ -825,23 +833,33 @@ def open_product(
         opened = OpenedProduct(location, options, limits=limits)
         if location.packaging == "targz":
             opened.local_zip = os.path.join(scratch, "product.zip")
-            with (
-                fsspec.open(location.container_uri, "rb", **options) as raw,
-                tarfile.open(fileobj=raw, mode="r|*") as tar,
-            ):
+            _unpack_inner_zip(location, options, opened.local_zip, budget)
+        with contextlib.ExitStack() as stack:
+            if location.packaging != "folder" and unpack:
+                _unpack_deflated(opened, unpack, scratch, stack, budget)
+            yield opened
+
+
+def _unpack_inner_zip(location: ProductLocation, options: dict, target: str, budget: ScratchBudget) -> None:
+    """Stream a tar.gz delivery to its product ZIP and unpack that (within the scratch budget); a
+    corrupt stream is a ProductError, a storage fault propagates."""
+    with fsspec.open(location.container_uri, "rb", **options) as raw:
+        try:
+            with tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for info in tar:
                     if info.name == location.inner_zip and info.isfile():
                         stream = tar.extractfile(info)
                         if stream is None:
                             break
-                        _copy_member(stream, opened.local_zip, info.size, info.name, budget)
-                        break
-                else:
-                    raise ProductError(f"{location.inner_zip} is no longer in {location.container_uri}")
-        with contextlib.ExitStack() as stack:
-            if location.packaging != "folder" and unpack:
-                _unpack_deflated(opened, unpack, scratch, stack, budget)
-            yield opened
+                        _copy_member(stream, target, info.size, info.name, budget)
+                        return
+        except ProductError:
+            raise
+        except Exception as exc:
+            if not _tar_corrupt(exc):
+                raise
+            raise ProductError(f"corrupt archive: {type(exc).__name__}: {exc}") from None
+    raise ProductError(f"{location.inner_zip} is no longer in {location.container_uri}")
 
 
 def _unpack_deflated(
