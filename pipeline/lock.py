@@ -341,7 +341,9 @@ def _s3_error_code(exc: BaseException) -> str:
 
 
 def _lost_race(exc: BaseException) -> bool:
-    return isinstance(exc, FileExistsError | FileNotFoundError) or _s3_error_code(exc) in _LOST_RACE_CODES
+    """The condition of a conditional request did not hold (not: no such bucket, no access)."""
+    code = _s3_error_code(exc)
+    return code in _LOST_RACE_CODES if code else isinstance(exc, FileExistsError)
 
 
 class _S3Lock:
@@ -389,7 +391,14 @@ class _S3Lock:
         return self._put(body, IfMatch=str(stale.token))
 
     def renew(self, token: str, run_id: str, body: bytes) -> str | None:
-        return self._put(body, IfMatch=token)
+        new_token = self._put(body, IfMatch=token)
+        if new_token is None:
+            # A renewal whose answer was lost on the way may have changed the ETag: the lock is still
+            # ours if it still holds our run id (a taker writes its own).
+            current = self.read()
+            if current is not None and current.holder is not None and current.holder.run_id == run_id:
+                new_token = self._put(body, IfMatch=str(current.token))
+        return new_token
 
     def release(self, token: str, run_id: str) -> None:
         try:
@@ -448,6 +457,8 @@ class BuildLock:
         self.store = store
         self.command = command
         self.lease_seconds = float(lease_seconds)
+        # After a takeover: True, and the previous holder (None if its lock file was unreadable).
+        self.took_over = False
         self.took_over_from: Holder | None = None
         self._identity = (host, machine)
         self._backend = _backend_for(store)
@@ -477,7 +488,8 @@ class BuildLock:
         except OSError as exc:
             raise LockError(f"cannot take the lock {self.uri}: {one_line(exc)}") from exc
         self._holder, self._token, self._lost = holder, token, None
-        self.took_over_from = displaced
+        self.took_over = displaced is not None
+        self.took_over_from = displaced.holder if displaced is not None else None
         self._stop.clear()
         self._renewer = threading.Thread(
             target=self._renew_loop, name=f"lock-renewer {self.uri}", daemon=True
@@ -487,10 +499,11 @@ class BuildLock:
             _HELD[self.store.uri] = self
         return self
 
-    def _acquire(self, holder: Holder) -> tuple[Any, Holder | None]:
+    def _acquire(self, holder: Holder) -> tuple[Any, Observed | None]:
+        """Our lock's token and the stale lock we took over, if any."""
         body = holder.to_bytes()
-        # A stale lock seen on the way and why: when another taker moved it aside but then lost the
-        # create to us, we are the one taking over from it.
+        # A stale lock seen on the way and why: when it vanished before we could replace it (removed
+        # by hand) and our create then won, we still are the run that follows a dead one.
         displaced: tuple[Observed, str] | None = None
         for _ in range(_ATTEMPTS):
             token = self._backend.create(body)
@@ -498,13 +511,13 @@ class BuildLock:
                 if displaced is None:
                     return token, None
                 self._log_takeover(*displaced)
-                return token, displaced[0].holder
+                return token, displaced[0]
             current = self._backend.read()
             if current is None:
                 continue  # released between our create and our read
             reason = self.stale_reason(current)
             if reason is None:
-                if current.holder is None:
+                if current.holder is None and current.age_seconds < _UNREADABLE_GRACE_SECONDS:
                     time.sleep(0.05)  # being written this instant
                     continue
                 raise BuildLocked(self._locked_message(current))
@@ -512,7 +525,7 @@ class BuildLock:
             token = self._backend.take_over(current, body)
             if token is not None:
                 self._log_takeover(current, reason)
-                return token, current.holder
+                return token, current
             time.sleep(random.uniform(0.0, 0.05))  # lost the race: look again at what won
         raise BuildLocked(f"build {redact(self.store.uri)} is contended: could not take {self.uri}")
 

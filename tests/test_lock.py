@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from pipeline import stages
 from pipeline.cli import main
-from pipeline.lock import LOCK_NAME, BuildLock, BuildLocked, Holder, LockLost, _backend_for
+from pipeline.lock import LOCK_NAME, BuildLock, BuildLocked, Holder, LockError, LockLost, _backend_for
 from pipeline.storage import BuildStore
 from pipeline.write import verify_build
 
@@ -229,7 +229,7 @@ def test_read_only_commands_do_not_lock_and_writing_ones_are_refused(raced):
     store = BuildStore(build)
     runner = CliRunner()
     with BuildLock(store, "spectralearth run") as lock:
-        assert lock.took_over_from is None
+        assert not lock.took_over and lock.took_over_from is None
         verified = runner.invoke(main, ["verify", "--build", build])
         assert verified.exit_code == 0, verified.output
         queried = runner.invoke(main, ["query", "--build", build])
@@ -282,7 +282,7 @@ def test_sigkilled_holder_is_taken_over_and_named(build_uri, env):
         BuildLock(store, "spectralearth run").acquire()
     kill_9(holder)
     with BuildLock(store, "spectralearth run") as lock:
-        assert lock.took_over_from is not None
+        assert lock.took_over and lock.took_over_from is not None
         assert lock.took_over_from.pid == holder.pid
         assert lock.took_over_from.command == "spectralearth run"
         recorded = Holder.from_bytes(store.read_bytes(LOCK_NAME))
@@ -307,6 +307,31 @@ def test_a_reused_pid_is_not_the_holder_but_a_live_one_is(tmp_path):
     path.write_bytes(reused.to_bytes())
     with BuildLock(store, "spectralearth mask") as lock:
         assert lock.took_over_from == reused
+
+
+def test_an_unreadable_lock_is_refused_while_young_and_taken_over_when_old(tmp_path):
+    """A torn lock file (a holder killed between its exclusive create and its write)."""
+    store = BuildStore(str(tmp_path / "build"))
+    path = tmp_path / "build" / LOCK_NAME
+    path.parent.mkdir()
+    path.write_bytes(b'{"host": "vm", "pi')
+    with pytest.raises(BuildLocked, match=r"locked by an unreadable .*_lock.json written \d+ s ago"):
+        BuildLock(store, "spectralearth run").acquire()
+    old = time.time() - 2 * 3600
+    os.utime(path, (old, old))
+    with BuildLock(store, "spectralearth run") as lock:
+        assert lock.took_over and lock.took_over_from is None
+    assert not path.exists()
+
+
+def test_a_missing_bucket_is_one_clear_error_not_a_held_lock(s3_vars):
+    store = BuildStore("s3://no-such-lock-bucket/build")
+    with pytest.raises(
+        LockError, match="cannot take the lock s3://no-such-lock-bucket/build/_lock.json"
+    ) as info:
+        BuildLock(store, "spectralearth run").acquire()
+    assert not isinstance(info.value, BuildLocked)
+    assert len(str(info.value).splitlines()) == 1
 
 
 # Leases ------------------------------------------------------------------------------------------
