@@ -1,8 +1,46 @@
-"""Few, large requests on object storage (stub; filled below)."""
+"""Few, large requests on object storage.
+
+Reading a product through GDAL's `/vsis3/` (or `/vsizip//vsis3/`) costs one request per strip, block or
+ZIP seek: hundreds to thousands of GETs per product, each paying the store's latency (and its bill). Here
+an object, or a byte range of one (a ZIP member), is fetched in a handful of ranged GETs of at least
+8 MiB, several in flight, each retried when the fault is the environment's (`pipeline.errors.is_transient`)
+and checked to hold exactly the bytes asked for. Bytes land in memory, or, past a memory budget, in a
+file in scratch, written part by part so memory stays bounded by `concurrency x part_bytes`.
+
+`fetch_product_files` reads a set of pieces (every member of a ZIP, every file of a folder product) by
+first merging neighbouring pieces of one object (gaps up to `max_gap` are fetched and dropped): the
+members of a ZIP cost the same few GETs as the whole ZIP.
+
+The source is an fsspec file system (s3fs: its `cat_file` with `start`/`end`) or a boto3/botocore S3
+client (`get_object` with `Range`); both are safe to call from several threads.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
+
+from pipeline.enmap.product import ProductError
+from pipeline.errors import TransientError, is_transient, one_line
+
+MiB = 1024 * 1024
+MIN_PART_BYTES = 8 * MiB  # below this, per-request latency dominates on object storage
+DEFAULT_PART_BYTES = 16 * MiB
+DEFAULT_CONCURRENCY = 4
+DEFAULT_RETRIES = 4
+DEFAULT_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 8.0
+# Pieces of one object closer than this are fetched in one range (the gap is read and dropped): one more
+# request costs more than reading 1 MiB.
+DEFAULT_MAX_GAP = 1 * MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -12,3 +50,329 @@ class FileSlice:
     path: str
     offset: int
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """`length` bytes of object `uri` from byte `start`."""
+
+    uri: str
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSettings:
+    part_bytes: int = DEFAULT_PART_BYTES
+    concurrency: int = DEFAULT_CONCURRENCY
+    retries: int = DEFAULT_RETRIES
+    backoff_seconds: float = DEFAULT_BACKOFF_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.retries < 0 or self.backoff_seconds < 0:
+            raise ValueError(f"bad fetch settings: {self}")
+
+    @property
+    def part(self) -> int:
+        return max(self.part_bytes, MIN_PART_BYTES)
+
+
+class SizeMismatch(ProductError):
+    """The store answered with other bytes than the size expected: the object is not what was listed
+    (replaced or truncated since). A property of the object, not a network fault: not retried; a rerun
+    lists the object again and sees its new fingerprint."""
+
+
+def split_range(start: int, length: int, part_bytes: int) -> list[tuple[int, int]]:
+    """[start, start + length) as (start, end) parts of at most `part_bytes`, as equal as possible (no
+    small trailing part)."""
+    if length <= 0:
+        return []
+    count = math.ceil(length / part_bytes)
+    edges = [start + (length * k) // count for k in range(count + 1)]
+    return list(zip(edges, edges[1:], strict=False))
+
+
+def merge_pieces(pieces: Iterable[Piece], max_gap: int = DEFAULT_MAX_GAP) -> list[Piece]:
+    """The ranges to fetch for `pieces`: per object, pieces that overlap or lie within `max_gap` of each
+    other become one range; empty pieces are left out."""
+    by_uri: dict[str, list[Piece]] = defaultdict(list)
+    for piece in pieces:
+        if piece.start < 0 or piece.length < 0:
+            raise ValueError(f"bad piece {piece}")
+        if piece.length:  # an empty piece needs no bytes
+            by_uri[piece.uri].append(piece)
+    merged: list[Piece] = []
+    for uri in sorted(by_uri):
+        ranges = sorted((p.start, p.start + p.length) for p in by_uri[uri])
+        start, end = ranges[0]
+        for s, e in ranges[1:]:
+            if s <= end + max_gap:
+                end = max(end, e)
+            else:
+                merged.append(Piece(uri, start, end - start))
+                start, end = s, e
+        merged.append(Piece(uri, start, end - start))
+    return merged
+
+
+# Talking to the store ------------------------------------------------------------------------------
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def _range_reader(source: Any) -> Callable[[str, int, int], bytes]:
+    """A function (uri, start, end) -> bytes of [start, end) for an fsspec file system or an S3 client."""
+    if hasattr(source, "get_object"):
+
+        def read_client(uri: str, start: int, end: int) -> bytes:
+            bucket, key = _split_s3(uri)
+            response = source.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+            with contextlib.closing(response["Body"]) as body:
+                return body.read()
+
+        return read_client
+
+    def read_fs(uri: str, start: int, end: int) -> bytes:
+        return source.cat_file(uri, start=start, end=end)
+
+    return read_fs
+
+
+def object_size(source: Any, uri: str) -> int:
+    """The size of an object (one HEAD request)."""
+    if hasattr(source, "head_object"):
+        bucket, key = _split_s3(uri)
+        return int(source.head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return int(source.info(uri)["size"])
+
+
+def _get_part(
+    read: Callable[[str, int, int], bytes], uri: str, start: int, end: int, settings: FetchSettings
+) -> bytes:
+    """Bytes [start, end) of `uri`, retrying transient faults with exponential backoff; a persistent one
+    raises TransientError, and a short or unsatisfiable answer SizeMismatch."""
+    for attempt in range(settings.retries + 1):
+        try:
+            data = read(uri, start, end)
+        except Exception as exc:
+            text = str(exc)
+            if "InvalidRange" in text or "not satisfiable" in text:
+                raise SizeMismatch(
+                    f"{uri} holds fewer than the {end} bytes expected ({one_line(exc)})"
+                ) from exc
+            if not is_transient(exc):
+                raise
+            if attempt == settings.retries:
+                raise TransientError(
+                    f"reading {uri} bytes {start}-{end - 1} failed {attempt + 1} times: {one_line(exc)}"
+                ) from exc
+            time.sleep(min(settings.backoff_seconds * 2**attempt, MAX_BACKOFF_SECONDS))
+            continue
+        if len(data) != end - start:
+            raise SizeMismatch(
+                f"{uri}: bytes {start}-{end - 1} came back as {len(data)} bytes, not {end - start} "
+                "(the object changed since it was listed?)"
+            )
+        return data
+    raise AssertionError("unreachable")
+
+
+def _run_parallel(jobs: list[Callable[[], None]], concurrency: int) -> None:
+    """Run `jobs` with at most `concurrency` at once; the first failure cancels what has not started
+    and is raised once the running ones are done."""
+    if len(jobs) <= 1 or concurrency == 1:
+        for job in jobs:
+            job()
+        return
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(jobs)), thread_name_prefix="fetch") as pool:
+        futures: list[Future[None]] = [pool.submit(job) for job in jobs]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+    if failed:
+        raise failed[0].exception()  # type: ignore[misc]
+
+
+# Public functions ------------------------------------------------------------------------------------
+
+
+def fetch_ranges(
+    source: Any,
+    uri: str,
+    size: int | None = None,
+    *,
+    start: int = 0,
+    settings: FetchSettings | None = None,
+) -> bytearray:
+    """`size` bytes of `uri` from byte `start` (the rest of the object when `size` is None: one HEAD
+    more), in ranged GETs of `settings.part_bytes` (at least 8 MiB), `settings.concurrency` in flight."""
+    settings = settings or FetchSettings()
+    if size is None:
+        size = object_size(source, uri) - start
+    out = bytearray(size)
+    whole = Piece(uri, start, size)
+    read = _range_reader(source)
+    jobs = [
+        _part_job(read, whole, s, e, _memory_sink(out), settings)
+        for s, e in split_range(start, size, settings.part)
+    ]
+    _run_parallel(jobs, settings.concurrency)
+    return out
+
+
+def fetch_to_file(
+    source: Any,
+    uri: str,
+    size: int,
+    target: str | os.PathLike[str],
+    *,
+    start: int = 0,
+    settings: FetchSettings | None = None,
+) -> FileSlice:
+    """Like `fetch_ranges`, into the file `target` (created or replaced), each part written at its offset
+    as it arrives: memory holds at most `concurrency` parts."""
+    settings = settings or FetchSettings()
+    whole = Piece(uri, start, size)
+    read = _range_reader(source)
+    path = os.fspath(target)
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+        sink = _file_sink(handle.fileno())
+        jobs = [
+            _part_job(read, whole, s, e, sink, settings) for s, e in split_range(start, size, settings.part)
+        ]
+        _run_parallel(jobs, settings.concurrency)
+    return FileSlice(path, 0, size)
+
+
+def fetch(
+    source: Any,
+    uri: str,
+    size: int,
+    *,
+    start: int = 0,
+    memory_budget: int,
+    scratch_dir: str | os.PathLike[str],
+    settings: FetchSettings | None = None,
+) -> bytearray | FileSlice:
+    """`size` bytes of `uri` from `start`: in memory when they fit `memory_budget`, else streamed into a
+    new file in `scratch_dir` (the caller removes it, e.g. with the scratch folder)."""
+    if size <= memory_budget:
+        return fetch_ranges(source, uri, size, start=start, settings=settings)
+    handle, path = tempfile.mkstemp(prefix="fetch-", dir=scratch_dir)
+    os.close(handle)
+    try:
+        return fetch_to_file(source, uri, size, path, start=start, settings=settings)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+
+
+def fetch_product_files(
+    source: Any,
+    pieces: Iterable[Piece],
+    *,
+    max_gap: int = DEFAULT_MAX_GAP,
+    memory_budget: int | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
+    settings: FetchSettings | None = None,
+) -> Mapping[Piece, memoryview | FileSlice]:
+    """The bytes of every piece, fetched as merged ranges (see `merge_pieces`) split into large parts,
+    all parts of all objects through one pool of `concurrency` requests.
+
+    The pieces are views of the merged ranges' buffers (no copy); when the merged ranges add up to more
+    than `memory_budget`, each range is written to its own file in `scratch_dir` and the pieces are
+    FileSlices of those files (the caller removes them with its scratch folder)."""
+    settings = settings or FetchSettings()
+    wanted = list(dict.fromkeys(pieces))
+    ranges = merge_pieces(wanted, max_gap)
+    total = sum(r.length for r in ranges)
+    read = _range_reader(source)
+    to_disk = memory_budget is not None and total > memory_budget
+    if to_disk and scratch_dir is None:
+        raise ValueError(f"{total} bytes exceed the memory budget and no scratch folder was given")
+
+    buffers: dict[Piece, bytearray] = {}
+    files: dict[Piece, str] = {}
+    jobs: list[Callable[[], None]] = []
+    with contextlib.ExitStack() as stack:
+        for merged in ranges:
+            if to_disk:
+                fd, path = tempfile.mkstemp(prefix="fetch-", dir=scratch_dir)
+                handle = stack.enter_context(os.fdopen(fd, "wb"))
+                handle.truncate(merged.length)
+                files[merged] = path
+                sink: Callable[[int, bytes], None] = _file_sink(handle.fileno())
+            else:
+                buffers[merged] = bytearray(merged.length)
+                sink = _memory_sink(buffers[merged])
+            for part_start, part_end in split_range(merged.start, merged.length, settings.part):
+                jobs.append(_part_job(read, merged, part_start, part_end, sink, settings))
+        try:
+            _run_parallel(jobs, settings.concurrency)
+        except BaseException:
+            stack.close()
+            for path in files.values():
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            raise
+
+    out: dict[Piece, memoryview | FileSlice] = {}
+    for piece in wanted:
+        holder = _holder(piece, ranges)
+        if holder is None:
+            out[piece] = memoryview(b"")
+        elif to_disk:
+            out[piece] = FileSlice(files[holder], piece.start - holder.start, piece.length)
+        else:
+            offset = piece.start - holder.start
+            out[piece] = memoryview(buffers[holder])[offset : offset + piece.length]
+    return out
+
+
+def _holder(piece: Piece, ranges: list[Piece]) -> Piece | None:
+    """The merged range that holds `piece` (None for an empty piece, which needs no bytes)."""
+    if piece.length == 0:
+        return None
+    end = piece.start + piece.length
+    return next(
+        r for r in ranges if r.uri == piece.uri and r.start <= piece.start and end <= r.start + r.length
+    )
+
+
+def _memory_sink(buffer: bytearray) -> Callable[[int, bytes], None]:
+    view = memoryview(buffer)
+
+    def put(offset: int, data: bytes) -> None:
+        view[offset : offset + len(data)] = data
+
+    return put
+
+
+def _file_sink(fd: int) -> Callable[[int, bytes], None]:
+    def put(offset: int, data: bytes) -> None:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, memoryview(data)[written:], offset + written)
+
+    return put
+
+
+def _part_job(
+    read: Callable[[str, int, int], bytes],
+    merged: Piece,
+    part_start: int,
+    part_end: int,
+    sink: Callable[[int, bytes], None],
+    settings: FetchSettings,
+) -> Callable[[], None]:
+    def run() -> None:
+        sink(part_start - merged.start, _get_part(read, merged.uri, part_start, part_end, settings))
+
+    return run

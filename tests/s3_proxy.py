@@ -136,6 +136,7 @@ class S3Proxy:
         self._accept_thread: threading.Thread | None = None
         self._connections: set[_Connection] = set()
         self._requests: list[Request] = []
+        self._peak_connections = 0
         self._timer: threading.Timer | None = None
 
     # Life cycle -------------------------------------------------------------------------------------
@@ -207,9 +208,16 @@ class S3Proxy:
 
         return sum(1 for r in self.requests if matches(r))
 
+    @property
+    def peak_connections(self) -> int:
+        """The most client connections open at once since the last `clear_counts`."""
+        with self._lock:
+            return self._peak_connections
+
     def clear_counts(self) -> None:
         with self._lock:
             self._requests.clear()
+            self._peak_connections = len(self._connections)
 
     # Faults -----------------------------------------------------------------------------------------
 
@@ -323,6 +331,7 @@ class S3Proxy:
         connection.thread = thread
         with self._lock:
             self._connections.add(connection)
+            self._peak_connections = max(self._peak_connections, len(self._connections))
         thread.start()
 
     def _serve(self, connection: _Connection) -> None:

@@ -1,0 +1,399 @@
+"""Few, large requests on object storage: against moto's S3 server behind the counting proxy, an object (or
+a byte range of it) costs at most ceil(bytes / 8 MiB) GETs and comes back byte for byte; a product's files
+or ZIP members cost a few merged ranges; transient faults are retried and persistent ones raise a
+TransientError; an object that is not the size expected raises SizeMismatch, never a short result."""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import s3fs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.enmap import raw_reader
+from pipeline.enmap.product import ProductError, _member_data_offset
+from pipeline.errors import TransientError, is_transient
+from pipeline.fetch import (
+    MIN_PART_BYTES,
+    FetchSettings,
+    FileSlice,
+    Piece,
+    SizeMismatch,
+    fetch,
+    fetch_product_files,
+    fetch_ranges,
+    merge_pieces,
+    split_range,
+)
+from tests.s3_proxy import S3Proxy, moto_server
+
+MiB = 1024 * 1024
+BUCKET = "fetch-tests"
+SIZES = (1, 100_003, 8 * MiB, 8 * MiB + 1, 37 * MiB + 123)
+
+
+# Planning the requests (pure) ----------------------------------------------------------------------
+
+
+@settings(deadline=None)
+@given(st.integers(0, 10**12), st.integers(0, 10**11), st.integers(10**7, 10**9))
+def test_split_range_covers_the_range_in_few_equal_parts(start, length, part):
+    parts = split_range(start, length, part)
+    assert len(parts) == math.ceil(length / part)
+    covered = start
+    for s, e in parts:
+        assert s == covered and 0 < e - s <= part
+        covered = e
+    assert covered == start + length
+    if parts:
+        sizes = [e - s for s, e in parts]
+        assert max(sizes) - min(sizes) <= 1
+
+
+pieces_strategy = st.lists(
+    st.builds(Piece, st.sampled_from(["s3://b/x", "s3://b/y"]), st.integers(0, 500), st.integers(0, 60)),
+    max_size=25,
+)
+
+
+@given(pieces_strategy, st.integers(0, 40))
+def test_merged_ranges_hold_every_piece_and_only_close_ones_are_merged(pieces, gap):
+    merged = merge_pieces(pieces, gap)
+    assert all(r.length > 0 for r in merged)
+    for piece in (p for p in pieces if p.length):
+        holders = [
+            r
+            for r in merged
+            if r.uri == piece.uri
+            and r.start <= piece.start
+            and piece.start + piece.length <= r.start + r.length
+        ]
+        assert len(holders) == 1, piece
+    for uri in {p.uri for p in merged}:
+        ranges = sorted((r.start, r.start + r.length) for r in merged if r.uri == uri)
+        for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
+            assert start > end + gap  # otherwise they would have been one range
+        # Every byte fetched belongs to a piece, or to a gap of at most `gap` bytes between pieces.
+        wanted = np.zeros(1000, dtype=bool)
+        for p in pieces:
+            if p.uri == uri:
+                wanted[p.start : p.start + p.length] = True
+        for start, end in ranges:
+            assert wanted[start] and wanted[end - 1]
+            holes = np.flatnonzero(~wanted[start:end])
+            if holes.size:
+                runs = np.split(holes, np.flatnonzero(np.diff(holes) != 1) + 1)
+                assert max(len(r) for r in runs) <= gap
+
+
+# Against moto through the counting proxy -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with moto_server() as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def objects(upstream):
+    """Objects of awkward sizes (random bytes), uploaded once."""
+    with pytest.MonkeyPatch.context() as patch:
+        _credentials(patch)
+        fs = s3fs.S3FileSystem(
+            client_kwargs={"endpoint_url": "http://{}:{}".format(*upstream)}, skip_instance_cache=True
+        )
+        fs.mkdir(BUCKET)
+        rng = np.random.default_rng(11)
+        stored = {}
+        for size in SIZES:
+            data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+            fs.pipe_file(f"{BUCKET}/objects/{size}.bin", data)
+            stored[f"s3://{BUCKET}/objects/{size}.bin"] = data
+    return stored
+
+
+def _credentials(patch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing-key",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        patch.setenv(name, value)
+    patch.delenv("AWS_PROFILE", raising=False)
+    patch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+
+@pytest.fixture
+def proxy(upstream, monkeypatch):
+    _credentials(monkeypatch)
+    with S3Proxy(*upstream).running() as running:
+        yield running
+
+
+def through(proxy: S3Proxy, attempts: int | None = None) -> s3fs.S3FileSystem:
+    config = {"retries": {"max_attempts": attempts, "mode": "standard"}} if attempts else {}
+    return s3fs.S3FileSystem(
+        client_kwargs={"endpoint_url": proxy.endpoint_url},
+        config_kwargs={"connect_timeout": 2, "read_timeout": 20, **config},
+        skip_instance_cache=True,
+    )
+
+
+def gets(proxy: S3Proxy, uri: str) -> int:
+    return proxy.count("GET", "/" + uri.removeprefix("s3://"))
+
+
+@pytest.mark.parametrize("part_bytes", [1, 16 * MiB])
+def test_whole_objects_in_at_most_one_get_per_8_mib(proxy, objects, part_bytes):
+    fs = through(proxy)
+    options = FetchSettings(part_bytes=part_bytes, concurrency=4)
+    for uri, data in objects.items():
+        proxy.clear_counts()
+        got = fetch_ranges(fs, uri, len(data), settings=options)
+        assert bytes(got) == data
+        assert gets(proxy, uri) == math.ceil(len(data) / max(part_bytes, MIN_PART_BYTES))
+        assert gets(proxy, uri) <= math.ceil(len(data) / (8 * MiB))
+        assert proxy.count() == gets(proxy, uri)  # no HEAD, no listing: the size was known
+
+
+def test_a_byte_range_like_a_zip_member(proxy, objects):
+    uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
+    data = objects[uri]
+    fs = through(proxy)
+    start, length = 3 * MiB + 7, 20 * MiB + 5
+    got = fetch_ranges(fs, uri, length, start=start)
+    assert bytes(got) == data[start : start + length]
+    assert gets(proxy, uri) == 2 <= math.ceil(length / (8 * MiB))
+    assert [r.range for r in proxy.requests] == [
+        f"bytes={s}-{e - 1}" for s, e in split_range(start, length, 16 * MiB)
+    ]
+    # Without a size: the rest of the object, after one HEAD.
+    proxy.clear_counts()
+    assert bytes(fetch_ranges(fs, uri, start=start)) == data[start:]
+    assert proxy.count("HEAD") == 1 and gets(proxy, uri) == math.ceil((len(data) - start) / (16 * MiB))
+
+
+def test_parts_are_fetched_in_parallel(proxy, objects):
+    uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
+    fs = through(proxy)
+    fetch_ranges(fs, uri, len(objects[uri]), settings=FetchSettings(part_bytes=8 * MiB, concurrency=4))
+    assert gets(proxy, uri) == 5
+    assert proxy.peak_connections >= 2  # several requests were in flight at once
+
+
+def test_past_the_memory_budget_bytes_stream_to_scratch(proxy, objects, tmp_path):
+    uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
+    data = objects[uri]
+    fs = through(proxy)
+    fs.cat_file(uri, start=0, end=1)  # open the connection pool outside the measurement
+    proxy.clear_counts()
+    tracemalloc.start()
+    try:
+        result = fetch(
+            fs,
+            uri,
+            len(data),
+            memory_budget=16 * MiB,
+            scratch_dir=tmp_path,
+            settings=FetchSettings(part_bytes=8 * MiB, concurrency=1),
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(result, FileSlice) and result.offset == 0 and result.size == len(data)
+    assert Path(result.path).parent == tmp_path
+    assert Path(result.path).read_bytes() == data
+    # One 8 MiB part (and the HTTP client's copy of it) at a time, not the 37 MiB object.
+    assert peak < 3 * 8 * MiB, peak
+    assert gets(proxy, uri) == 5
+    small = fetch(fs, uri, 1000, start=5, memory_budget=16 * MiB, scratch_dir=tmp_path)
+    assert isinstance(small, bytearray) and bytes(small) == data[5:1005]
+
+
+def test_an_object_shorter_than_expected_is_a_size_mismatch(proxy, objects):
+    uri = f"s3://{BUCKET}/objects/100003.bin"
+    fs = through(proxy)
+    with pytest.raises(SizeMismatch, match="not 100103") as short:
+        fetch_ranges(fs, uri, 100_003 + 100)
+    with pytest.raises(SizeMismatch, match="fewer than") as beyond:
+        fetch_ranges(fs, uri, 10, start=100_003 + 5)
+    for caught in (short, beyond):
+        assert isinstance(caught.value, ProductError) and not is_transient(caught.value)
+    with pytest.raises(FileNotFoundError):
+        fetch_ranges(fs, f"s3://{BUCKET}/objects/missing.bin", 10)
+
+
+def test_a_fault_that_heals_is_ridden_out(proxy, objects):
+    uri = f"s3://{BUCKET}/objects/{8 * MiB + 1}.bin"
+    fs = through(proxy, attempts=1)
+    fs.cat_file(uri, start=0, end=1)
+    proxy.clear_counts()
+    proxy.fail_for(1.0)
+    got = fetch_ranges(fs, uri, len(objects[uri]), settings=FetchSettings(retries=6, backoff_seconds=0.25))
+    assert bytes(got) == objects[uri]
+    assert gets(proxy, uri) == 1  # refused attempts never reached the server
+
+
+def test_a_persistent_fault_raises_a_transient_error(proxy, objects):
+    uri = f"s3://{BUCKET}/objects/{8 * MiB + 1}.bin"
+    fs = through(proxy, attempts=1)
+    proxy.reset()
+    with pytest.raises(TransientError, match="failed 3 times") as caught:
+        fetch_ranges(fs, uri, len(objects[uri]), settings=FetchSettings(retries=2, backoff_seconds=0.05))
+    assert is_transient(caught.value)
+    proxy.heal()
+    assert bytes(fetch_ranges(fs, uri, 1000)) == objects[uri][:1000]
+
+
+class FlakyClient:
+    """An S3 client (the `get_object` shape of boto3/botocore) over bytes, whose first `failures`
+    requests for each range fail with `error`."""
+
+    def __init__(self, data: bytes, failures: int, error: Exception) -> None:
+        self.data, self.failures, self.error = data, failures, error
+        self.calls: dict[str, int] = {}
+
+    def get_object(self, Bucket: str, Key: str, Range: str) -> dict:  # noqa: N803 - boto3's names
+        assert (Bucket, Key) == ("b", "k")
+        self.calls[Range] = self.calls.get(Range, 0) + 1
+        if self.calls[Range] <= self.failures:
+            raise self.error
+        start, end = (int(v) for v in Range.removeprefix("bytes=").split("-"))
+
+        class Body:
+            def __init__(self, data: bytes) -> None:
+                self.data = data
+
+            def read(self) -> bytes:
+                return self.data
+
+            def close(self) -> None:
+                pass
+
+        return {"Body": Body(self.data[start : end + 1])}
+
+
+def test_retries_are_for_transient_faults_only():
+    data = bytes(range(256)) * 100_000  # 25.6 MB: two 16 MiB parts
+    quick = FetchSettings(retries=2, backoff_seconds=0.0)
+    flaky = FlakyClient(data, failures=2, error=ConnectionResetError(104, "Connection reset by peer"))
+    assert bytes(fetch_ranges(flaky, "s3://b/k", len(data), settings=quick)) == data
+    assert sorted(flaky.calls.values()) == [3, 3]
+
+    flakier = FlakyClient(data, failures=3, error=ConnectionResetError(104, "Connection reset by peer"))
+    with pytest.raises(TransientError):
+        fetch_ranges(flakier, "s3://b/k", len(data), settings=quick)
+
+    broken = FlakyClient(data, failures=1, error=ValueError("a property of the request, not the network"))
+    with pytest.raises(ValueError, match="property"):
+        fetch_ranges(broken, "s3://b/k", len(data), settings=quick)
+    assert max(broken.calls.values()) == 1  # not retried
+
+
+# A product's files and members -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def product_files(tmp_path_factory):
+    """One synthetic product as a folder and as a ZIP with stored members (ENVI BIL cube, 17 MB)."""
+    from pipeline.enmap.synth import SynthConfig, generate
+
+    out = {}
+    for packaging in ("folder", "zip"):
+        folder = tmp_path_factory.mktemp(f"fetch-{packaging}")
+        config = SynthConfig(
+            seed=8,
+            sites=1,
+            revisits=1,
+            overlapping_tiles=0,
+            reprocessed=0,
+            width=203,
+            height=190,
+            packagings=(packaging,),
+            formats=("BIL",),
+            zip_compresslevel=0,
+        )
+        truth = generate(folder, config)
+        out[packaging] = folder / truth.products[0].path
+    return out
+
+
+def _upload(proxy: S3Proxy, local: Path) -> str:
+    fs = through(proxy)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    target = f"{BUCKET}/products/{local.name}"
+    if local.is_dir():
+        fs.put(str(local) + "/", target + "/", recursive=True)
+    else:
+        fs.put_file(str(local), target)
+    proxy.clear_counts()
+    return "s3://" + target
+
+
+def test_every_member_of_a_zip_in_a_few_merged_gets(proxy, product_files, tmp_path):
+    local = product_files["zip"]
+    uri = _upload(proxy, local)
+    with open(local, "rb") as handle, zipfile.ZipFile(handle) as archive:
+        members = {
+            info.filename: Piece(uri, _member_data_offset(handle, info), info.compress_size)
+            for info in archive.infolist()
+            if not info.is_dir()
+        }
+    data = local.read_bytes()
+    fs = through(proxy)
+    for budget in (None, 4 * MiB):
+        proxy.clear_counts()
+        fetched = fetch_product_files(fs, members.values(), memory_budget=budget, scratch_dir=tmp_path)
+        for name, piece in members.items():
+            got = fetched[piece]
+            if budget is None:
+                assert isinstance(got, memoryview)
+                content = bytes(got)
+            else:
+                assert isinstance(got, FileSlice)
+                with open(got.path, "rb") as handle:
+                    handle.seek(got.offset)
+                    content = handle.read(got.size)
+            assert content == data[piece.start : piece.start + piece.length], name
+        wanted = sum(p.length for p in members.values())
+        assert gets(proxy, uri) <= math.ceil(wanted / (8 * MiB)) + 1
+        assert proxy.count() == gets(proxy, uri)
+
+        # The cube read from the fetched member equals GDAL's read of the ZIP on disk.
+        cube_member = next(n for n in members if n.endswith("SPECTRAL_IMAGE.BIL"))
+        header = bytes(_content(fetched[members[cube_member[:-4] + ".HDR"]]))
+        cube = raw_reader.read(fetched[members[cube_member]], header=header, bands=[0, 100, 223])
+        with rasterio.open(f"/vsizip/{local}/{cube_member}") as src:
+            np.testing.assert_array_equal(cube, src.read([1, 101, 224]))
+
+
+def _content(value: memoryview | FileSlice) -> bytes:
+    if isinstance(value, FileSlice):
+        with open(value.path, "rb") as handle:
+            handle.seek(value.offset)
+            return handle.read(value.size)
+    return bytes(value)
+
+
+def test_every_file_of_a_folder_product_in_one_get_per_file_or_8_mib(proxy, product_files):
+    local = product_files["folder"]
+    uri = _upload(proxy, local)
+    files = {p.name: p.read_bytes() for p in local.iterdir()}
+    pieces = {name: Piece(f"{uri}/{name}", 0, len(content)) for name, content in files.items()}
+    fs = through(proxy)
+    fetched = fetch_product_files(fs, pieces.values())
+    for name, piece in pieces.items():
+        assert bytes(fetched[piece]) == files[name], name
+    for name, piece in pieces.items():
+        assert gets(proxy, piece.uri) == math.ceil(piece.length / (16 * MiB)), name
+    total = sum(len(c) for c in files.values())
+    assert proxy.count("GET") <= math.ceil(total / (8 * MiB)) + len(files)
