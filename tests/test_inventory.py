@@ -614,3 +614,21 @@ def test_negative_fwhm_rejects_its_product_only(small_products, tmp_path, manife
     assert_only_victim_rejected(
         scenes, rejected, good, "bandID[1]/FWHMOfBand is -5.8, not a positive finite number", victim.name
     )
+
+
+def test_portal_renamed_files_are_matched_to_the_metadata_file_list(small_products, tmp_path, manifest):
+    """A portal download renames files after the product was made (`-METADATA.XML.XML`, a lower-case
+    extension) while METADATA.XML still lists the original names: the files are matched by layer."""
+    inputs, good, victim = with_victim(small_products, tmp_path)
+    for path in sorted(victim.iterdir()):
+        if path.name.endswith(("-METADATA.XML", "-HISTORY.XML")):
+            path.rename(path.with_name(path.name + ".XML"))
+        elif path.name.endswith("-SPECTRAL_IMAGE.TIF"):
+            path.rename(path.with_name(path.name[: -len(".TIF")] + ".tif"))
+    assert any(p.name.endswith("-METADATA.XML.XML") for p in victim.iterdir())
+    _, scenes, rejected = inventory([inputs], tmp_path / "build", manifest)
+    assert rejected == []
+    assert sorted(s.scene_id for s in scenes) == sorted([*good, victim.name])
+    (scene,) = [s for s in scenes if s.scene_id == victim.name]
+    assert scene.variant == "standard", "the rasters, not the metadata's spelling, make the variant"
+    assert f"{victim.name}-METADATA.XML.XML" in dict(scene.members)

@@ -174,8 +174,9 @@ class ProductLocation:
 def _variant(names: list[str]) -> str:
     for name in names:
         parsed = parse_file_name(posixpath.basename(name))
-        # `_COG` rasters, or metadata spelt otherwise than the standard `-METADATA.XML`.
-        if parsed and (parsed.is_cog or (parsed.layer == METADATA and parsed.extension != "XML")):
+        # The COG rasters make the ARD variant; how the metadata is spelt does not (a portal renames
+        # standard products' metadata to `-METADATA.XML.XML` too).
+        if parsed and parsed.is_cog:
             return "ard"
     return "standard"
 
