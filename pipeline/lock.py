@@ -425,7 +425,8 @@ def _backend_for(store: BuildStore) -> _Backend:
     raise LockError(f"no build lock for {redact(store.uri)}: builds live in a local folder or under s3://")
 
 
-_HELD: dict[str, BuildLock] = {}
+# The locks this process holds, by build: normally one per build.
+_HELD: dict[str, list[BuildLock]] = {}
 _HELD_GUARD = threading.Lock()
 
 
@@ -433,8 +434,8 @@ def check_held(store: BuildStore) -> None:
     """Raise LockLost when this process held the build's lock and lost it (nothing when it holds none):
     for long loops to call before they commit work."""
     with _HELD_GUARD:
-        lock = _HELD.get(store.uri)
-    if lock is not None:
+        locks = list(_HELD.get(store.uri, ()))
+    for lock in locks:
         lock.check()
 
 
@@ -496,7 +497,7 @@ class BuildLock:
         )
         self._renewer.start()
         with _HELD_GUARD:
-            _HELD[self.store.uri] = self
+            _HELD.setdefault(self.store.uri, []).append(self)
         return self
 
     def _acquire(self, holder: Holder) -> tuple[Any, Observed | None]:
@@ -621,8 +622,11 @@ class BuildLock:
             self._renewer.join()
             self._renewer = None
         with _HELD_GUARD:
-            if _HELD.get(self.store.uri) is self:
-                del _HELD[self.store.uri]
+            held = _HELD.get(self.store.uri, [])
+            if self in held:
+                held.remove(self)
+            if not held:
+                _HELD.pop(self.store.uri, None)
         with self._state:
             holder, token = self._holder, self._token
             self._holder = self._token = None

@@ -18,7 +18,16 @@ from click.testing import CliRunner
 
 from pipeline import stages
 from pipeline.cli import main
-from pipeline.lock import LOCK_NAME, BuildLock, BuildLocked, Holder, LockError, LockLost, _backend_for
+from pipeline.lock import (
+    LOCK_NAME,
+    BuildLock,
+    BuildLocked,
+    Holder,
+    LockError,
+    LockLost,
+    _backend_for,
+    check_held,
+)
 from pipeline.storage import BuildStore
 from pipeline.write import verify_build
 
@@ -382,6 +391,8 @@ def test_a_run_whose_lock_was_taken_learns_it_and_leaves_the_new_lock(build_uri)
                 time.sleep(0.1)
             with pytest.raises(LockLost, match="taken over by `spectralearth run` \\(host b,"):
                 first.check()
+            with pytest.raises(LockLost):
+                check_held(store)  # what long loops call, without the lock object at hand
     # Leaving the block raised LockLost and did not remove the second run's lock.
     recorded = Holder.from_bytes(store.read_bytes(LOCK_NAME))
     assert recorded is not None and second.holder is not None and recorded.run_id == second.holder.run_id
