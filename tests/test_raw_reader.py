@@ -37,10 +37,13 @@ def _not_multiple_of_16(n: int) -> bool:
     return n % 16 != 0
 
 
-def write_raster(folder: Path, cube: np.ndarray, kind: tuple[str, str, bool], strip_rows: int) -> Path:
+def write_raster(
+    folder: Path, cube: np.ndarray, kind: tuple[str, str, bool], strip_rows: int, big: bool = False
+) -> Path:
     """Write `cube` (bands, rows, cols) with GDAL: GTiff (strips of `strip_rows` rows, or 16 px tiles;
-    pixel or band interleaved; uncompressed) or ENVI (BSQ/BIL/BIP; big-endian by swapping the data file
-    GDAL wrote and saying so in its header, which GDAL honours when it reads it back)."""
+    pixel or band interleaved; uncompressed; little- or big-endian) or ENVI (BSQ/BIL/BIP; big-endian when
+    the kind says so, by swapping the data file GDAL wrote and saying so in its header, which GDAL
+    honours when it reads it back)."""
     driver, layout, flag = kind
     bands, height, width = cube.shape
     profile = {
@@ -53,7 +56,7 @@ def write_raster(folder: Path, cube: np.ndarray, kind: tuple[str, str, bool], st
     }
     if driver == "GTiff":
         path = folder / "cube.tif"
-        options: dict = {"interleave": layout, "compress": "none"}
+        options: dict = {"interleave": layout, "compress": "none", "endianness": "big" if big else "little"}
         if flag:
             options.update(tiled=True, blockxsize=16, blockysize=16)
         else:
@@ -119,18 +122,21 @@ def rasters(draw):
     c0 = draw(st.integers(0, width - 1))
     c1 = draw(st.integers(c0 + 1, width))
     source_kind = draw(st.sampled_from(["path", "bytes", "slice"]))
-    return cube, kind, strip_rows, band_subset, (r0, r1), (c0, c1), source_kind
+    big_tiff = draw(st.booleans())
+    return cube, kind, strip_rows, big_tiff, band_subset, (r0, r1), (c0, c1), source_kind
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rasters())
 def test_fast_read_equals_rasterio(case):
-    cube, kind, strip_rows, band_subset, rows, cols, source_kind = case
+    cube, kind, strip_rows, big_tiff, band_subset, rows, cols, source_kind = case
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        path = write_raster(folder, cube, kind, strip_rows)
+        path = write_raster(folder, cube, kind, strip_rows, big=big_tiff)
         source, header = as_source(path, source_kind, folder)
         assert raw_reader.can_read_fast(source, header)
+        if kind[0] == "GTiff":
+            assert path.read_bytes()[:2] == (b"MM" if big_tiff else b"II")
 
         whole = raw_reader.read(source, header=header)
         expected = rasterio_read(path)
