@@ -8,7 +8,7 @@ INPUT ?= $(BUILD)-products
 SCHEDULER ?= local
 STAGE_ARGS = --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
 
-.PHONY: setup demo test lint inventory mask tile dedup write catalog report split bench clean
+.PHONY: setup demo test lint inventory mask tile dedup write catalog report split labels export-benchmark bench clean
 
 # The stamp is rebuilt whenever the package's requirements change.
 $(BIN)/.installed: pyproject.toml
@@ -30,6 +30,17 @@ mask tile dedup write catalog: setup
 
 report: setup
 	$(BIN)/spectralearth report $(STAGE_ARGS)
+
+# Downstream benchmarks (the manifest's labels section): label the patches, then export one of them
+# in the authors' layout (make export-benchmark LABELS=demo_crops OUT=build/demo-benchmark).
+labels: setup
+	$(BIN)/spectralearth labels $(STAGE_ARGS)
+
+LABELS ?= demo_crops
+OUT ?= $(BUILD)-benchmark
+BENCHMARK_SPLIT ?= random
+export-benchmark: setup
+	$(BIN)/spectralearth export-benchmark --build $(BUILD) --labels $(LABELS) --out $(OUT) --split $(BENCHMARK_SPLIT) --seed $(SEED)
 
 SPLIT_NAME ?= blocked
 SPLIT_KIND ?= blocked

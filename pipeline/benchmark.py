@@ -195,3 +195,47 @@ def export_benchmark(
     }
     (out / f"benchmark-{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return BenchmarkExport(name, out, len(patch_ids), counts, multi_hot_path, class_codes)
+
+
+SYNTHETIC_SOURCES = ("crops_aea30.tif", "landcover_laea100.tif", "parcels.parquet", "parcels.gpkg")
+
+
+def demo_benchmarks(context: Any, products_dir: str, seed: int = 0) -> list[BenchmarkExport]:
+    """`make demo`'s benchmarks: synthetic label sources over the build's patches (written once under
+    `<products>/labels/`), then every benchmark of the manifest whose source file is one of them is
+    labelled (its `source` read from there), its class histogram printed, and exported to
+    `<build>-benchmark/` (local builds)."""
+    from dataclasses import replace
+
+    from pipeline.enmap.synth_labels import regions_of, write_label_sources
+    from pipeline.labels import label_benchmark, print_labels_summary, require_dataset
+
+    store, manifest = context.store, context.manifest
+    specs = [s for s in manifest.labels if Path(s.source).name in SYNTHETIC_SOURCES]
+    if not specs:
+        return []
+    require_dataset(manifest, store)
+    index = store.read_geodataframe(INDEX_PATCHES)
+    if not len(index):
+        print("benchmarks: the build holds no patch, nothing to label")
+        return []
+    regions = regions_of([list(g.exterior.coords) for g in index.geometry])
+    folder = Path(products_dir) / "labels"
+    truth = folder / "truth.json"
+    previous = json.loads(truth.read_text()) if truth.exists() else {}
+    if previous.get("seed") != seed or previous.get("regions") != [list(r) for r in regions]:
+        write_label_sources(folder, regions, seed)  # rewritten only when the patches moved
+    exports = []
+    for spec in specs:
+        local = replace(spec, source=str(folder / Path(spec.source).name))
+        result = label_benchmark(local, store, context.scheduler, context.storage_options)
+        print()
+        print_labels_summary(result)
+        if not store.is_local or not result.counts.get("included"):
+            continue
+        out = Path(f"{store.uri.rstrip('/')}-benchmark")
+        written = export_benchmark(store, spec.name, out, seed=seed)
+        counts = ", ".join(f"{part} {n}" for part, n in written.splits.items())
+        print(f"export-benchmark {spec.name}: {written.patches} patches to {out} ({counts})")
+        exports.append(written)
+    return exports

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.benchmark import demo_benchmarks
 from pipeline.enmap.synth import SynthConfig, Truth, generate
 from pipeline.manifest import Manifest
 from pipeline.storage import BuildStore
@@ -149,6 +150,7 @@ def run_demo(context: Any, products_dir: str) -> bool:
         result = context.run(name, inputs=[products_dir])
         print_stage_summary(name, store, result)
     print_example_query(store)
+    demo_benchmarks(context, products_dir)  # stage 9: the manifest's benchmarks on synthetic label maps
     checks = compare(expected_from_truth(truth, manifest), observed(store))
     print("\ndemo: build against the generator's truth.json")
     print(f"  {'':24s}{'made':>10s}{'built':>10s}")
