@@ -38,8 +38,9 @@ def run_catalog(manifest: Manifest, store: BuildStore, force: bool = False) -> S
     if done:
         return done
     index = read_geodataframe_checked(store, INDEX_PATCHES)
-    used = [r for r in read_scenes(store) if r.scene_id in set(index["scene_id"])]
-    summary = build_catalog(store, manifest.catalog, kept_band_axis(manifest, used))
+    scenes = read_scenes(store)
+    used = [r for r in scenes if r.scene_id in set(index["scene_id"])]
+    summary = build_catalog(store, manifest.catalog, kept_band_axis(manifest, used, fallback=scenes))
     watch.lap("catalog")
     counts = summary.to_json()
     store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))

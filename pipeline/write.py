@@ -607,7 +607,9 @@ def run_write(
     rows = index_rows(store)
     records = {r.scene_id: r for r in read_scenes(store)}
     active = rows[rows["active"]]
-    bands = kept_band_axis(manifest, [records[s] for s in sorted(set(active["scene_id"]))])
+    bands = kept_band_axis(
+        manifest, [records[s] for s in sorted(set(active["scene_id"]))], fallback=list(records.values())
+    )
     lineage = store.read_json(INDEX_LINEAGE)["lineage"] if store.exists(INDEX_LINEAGE) else "none"
     layout = layout_key(manifest, bands, lineage)
     arrays_kept = ensure_arrays(store, manifest, len(rows), bands, layout) and not force

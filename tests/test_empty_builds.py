@@ -131,10 +131,6 @@ def test_no_patch_kept_is_a_valid_empty_build(tmp_path):
     assert_valid_empty_build(tmp_path / "build", manifest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs run_write and run_catalog to pass every inventoried scene as kept_band_axis's fallback",
-)
 def test_an_empty_build_keeps_its_products_band_axis(tmp_path):
     source = products(tmp_path / "products", cloud_amount=0.3)
     manifest = manifest_for(cloud=0.0)
