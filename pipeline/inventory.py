@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -374,7 +374,15 @@ def inspect_source(
     results: list[SceneRecord | Rejection] = []
     try:
         for item in iter_products(source, storage_options, manifest.limits):
-            results.append(item if isinstance(item, Rejection) else inspect_product(item, manifest))
+            if isinstance(item, Rejection):
+                results.append(item)
+                continue
+            result = inspect_product(item, manifest)
+            if isinstance(result, SceneRecord) and source.stamp:
+                # The product's fingerprint also covers its files' modification stamps (mtime, ETag)
+                # as listed with its source: no byte of the cube is read for it.
+                result = replace(result, fingerprint=fingerprint_of([result.fingerprint, source.stamp]))
+            results.append(result)
     except ArchiveRejected as exc:
         # Refused whole: whatever was read from it before the bad entry is dropped too.
         return [Rejection(source.uri, None, STAGE, str(exc))]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
 import json
 import os
 import posixpath
@@ -244,6 +245,7 @@ def _discover_one(
 
     sources: list[ProductSource] = []
     folders: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)
+    folder_stamps: dict[tuple[str, str], list[str]] = defaultdict(list)
     for path, info in sorted(listing.items()):
         lower = path.lower()
         basename = posixpath.basename(path)
@@ -255,8 +257,12 @@ def _discover_one(
             sources.append(ProductSource("tar", to_uri(path), stamp=stamp))
         elif (parsed := parse_file_name(basename)) is not None:
             folders[(posixpath.dirname(path), parsed.product)].append((basename, size))
-    for (directory, _), entries in sorted(folders.items()):
-        sources.append(ProductSource("folder", to_uri(directory), tuple(sorted(entries))))
+            folder_stamps[(posixpath.dirname(path), parsed.product)].append(f"{basename}:{stamp}")
+    for key, entries in sorted(folders.items()):
+        # Every file's name, size and modification stamp (mtime or ETag): a file rewritten in place
+        # with the same size is a changed product, found without reading it.
+        stamp = hashlib.sha256("\n".join(sorted(folder_stamps[key])).encode()).hexdigest()[:24]
+        sources.append(ProductSource("folder", to_uri(key[0]), tuple(sorted(entries)), stamp=stamp))
     return sources
 
 
