@@ -18,10 +18,13 @@ client (`get_object` with `Range`); both are safe to call from several threads.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
+import struct
 import tempfile
 import time
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -38,6 +41,9 @@ DEFAULT_CONCURRENCY = 4
 DEFAULT_RETRIES = 4
 DEFAULT_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 8.0
+# The end of a ZIP read to list it: an EnMAP product ZIP's central directory (~30 members) is a few KB.
+DEFAULT_ZIP_TAIL_BYTES = 1 * MiB
+ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
 # Pieces of one object closer than this are fetched in one range (the gap is read and dropped): one more
 # request costs more than reading 1 MiB.
 DEFAULT_MAX_GAP = 1 * MiB
@@ -376,3 +382,122 @@ def _part_job(
         sink(part_start - merged.start, _get_part(read, merged.uri, part_start, part_end, settings))
 
     return run
+
+
+# ZIP members on object storage ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ZipMember:
+    """A member of a remote ZIP, from its central directory entry."""
+
+    name: str
+    compress_type: int
+    compress_size: int
+    file_size: int
+    crc: int
+    flag_bits: int
+    # From the member's local header to the next member's (or the central directory): its data sits at
+    # an offset only the local header tells (see `member_data`).
+    piece: Piece
+
+
+class _SparseFile(io.RawIOBase):
+    """A read-only, seekable view of a remote object of which some ranges are already fetched; a read
+    outside them fetches just what it asks for (one ranged GET)."""
+
+    def __init__(
+        self, size: int, cached: dict[int, bytes | bytearray], fetch_range: Callable[[int, int], bytes]
+    ):
+        self._size, self._cached, self._fetch_range, self._position = size, dict(cached), fetch_range, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        start, end = self._position, min(self._size, self._position + len(view))
+        if end <= start:
+            return 0
+        for origin, data in self._cached.items():
+            if origin <= start and end <= origin + len(data):
+                view[: end - start] = data[start - origin : end - origin]
+                break
+        else:
+            data = self._fetch_range(start, end)
+            self._cached[start] = data
+            view[: end - start] = data
+        self._position = end
+        return end - start
+
+
+def list_zip(
+    source: Any,
+    uri: str,
+    size: int | None = None,
+    *,
+    tail_bytes: int = DEFAULT_ZIP_TAIL_BYTES,
+    settings: FetchSettings | None = None,
+) -> list[ZipMember]:
+    """The members of a ZIP on object storage, from one GET of its last `tail_bytes` (one more when the
+    central directory is larger), in the order of their data in the ZIP. A ZIP that is not one raises
+    ProductError."""
+    settings = settings or FetchSettings()
+    if size is None:
+        size = object_size(source, uri)
+    tail_start = max(0, size - tail_bytes)
+    tail = fetch_ranges(source, uri, size - tail_start, start=tail_start, settings=settings)
+    read = _range_reader(source)
+    handle = _SparseFile(size, {tail_start: tail}, lambda s, e: _get_part(read, uri, s, e, settings))
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
+            directory_start = int(archive.start_dir)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
+        raise ProductError(f"corrupt ZIP {uri}: {exc}") from None
+    members = []
+    for info, after in zip(infos, [i.header_offset for i in infos[1:]] + [directory_start], strict=True):
+        if not info.header_offset <= after <= size:
+            raise ProductError(f"corrupt ZIP {uri}: member {info.filename} lies outside the archive")
+        members.append(
+            ZipMember(
+                name=info.filename,
+                compress_type=info.compress_type,
+                compress_size=info.compress_size,
+                file_size=info.file_size,
+                crc=info.CRC,
+                flag_bits=info.flag_bits,
+                piece=Piece(uri, info.header_offset, after - info.header_offset),
+            )
+        )
+    return members
+
+
+def member_data(member: ZipMember, fetched: memoryview | FileSlice) -> memoryview | FileSlice:
+    """The member's (compressed) data within its fetched piece, found from its local header."""
+    if isinstance(fetched, FileSlice):
+        with open(fetched.path, "rb") as handle:
+            handle.seek(fetched.offset)
+            head = handle.read(ZIP_LOCAL_HEADER.size)
+    else:
+        head = bytes(fetched[: ZIP_LOCAL_HEADER.size])
+    if len(head) < ZIP_LOCAL_HEADER.size:
+        raise ProductError(f"corrupt ZIP entry {member.name}: no local header")
+    signature, name_length, extra_length = ZIP_LOCAL_HEADER.unpack(head)
+    offset = ZIP_LOCAL_HEADER.size + name_length + extra_length
+    if signature != b"PK\x03\x04" or offset + member.compress_size > member.piece.length:
+        raise ProductError(f"corrupt ZIP entry {member.name}: its local header does not fit its data")
+    if isinstance(fetched, FileSlice):
+        return FileSlice(fetched.path, fetched.offset + offset, member.compress_size)
+    return fetched[offset : offset + member.compress_size]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ from pipeline.fetch import (
     fetch,
     fetch_product_files,
     fetch_ranges,
+    list_zip,
+    member_data,
     merge_pieces,
     split_range,
 )
@@ -397,3 +400,46 @@ def test_every_file_of_a_folder_product_in_one_get_per_file_or_8_mib(proxy, prod
         assert gets(proxy, piece.uri) == math.ceil(piece.length / (16 * MiB)), name
     total = sum(len(c) for c in files.values())
     assert proxy.count("GET") <= math.ceil(total / (8 * MiB)) + len(files)
+
+
+@pytest.mark.parametrize("tail_bytes", [1024 * 1024, 200])
+def test_a_remote_zip_listed_and_read_member_by_member_in_few_gets(
+    proxy, product_files, tmp_path, tail_bytes
+):
+    local = product_files["zip"]
+    uri = _upload(proxy, local)
+    size = local.stat().st_size
+    fs = through(proxy)
+    members = list_zip(fs, uri, size, tail_bytes=tail_bytes)
+    # One GET of the tail holds the central directory; a tail too short for it costs exactly one more.
+    assert gets(proxy, uri) == (1 if tail_bytes > 100_000 else 2)
+    with zipfile.ZipFile(local) as archive:
+        infos = {info.filename: info for info in archive.infolist()}
+        assert sorted(m.name for m in members) == sorted(infos)
+        contents = {name: archive.read(name) for name in infos}
+    # The pieces tile the archive from the first local header to the central directory.
+    assert members[0].piece.start == 0
+    for before, after in zip(members, members[1:], strict=False):
+        assert before.piece.start + before.piece.length == after.piece.start
+    proxy.clear_counts()
+    for budget in (None, 4 * MiB):
+        fetched = fetch_product_files(
+            fs, [m.piece for m in members], memory_budget=budget, scratch_dir=tmp_path
+        )
+        for member in members:
+            data = _content(member_data(member, fetched[member.piece]))
+            assert member.compress_type == zipfile.ZIP_STORED
+            assert data == contents[member.name], member.name
+            assert zlib.crc32(data) == member.crc == infos[member.name].CRC
+    # Every member of the 17 MB ZIP, twice (memory, then scratch), in the fewest 8 MiB-or-more GETs.
+    assert gets(proxy, uri) == 2 * math.ceil(sum(m.piece.length for m in members) / (16 * MiB))
+    assert gets(proxy, uri) <= 2 * math.ceil(size / (8 * MiB))
+
+
+def test_a_corrupt_remote_zip_is_a_product_error(proxy, tmp_path):
+    fs = through(proxy)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    fs.pipe_file(f"{BUCKET}/bad.ZIP", b"PK\x03\x04" + bytes(5000))
+    with pytest.raises(ProductError, match="corrupt ZIP"):
+        list_zip(fs, f"s3://{BUCKET}/bad.ZIP")
