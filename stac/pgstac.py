@@ -6,8 +6,10 @@ variables (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD or ~/.pgpass) or a ser
 pg_service.conf (`--service`); a password is never taken on the command line.
 
 Publishing upserts: the collection and every item are inserted or replaced by id, so publishing a build
-again after it grew adds the new items and updates the changed ones. Items carry the same absolute hrefs
-as `spectralearth serve` gives them (rebased onto the build's current location).
+again after it grew adds the new items and updates the changed ones; items of the collection that the
+build no longer holds (a rebuild that dropped patches) are then deleted, so the collection in pgstac holds
+exactly the build's items. Items carry the same absolute hrefs as `spectralearth serve` gives them
+(rebased onto the build's current location).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from stac.serve import ServedCatalog, load_catalog
@@ -31,7 +34,8 @@ class PublishError(ValueError):
 @dataclass(frozen=True, slots=True)
 class PublishSummary:
     collection_id: str
-    items: int
+    items: int  # upserted
+    removed: int  # items of the collection in pgstac that the build no longer holds
     database: str  # host/port/database as libpq resolved them (never the password)
 
 
@@ -44,6 +48,13 @@ def conninfo(service: str | None = None) -> str:
             f"--service must be a pg_service.conf name (letters, digits, '._-'), got {service!r}"
         )
     return f"service={service}"
+
+
+def _link_href(catalog: ServedCatalog, href: str) -> str:
+    """A link href as stac-fastapi-pgstac passes it on: it reads a link starting with `/` as a path of
+    the API itself, so a local build's files are written as `file://` URIs."""
+    public = catalog.public_href(href)
+    return Path(public).as_uri() if public.startswith("/") else public
 
 
 def served_items(catalog: ServedCatalog, batch_rows: int = BATCH_ROWS) -> Iterator[dict[str, Any]]:
@@ -65,7 +76,7 @@ def served_items(catalog: ServedCatalog, batch_rows: int = BATCH_ROWS) -> Iterat
             item["links"] = [
                 {
                     **{k: v for k, v in entry.items() if v is not None},
-                    "href": catalog.public_href(entry["href"]),
+                    "href": _link_href(catalog, entry["href"]),
                 }
                 for entry in item.get("links", [])
                 if entry.get("rel") not in ("root", "parent", "collection", "self")
@@ -89,12 +100,11 @@ def publish(build: Any, service: str | None = None) -> PublishSummary:
     catalog = load_catalog(build)
     collection = dict(catalog.collection)
     collection["links"] = [entry for entry in collection.get("links", []) if entry.get("rel") == "license"]
-    count = 0
+    published: list[str] = []
 
-    def counted() -> Iterator[dict[str, Any]]:
-        nonlocal count
+    def recorded() -> Iterator[dict[str, Any]]:
         for item in served_items(catalog):
-            count += 1
+            published.append(item["id"])
             yield item
 
     try:
@@ -104,10 +114,20 @@ def publish(build: Any, service: str | None = None) -> PublishSummary:
                 raise PublishError("the database has no pgstac schema: run `pypgstac migrate` first")
             loader = Loader(db=db)
             loader.load_collections(iter([collection]), insert_mode=Methods.upsert)
-            loader.load_items(counted(), insert_mode=Methods.upsert)
+            loader.load_items(recorded(), insert_mode=Methods.upsert)
+            removed = db.query_one(
+                "WITH gone AS (DELETE FROM pgstac.items WHERE collection = %s AND NOT (id = ANY(%s))"
+                " RETURNING 1) SELECT count(*) FROM gone",
+                [catalog.collection_id, published],
+            )
             info = db.connect().info
             where = f"{info.host}:{info.port}/{info.dbname}"
     except OperationalError as exc:
         # libpq's message names host, port and user, never the password
         raise PublishError(f"cannot publish to PostgreSQL: {' '.join(str(exc).split())}") from None
-    return PublishSummary(collection_id=catalog.collection_id, items=count, database=where)
+    return PublishSummary(
+        collection_id=catalog.collection_id,
+        items=len(published),
+        removed=int(removed or 0),
+        database=where,
+    )
