@@ -143,6 +143,8 @@ class SamplePatch:
     rgb_wavelengths_nm: tuple[float, float, float]
     rgb: NDArray[np.int16]  # (3, y, x) stored values, red, green, blue
     quality: NDArray[np.uint16]  # (y, x) bit flags
+    label: NDArray[Any] | None = None  # (y, x) class codes of the first benchmark (labels stage), 0: none
+    label_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -481,11 +483,21 @@ def spectrum_png(spectrum: Spectrum) -> bytes:
     return _png(figure)
 
 
+def matplotlib_colour(rank: int, code: int) -> str:
+    """Colour of a label class in the quicklooks: white for 0 (no label), else tab20 by rank."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    return "#ffffff" if code == 0 else str(to_hex(colormaps["tab20"](rank % 20)))
+
+
 def sample_png(sample: SamplePatch) -> bytes:
     from matplotlib.colors import ListedColormap
 
-    figure = _figure(4.2, 2.3)
-    rgb_ax, mask_ax = figure.subplots(1, 2)
+    panels = 2 if sample.label is None else 3
+    figure = _figure(2.1 * panels, 2.3)
+    axes = figure.subplots(1, panels)
+    rgb_ax, mask_ax = axes[0], axes[1]
     rgb_ax.imshow(stretch_rgb(sample.rgb, sample.quality), interpolation="nearest")
     red, green, blue = (f"{w:.0f}" for w in sample.rgb_wavelengths_nm)
     rgb_ax.set_title(f"RGB {red}/{green}/{blue} nm", fontsize=8)
@@ -498,7 +510,19 @@ def sample_png(sample: SamplePatch) -> bytes:
         interpolation="nearest",
     )
     mask_ax.set_title("quality mask", fontsize=8)
-    for ax in (rgb_ax, mask_ax):
+    if sample.label is not None:
+        # Classes by rank of their code, one colour each; 0 (no label) white.
+        codes, ranks = np.unique(sample.label, return_inverse=True)
+        colours = [matplotlib_colour(k, int(code)) for k, code in enumerate(codes.tolist())]
+        axes[2].imshow(
+            ranks.reshape(sample.label.shape),
+            cmap=ListedColormap(colours),
+            vmin=-0.5,
+            vmax=len(codes) - 0.5,
+            interpolation="nearest",
+        )
+        axes[2].set_title(f"labels {sample.label_name}", fontsize=8)
+    for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     return _png(figure, photo=True)
@@ -760,6 +784,7 @@ def _load_dataset(
         float(wavelength[rgb_bands[1]]),
         float(wavelength[rgb_bands[2]]),
     )
+    labels = _first_labels(source)
     frame = frame.sort_values("row").reset_index(drop=True)
     sample_positions = set(evenly_spaced(len(frame), max_samples).tolist())
     stats_positions = set(evenly_spaced(len(frame), MAX_STATS_SAMPLE).tolist()) if need_spectrum else set()
@@ -780,12 +805,26 @@ def _load_dataset(
                     rgb_wavelengths_nm=rgb_nm,
                     rgb=cube[rgb_bands].copy(),
                     quality=np.asarray(quality[row]),
+                    label=None if labels is None else np.asarray(labels[1][row]),
+                    label_name="" if labels is None else labels[0],
                 )
             )
     spectrum = None
     if need_spectrum:
         spectrum = spectrum_from_cubes(wavelength, np.stack(cubes), len(frame))
     return tuple(samples), spectrum
+
+
+def _first_labels(source: Any) -> tuple[str, Any] | None:
+    """The first benchmark (by name) of dataset.zarr's labels group, for the quicklooks; None without."""
+    import zarr
+
+    try:
+        group = zarr.open_group(source, path="labels", mode="r", use_consolidated=False)
+        names = sorted(group.array_keys())
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return None
+    return (names[0], group[names[0]]) if names else None
 
 
 def load_report_data(

@@ -239,3 +239,17 @@ def test_paper_random_split_partitions_with_the_paper_sizes(paths, seed):
     assert len(parts["train"]) == int(0.75 * len(paths)) and len(parts["val"]) == int(0.10 * len(paths))
     assert sorted(parts["train"] + parts["val"] + parts["test"]) == sorted(paths)
     assert parts == paper_random_split(list(reversed(paths)), seed)
+
+
+def test_report_quicklooks_show_the_first_benchmark(build):
+    from pipeline.report_html import load_report_data, sample_png
+
+    store = build["store"]
+    data = load_report_data(store, max_samples=3)
+    labels = label_array(store, "cdl")  # "cdl" sorts before "corine"
+    rows = dict(zip(build["index"]["patch_id"], build["index"]["row"], strict=True))
+    assert data.samples
+    for sample in data.samples:
+        assert sample.label_name == "cdl"
+        assert np.array_equal(sample.label, np.asarray(labels[int(rows[sample.patch_id])]))
+        assert sample_png(sample)[:8] == b"\x89PNG\r\n\x1a\n"
