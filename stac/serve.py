@@ -168,6 +168,12 @@ def load_catalog(build: Any, cache_dir: str | Path | None = None) -> ServedCatal
     )
 
 
+def _sort_column(key: str) -> str:
+    """`-properties.eo:cloud_cover` -> `-eo:cloud_cover` (the sign, if any, kept)."""
+    sign = key[0] if key[:1] in ("+", "-") else ""
+    return sign + key[len(sign) :].removeprefix("properties.")
+
+
 def queryables(collection_id: str | None = None) -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -250,6 +256,13 @@ def create_app(served: ServedCatalog) -> Any:
             except (ValueError, cql2.ParseError, cql2.ValidationError) as exc:
                 reason = " ".join(str(exc).split())
                 raise HTTPException(400, f"invalid {language} filter: {reason}") from None
+            # sortby names item fields as `properties.<name>` (STAC API) or `<name>`; DuckDB's columns
+            # are the bare names
+            if isinstance(kwargs.get("sortby"), list):
+                kwargs["sortby"] = [_sort_column(str(key)) for key in kwargs["sortby"]]
+            for key in getattr(search, "sortby", None) or []:
+                if hasattr(key, "field"):
+                    key.field = _sort_column(key.field)
             has_filter = text is not None or body is not None
             try:
                 return super().search(request=request, url=url, search=search, **kwargs)

@@ -204,6 +204,18 @@ def test_paging_and_max_items(api: str, tables_build: Path) -> None:
     assert len(first["features"]) == 4 and any(link["rel"] == "next" for link in first["links"])
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("key", ["-properties.eo:cloud_cover", "-eo:cloud_cover"])
+def test_sortby_and_fields(api: str, tables_build: Path, method: str, key: str) -> None:
+    client = Client.open(api)
+    items = list(client.search(collections=[COLLECTION], sortby=key, method=method, limit=20).items())
+    clouds = [item.properties["eo:cloud_cover"] for item in items]
+    assert len(clouds) == len(query(str(tables_build)).ids) and clouds == sorted(clouds, reverse=True)
+    assert clouds[0] > clouds[-1]
+    slim = next(client.search(collections=[COLLECTION], fields=["id"], max_items=1).items_as_dicts())
+    assert "properties" not in slim and "assets" not in slim and slim["id"]
+
+
 def test_bad_requests_are_client_errors(api: str) -> None:
     bad_filter = requests.get(
         api + "/search", params={"filter": "eo:cloud_cover <<< 3", "filter-lang": "cql2-text"}, timeout=30
