@@ -14,6 +14,7 @@ sample type, sparse blocks, ...; GDAL stays the reader for compressed COGs and J
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -344,24 +345,19 @@ class _Bytes:
     base: int  # offset of the source's byte 0 in the file
 
 
-class _Opened:
-    def __init__(self, source: Source) -> None:
-        self._handle: io.BufferedReader | None = None
-        if isinstance(source, bytes | bytearray | memoryview):
-            self.bytes = _Bytes(memoryview(source).cast("B"), None, 0)
-            return
-        path, base, size = (
-            (source.path, source.offset, source.size)
-            if isinstance(source, FileSlice)
-            else (os.fspath(source), 0, None)
-        )
-        self._handle = open(path, "rb")  # noqa: SIM115 - closed in close()
-        mapped = np.memmap(self._handle, dtype=np.uint8, mode="r", offset=base, shape=size)
-        self.bytes = _Bytes(mapped, self._handle.fileno(), base)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
+@contextlib.contextmanager
+def _opened(source: Source) -> Iterator[_Bytes]:
+    """The source's bytes: memory as it is, a file (or a range of one) mapped read-only."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        yield _Bytes(memoryview(source).cast("B"), None, 0)
+        return
+    if isinstance(source, FileSlice):
+        path, base, size = source.path, source.offset, source.size
+    else:
+        path, base, size = os.fspath(source), 0, None
+    with open(path, "rb") as handle:
+        mapped = np.memmap(handle, dtype=np.uint8, mode="r", offset=base, shape=size)
+        yield _Bytes(mapped, handle.fileno(), base)
 
 
 def _runs(indices: np.ndarray) -> Iterator[tuple[int, int, int]]:
@@ -406,11 +402,8 @@ def read(
     r0, r1 = _span(rows, layout.height, "row")
     c0, c1 = _span(cols, layout.width, "column")
     out = np.empty((band_index.size, r1 - r0, c1 - c0), dtype=layout.dtype.newbyteorder("="))
-    opened = _Opened(source)
-    try:
-        _copy(layout, opened.bytes, out, band_index, (r0, r1), (c0, c1))
-    finally:
-        opened.close()
+    with _opened(source) as data:
+        _copy(layout, data, out, band_index, (r0, r1), (c0, c1))
     return out
 
 
