@@ -543,7 +543,7 @@ def run_inventory(
     """Discover, check (one content-keyed, checkpointed task per source), and write the inventory
     tables and stage record. A source listed exactly as before keeps its results."""
     watch = Stopwatch()
-    sources, rejections = discover(inputs, storage_options)
+    sources, rejections = discover(inputs, storage_options, manifest.limits)
     watch.lap("discover")
     config_hash = manifest.stage_hash(STAGE)
     items = [WorkItem(content_key(source_key(s), config_hash), s.uri, s) for s in sources]
