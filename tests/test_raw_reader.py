@@ -38,12 +38,19 @@ def _not_multiple_of_16(n: int) -> bool:
 
 
 def write_raster(
-    folder: Path, cube: np.ndarray, kind: tuple[str, str, bool], strip_rows: int, big: bool = False
+    folder: Path,
+    cube: np.ndarray,
+    kind: tuple[str, str, bool],
+    strip_rows: int,
+    big: bool = False,
+    bigtiff: bool = False,
+    envi_offset: int = 0,
 ) -> Path:
     """Write `cube` (bands, rows, cols) with GDAL: GTiff (strips of `strip_rows` rows, or 16 px tiles;
-    pixel or band interleaved; uncompressed; little- or big-endian) or ENVI (BSQ/BIL/BIP; big-endian when
-    the kind says so, by swapping the data file GDAL wrote and saying so in its header, which GDAL
-    honours when it reads it back)."""
+    pixel or band interleaved; uncompressed; little- or big-endian; classic or BigTIFF) or ENVI
+    (BSQ/BIL/BIP; big-endian when the kind says so, by swapping the data file GDAL wrote and saying so in
+    its header, which GDAL honours when it reads it back; `envi_offset` bytes of junk before the data,
+    declared as the header offset)."""
     driver, layout, flag = kind
     bands, height, width = cube.shape
     profile = {
@@ -56,7 +63,12 @@ def write_raster(
     }
     if driver == "GTiff":
         path = folder / "cube.tif"
-        options: dict = {"interleave": layout, "compress": "none", "endianness": "big" if big else "little"}
+        options: dict = {
+            "interleave": layout,
+            "compress": "none",
+            "endianness": "big" if big else "little",
+            "bigtiff": "yes" if bigtiff else "no",
+        }
         if flag:
             options.update(tiled=True, blockxsize=16, blockysize=16)
         else:
@@ -67,13 +79,15 @@ def write_raster(
     path = folder / f"cube.{layout}"
     with rasterio.open(path, "w", driver="ENVI", interleave=layout, **profile) as dst:
         dst.write(cube)
+    header = path.with_suffix(".hdr")
+    text = header.read_text()
+    assert "byte order = 0" in text and "header offset = 0" in text
+    data = np.fromfile(path, dtype=cube.dtype)
     if flag:
-        data = np.fromfile(path, dtype=cube.dtype).byteswap()
-        data.tofile(path)
-        header = path.with_suffix(".hdr")
-        text = header.read_text()
-        assert "byte order = 0" in text
-        header.write_text(text.replace("byte order = 0", "byte order = 1"))
+        data = data.byteswap()
+        text = text.replace("byte order = 0", "byte order = 1")
+    path.write_bytes(b"\xab" * envi_offset + data.tobytes())
+    header.write_text(text.replace("header offset = 0", f"header offset = {envi_offset}"))
     return path
 
 
@@ -122,21 +136,27 @@ def rasters(draw):
     c0 = draw(st.integers(0, width - 1))
     c1 = draw(st.integers(c0 + 1, width))
     source_kind = draw(st.sampled_from(["path", "bytes", "slice"]))
-    big_tiff = draw(st.booleans())
-    return cube, kind, strip_rows, big_tiff, band_subset, (r0, r1), (c0, c1), source_kind
+    variant = {
+        "big": draw(st.booleans()),
+        "bigtiff": draw(st.booleans()),
+        "envi_offset": draw(st.sampled_from([0, 0, 128, 1001])),
+    }
+    return cube, kind, strip_rows, variant, band_subset, (r0, r1), (c0, c1), source_kind
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rasters())
 def test_fast_read_equals_rasterio(case):
-    cube, kind, strip_rows, big_tiff, band_subset, rows, cols, source_kind = case
+    cube, kind, strip_rows, variant, band_subset, rows, cols, source_kind = case
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        path = write_raster(folder, cube, kind, strip_rows, big=big_tiff)
+        path = write_raster(folder, cube, kind, strip_rows, **variant)
         source, header = as_source(path, source_kind, folder)
         assert raw_reader.can_read_fast(source, header)
         if kind[0] == "GTiff":
-            assert path.read_bytes()[:2] == (b"MM" if big_tiff else b"II")
+            magic = path.read_bytes()[:4]
+            assert magic[:2] == (b"MM" if variant["big"] else b"II")
+            assert (b"+" in magic) == variant["bigtiff"]
 
         whole = raw_reader.read(source, header=header)
         expected = rasterio_read(path)
