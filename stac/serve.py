@@ -365,5 +365,6 @@ def serve(build: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> Non
         import uvicorn
     except ImportError:
         raise ServeError(f"the STAC API server is not installed (uvicorn): {SERVE_EXTRA}") from None
-    app = create_app(load_catalog(build))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    with tempfile.TemporaryDirectory(prefix="spectralearth-serve-") as cache:  # a remote build's parquet
+        app = create_app(load_catalog(build, cache_dir=cache))
+        uvicorn.run(app, host=host, port=port, log_level="info")

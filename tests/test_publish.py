@@ -293,3 +293,18 @@ def test_publish_errors_are_one_line(
     assert bare.exit_code != 0 and "pypgstac migrate" in bare.output, bare.output
     missing = runner.invoke(main, ["publish", "--build", str(tmp_path / "nothing")])
     assert missing.exit_code != 0 and "run the catalog stage first" in missing.output
+
+
+def test_an_empty_build_publishes_an_empty_collection(pg_env: Cluster, tmp_path: Path) -> None:
+    """A build that kept nothing is valid: publishing it leaves its collection in pgstac, empty."""
+    from stac.pgstac import publish
+
+    build = _build(tmp_path / "build", scenes=3)
+    assert publish(str(build)).items > 0 and _count() > 0
+    scenes, patches = make_tables([*many_scene_specs(4, 5), *default_scenes()][:3])
+    store = BuildStore(str(tmp_path / "empty"))
+    write_tables(store, scenes, patches.iloc[0:0])
+    build_catalog(store, CatalogSettings(), [(1, 418.2, 6.99561)])
+    summary = publish(str(tmp_path / "empty"))
+    assert summary.items == 0 and summary.removed > 0 and _count() == 0
+    assert _pgstac_ids({"collections": [COLLECTION]}) == []
