@@ -305,26 +305,72 @@ class QualityPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class CodecSettings:
+    """The Blosc codec of `reflectance` and `quality` (bitshuffle, one patch per inner chunk): the
+    compressor, its level, and the Blosc block size in bytes (0: Blosc's automatic choice). The
+    reading pass encodes every candidate patch with it, so it is part of what `cut/` is keyed by."""
+
+    cname: str = "zstd"
+    clevel: int = 1
+    blocksize: int = 1024 * 1024
+
+    KEYS = {"cname", "clevel", "blocksize"}
+    CNAMES = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> CodecSettings:
+        _check_keys(raw, cls.KEYS, "write.codec")
+        defaults = cls()
+        cname = raw.get("cname", defaults.cname)
+        if cname not in cls.CNAMES:
+            raise ManifestError(f"'write.codec.cname' must be one of {', '.join(cls.CNAMES)}, got {cname!r}")
+        level = _integer(raw.get("clevel", defaults.clevel), "write.codec.clevel", low=0, high=9)
+        blocksize = _integer(
+            raw.get("blocksize", defaults.blocksize), "write.codec.blocksize", low=0, high=2**31 - 1
+        )
+        return cls(cname=cname, clevel=level, blocksize=blocksize)
+
+
+@dataclass(frozen=True, slots=True)
 class WriteSettings:
-    """`dataset.zarr` layout: patches per shard (one patch per inner chunk) and the zstd level."""
+    """`dataset.zarr` layout: patches per shard (one patch per inner chunk) and the Blosc codec; and
+    whether the encoded candidates (`cut/`) stay after a successful write."""
 
     patches_per_shard: int = 32
-    compression_level: int = 5
-    # A write task reads about this many shards' worth of patches at most (bounds task size; small
-    # builds are cut finer, into at least two tasks per worker).
+    codec: CodecSettings = field(default_factory=CodecSettings)
+    # True keeps cut/ for incremental builds and `verify --repair`; False removes it after a write
+    # (a later write that needs a removed chunk has the mask stage read that scene again).
+    keep_cut: bool = True
+    # Accepted for older manifests; unused since every shard is one write task.
     max_shards_per_task: int = 8
 
-    KEYS = {"patches_per_shard", "compression_level", "max_shards_per_task"}
+    KEYS = {"patches_per_shard", "compression_level", "codec", "keep_cut", "max_shards_per_task"}
+
+    @property
+    def compression_level(self) -> int:
+        return self.codec.clevel
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> WriteSettings:
         _check_keys(raw, cls.KEYS, "write")
         per_shard = _integer(raw.get("patches_per_shard", 32), "write.patches_per_shard", low=2)
-        level = _integer(raw.get("compression_level", 5), "write.compression_level", low=1)
-        if level > 9:
-            raise ManifestError(f"'write.compression_level' must be 1-9 (Blosc zstd), got {level}")
+        if "compression_level" in raw:
+            # The older spelling: Blosc zstd at this level with Blosc's automatic block size.
+            if "codec" in raw:
+                raise ManifestError("give 'write.codec' or the older 'write.compression_level', not both")
+            level = _integer(raw["compression_level"], "write.compression_level", low=1)
+            if level > 9:
+                raise ManifestError(f"'write.compression_level' must be 1-9 (Blosc zstd), got {level}")
+            codec = CodecSettings(cname="zstd", clevel=level, blocksize=0)
+        else:
+            codec = CodecSettings.from_dict(raw.get("codec") or {})
+        keep_cut = raw.get("keep_cut", True)
+        if not isinstance(keep_cut, bool):
+            raise ManifestError(f"'write.keep_cut' must be true or false, got {keep_cut!r}")
         max_shards = _integer(raw.get("max_shards_per_task", 8), "write.max_shards_per_task", low=1)
-        return cls(patches_per_shard=per_shard, compression_level=level, max_shards_per_task=max_shards)
+        return cls(
+            patches_per_shard=per_shard, codec=codec, keep_cut=keep_cut, max_shards_per_task=max_shards
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,7 +452,10 @@ def _size_text(size: int) -> str:
 # What each stage's output depends on (cumulative along the stage order).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "inventory": ("filters", "bands", "limits"),
-    "mask": ("filters", "bands", "limits", "quality"),
+    # The mask pass also encodes the candidate cells (grid, quality thresholds); the codec settings it
+    # encodes with key each scene's item (`pipeline.mask.scene_key`), not the stage: shard size and
+    # row order (the rest of `write`) never force a re-read.
+    "mask": ("filters", "bands", "limits", "quality", "grid"),
     "tile": ("filters", "bands", "limits", "quality", "grid"),
     "dedup": ("filters", "bands", "limits", "quality", "grid"),
     "write": ("filters", "bands", "limits", "quality", "grid", "write"),

@@ -1,18 +1,33 @@
 """Stage 2, `mask`: the per-pixel quality mask of each scene and its per-scene fractions.
 
-Per scene (one Dask task): read every layer once, block by block of rows, so memory stays at a few
-scene-sized 2-D arrays plus one block of the kept bands; combine into the uint16 flags of
-`pipeline.quality`; write `mask/<scene_id>.tif` (tiled, deflate) atomically; report the fractions of
-each flag over the footprint and the kept bands that hold no data at all in this scene.
-This is the first of the two reads of the spectral cube a build makes (the other is `write`).
+Per scene (one Dask task): read every layer once, block by block of rows aligned to the grid's cell
+rows (so each block holds whole cells), so memory stays at a few scene-sized 2-D arrays plus one block
+of the kept bands; combine into the uint16 flags of `pipeline.quality`; write `mask/<scene_id>.tif`
+(tiled, deflate) atomically; report the fractions of each flag over the footprint and the kept bands
+that hold no data at all in this scene.
+
+This is the build's only read of the spectral cube. In the same pass every candidate cell that passes
+the quality thresholds (`pipeline.tile.decide_cells`, the very decision `tile` makes later) is cut:
+its reflectance patch and its quality patch are encoded once into the bytes of one inner chunk each
+(`pipeline.zarr_chunks.encode_chunk`, the dataset's codec) and its exact per-band sums are recorded
+(`CellSums`). They go to `cut/<scene_id>/<key>.bin` (the payloads, concatenated) and
+`cut/<scene_id>/<key>.json` (location_id -> offsets, lengths and checksums of both chunks, the sums,
+and the size and SHA-256 of the .bin), bin first and index last, each atomically. `key` is the scene's
+item key: the product fingerprint, the band policy, grid and quality thresholds, and the codec
+settings (`ChunkCodec.key()`), never the shard size or row order, so a new dedup result never forces
+a re-read. `write` assembles shards from these chunks without opening a product.
 The stage runs through `pipeline.engine`: one content-keyed, checkpointed task per scene.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
-from typing import Any
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -22,17 +37,21 @@ from rasterio.io import MemoryFile
 from rasterio.windows import Window
 
 from pipeline import tables
+from pipeline.cell_moments import CellSums
 from pipeline.engine import (
     ItemStage,
     StageResult,
     WorkItem,
+    checkpoint_path,
     content_key,
     prune_checkpoints,
     run_items,
     up_to_date,
 )
+from pipeline.enmap import raw_reader
 from pipeline.enmap.product import ProductError, Rejection, open_product
 from pipeline.errors import TransientError, is_transient, one_line
+from pipeline.grid import GridSpec, OffLatticeError, cells_in_raster, check_lattice
 from pipeline.inventory import SCENES_TABLE, SceneRecord, records_from_frame, rejected_table
 from pipeline.manifest import Manifest
 from pipeline.quality import (
@@ -43,13 +62,16 @@ from pipeline.quality import (
     flag_counts,
     quality_bits,
 )
-from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of
+from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of, is_remote
 from pipeline.tables import read_geodataframe_checked, read_table_checked
+from pipeline.zarr_chunks import ChunkCodec, encode_chunk, quality_codec, reflectance_codec
 
 STAGE = "mask"
 MASKS_TABLE = tables.MASKS
 REJECTED_TABLE = tables.MASK_REJECTED
 BLOCK_ROWS = 128  # rows per read: one block of kept bands is ~B x 128 x W int16 (about 65 MB at full size)
+CUT = "cut"  # the encoded candidates, per scene (build artefacts: see the module docstring)
+CUT_FORMAT = 1
 # rasterio passes an integer GDAL_CACHEMAX to GDAL as bytes (256 would mean 256 bytes, and a BIP cube
 # read band by band then re-reads every scanline once per band).
 GDAL_CACHE_BYTES = 256 * 1024 * 1024
@@ -77,13 +99,276 @@ class MaskSummary:
         return dict(self.fractions)[flag]
 
 
+def cut_index_path(scene_id: str, key: str) -> str:
+    return f"{CUT}/{scene_id}/{key}.json"
+
+
+def cut_bin_path(scene_id: str, key: str) -> str:
+    return f"{CUT}/{scene_id}/{key}.bin"
+
+
+@dataclass(frozen=True, slots=True)
+class CutPlan:
+    """What the reading pass needs to cut a scene: the candidate decision's inputs and the codecs.
+    `transform` is the scene's transform on the lattice (None: off the lattice, no cell is cut)."""
+
+    transform: tuple[float, ...] | None
+    epsg: int
+    spec: GridSpec
+    policy: Any  # pipeline.manifest.QualityPolicy
+    reflectance: ChunkCodec
+    quality: ChunkCodec
+
+
+@dataclass(frozen=True, slots=True)
+class CutCell:
+    """Where one encoded candidate sits in its scene's .bin: (offset, length) of each chunk, a short
+    SHA-256 of each payload (checked when a shard copies it), and the patch's exact sums."""
+
+    reflectance: tuple[int, int]
+    quality: tuple[int, int]
+    sha: tuple[str, str]
+    sums: CellSums
+
+
+@dataclass(frozen=True)
+class CutIndex:
+    """The index of one scene's encoded candidates (`cut/<scene_id>/<key>.json`)."""
+
+    scene_id: str
+    key: str
+    reflectance_codec: str
+    quality_codec: str
+    bin_bytes: int
+    bin_sha256: str
+    cells: dict[str, CutCell] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": CUT_FORMAT,
+            "scene_id": self.scene_id,
+            "key": self.key,
+            "reflectance_codec": self.reflectance_codec,
+            "quality_codec": self.quality_codec,
+            "bin_bytes": self.bin_bytes,
+            "bin_sha256": self.bin_sha256,
+            "cells": {
+                location: {
+                    "reflectance": list(cell.reflectance),
+                    "quality": list(cell.quality),
+                    "sha": list(cell.sha),
+                    "sums": cell.sums.to_json(),
+                }
+                for location, cell in sorted(self.cells.items())
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> CutIndex:
+        """Parse and check an index: every chunk lies inside the .bin it describes (ValueError if not)."""
+        if not isinstance(data, dict) or data.get("format") != CUT_FORMAT:
+            raise ValueError("not a cut index of this format")
+        size = int(data["bin_bytes"])
+        cells = {}
+        for location, raw in dict(data["cells"]).items():
+            spans = [(int(raw[name][0]), int(raw[name][1])) for name in ("reflectance", "quality")]
+            if any(offset < 0 or length < 1 or offset + length > size for offset, length in spans):
+                raise ValueError(f"cell {location} points outside the .bin")
+            sha = (str(raw["sha"][0]), str(raw["sha"][1]))
+            cells[str(location)] = CutCell(spans[0], spans[1], sha, CellSums.from_json(raw["sums"]))
+        return cls(
+            str(data["scene_id"]),
+            str(data["key"]),
+            str(data["reflectance_codec"]),
+            str(data["quality_codec"]),
+            size,
+            str(data["bin_sha256"]),
+            cells,
+        )
+
+
+def chunk_sha(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+class _Spool:
+    """The .bin of one scene's cut, written as the cube is read (memory holds one block, not the
+    scene's payloads): straight beside its target on a local build, in a local temporary file for
+    object storage; `commit` moves it in place whole (a reader never sees half a .bin)."""
+
+    def __init__(self, store: BuildStore, relative: str) -> None:
+        self.store, self.relative = store, relative
+        if store.is_local:
+            target = store.path(relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            self.path = f"{target}.tmp-{uuid.uuid4().hex}"
+        else:
+            handle, self.path = tempfile.mkstemp(prefix="cut-", suffix=".bin")
+            os.close(handle)
+        self.handle: BinaryIO = open(self.path, "wb")
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def append(self, payload: bytes) -> tuple[int, int]:
+        offset = self.size
+        self.handle.write(payload)
+        self.digest.update(payload)
+        self.size += len(payload)
+        return offset, len(payload)
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        try:
+            if self.store.is_local:
+                os.replace(self.path, self.store.path(self.relative))
+            else:
+                self.store.fs.put_file(self.path, self.store.path(self.relative))
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+class Cutter:
+    """Cuts the candidate cells of a scene from the blocks the mask pass reads (see the module
+    docstring): `take` gets each block of whole rows with its mask bits and kept-band cube."""
+
+    def __init__(self, plan: CutPlan, spool: _Spool | None) -> None:
+        self.plan, self.spool = plan, spool
+        self.cells: dict[str, CutCell] = {}
+        self.cell_rows: set[int] = set()
+
+    def block_edges(self, width: int, height: int) -> list[int]:
+        """Row edges of the blocks to read: every cell row is one block of exactly `patch_size` rows;
+        the rows above, between (none) and below are read in blocks of at most BLOCK_ROWS."""
+        plan = self.plan
+        rows: set[int] = set()
+        if plan.transform is not None:
+            rows = {
+                w.row_off for _, w in cells_in_raster(plan.epsg, plan.transform, width, height, plan.spec)
+            }
+        self.cell_rows = rows
+        size = self.plan.spec.patch_size
+        edges = {0, height} | rows | {r + size for r in rows}
+        ordered = sorted(e for e in edges if 0 <= e <= height)
+        out = [ordered[0]] if ordered else [0]
+        for edge in ordered[1:]:
+            while edge - out[-1] > BLOCK_ROWS:
+                out.append(out[-1] + BLOCK_ROWS)
+            out.append(edge)
+        return out
+
+    def take(self, row: int, bits: np.ndarray, cube: np.ndarray) -> None:
+        """Encode the kept candidates of a block that is one whole cell row (others hold no cell)."""
+        from pipeline.tile import decide_cells  # tile builds on mask: imported when used
+
+        size = self.plan.spec.patch_size
+        if self.plan.transform is None or row not in self.cell_rows or bits.shape[0] != size:
+            return
+        a, b, c, d, e, f = self.plan.transform[:6]
+        # The block as a raster of its own: its origin moved down `row` pixels, so its cells are
+        # exactly this cell row's, with windows relative to the block.
+        shifted = (a, b, c + b * row, d, e, f + e * row)
+        # Empty kept bands are only known after the whole scene; a scene with one has every cell
+        # dropped by tile, and `finish` then drops what was cut.
+        decisions = decide_cells(bits, shifted, self.plan.epsg, self.plan.spec, self.plan.policy, ())
+        for decision in decisions:
+            if not decision.kept:
+                continue
+            cols = slice(decision.col_off, decision.col_off + size)
+            patch = cube[:, :, cols]
+            if bool((patch == NODATA_VALUE).any()):
+                continue  # never encode nodata (the decision already excludes it: this is a guard)
+            reflectance = encode_chunk(self.plan.reflectance, patch)
+            quality = encode_chunk(self.plan.quality, bits[:, cols])
+            if reflectance is None or quality is None:  # only without write_empty_chunks
+                raise ValueError("an all-fill chunk cannot be cut: the arrays store every chunk")
+            assert self.spool is not None
+            self.cells[decision.cell.location_id] = CutCell(
+                self.spool.append(reflectance),
+                self.spool.append(quality),
+                (chunk_sha(reflectance), chunk_sha(quality)),
+                CellSums.of_patch(patch),
+            )
+
+
+def cut_plan(record: SceneRecord, manifest: Manifest, band_count: int) -> CutPlan:
+    """The cut of one scene: on the lattice as `tile` puts it (snapped when the manifest says so)."""
+    from pipeline.tile import grid_spec, snap_to_lattice  # tile builds on mask: imported when used
+
+    spec = grid_spec(manifest.grid)
+    transform: tuple[float, ...] | None = tuple(record.transform)
+    try:
+        check_lattice(record.transform, spec)
+    except OffLatticeError:
+        transform = None
+        if manifest.grid.off_lattice == "nearest":
+            transform = snap_to_lattice(record.transform, spec)
+    return CutPlan(
+        transform,
+        record.epsg,
+        spec,
+        manifest.quality,
+        reflectance_codec(manifest, band_count),
+        quality_codec(manifest),
+    )
+
+
+def scene_key(record: SceneRecord, manifest: Manifest) -> str:
+    """The content key of a scene's mask and cut: the product, the stage's settings (bands, grid,
+    quality thresholds) and the codec settings its candidates are encoded with."""
+    try:
+        band_count = len(manifest.bands.kept_bands(record.wavelengths_nm))
+    except Exception:  # a product the band policy refuses: mask_scene gives the reason
+        band_count = 0
+    return content_key(
+        record.fingerprint,
+        stage_config_hash(manifest),
+        reflectance_codec(manifest, band_count).key(),
+        quality_codec(manifest).key(),
+    )
+
+
+class _CubeReader:
+    """The kept bands of a block of rows: numpy at the byte offsets for an uncompressed GeoTIFF or ENVI
+    file on local disk (`pipeline.enmap.raw_reader`), GDAL otherwise (compressed, remote, in a ZIP)."""
+
+    def __init__(self, path: str, source: Any, kept_bands: tuple[int, ...]) -> None:
+        self.source, self.kept = source, list(kept_bands)
+        self.layout = None
+        self.path = path
+        if not path.startswith("/vsi") and not is_remote(path) and os.path.isfile(path):
+            try:
+                self.layout = raw_reader.layout_of(path)
+            except (ProductError, OSError, ValueError):
+                self.layout = None  # GDAL reads it, or gives the reason
+        self.zero_based = [b - 1 for b in self.kept]
+
+    def read(self, window: Window) -> np.ndarray:
+        if self.layout is not None and self.kept:
+            rows = (int(window.row_off), int(window.row_off + window.height))
+            return raw_reader.read(self.path, layout=self.layout, bands=self.zero_based, rows=rows)
+        return self.source.read(self.kept, window=window)
+
+
 def compute_mask(
-    record: SceneRecord, kept_bands: tuple[int, ...], storage_options: dict | None = None
+    record: SceneRecord,
+    kept_bands: tuple[int, ...],
+    storage_options: dict | None = None,
+    cutter: Cutter | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read the layers once and return (uint16 flags, per-kept-band count of valid pixels)."""
+    """Read the layers once and return (uint16 flags, per-kept-band count of valid pixels); with a
+    `cutter`, cut the scene's candidates from the same blocks."""
     height, width = record.height, record.width
     bits = np.zeros((height, width), dtype=np.uint16)
     valid_per_band = np.zeros(len(kept_bands), dtype=np.int64)
+    edges = cutter.block_edges(width, height) if cutter else list(range(0, height, BLOCK_ROWS)) + [height]
     with (
         open_product(record.location(), storage_options, unpack=("SPECTRAL_IMAGE", "QL_PIXELMASK")) as opened,
         rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
@@ -99,9 +384,12 @@ def compute_mask(
             )
         }
         try:
-            for row in range(0, height, BLOCK_ROWS):
-                window = Window(0, row, width, min(BLOCK_ROWS, height - row))
-                cube = sources["SPECTRAL_IMAGE"].read(list(kept_bands), window=window)
+            reader = _CubeReader(opened.gdal_path("SPECTRAL_IMAGE"), sources["SPECTRAL_IMAGE"], kept_bands)
+            for row, stop in zip(edges, edges[1:]):
+                if stop <= row:
+                    continue
+                window = Window(0, row, width, stop - row)
+                cube = reader.read(window)
                 is_nodata = cube == NODATA_VALUE
                 valid_per_band += (~is_nodata).sum(axis=(1, 2))
                 defects = sources["QL_PIXELMASK"].read(list(kept_bands), window=window)
@@ -113,6 +401,8 @@ def compute_mask(
                     defective_any=(defects == PIXELMASK_DEFECTIVE).any(axis=0),
                 )
                 bits[row : row + window.height] = block
+                if cutter is not None:
+                    cutter.take(row, block, cube)
         finally:
             for source in sources.values():
                 source.close()
@@ -175,13 +465,18 @@ def encode_mask(record: SceneRecord, bits: np.ndarray) -> bytes:
 def mask_scene(
     record: SceneRecord, manifest: Manifest, build_uri: str, storage_options: dict | None = None
 ) -> MaskSummary | Rejection:
-    """The per-scene task: compute, write and summarise one mask."""
+    """The per-scene task: read the scene once; write its cut (bin, then index), then its mask, and
+    summarise the mask."""
     store = BuildStore(build_uri, storage_options or {})
     kept = manifest.bands.kept_bands(record.wavelengths_nm)
     config_hash = stage_config_hash(manifest)
+    key = scene_key(record, manifest)
+    spool = _Spool(store, cut_bin_path(record.scene_id, key))
+    cutter = Cutter(cut_plan(record, manifest, len(kept)), spool)
     try:
-        bits, valid = compute_mask(record, kept, storage_options)
+        bits, valid = compute_mask(record, kept, storage_options, cutter)
     except (RasterioError, ProductError, OSError) as exc:
+        spool.discard()
         if is_transient(exc):
             raise
         if isinstance(exc, FileNotFoundError) or "No such file" in str(exc):
@@ -192,6 +487,22 @@ def mask_scene(
         return Rejection(
             record.source_uri, record.scene_id, STAGE, f"unreadable while masking: {one_line(exc)}"
         )
+    except BaseException:
+        spool.discard()
+        raise
+    cells = cutter.cells if bool(np.all(valid > 0)) else {}  # an empty kept band drops every cell
+    _remove_cut(store, record.scene_id, keep=key)
+    spool.commit()
+    index = CutIndex(
+        record.scene_id,
+        key,
+        cutter.plan.reflectance.key(),
+        cutter.plan.quality.key(),
+        spool.size,
+        spool.digest.hexdigest(),
+        cells,
+    )
+    store.write_json(cut_index_path(record.scene_id, key), index.to_json())
     encoded = encode_mask(record, bits)
     store.write_bytes(mask_path(record.scene_id), encoded)
     return summarise_mask(
@@ -203,6 +514,35 @@ def mask_scene(
         hashlib.sha256(encoded).hexdigest(),
         manifest.quality.cirrus_min_level,
     )
+
+
+def _remove_cut(store: BuildStore, scene_id: str, keep: str | None = None) -> None:
+    """Remove a scene's cut files, except those of key `keep` (an older key's are stale)."""
+    folder = store.path(f"{CUT}/{scene_id}")
+    if not store.fs.exists(folder):
+        return
+    stale = [p for p in store.fs.find(folder) if keep is None or not p.rsplit("/", 1)[-1].startswith(keep)]
+    if stale:
+        store.fs.rm(stale)
+
+
+def read_cut_index(store: BuildStore, scene_id: str, key: str) -> CutIndex | None:
+    """A scene's cut index, checked (parses, names its scene and key, every chunk inside a .bin of the
+    recorded size); None when it is absent or fails a check (the caller has the scene read again)."""
+    path = cut_index_path(scene_id, key)
+    try:
+        index = CutIndex.from_json(json.loads(store.read_bytes(path)))
+        size = int(store.fs.size(store.path(cut_bin_path(scene_id, key))))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        print(f"mask: the cut of {scene_id} is unreadable ({one_line(exc)}); it will be read again")
+        return None
+    if index.scene_id != scene_id or index.key != key or size != index.bin_bytes:
+        return None
+    return index
 
 
 def stage_config_hash(manifest: Manifest) -> str:
@@ -284,15 +624,48 @@ def decode_result(data: dict[str, Any]) -> MaskSummary | Rejection:
     )
 
 
-def _mask_intact(store: BuildStore, result: MaskSummary | Rejection) -> bool:
-    """A saved mask result holds while its mask file has the checksum it was made with."""
+def _mask_intact(store: BuildStore, item: WorkItem, result: MaskSummary | Rejection) -> bool:
+    """A saved mask result holds while its mask file has the checksum it was made with, and its cut,
+    when present, passes its checks. A cut absent altogether (removed after a write by
+    `write.keep_cut: false`) is no reason to read the scene again: `write` asks for that when it
+    needs one of its chunks."""
     if isinstance(result, Rejection):
         return True
     path = mask_path(result.scene_id)
     try:
-        return hashlib.sha256(store.read_bytes(path)).hexdigest() == result.mask_sha256
+        if hashlib.sha256(store.read_bytes(path)).hexdigest() != result.mask_sha256:
+            return False
     except FileNotFoundError:
         return False
+    if not store.exists(cut_index_path(result.scene_id, item.key)):
+        return True
+    return read_cut_index(store, result.scene_id, item.key) is not None
+
+
+def prune_cut(store: BuildStore, keys: dict[str, str]) -> None:
+    """Remove the cut of scenes no longer inventoried, and cut files of another key."""
+    folder = store.path(CUT)
+    if not store.fs.exists(folder):
+        return
+    for path in store.fs.ls(folder, detail=False):
+        scene_id = str(path).rstrip("/").rsplit("/", 1)[-1]
+        if scene_id in keys:
+            _remove_cut(store, scene_id, keep=keys[scene_id])
+        else:
+            store.fs.rm(path, recursive=True)
+
+
+def forget_scenes(store: BuildStore, manifest: Manifest, records: list[SceneRecord]) -> None:
+    """Make the next mask run read these scenes again (their cut is needed and absent or damaged):
+    their checkpoints, cut files and the stage's record go."""
+    for record in records:
+        checkpoint = store.path(checkpoint_path(STAGE, scene_key(record, manifest)))
+        if store.fs.exists(checkpoint):
+            store.fs.rm(checkpoint)
+        _remove_cut(store, record.scene_id)
+    stage_record = store.stage_record_path(STAGE)
+    if store.exists(stage_record):
+        store.fs.rm(store.path(stage_record))
 
 
 def _outputs_valid(store: BuildStore, scene_ids: list[str]) -> bool:
@@ -315,7 +688,7 @@ def run_mask(
     watch = Stopwatch()
     records = read_scenes(store)
     config_hash = stage_config_hash(manifest)
-    items = [WorkItem(content_key(r.fingerprint, config_hash), r.scene_id, r) for r in records]
+    items = [WorkItem(scene_key(r, manifest), r.scene_id, r) for r in records]
     input_fingerprint = fingerprint_of(sorted(item.key for item in items))
     scene_ids = [r.scene_id for r in records]
     done = up_to_date(
@@ -332,7 +705,7 @@ def run_mask(
         on_failure=lambda item, reason: Rejection(
             item.payload.source_uri, item.payload.scene_id, STAGE, reason
         ),
-        still_valid=lambda item, result: _mask_intact(store, result),
+        still_valid=lambda item, result: _mask_intact(store, item, result),
     )
     outcome = run_items(store, stage, items, scheduler, force=force)
     watch.lap("mask")
@@ -342,6 +715,7 @@ def run_mask(
     store.write_table(MASKS_TABLE, masks_table(summaries))
     store.write_table(REJECTED_TABLE, rejected_table(rejections))
     prune_checkpoints(store, STAGE, [item.key for item in items])
+    prune_cut(store, {item.payload.scene_id: item.key for item in items})
     counts = {
         "scenes": len(records),
         "masked": len(summaries),

@@ -5,47 +5,46 @@ shard (sharding codec, Blosc zstd + bitshuffle, fill -32768, CF scale/fill attri
 uint16 (patch, y, x), same chunking; 1-D arrays over patch and band. The driver preallocates the
 arrays (the template) and writes the small 1-D arrays; each task then fills whole shards by region.
 
-Tasks (planned in `pipeline.write_plan`): every scene is read by exactly one read task, each of its
-(scene, grid row) units once, over just the columns its patches span; every shard is written whole
-by exactly one task (concurrent partial writes to one shard lose data in zarr-python). A shard whose
-patches come from the scenes of two read tasks is staged in parts and written by a stitch task.
+`write` opens no product. The reading pass (`pipeline.mask`) encoded every kept candidate once into
+the bytes of one inner chunk per array and recorded its exact per-band sums (`cut/`); here every shard
+that needs writing (`pipeline.write_plan`) is written whole by exactly one task (concurrent partial
+writes to one shard lose data in zarr-python), assembled by byte copy (`pipeline.zarr_chunks.
+assemble_shard`) from its new or changed rows' chunks in the cut and its unchanged or retired rows'
+chunks in the shard as stored. No patch is decoded or re-encoded. Statistics merge the active rows'
+sums, kept per row in each shard's record, so a partly rewritten shard still merges exactly.
+A row whose chunks are needed and absent (the cut removed by `write.keep_cut: false`, or damaged) has
+its scene read again by the mask stage: `write` forgets that scene's mask checkpoint and fails with
+one line asking for `mask` (or `run`), and writes no fill patch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import rasterio
-from rasterio.windows import Window
 
 from pipeline import tables
+from pipeline.cell_moments import CellSums, shard_moments
 from pipeline.engine import StageResult, up_to_date
-from pipeline.enmap.product import open_product
-from pipeline.errors import is_transient
+from pipeline.errors import BuildFault, is_transient, one_line
 from pipeline.inventory import SceneRecord
 from pipeline.manifest import Manifest
 from pipeline.quality import NODATA_VALUE
 from pipeline.stats import BandMoments, npy_bytes
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json
 from pipeline.tables import read_geodataframe_checked, read_table_checked
-from pipeline.write_plan import (
-    STAGING,
-    ReadTask,
-    ShardJob,
-    StitchTask,
-    WritePlan,
-    plan_jobs,
-    plan_tasks,
-    staging_path,
-    unit_windows,
+from pipeline.write_plan import PatchRef, ShardJob, plan_jobs
+from pipeline.zarr_chunks import (
+    ChunkCodec,
+    CorruptShard,
+    assemble_shard,
+    reflectance_codec,
+    shard_chunks,
 )
 
 STAGE = "write"
@@ -72,7 +71,7 @@ def layout_key(manifest: Manifest, bands: Sequence[tuple[int, float, float]], li
         "bands": [list(b) for b in bands],
         "patch_size": manifest.grid.patch_size,
         "patches_per_shard": manifest.write.patches_per_shard,
-        "compression_level": manifest.write.compression_level,
+        "codec": asdict(manifest.write.codec),
         "lineage": lineage,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -84,7 +83,7 @@ def ensure_arrays(
     """Preallocate `reflectance` and `quality` for `rows` patches, reusing the existing arrays (grown
     if needed) when their layout matches. Returns True when the existing arrays were kept."""
     import zarr
-    from zarr.codecs import BloscCodec, BloscShuffle
+    from zarr.codecs import BloscCname, BloscCodec, BloscShuffle
 
     size = manifest.grid.patch_size
     per_shard = manifest.write.patches_per_shard
@@ -112,7 +111,15 @@ def ensure_arrays(
                 array.resize((rows, *array.shape[1:]))
         group.attrs.update(dataset_attrs(manifest, rows) | {"layout_key": layout})
         return True
-    codec = BloscCodec(cname="zstd", clevel=manifest.write.compression_level, shuffle=BloscShuffle.bitshuffle)
+    settings = manifest.write.codec
+    # The codec `pipeline.zarr_chunks.reflectance_codec` / `quality_codec` encode with: the reading
+    # pass encodes candidates with those, and shards are assembled from them by byte copy.
+    codec = BloscCodec(
+        cname=BloscCname(settings.cname),
+        clevel=settings.clevel,
+        shuffle=BloscShuffle.bitshuffle,
+        blocksize=settings.blocksize,
+    )
     group = zarr.open_group(zarr_store(store), mode="w", zarr_format=3)
     group.attrs.update(dataset_attrs(manifest, rows) | {"layout_key": layout})
     group.create_array(
@@ -240,220 +247,177 @@ def shard_key(array: str, shard: int, ndim: int) -> str:
     return tables.shard_object(array, shard, ndim)
 
 
-def _open_arrays(store: BuildStore) -> tuple[Any, Any]:
-    import zarr
+@dataclass(frozen=True, slots=True)
+class ShardCodecs:
+    """The inner-chunk codecs of the two sharded arrays, and their inner chunks per shard."""
 
-    # Write empty chunks too: a clean patch's quality is all 0 (the fill value), and every shard must
-    # exist on disk to be checksummed and found on resume. Not the consolidated metadata: it is
-    # rewritten only at the end of the stage and may still give an older shape.
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3, use_consolidated=False)
-        reflectance, quality = group["reflectance"], group["quality"]
-    assert isinstance(reflectance, zarr.Array) and isinstance(quality, zarr.Array)
-    return reflectance, quality
+    reflectance: ChunkCodec
+    quality: ChunkCodec
+    per_shard: int
+    bands: int  # the band axis' length (the reflectance chunk is at least 1 band wide)
 
 
-def _write_shard(
-    store: BuildStore,
-    arrays: tuple[Any, Any],
-    job: ShardJob,
-    filled: tuple[np.ndarray, np.ndarray],
-    layout_key: str,
-) -> dict[str, Any]:
-    """Write one whole shard, then its record (`write/shards/<shard>.json`: content keys, checksums,
-    statistics), atomically: a shard without a valid record is rewritten on resume."""
-    reflectance, quality = arrays
-    cube, bits = filled
-    reflectance[job.start : job.stop] = cube
-    quality[job.start : job.stop] = bits
-    active = [row - job.start for row in job.active]
-    moments = BandMoments.of_block(cube[active]) if active else BandMoments.empty(cube.shape[1])
-    record = shard_record(store, job, layout_key, moments)
+@dataclass(frozen=True, slots=True)
+class MissingCut:
+    """A shard task's answer when a row's encoded chunks are absent or damaged: the scenes that must
+    be read again (nothing of the shard was written)."""
+
+    shard: int
+    scenes: tuple[str, ...]
+    reason: str
+
+
+# Chunks of one scene's .bin closer than this are fetched in one ranged read (fewer requests).
+MERGE_GAP_BYTES = 1024 * 1024
+
+
+def _read_spans(store: BuildStore, path: str, spans: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+    """The bytes of each (offset, length) of one object, in a few ranged reads (nearby spans merged)."""
+    out: dict[tuple[int, int], bytes] = {}
+    ordered = sorted(set(spans))
+    groups: list[list[tuple[int, int]]] = []
+    for span in ordered:
+        if groups and span[0] - (groups[-1][-1][0] + groups[-1][-1][1]) <= MERGE_GAP_BYTES:
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    for group in groups:
+        first = group[0][0]
+        last = max(offset + length for offset, length in group)
+        data = store.fs.cat_file(store.path(path), start=first, end=last)
+        if len(data) != last - first:
+            raise FileNotFoundError(f"{path} is shorter than its index says")
+        for offset, length in group:
+            out[(offset, length)] = bytes(data[offset - first : offset - first + length])
+    return out
+
+
+def _chunks_from_cut(
+    store: BuildStore, refs: list[PatchRef], scene_keys: dict[str, str], codecs: ShardCodecs
+) -> tuple[dict[int, tuple[bytes, bytes, CellSums]], dict[str, str]]:
+    """The encoded chunks and sums of these rows from their scenes' cuts: (by row, missing scenes
+    with the reason). A chunk whose bytes do not match its recorded checksum counts as missing."""
+    from pipeline.mask import chunk_sha, cut_bin_path, read_cut_index
+
+    found: dict[int, tuple[bytes, bytes, CellSums]] = {}
+    missing: dict[str, str] = {}
+    by_scene: dict[str, list[PatchRef]] = {}
+    for ref in refs:
+        by_scene.setdefault(ref.scene_id, []).append(ref)
+    for scene_id, scene_refs in by_scene.items():
+        key = scene_keys.get(scene_id)
+        index = read_cut_index(store, scene_id, key) if key else None
+        if index is None:
+            missing[scene_id] = "no encoded chunks"
+            continue
+        if (index.reflectance_codec, index.quality_codec) != (codecs.reflectance.key(), codecs.quality.key()):
+            missing[scene_id] = "encoded with other codec settings"
+            continue
+        cells = [index.cells.get(ref.location_id) for ref in scene_refs]
+        if any(cell is None for cell in cells):
+            missing[scene_id] = "a needed cell was not encoded"
+            continue
+        spans = [span for cell in cells if cell is not None for span in (cell.reflectance, cell.quality)]
+        try:
+            data = _read_spans(store, cut_bin_path(scene_id, index.key), spans)
+        except FileNotFoundError:
+            missing[scene_id] = "its encoded chunks are gone"
+            continue
+        for ref, cell in zip(scene_refs, cells, strict=True):
+            assert cell is not None
+            reflectance, quality = data[cell.reflectance], data[cell.quality]
+            if (chunk_sha(reflectance), chunk_sha(quality)) != cell.sha:
+                missing[scene_id] = "an encoded chunk fails its checksum"
+                break
+            found[ref.row] = (reflectance, quality, cell.sums)
+    return found, missing
+
+
+def _stored_chunks(store: BuildStore, job: ShardJob, codecs: ShardCodecs) -> tuple[list, list] | None:
+    """The chunks of the shard as stored (for the rows it copies), or None when an object is missing or
+    damaged (its rows are then taken from the cut)."""
+    try:
+        return (
+            shard_chunks(
+                codecs.reflectance, store.read_bytes(shard_key("reflectance", job.shard, 4)), codecs.per_shard
+            ),
+            shard_chunks(
+                codecs.quality, store.read_bytes(shard_key("quality", job.shard, 3)), codecs.per_shard
+            ),
+        )
+    except (FileNotFoundError, CorruptShard) as exc:
+        print(f"write: shard {job.shard} as stored is unusable ({one_line(exc)}); its rows come from the cut")
+        return None
+
+
+def write_shard_task(
+    pair: tuple[ShardJob, dict[str, str]],
+    build_uri: str,
+    codecs: ShardCodecs,
+    layout: str,
+    storage_options: dict | None = None,
+) -> dict[str, Any] | MissingCut:
+    """Write one whole shard of both arrays from encoded chunks, then its record (`write/shards/
+    <shard>.json`: content keys, checksums, per-row sums, moments): rows from the cut (`job.source`)
+    and rows copied from the stored shard (`job.copy`), by byte copy. `pair` carries the cut key of
+    every scene the shard's rows come from. A shard without a valid record is rewritten on resume."""
+    job, scene_keys = pair
+    store = BuildStore(build_uri, storage_options or {})
+    count = job.stop - job.start
+    reflectance: list[bytes | None] = [None] * count
+    quality: list[bytes | None] = [None] * count
+    sums: dict[int, CellSums] = {}
+    from_cut = list(job.source)
+    stored = _stored_chunks(store, job, codecs) if job.copy else None
+    for ref in job.copy:
+        slot = ref.row - job.start
+        if stored is None or stored[0][slot] is None or stored[1][slot] is None:
+            from_cut.append(ref)
+            continue
+        reflectance[slot], quality[slot] = stored[0][slot], stored[1][slot]
+        if str(ref.row) in job.copied_sums:
+            sums[ref.row] = CellSums.from_json(job.copied_sums[str(ref.row)])
+    found, missing = _chunks_from_cut(store, from_cut, scene_keys, codecs)
+    if missing:
+        scenes = tuple(sorted(missing))
+        return MissingCut(job.shard, scenes, f"{scenes[0]}: {missing[scenes[0]]}")
+    for row, (chunk, bits, cell_sums) in found.items():
+        reflectance[row - job.start], quality[row - job.start] = chunk, bits
+        sums[row] = cell_sums
+    active = list(job.active)
+    if any(row not in sums for row in active):
+        raise ValueError(f"shard {job.shard}: an active row has no recorded sums")
+    objects = {
+        "reflectance": assemble_shard(codecs.reflectance, reflectance, codecs.per_shard),
+        "quality": assemble_shard(codecs.quality, quality, codecs.per_shard),
+    }
+    for array, ndim in (("reflectance", 4), ("quality", 3)):
+        data = objects[array]
+        if data is None:  # every row is stored, so a shard always has chunks
+            raise ValueError(f"shard {job.shard} of {array} assembled empty")
+        store.write_bytes(shard_key(array, job.shard, ndim), data)
+    moments = shard_moments([sums[row] for row in active], codecs.bands)
+    record = {
+        "shard": job.shard,
+        "first_row": job.start,
+        "stop_row": job.stop,
+        "layout_key": layout,
+        "row_keys": list(job.row_keys),
+        "active_rows": list(job.active),
+        "reflectance_sha256": hashlib.sha256(objects["reflectance"] or b"").hexdigest(),
+        "reflectance_bytes": len(objects["reflectance"] or b""),
+        "quality_sha256": hashlib.sha256(objects["quality"] or b"").hexdigest(),
+        "quality_bytes": len(objects["quality"] or b""),
+        "scenes": sorted({p.scene_id for p in job.source}),
+        "row_sums": {str(row): sums[row].to_json() for row in active},
+        "moments": moments.to_json(),
+    }
     store.write_json(shard_record_path(job.shard), record)
     return record
 
 
-def _shard_buffers(arrays: tuple[Any, Any], job: ShardJob) -> tuple[np.ndarray, np.ndarray]:
-    """Buffers for one shard: the stored shard when it keeps rows (read before it is replaced), else
-    empty; the rows read from source are filled in afterwards."""
-    reflectance, quality = arrays
-    if job.copy:
-        return np.asarray(reflectance[job.start : job.stop]), np.asarray(quality[job.start : job.stop])
-    count = job.stop - job.start
-    _, bands, size, _ = reflectance.shape
-    return (
-        np.empty((count, bands, size, size), dtype=np.int16),
-        np.empty((count, size, size), dtype=np.uint16),
-    )
-
-
-def read_task(
-    task: ReadTask,
-    records: dict[str, SceneRecord],
-    manifest: Manifest,
-    build_uri: str,
-    layout_key: str,
-    storage_options: dict | None = None,
-) -> list[dict[str, Any]]:
-    """The per-run work: read the run's scenes (each opened once, each unit read once), go through
-    the shards it touches in order, write the ones it owns and stage its patches of the others.
-
-    A unit is dropped from memory after the last shard that needs it, so a task holds about one
-    shard of patches at a time.
-    """
-    from pipeline.tile import read_mask
-
-    store = BuildStore(build_uri, storage_options or {})
-    size = manifest.grid.patch_size
-    kept_sets = {manifest.bands.kept_bands(records[s].wavelengths_nm) for s in task.scenes}
-    if len(kept_sets) > 1:
-        raise ValueError("scenes of one build must share the band axis")
-    kept = list(kept_sets.pop()) if kept_sets else []
-    mine = set(task.scenes)
-    patches = task.patches
-    windows = unit_windows(patches, size)
-    last_use = {
-        (p.scene_id, p.row_off): job.shard for job in task.jobs for p in job.source if p.scene_id in mine
-    }
-    owned = set(task.owned)
-    arrays = _open_arrays(store)
-    masks = {scene_id: read_mask(store, scene_id) for scene_id in task.scenes}
-    written = []
-    units: dict[tuple[str, int], np.ndarray] = {}
-    with _OneSceneAtATime(records, storage_options, kept, windows) as reader:
-        for job in task.jobs:
-            source = [p for p in job.source if p.scene_id in mine]
-            if job.shard in owned:
-                cube, bits = _shard_buffers(arrays, job)
-                slots = [p.row - job.start for p in source]
-            else:
-                _, bands, _, _ = arrays[0].shape
-                cube = np.empty((len(source), bands, size, size), dtype=np.int16)
-                bits = np.empty((len(source), size, size), dtype=np.uint16)
-                slots = list(range(len(source)))
-            for slot, p in zip(slots, source, strict=True):
-                key = (p.scene_id, p.row_off)
-                if key not in units:
-                    needed = [k for k, last in last_use.items() if last >= job.shard and k not in units]
-                    units.update(reader.read(key, needed))
-                c = p.col_off - windows[key].col_off
-                cube[slot] = units[key][:, :, c : c + size]
-                bits[slot] = masks[p.scene_id][p.row_off : p.row_off + size, p.col_off : p.col_off + size]
-            if job.shard in owned:
-                written.append(_write_shard(store, arrays, job, (cube, bits), layout_key))
-            else:
-                store.write_bytes(
-                    staging_path(job.shard, task.number),
-                    _npz(rows=np.array([p.row for p in source], dtype=np.int64), cube=cube, bits=bits),
-                )
-            for key in [k for k in units if last_use[k] <= job.shard]:
-                del units[key]
-    return written
-
-
-def stitch_task(
-    task: StitchTask, build_uri: str, layout_key: str, storage_options: dict | None = None
-) -> list[dict[str, Any]]:
-    """Assemble one shard from the parts its read tasks staged (and its kept stored rows), write it,
-    then drop the staged parts."""
-    store = BuildStore(build_uri, storage_options or {})
-    job = task.job
-    arrays = _open_arrays(store)
-    cube, bits = _shard_buffers(arrays, job)
-    expected = {p.row for p in job.source}
-    filled: set[int] = set()
-    for part in task.parts:
-        with np.load(io.BytesIO(store.read_bytes(staging_path(job.shard, part)))) as staged:
-            rows = staged["rows"]
-            cube[rows - job.start] = staged["cube"]
-            bits[rows - job.start] = staged["bits"]
-            filled.update(int(r) for r in rows)
-    if filled != expected:
-        raise RuntimeError(f"shard {job.shard}: staged rows do not match the plan")
-    record = _write_shard(store, arrays, job, (cube, bits), layout_key)
-    for part in task.parts:
-        store.fs.rm(store.path(staging_path(job.shard, part)))
-    return [record]
-
-
-def _npz(**arrays: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]
-    return buffer.getvalue()
-
-
-class _OneSceneAtATime:
-    """Reads units (scene, grid row) with at most one product open, so scratch holds at most one
-    unpacked archive per worker: before switching scenes, the units of the open scene that the task
-    still needs are read, then it is closed."""
-
-    def __init__(
-        self,
-        records: dict[str, SceneRecord],
-        storage_options: dict | None,
-        kept: list[int],
-        windows: dict[tuple[str, int], Window],
-    ) -> None:
-        self.records, self.storage_options, self.kept, self.windows = records, storage_options, kept, windows
-        self.scene: str | None = None
-        self.stack: contextlib.ExitStack | None = None
-        self.source: Any = None
-
-    def __enter__(self) -> _OneSceneAtATime:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self.stack is not None:
-            self.stack.close()
-        self.scene, self.stack, self.source = None, None, None
-
-    def read(
-        self, key: tuple[str, int], still_needed: list[tuple[str, int]]
-    ) -> dict[tuple[str, int], np.ndarray]:
-        out: dict[tuple[str, int], np.ndarray] = {}
-        scene_id = key[0]
-        if self.scene != scene_id:
-            if self.scene is not None:
-                for other in still_needed:
-                    if other[0] == self.scene:
-                        out[other] = self.source.read(self.kept, window=self.windows[other])
-                self._close()
-            self.stack = contextlib.ExitStack()
-            opened = self.stack.enter_context(
-                open_product(
-                    self.records[scene_id].location(), self.storage_options, unpack=("SPECTRAL_IMAGE",)
-                )
-            )
-            self.source = self.stack.enter_context(rasterio.open(opened.spectral_path))
-            self.scene = scene_id
-        out[key] = self.source.read(self.kept, window=self.windows[key])
-        return out
-
-
 def shard_record_path(shard: int) -> str:
     return tables.shard_record(shard)
-
-
-def shard_record(store: BuildStore, job: ShardJob, layout_key: str, moments: BandMoments) -> dict[str, Any]:
-    reflectance = store.read_bytes(shard_key("reflectance", job.shard, 4))
-    quality = store.read_bytes(shard_key("quality", job.shard, 3))
-    return {
-        "shard": job.shard,
-        "first_row": job.start,
-        "stop_row": job.stop,
-        "layout_key": layout_key,
-        "row_keys": list(job.row_keys),
-        "active_rows": list(job.active),
-        "reflectance_sha256": hashlib.sha256(reflectance).hexdigest(),
-        "reflectance_bytes": len(reflectance),
-        "quality_sha256": hashlib.sha256(quality).hexdigest(),
-        "quality_bytes": len(quality),
-        "scenes": sorted({p.scene_id for p in job.source}),
-        "moments": moments.to_json(),
-    }
 
 
 SHARDS_SCHEMA = pa.schema(
@@ -521,6 +485,7 @@ SHARD_RECORD_KEYS = frozenset(
         "reflectance_bytes",
         "quality_bytes",
         "moments",
+        "row_sums",
         "scenes",
     }
 )
@@ -577,10 +542,10 @@ def run_write(
     """Write (or resume, or extend) dataset.zarr so that it holds every index row.
 
     Shards already stored with the right content are kept (checked by size, or by checksum with
-    `verify`); every other shard is written whole by exactly one task.
+    `verify`); every other shard is written whole by exactly one task, from encoded chunks.
     """
     from pipeline.dedup import INDEX_LINEAGE, INDEX_PATCHES, INDEX_RETIRED
-    from pipeline.mask import MASKS_TABLE, read_scenes, summaries_from_table
+    from pipeline.mask import MASKS_TABLE, forget_scenes, read_scenes, scene_key, summaries_from_table
 
     watch = Stopwatch()
     digest = hashlib.sha256(store.read_bytes(INDEX_PATCHES))
@@ -619,36 +584,65 @@ def run_write(
     fingerprints = {sid: f"{r.fingerprint}|{mask_sha.get(sid, '')}" for sid, r in records.items()}
     per_shard = manifest.write.patches_per_shard
     jobs, reusable = plan_jobs(rows, per_shard, fingerprints, shard_records, layout, arrays_kept, valid)
-    plan = plan_tasks(
-        jobs,
-        {sid: r.packaging != "folder" for sid, r in records.items()},
-        per_shard * manifest.write.max_shards_per_task,
-        scheduler.parallelism,
+    codecs = array_codecs(store, len(bands), per_shard)
+    if codecs.reflectance.key() != reflectance_codec(manifest, len(bands)).key():
+        # The arrays were kept, so their codec is the manifest's: a mismatch is a bug, never patched over.
+        raise ValueError("dataset.zarr's codec differs from the manifest's write.codec")
+    keys = {sid: scene_key(r, manifest) for sid, r in records.items()}
+    pairs = [(job, {sid: keys[sid] for sid in job.scenes if sid in keys}) for job in jobs]
+    results = scheduler.map(
+        write_shard_task, pairs, store.uri, codecs, layout, storage_options, label="write"
     )
-    results = run_plan(plan, records, manifest, store, layout, scheduler, storage_options)
     watch.lap("write")
+    missing = [r for r in results if isinstance(r, MissingCut)]
+    if missing:
+        scenes = sorted({sid for m in missing for sid in m.scenes})
+        forget_scenes(store, manifest, [records[sid] for sid in scenes if sid in records])
+        raise BuildFault(
+            f"write: {len(missing)} shard(s) need encoded chunks that are absent or damaged "
+            f"({missing[0].reason}); the other shards are written: "
+            f"rerun mask (or run) to re-read {len(scenes)} scene(s)"
+        )
     shard_count = (len(rows) + per_shard - 1) // per_shard
     for stale in [s for s in shard_records if s >= shard_count]:
         store.fs.rm(store.path(shard_record_path(stale)))
-    final = {**reusable, **{r["shard"]: r for result in results for r in result}}
+    final = {**reusable, **{r["shard"]: r for r in results if isinstance(r, dict)}}
     ordered = [final[s] for s in range(shard_count)]
     store.write_table(SHARDS_TABLE, shards_table(ordered))
     write_statistics(store, [BandMoments.from_json(r["moments"]) for r in ordered], bands)
     _consolidate(store)
+    if not manifest.write.keep_cut:
+        # Every shard is written: the encoded candidates are no longer needed (a later write that
+        # needs one has its scene read again).
+        remove_cut(store)
     counts = {
         "patches": len(active),
         "rows": len(rows),
         "bands": len(bands),
         "shards": shard_count,
         "shards_written": len(jobs),
-        "rows_read_from_source": sum(len(j.source) for j in jobs),
-        "read_tasks": len(plan.reads),
-        "stitched_shards": len(plan.stitches),
+        "rows_from_cut": sum(len(j.source) for j in jobs),
+        "rows_copied": sum(len(j.copy) for j in jobs),
         "dataset_bytes": _dataset_bytes(store),
     }
     watch.lap("finish")
     store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
     return StageResult(counts, skipped=False)
+
+
+def array_codecs(store: BuildStore, bands: int, per_shard: int) -> ShardCodecs:
+    """The inner-chunk codecs of the arrays as created, read from their `zarr.json`."""
+    metadata = {name: store.read_json(f"{DATASET}/{name}/zarr.json") for name in ("reflectance", "quality")}
+    reflectance = ChunkCodec.from_array_metadata(metadata["reflectance"])
+    quality = ChunkCodec.from_array_metadata(metadata["quality"])
+    return ShardCodecs(reflectance, quality, per_shard, bands)
+
+
+def remove_cut(store: BuildStore) -> None:
+    from pipeline.mask import CUT
+
+    if store.exists(CUT):
+        store.fs.rm(store.path(CUT), recursive=True)
 
 
 def _outputs_valid(store: BuildStore, shard_records: dict[int, dict[str, Any]], checksums: bool) -> bool:
@@ -679,60 +673,6 @@ def shards_table(records: list[dict[str, Any]]) -> pa.Table:
         for r in records
     ]
     return pa.Table.from_pylist(rows, schema=SHARDS_SCHEMA)
-
-
-def run_plan(
-    plan: WritePlan,
-    records: dict[str, SceneRecord],
-    manifest: Manifest,
-    store: BuildStore,
-    layout: str,
-    scheduler: Any,
-    storage_options: dict | None,
-) -> list[list[dict[str, Any]]]:
-    """Read tasks in parallel, each stitch task as soon as the read tasks it needs are done; staging is
-    removed after (and before: parts left by an interrupted run belong to an older plan)."""
-    _remove_staging(store)
-    # Each read task carries only the scene records it reads.
-    pairs = [(task, {s: records[s] for s in task.scenes}) for task in plan.reads]
-    # A stitch task starts as soon as the read tasks that stage its parts are done.
-    reads, stitches = scheduler.map_then(
-        _run_read_task,
-        pairs,
-        _run_stitch_task,
-        list(plan.stitches),
-        [stitch.parts for stitch in plan.stitches],
-        manifest,
-        store.uri,
-        layout,
-        storage_options,
-        label="write",
-    )
-    results = [*reads, *stitches]
-    _remove_staging(store)
-    return results
-
-
-def _remove_staging(store: BuildStore) -> None:
-    if store.fs.exists(store.path(STAGING)):
-        store.fs.rm(store.path(STAGING), recursive=True)
-
-
-def _run_stitch_task(
-    task: StitchTask, manifest: Manifest, build_uri: str, layout: str, storage_options: dict | None
-) -> list[dict[str, Any]]:
-    return stitch_task(task, build_uri, layout, storage_options)
-
-
-def _run_read_task(
-    pair: tuple[ReadTask, dict[str, SceneRecord]],
-    manifest: Manifest,
-    build_uri: str,
-    layout: str,
-    storage_options: dict | None,
-) -> list[dict[str, Any]]:
-    task, records = pair
-    return read_task(task, records, manifest, build_uri, layout, storage_options)
 
 
 def write_statistics(

@@ -115,17 +115,18 @@ def reflectance_codec(
     manifest: Manifest, band_count: int, write_empty_chunks: bool = WRITE_EMPTY_CHUNKS
 ) -> ChunkCodec:
     """The inner-chunk codec of `reflectance` as `pipeline.write.ensure_arrays` creates it: one
-    (1, B, P, P) int16 patch per chunk, fill -32768, Blosc zstd at the manifest's level, bitshuffle."""
+    (1, B, P, P) int16 patch per chunk, fill -32768, Blosc with the manifest's `write.codec`, bitshuffle."""
     size = manifest.grid.patch_size
     return ChunkCodec(
         dtype="<i2",
         # A chunk dimension is at least 1, even for a build without a band axis (as in write.py).
         chunk_shape=(1, max(1, band_count), size, size),
         fill_value=NODATA_VALUE,
-        cname=CNAME,
-        clevel=manifest.write.compression_level,
+        cname=manifest.write.codec.cname,
+        clevel=manifest.write.codec.clevel,
         shuffle="bitshuffle",
         typesize=2,
+        blocksize=manifest.write.codec.blocksize,
         write_empty_chunks=write_empty_chunks,
     )
 
@@ -137,10 +138,11 @@ def quality_codec(manifest: Manifest, write_empty_chunks: bool = WRITE_EMPTY_CHU
         dtype="<u2",
         chunk_shape=(1, size, size),
         fill_value=0,
-        cname=CNAME,
-        clevel=manifest.write.compression_level,
+        cname=manifest.write.codec.cname,
+        clevel=manifest.write.codec.clevel,
         shuffle="bitshuffle",
         typesize=2,
+        blocksize=manifest.write.codec.blocksize,
         write_empty_chunks=write_empty_chunks,
     )
 

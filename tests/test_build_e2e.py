@@ -182,68 +182,100 @@ def test_xarray_opens_one_dataset(build):
     assert np.allclose(ds["reflectance"].isel(patch=0).values, stored * 0.0001)
 
 
-def test_write_opens_each_scene_once_and_reads_no_pixel_twice(build, tmp_path, monkeypatch):
+def test_write_opens_no_product_and_assembles_the_shards_zarr_writes(build, tmp_path, monkeypatch):
+    """`write` assembles every shard from the chunks encoded when the cube was read: it opens no
+    product, and each shard object is byte-identical to the one zarr-python writes for the same rows
+    into an identically created array; zarr-python and TensorStore read the dataset back."""
     import dataclasses
     import shutil
 
-    import pipeline.write as write_module
+    import tensorstore as ts
+
+    import pipeline.enmap.product
+    import pipeline.mask
+    from pipeline.write import ensure_arrays, kept_band_axis, layout_key, shard_key
 
     _, _, store, manifest = build
     copy = tmp_path / "build"
     shutil.copytree(store.root, copy)
-    # Two patches per shard and one shard's worth of work per task: many read tasks, shards that
-    # straddle two of them (stitched), the hardest case for "no scene read twice".
-    small = dataclasses.replace(
-        manifest, write=dataclasses.replace(manifest.write, patches_per_shard=2, max_shards_per_task=1)
-    )
-    opens: list[str] = []
-    reads: dict[str, list[tuple[int, int, int, int, int]]] = {}
-    real_open = rasterio.open
+    # Two patches per shard: many shards, each a mix of scenes, the last one partial when odd.
+    small = dataclasses.replace(manifest, write=dataclasses.replace(manifest.write, patches_per_shard=2))
 
-    class Recording:
-        def __init__(self, dataset, path: str) -> None:
-            self._dataset, self._path = dataset, path
+    def no_product(*args, **kwargs):
+        raise AssertionError("write opened a source product")
 
-        def __enter__(self):
-            return self
+    monkeypatch.setattr(pipeline.enmap.product, "open_product", no_product)
+    monkeypatch.setattr(pipeline.mask, "open_product", no_product)
+    monkeypatch.setattr(rasterio, "open", no_product)
+    copied = BuildStore(str(copy))
+    result = stages.run_stage("write", small, copied, Scheduler("synchronous", progress=False), force=True)
+    monkeypatch.undo()
 
-        def __exit__(self, *exc):
-            self._dataset.close()
+    index = copied.read_geodataframe("index/patches.parquet")
+    shards = (len(index) + 1) // 2
+    assert result.counts["shards"] == result.counts["shards_written"] == shards > 2
+    assert result.counts["rows_from_cut"] == len(index) and result.counts["rows_copied"] == 0
+    assert not (copy / "write" / "staging").exists(), "no raw staging any more"
+    # The same dataset whatever the shard size.
+    original = zarr.open_group(str(Path(store.root) / "dataset.zarr"), mode="r")
+    rewritten = zarr.open_group(str(copy / "dataset.zarr"), mode="r")
+    values = {name: rewritten[name][:] for name in ("reflectance", "quality")}
+    for name in ("reflectance", "quality"):
+        assert np.array_equal(original[name][:], values[name])
+    # zarr-python writes the same values into identically created arrays: the same bytes per shard.
+    reference = BuildStore(str(tmp_path / "reference"))
+    records = {r.scene_id: r for r in pipeline.mask.read_scenes(copied)}
+    bands = kept_band_axis(small, [records[s] for s in sorted(set(index["scene_id"]))])
+    ensure_arrays(reference, small, len(index), bands, layout_key(small, bands, "reference"))
+    group = zarr.open_group(str(tmp_path / "reference" / "dataset.zarr"), mode="r+")
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        for name in ("reflectance", "quality"):
+            group[name][:] = values[name]
+    for shard in range(shards):
+        for name, ndim in (("reflectance", 4), ("quality", 3)):
+            key = shard_key(name, shard, ndim)
+            assert copied.read_bytes(key) == reference.read_bytes(key), f"{key} differs from zarr's"
+    # TensorStore reads the assembled arrays too.
+    for name in ("reflectance", "quality"):
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(copy / "dataset.zarr" / name)}}
+        assert np.array_equal(ts.open(spec, read=True).result().read().result(), values[name])
 
-        def read(self, indexes=None, window=None, **kwargs):
-            w = window
-            reads.setdefault(self._path, []).append((len(indexes), w.col_off, w.row_off, w.width, w.height))
-            return self._dataset.read(indexes, window=window, **kwargs)
 
-    def recording_open(path, *args, **kwargs):
-        opens.append(str(path))
-        return Recording(real_open(path, *args, **kwargs), str(path))
+def test_mask_reads_every_cube_row_once(build, tmp_path, monkeypatch):
+    """The build's one read of a cube: the mask pass reads each row of the kept bands exactly once."""
+    import pipeline.mask
 
-    monkeypatch.setattr(write_module.rasterio, "open", recording_open)
-    result = stages.run_stage(
-        "write", small, BuildStore(str(copy)), Scheduler("synchronous", progress=False), force=True
-    )
+    products, _, store, manifest = build
+    reads: dict[str, list[tuple[int, int]]] = {}
+    real_read = pipeline.mask._CubeReader.read
 
-    index = BuildStore(str(copy)).read_geodataframe("index/patches.parquet")
-    assert result.counts["read_tasks"] > 1 and result.counts["stitched_shards"] > 0
-    assert len(opens) == len(set(index["scene_id"])), "each scene is opened exactly once in the stage"
-    assert not (copy / "write" / "staging").exists(), "staged parts are removed"
-    # No two reads of one scene (within or across tasks) touch the same pixel.
-    by_scene: dict[str, list[tuple[int, int, int, int, int]]] = {}
-    for path, windows in reads.items():
-        scene = next(s for s in set(index["scene_id"]) if s in path)
-        by_scene.setdefault(scene, []).extend(windows)
-    for scene, windows in by_scene.items():
-        for a in range(len(windows)):
-            for b in range(a + 1, len(windows)):
-                _, ca, ra, wa, ha = windows[a]
-                _, cb, rb, wb, hb = windows[b]
-                overlap = ca < cb + wb and cb < ca + wa and ra < rb + hb and rb < ra + ha
-                assert not overlap, f"{scene}: windows {windows[a]} and {windows[b]} overlap"
-    # And the result is the same dataset: same values whatever the shard size.
-    original = zarr.open_group(str(Path(store.root) / "dataset.zarr"), mode="r")["reflectance"][:]
-    rewritten = zarr.open_group(str(copy / "dataset.zarr"), mode="r")["reflectance"][:]
-    assert np.array_equal(original, rewritten)
+    def recording_read(self, window):
+        reads.setdefault(self.path, []).append((int(window.row_off), int(window.row_off + window.height)))
+        return real_read(self, window)
+
+    monkeypatch.setattr(pipeline.mask._CubeReader, "read", recording_read)
+    fresh = BuildStore(str(tmp_path / "fresh"))
+    scheduler = Scheduler("synchronous", progress=False)
+    for name in ("inventory", "mask"):
+        stages.run_stage(name, manifest, fresh, scheduler, inputs=[str(products)])
+    scenes = pipeline.mask.read_scenes(fresh)
+    assert len(reads) == len(scenes)
+    heights = sorted(r.height for r in scenes)
+    for spans in reads.values():
+        rows = [row for first, stop in spans for row in range(first, stop)]
+        assert len(rows) == len(set(rows)), "a cube row was read twice"
+        assert sorted(rows) == list(range(len(rows))) and len(rows) in heights
+    # The candidates it encoded are those tile keeps, and they equal the original build's cut.
+    plan = store.read_geodataframe("plan/patches.parquet")
+    for record in scenes:
+        key = pipeline.mask.scene_key(record, manifest)
+        cut = pipeline.mask.read_cut_index(fresh, record.scene_id, key)
+        assert cut is not None
+        kept = plan[(plan["scene_id"] == record.scene_id) & plan["kept"]]
+        assert sorted(cut.cells) == sorted(kept["location_id"])
+        assert (fresh.read_bytes(pipeline.mask.cut_bin_path(record.scene_id, key))) == store.read_bytes(
+            pipeline.mask.cut_bin_path(record.scene_id, key)
+        )
 
 
 def test_band_statistics_equal_numpy_over_the_whole_array(build):

@@ -1,127 +1,146 @@
-"""Planning of the write stage (pure): every scene read by one task, every shard written by one task."""
+"""Planning of the write stage (pure): every shard written whole by one job, each row's chunks taken
+from the cut exactly when its stored bytes cannot be reused, every other row copied from its shard."""
 
-import itertools
-import math
-
+import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.write_plan import (
-    UNPACK_COST_PATCHES,
-    PatchRef,
-    ShardJob,
-    partition_runs,
-    plan_tasks,
-    unit_windows,
-)
+from pipeline.write_plan import PatchRef, ShardJob, plan_jobs, row_key
 
-
-def read_units(patches):
-    """The (scene, grid row) strips the patches are read from."""
-    return {(p.scene_id, p.row_off) for p in patches}
+LAYOUT = "layout"
 
 
 @st.composite
 def index_rows(draw):
-    """Patches in dedup's row order: by scene, then grid row, then column, on a 128 px lattice."""
-    refs = []
-    for scene in range(draw(st.integers(1, 6))):
-        for grid_row in range(draw(st.integers(1, 4))):
-            columns = sorted(draw(st.sets(st.integers(0, 8), min_size=1, max_size=6)))
-            refs += [(f"S{scene}", 17 + 128 * grid_row, 5 + 128 * c) for c in columns]
-    return [PatchRef(row, scene, r, c) for row, (scene, r, c) in enumerate(refs)]
+    """Index rows 0..N-1 in dedup's order (by scene), some retired (inactive)."""
+    rows = []
+    for scene in range(draw(st.integers(1, 5))):
+        for cell in range(draw(st.integers(1, 6))):
+            rows.append(
+                {
+                    "patch_id": f"EPSG32632-{cell:04d}-0001_2023010{scene}_DT{scene:010d}",
+                    "scene_id": f"S{scene}",
+                    "location_id": f"EPSG32632-{cell:04d}-0001",
+                    "active": draw(st.booleans()) or draw(st.booleans()),
+                }
+            )
+    frame = pd.DataFrame(rows)
+    frame["row"] = range(len(frame))
+    return frame
 
 
-def fresh_jobs(refs, per_shard):
-    """Shard jobs of a build written from scratch: every row read from its source."""
-    jobs = []
-    for shard, start in enumerate(range(0, len(refs), per_shard)):
-        rows = refs[start : start + per_shard]
-        active = tuple(p.row for p in rows)
-        jobs.append(ShardJob(shard, start, start + len(rows), tuple(rows), (), active, ()))
-    return jobs
+def sums_of(row: int) -> dict:
+    return {"count": [row], "total": [row], "squares": [row], "min": [row], "max": [row]}
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    index_rows(),
-    st.integers(2, 6),
-    st.integers(1, 80),
-    st.integers(1, 4),
-    st.sets(st.integers(0, 5)),
-)
-def test_every_scene_read_once_every_shard_written_once(refs, per_shard, per_task, workers, zipped):
-    jobs = fresh_jobs(refs, per_shard)
-    unpacked = {f"S{k}": True for k in zipped}
-    plan = plan_tasks(jobs, unpacked, per_task, workers)
-    scenes = list(dict.fromkeys(p.scene_id for p in refs))
-    # Every scene in exactly one read task, runs of consecutive scenes in row order.
-    assert [s for task in plan.reads for s in task.scenes] == scenes
-    assert [task.number for task in plan.reads] == list(range(len(plan.reads)))
-    total = len(refs) + UNPACK_COST_PATCHES * sum(1 for s in scenes if unpacked.get(s))
-    assert len(plan.reads) <= min(len(scenes), max(math.ceil(total / per_task), 2 * workers))
-    # Every shard written exactly once: owned by one read task whose scenes hold all its patches,
-    # or stitched from the parts of exactly the read tasks whose scenes it holds.
-    run_of = {s: task.number for task in plan.reads for s in task.scenes}
-    writers = [s for task in plan.reads for s in task.owned] + [t.job.shard for t in plan.stitches]
-    assert sorted(writers) == [job.shard for job in jobs]
-    for task in plan.reads:
-        assert [j.shard for j in task.jobs] == [
-            j.shard for j in jobs if any(p.scene_id in task.scenes for p in j.source)
+def records_for(frame, per_shard, fingerprints):
+    """The shard records a previous write of these rows left (with per-row sums)."""
+    records = {}
+    for shard, start in enumerate(range(0, len(frame), per_shard)):
+        part = frame.iloc[start : start + per_shard]
+        keys = [
+            row_key(r.patch_id, r.scene_id, fingerprints[r.scene_id])
+            if r.active
+            else f"retired:{r.patch_id}|{r.scene_id}"
+            for r in part.itertuples()
         ]
-        for shard in task.owned:
-            assert {run_of[p.scene_id] for p in jobs[shard].source} == {task.number}
-        staged = {j.shard for j in task.staged()}
-        assert staged == {t.job.shard for t in plan.stitches if task.number in t.parts}
-    for stitch in plan.stitches:
-        assert stitch.parts == tuple(sorted({run_of[p.scene_id] for p in stitch.job.source}))
-        assert len(stitch.parts) >= 2
-    # Each unit is read by one task only, so no two reads anywhere share a pixel.
-    units = [u for task in plan.reads for u in read_units(task.patches)]
-    assert len(units) == len(set(units)) == len(read_units(refs))
-    assert sorted((p for task in plan.reads for p in task.patches), key=lambda p: p.row) == refs
-    for task in plan.reads:
-        windows = unit_windows(task.patches, 128)
-        for p in task.patches:
-            window = windows[(p.scene_id, p.row_off)]
-            assert window.col_off <= p.col_off and p.col_off + 128 <= window.col_off + window.width
+        active = [int(r.row) for r in part.itertuples() if r.active]
+        records[shard] = {
+            "shard": shard,
+            "first_row": start,
+            "stop_row": start + len(part),
+            "layout_key": LAYOUT,
+            "row_keys": keys,
+            "active_rows": active,
+            "row_sums": {str(row): sums_of(row) for row in active},
+        }
+    return records
 
 
-def brute_force_runs(costs, groups):
-    """The smallest possible largest run over every cut of costs into at most `groups` runs."""
-    n, best = len(costs), sum(costs)
-    for k in range(1, min(groups, n) + 1):
-        for cuts in itertools.combinations(range(1, n), k - 1):
-            bounds = (0, *cuts, n)
-            best = min(best, max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds)))
-    return best
+def check_partition(frame, per_shard, jobs, reused):
+    """Every shard is either reused or written by exactly one job that covers each of its rows once."""
+    shards = (len(frame) + per_shard - 1) // per_shard
+    assert sorted([j.shard for j in jobs] + list(reused)) == list(range(shards))
+    for job in jobs:
+        assert (job.start, job.stop) == (job.shard * per_shard, min(len(frame), (job.shard + 1) * per_shard))
+        rows = sorted([p.row for p in job.source] + [p.row for p in job.copy])
+        assert rows == list(range(job.start, job.stop))
+        assert len(job.row_keys) == job.stop - job.start
+        part = frame.iloc[job.start : job.stop]
+        assert list(job.active) == [int(r.row) for r in part.itertuples() if r.active]
+        for ref in (*job.source, *job.copy):
+            assert (ref.scene_id, ref.location_id) == tuple(frame.iloc[ref.row][["scene_id", "location_id"]])
+        assert set(job.scenes) == {p.scene_id for p in (*job.source, *job.copy)}
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(1, 60), min_size=1, max_size=9), st.integers(1, 6))
-def test_partition_runs_minimises_the_largest_run(costs, groups):
-    sizes = partition_runs(costs, groups)
-    assert sum(sizes) == len(costs) and all(size >= 1 for size in sizes)
-    assert len(sizes) <= groups
-    bounds = list(itertools.accumulate([0, *sizes]))
-    largest = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
-    assert largest == brute_force_runs(costs, groups)
+@settings(max_examples=200, deadline=None)
+@given(index_rows(), st.integers(2, 5))
+def test_a_fresh_write_takes_every_active_row_from_the_cut(frame, per_shard):
+    fingerprints = {s: f"fp-{s}" for s in frame["scene_id"]}
+    jobs, reused = plan_jobs(frame, per_shard, fingerprints, {}, LAYOUT, False, set())
+    check_partition(frame, per_shard, jobs, reused)
+    assert reused == {}
+    active = {int(r.row) for r in frame.itertuples() if r.active}
+    assert {p.row for j in jobs for p in j.source} == active
+    # Retired rows keep what they hold: copied, never re-read.
+    assert {p.row for j in jobs for p in j.copy} == set(range(len(frame))) - active
+    assert all(j.copied_sums == {} for j in jobs)
 
 
-def test_a_small_build_is_split_for_every_worker():
-    # 8 scenes of ~20 patches and 32 patches per shard: a chain of shards that all share a scene.
-    refs = [PatchRef(row, f"S{row // 20}", 0, 128 * (row % 20)) for row in range(160)]
-    plan = plan_tasks(fresh_jobs(refs, 32), {}, 32 * 8, parallelism=2)
-    assert len(plan.reads) == 4
-    assert [len(task.scenes) for task in plan.reads] == [2, 2, 2, 2]
-    # Runs hold rows 0-39, 40-79, 80-119, 120-159: shards 1, 2 and 3 straddle a cut, 0 and 4 do not.
-    assert [t.job.shard for t in plan.stitches] == [1, 2, 3]
-    assert [task.owned for task in plan.reads] == [(0,), (), (), (4,)]
+@settings(max_examples=200, deadline=None)
+@given(index_rows(), st.integers(2, 5), st.data())
+def test_only_changed_rows_come_from_the_cut(frame, per_shard, data):
+    fingerprints = {s: f"fp-{s}" for s in frame["scene_id"]}
+    records = records_for(frame, per_shard, fingerprints)
+    shards = set(records)
+    valid = data.draw(st.sets(st.sampled_from(sorted(shards))))
+    changed = data.draw(st.sets(st.sampled_from(sorted(set(frame["scene_id"])))))
+    now = {s: (f"fp-{s}-new" if s in changed else fp) for s, fp in fingerprints.items()}
+    jobs, reused = plan_jobs(frame, per_shard, now, records, LAYOUT, True, valid)
+    check_partition(frame, per_shard, jobs, reused)
+    for shard in reused:
+        part = frame.iloc[shard * per_shard : (shard + 1) * per_shard]
+        assert shard in valid and not (set(part[part["active"]]["scene_id"]) & changed)
+        assert reused[shard] is records[shard]
+    for job in jobs:
+        for ref in job.source:
+            # From the cut exactly when its key changed or its stored shard failed its check.
+            assert frame.iloc[ref.row]["active"]
+            assert ref.scene_id in changed or job.shard not in valid
+        for ref in job.copy:
+            if frame.iloc[ref.row]["active"]:
+                assert ref.scene_id not in changed and job.shard in valid
+                assert job.copied_sums[str(ref.row)] == sums_of(ref.row)
+        assert set(job.copied_sums) == {str(p.row) for p in job.copy if frame.iloc[p.row]["active"]}
 
 
-def test_shard_with_only_kept_rows_is_stitched_without_parts():
-    keep = ShardJob(0, 0, 2, (), (0, 1), (0, 1), ("a", "b"))
-    new = ShardJob(1, 2, 4, (PatchRef(2, "S", 0, 0), PatchRef(3, "S", 0, 128)), (), (2, 3), ("c", "d"))
-    plan = plan_tasks([keep, new], {}, 8)
-    assert [t.job.shard for t in plan.stitches] == [0] and plan.stitches[0].parts == ()
-    assert plan.reads[0].owned == (1,)
+def test_a_record_without_a_rows_sums_takes_that_row_from_the_cut():
+    frame = pd.DataFrame(
+        {
+            "patch_id": ["a", "b", "c"],
+            "scene_id": ["S", "S", "T"],
+            "location_id": ["L1", "L2", "L1"],
+            "active": [True, True, True],
+            "row": [0, 1, 2],
+        }
+    )
+    fingerprints = {"S": "1", "T": "2"}
+    records = records_for(frame, 4, fingerprints)
+    del records[0]["row_sums"]["1"]
+    # Scene T changed: the shard is rewritten; row 1 is unchanged but has no recorded sums.
+    jobs, reused = plan_jobs(frame, 4, {"S": "1", "T": "3"}, records, LAYOUT, True, {0})
+    assert reused == {}
+    (job,) = jobs
+    assert job == ShardJob(
+        0,
+        0,
+        3,
+        (PatchRef(1, "S", "L2"), PatchRef(2, "T", "L1")),
+        (PatchRef(0, "S", "L1"),),
+        (0, 1, 2),
+        (*records[0]["row_keys"][:2], row_key("c", "T", "3")),
+        {"0": sums_of(0)},
+    )
+    # Another layout (other codec or shard size) keeps nothing as stored.
+    jobs, reused = plan_jobs(frame, 4, fingerprints, records_for(frame, 4, fingerprints), "other", True, {0})
+    assert reused == {} and [p.row for p in jobs[0].source] == [0, 1, 2] and jobs[0].copy == ()
