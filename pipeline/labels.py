@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import posixpath
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -369,12 +371,33 @@ def source_version(uri: str, storage_options: Mapping[str, Any] | None = None) -
     return {"uri": redact(uri), "size": int(info.get("size") or 0), "stamp": str(stamp)}
 
 
+def _curl_extensions(uri: str) -> dict[str, str]:
+    """GDAL configuration that lets /vsis3/ open this source: the build's GDAL settings list the
+    extensions of EnMAP products in CPL_VSIL_CURL_ALLOWED_EXTENSIONS; a label source adds its own."""
+    allowed = os.environ.get("CPL_VSIL_CURL_ALLOWED_EXTENSIONS")
+    suffix = posixpath.splitext(uri)[1]
+    if not is_remote(uri) or not allowed or not suffix or suffix in allowed.split(","):
+        return {}
+    return {"CPL_VSIL_CURL_ALLOWED_EXTENSIONS": f"{allowed},{suffix}"}
+
+
+def _ogr_path(uri: str) -> str:
+    """The path pyogrio opens (its own GDAL build: the extension is allowed there, once per process)."""
+    extra = _curl_extensions(uri)
+    if extra:
+        import pyogrio
+
+        pyogrio.set_gdal_config_options(extra)
+    return gdal_path(uri)
+
+
 class RasterSource:
     """An open categorical raster: exact point sampling from windowed reads."""
 
     def __init__(self, uri: str) -> None:
         try:
-            self.dataset = rasterio.open(gdal_path(uri))
+            with rasterio.Env(**_curl_extensions(uri)):
+                self.dataset = rasterio.open(gdal_path(uri))
         except rasterio.errors.RasterioIOError as exc:
             if is_transient(exc):
                 raise
@@ -433,7 +456,7 @@ def read_polygons(
             storage_options=dict(storage_options or {}) or None,
         )
     else:
-        frame = geopandas.read_file(gdal_path(uri), bbox=bbox, columns=[attribute], engine="pyogrio")
+        frame = geopandas.read_file(_ogr_path(uri), bbox=bbox, columns=[attribute], engine="pyogrio")
     if attribute not in frame.columns:
         raise LabelSourceError(f"label source {redact(uri)} has no column {attribute!r}")
     return frame
@@ -476,7 +499,7 @@ def layer_crs(uri: str, attribute: str, storage_options: Mapping[str, Any] | Non
         )
     import pyogrio
 
-    info = pyogrio.read_info(gdal_path(uri))
+    info = pyogrio.read_info(_ogr_path(uri))
     if attribute not in list(info["fields"]):
         raise LabelSourceError(f"label source {redact(uri)} has no column {attribute!r}")
     if not info.get("crs"):
@@ -492,7 +515,7 @@ def largest_code(uri: str, attribute: str, storage_options: Mapping[str, Any] | 
     else:
         import pyogrio
 
-        column = pyogrio.read_dataframe(gdal_path(uri), columns=[attribute], read_geometry=False)[attribute]
+        column = pyogrio.read_dataframe(_ogr_path(uri), columns=[attribute], read_geometry=False)[attribute]
     codes = remap_codes(_integer_codes(column), ())
     return int(codes.max()) if codes.size else 0
 

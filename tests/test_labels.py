@@ -467,3 +467,42 @@ def test_remap_codes():
         remap_codes(np.array([70000]), ())
     with pytest.raises(LabelSourceError, match="integer"):
         remap_codes(np.array([1.5]), ())
+
+
+# Sources on S3 ------------------------------------------------------------------------------------
+
+
+def test_sources_on_s3_give_the_same_labels(build, s3_server, monkeypatch, capsys):
+    import s3fs
+
+    from pipeline.stages import BuildContext
+
+    secret = "s3cr3t-label-source"
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing-key",
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir("label-sources")
+    for file in ("crops_aea30.tif", "parcels.parquet", "parcels.gpkg"):
+        fs.put(str(build["sources"] / file), f"label-sources/{file}")
+    raw = dict(build["raw"])
+    raw["labels"] = {
+        "crops_s3": {"source": "s3://label-sources/crops_aea30.tif", "min_labelled_fraction": 0.5},
+        "parcels_s3": dict(build["raw"]["labels"]["parcels"], source="s3://label-sources/parcels.parquet"),
+        "parcels_gpkg_s3": dict(build["raw"]["labels"]["parcels"], source="s3://label-sources/parcels.gpkg"),
+    }
+    context = BuildContext.create(Manifest.from_dict(raw), build["store"].uri, "synchronous", progress=False)
+    args = (context.manifest, context.store, context.scheduler, context.storage_options)
+    assert not any(r.skipped for r in run_labels(*args))
+    assert np.array_equal(_labels(build, "crops_s3"), _labels(build, "crops"))
+    assert np.array_equal(_labels(build, "parcels_s3"), _labels(build, "parcels"))
+    assert np.array_equal(_labels(build, "parcels_gpkg_s3"), _labels(build, "parcels"))
+    assert label_array(build["store"], "crops_s3").attrs["source_version"]["stamp"]  # the ETag
+    assert all(r.skipped for r in run_labels(*args))
+    assert secret not in capsys.readouterr().out
+    assert secret not in json.dumps(build["store"].read_stage_record("labels-crops_s3"))
