@@ -24,7 +24,13 @@ from stac.serve import ServedCatalog, load_catalog
 
 PUBLISH_EXTRA = "install pypgstac with: pip install 'spectralearth-pipeline[serve]' (or `make setup`)"
 BATCH_ROWS = 4096
+CONNECT_TIMEOUT_S = 10
 _SERVICE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _reason(exc: Exception) -> str:
+    """libpq's message on one line (it names host, port and user, never the password)."""
+    return " ".join(str(exc).split())
 
 
 class PublishError(ValueError):
@@ -91,6 +97,7 @@ def served_items(catalog: ServedCatalog, batch_rows: int = BATCH_ROWS) -> Iterat
 def publish(build: Any, service: str | None = None) -> PublishSummary:
     """Upsert the build's patch collection and items into the pgstac database libpq connects to."""
     try:
+        import psycopg
         from psycopg import OperationalError
         from pypgstac.db import PgstacDB
         from pypgstac.load import Loader, Methods
@@ -107,8 +114,15 @@ def publish(build: Any, service: str | None = None) -> PublishSummary:
             published.append(item["id"])
             yield item
 
+    dsn = conninfo(service)
     try:
-        with PgstacDB(dsn=conninfo(service)) as db:
+        # one direct attempt first: libpq's own reason at once (pypgstac's pool would retry for 30 s
+        # and log each failure)
+        psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT_S).close()
+    except OperationalError as exc:
+        raise PublishError(f"cannot connect to PostgreSQL: {_reason(exc)}") from None
+    try:
+        with PgstacDB(dsn=dsn) as db:
             version = db.version
             if not version:
                 raise PublishError("the database has no pgstac schema: run `pypgstac migrate` first")
@@ -123,8 +137,7 @@ def publish(build: Any, service: str | None = None) -> PublishSummary:
             info = db.connect().info
             where = f"{info.host}:{info.port}/{info.dbname}"
     except OperationalError as exc:
-        # libpq's message names host, port and user, never the password
-        raise PublishError(f"cannot publish to PostgreSQL: {' '.join(str(exc).split())}") from None
+        raise PublishError(f"cannot publish to PostgreSQL: {_reason(exc)}") from None
     return PublishSummary(
         collection_id=catalog.collection_id,
         items=len(published),

@@ -279,7 +279,7 @@ def test_publish_errors_are_one_line(
     monkeypatch.setenv("PGUSER", "postgres")
     monkeypatch.setenv("PGPASSWORD", "hunter2-secret")
     failed = runner.invoke(main, ["publish", "--build", str(build)])
-    assert failed.exit_code != 0 and "cannot publish to PostgreSQL" in failed.output
+    assert failed.exit_code != 0 and "cannot connect to PostgreSQL" in failed.output
     assert "hunter2-secret" not in failed.output and "Traceback" not in failed.output
     assert len(failed.output.strip().splitlines()) == 1
     # a database without the pgstac schema
