@@ -504,7 +504,7 @@ def _pread_rows(
     ca, cb = col_span
     direct = ca == 0 and cb == cols and target.flags.c_contiguous
     buffer = target if direct else np.empty((target.shape[0], cols), dtype=dtype)
-    raw = memoryview(buffer).cast("B")
+    raw = buffer.data.cast("B")
     if os.preadv(fd, [raw], start) != raw.nbytes:
         raise ProductError("truncated raster: the file ended inside its data")
     if not direct:
