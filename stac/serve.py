@@ -31,6 +31,7 @@ from typing import Any
 
 from stac.build import absolute_hrefs, join_uri
 from stac.catalog import ITEMS_PARQUET, ROOT, STAC_DIR, stac_root_of
+from stac.schema import spectralearth_schema
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -210,8 +211,6 @@ def create_app(served: ServedCatalog) -> Any:
         from stac_fastapi.geoparquet.settings import Settings
     except ImportError as exc:
         raise ServeError(f"the STAC API server is not installed ({exc.name}): {SERVE_EXTRA}") from None
-
-    from stac.schema import spectralearth_schema
 
     class BuildClient(Client):
         """The geoparquet client, with the build's collection as clients see it and item hrefs that
