@@ -789,6 +789,9 @@ TABLE_SCHEMA = pa.schema(
     [
         ("patch_id", pa.string()),
         ("row", pa.int64()),
+        ("epsg", pa.int32()),
+        ("x_ul", pa.float64()),
+        ("y_ul", pa.float64()),
         ("labelled_fraction", pa.float64()),
         ("class_codes", pa.list_(pa.int32())),
         ("class_pixels", pa.list_(pa.int64())),
@@ -807,7 +810,9 @@ def class_table(spec: LabelSpec, results: Sequence[PatchLabels]) -> list[int]:
     return sorted({c for r in results for c in r.class_codes})
 
 
-def results_table(spec: LabelSpec, results: Sequence[PatchLabels], classes: Sequence[int]) -> pa.Table:
+def results_table(
+    spec: LabelSpec, results: Sequence[PatchLabels], classes: Sequence[int], rows: Rows
+) -> pa.Table:
     position = {c: k for k, c in enumerate(classes)}
     ordered = sorted(results, key=lambda r: r.patch_id)
     reasons = [exclusion_reason(r, spec.min_labelled_fraction) for r in ordered]
@@ -824,6 +829,9 @@ def results_table(spec: LabelSpec, results: Sequence[PatchLabels], classes: Sequ
         {
             "patch_id": [r.patch_id for r in ordered],
             "row": [r.row for r in ordered],
+            "epsg": [int(rows.epsg[r.row]) for r in ordered],
+            "x_ul": [float(rows.x_ul[r.row]) for r in ordered],
+            "y_ul": [float(rows.y_ul[r.row]) for r in ordered],
             "labelled_fraction": [r.labelled_fraction for r in ordered],
             "class_codes": [list(r.class_codes) for r in ordered],
             "class_pixels": [list(r.class_pixels) for r in ordered],
@@ -850,6 +858,83 @@ class LabelsResult:
     name: str
     skipped: bool
     counts: dict[str, Any]
+
+
+def reusable_shards(
+    store: BuildStore,
+    spec: LabelSpec,
+    rows: Rows,
+    record: Mapping[str, Any] | None,
+    config_hash: str,
+    version: Mapping[str, Any],
+    dtype: str,
+) -> tuple[set[int], list[PatchLabels]]:
+    """Shards whose stored labels still stand, and their table rows: same settings, same source bytes,
+    same array layout, and every row of the shard holds the same patch on the same grid as when it was
+    labelled (an appended row, a retired row or a moved patch makes its shard be labelled again). This
+    is what keeps a rerun after `write` grew the dataset from re-labelling everything."""
+    if (
+        record is None
+        or record.get("config_hash") != config_hash
+        or (record.get("counts") or {}).get("source_version") != dict(version)
+        or not store.exists(spec.table_path)
+        or not store.exists(f"{DATASET}/{spec.array_path}/zarr.json")
+    ):
+        return set(), []
+    try:
+        array = label_array(store, spec.name)
+        table = read_label_table(store, spec.name)
+    except (FileNotFoundError, KeyError, ValueError):
+        return set(), []
+    size, per_shard, n = rows.patch_size, rows.patches_per_shard, len(rows.patch_id)
+    if (
+        array.dtype != np.dtype(dtype)
+        or tuple(array.shape[1:]) != (size, size)
+        or (array.shards or array.chunks)[0] != per_shard
+        or array.shape[0] > n
+        or not {"epsg", "x_ul", "y_ul"} <= set(table.columns)
+    ):
+        return set(), []
+    before = {
+        int(r): (str(p), int(e), float(x), float(y))
+        for r, p, e, x, y in zip(
+            table["row"], table["patch_id"], table["epsg"], table["x_ul"], table["y_ul"], strict=True
+        )
+    }
+    kept: set[int] = set()
+    for shard, start in enumerate(range(0, n, per_shard)):
+        stop = min(n, start + per_shard)
+        if all(
+            before.get(r)
+            == (str(rows.patch_id[r]), int(rows.epsg[r]), float(rows.x_ul[r]), float(rows.y_ul[r]))
+            if rows.active[r]
+            else r not in before
+            for r in range(start, stop)
+        ):
+            kept.add(shard)
+    reused = [
+        PatchLabels(
+            int(entry.row),
+            str(entry.patch_id),
+            float(entry.labelled_fraction),
+            tuple(int(c) for c in entry.class_codes),
+            tuple(int(p) for p in entry.class_pixels),
+            tuple(int(c) for c in entry.present_classes) if entry.present_classes is not None else (),
+            entry.reason == "outside the label source",
+        )
+        for entry in table.itertuples(index=False)
+        if int(entry.row) // per_shard in kept
+    ]
+    return kept, reused
+
+
+def _grow_array(store: BuildStore, spec: LabelSpec, rows: Rows, attributes: dict[str, Any]) -> None:
+    """Keep the stored labels: resize the array to the dataset's rows (new rows read 0)."""
+    array = label_array(store, spec.name, writable=True)
+    n = len(rows.patch_id)
+    if array.shape[0] != n:
+        array.resize((n, *array.shape[1:]))
+    array.attrs.update(attributes)
 
 
 def require_dataset(manifest: Manifest, store: BuildStore) -> None:
@@ -910,22 +995,29 @@ def label_benchmark(
         "pixel_size_m": rows.pixel_size,
         "coordinates": "patch_id location_id scene_id time epsg x_ul y_ul active",
     }
-    _create_array(store, spec, rows, dtype, base_attributes)
+    record = None if force else store.read_stage_record(spec.stage)
+    kept, reused = reusable_shards(store, spec, rows, record, config_hash, version, dtype)
+    if kept:
+        _grow_array(store, spec, rows, base_attributes)
+    else:
+        _create_array(store, spec, rows, dtype, base_attributes)
     watch.lap("prepare")
     per_shard = rows.patches_per_shard
     n = len(rows.patch_id)
+    # A kept array's other shards are rewritten whole (a row may have been retired); a new array's
+    # shards without active rows stay the fill.
     tasks = [
         ShardTask(k, start, min(n, start + per_shard))
         for k, start in enumerate(range(0, n, per_shard))
-        if rows.active[start : min(n, start + per_shard)].any()
+        if k not in kept and (bool(kept) or rows.active[start : min(n, start + per_shard)].any())
     ]
     outcome = scheduler.map(
         shard_task, tasks, spec, rows, store.uri, factor, storage_options, label=f"labels {spec.name}"
     )
-    results = [r for shard in outcome for r in shard]
+    results = reused + [r for shard in outcome for r in shard]
     watch.lap("label")
     classes = class_table(spec, results)
-    table = results_table(spec, results, classes)
+    table = results_table(spec, results, classes, rows)
     store.write_table(spec.table_path, table)
     _set_attributes_and_consolidate(
         store,
@@ -957,6 +1049,9 @@ def label_benchmark(
         "classes": len(classes),
         "dtype": dtype,
         "histogram": {str(c): histogram[c] for c in sorted(histogram)},
+        "shards_labelled": len(tasks),
+        "shards_reused": len(kept),
+        "source_version": version,
     }
     store.write_stage_record(StageRecord(spec.stage, config_hash, input_fingerprint, counts, watch.timings))
     return LabelsResult(spec.name, False, counts)
@@ -979,10 +1074,10 @@ def included_patches(store: BuildStore, name: str) -> list[str]:
     return sorted(table.loc[table["included"], "patch_id"].astype(str))
 
 
-def label_array(store: BuildStore, name: str) -> Any:
+def label_array(store: BuildStore, name: str, writable: bool = False) -> Any:
     """The zarr array `labels/<name>` of dataset.zarr (rows as the other arrays)."""
     with _quiet():
-        group = zarr.open_group(zarr_store(store), mode="r", use_consolidated=False)
+        group = zarr.open_group(zarr_store(store), mode="r+" if writable else "r", use_consolidated=False)
         try:
             array = group[f"{LABELS_DIR}/{name}"]
         except KeyError:

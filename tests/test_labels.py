@@ -365,20 +365,35 @@ def test_changed_source_relabels(build, tmp_path):
     assert run_labels(changed, build["store"], build["scheduler"])[0].skipped
 
 
-def test_retired_rows_stay_unlabelled(build, tmp_path):
-    """A row marked inactive (superseded) keeps 0 and has no table row."""
+def test_retired_rows_stay_unlabelled_and_other_shards_are_reused(build, tmp_path):
+    """A row marked inactive (superseded) is zeroed and leaves the table; only its shard is labelled
+    again, the other shards' labels stay as stored."""
     copy = tmp_path / "build"
     shutil.copytree(build["store"].path(""), copy)
     store = BuildStore(str(copy))
+    before = np.asarray(label_array(store, "crops")[:])
+    shard_files = sorted(p for p in Path(store.path("dataset.zarr/labels/crops/c")).rglob("*") if p.is_file())
+    assert len(shard_files) >= 2  # c/<shard>/0/0
+    stamps = {f: f.stat().st_mtime_ns for f in shard_files}
     active = zarr.open_array(store.path("dataset.zarr/active"), mode="r+")
     values = np.asarray(active[:])
     values[1] = 0
     active[:] = values
-    run_labels(build["manifest"], store, build["scheduler"], name="crops")
+    result = run_labels(build["manifest"], store, build["scheduler"], name="crops")[0]
+    assert not result.skipped
+    assert result.counts["shards_labelled"] == 1 and result.counts["shards_reused"] == len(shard_files) - 1
     labels = np.asarray(label_array(store, "crops")[:])
-    assert not labels[1].any() and labels[0].any()
+    assert not labels[1].any()
+    expected = before.copy()
+    expected[1] = 0
+    assert np.array_equal(labels, expected)
+    for f in shard_files[1:]:
+        assert f.stat().st_mtime_ns == stamps[f], f"{f} was rewritten"
+    assert shard_files[0].stat().st_mtime_ns != stamps[shard_files[0]]
     patch_ids = np.asarray(zarr.open_array(store.path("dataset.zarr/patch_id"), mode="r")[:]).tolist()
-    assert patch_ids[1] not in set(read_label_table(store, "crops")["patch_id"])
+    table = read_label_table(store, "crops")
+    assert patch_ids[1] not in set(table["patch_id"]) and len(table) == len(before) - 1
+    assert run_labels(build["manifest"], store, build["scheduler"], name="crops")[0].skipped
 
 
 # Bad sources and settings -------------------------------------------------------------------------
