@@ -41,7 +41,8 @@ Outputs (`name` is the benchmark's name):
   covering at least `multilabel_min_fraction` of the patch's labelled pixels) and `multi_hot` (over the
   class table), `included` and, when excluded, `reason`;
 - `_stages/labels-<name>.json`: the stage record. A rerun with the same source (size and mtime, or
-  S3 ETag), settings and dataset rows is a no-op; any change re-labels the whole benchmark.
+  S3 ETag), settings and dataset rows is a no-op; a changed source or setting re-labels everything;
+  changed rows (appended by `write`, retired, moved) re-label only their shards.
 """
 
 from __future__ import annotations
