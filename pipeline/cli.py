@@ -707,9 +707,10 @@ def labels_command(
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     try:
-        results = run_labels(
-            context.manifest, context.store, context.scheduler, context.storage_options, force, benchmark
-        )
+        with _locked(context.store, "labels"):
+            results = run_labels(
+                context.manifest, context.store, context.scheduler, context.storage_options, force, benchmark
+            )
     except LabelSourceError as exc:
         raise PipelineFailure(one_line(exc)) from None
     for result in results:
