@@ -196,7 +196,7 @@ def _run_parallel(jobs: list[Callable[[], None]], concurrency: int) -> None:
         return
     with ThreadPoolExecutor(max_workers=min(concurrency, len(jobs)), thread_name_prefix="fetch") as pool:
         futures: list[Future[None]] = [pool.submit(job) for job in jobs]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for future in pending:
             future.cancel()
         failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
@@ -222,11 +222,8 @@ def fetch_ranges(
         size = object_size(source, uri) - start
     out = bytearray(size)
     whole = Piece(uri, start, size)
-    read = _range_reader(source)
-    jobs = [
-        _part_job(read, whole, s, e, _memory_sink(out), settings)
-        for s, e in split_range(start, size, settings.part)
-    ]
+    read, sink = _range_reader(source), _memory_sink(out)
+    jobs = [_part_job(read, whole, s, e, sink, settings) for s, e in split_range(start, size, settings.part)]
     _run_parallel(jobs, settings.concurrency)
     return out
 
@@ -241,18 +238,24 @@ def fetch_to_file(
     settings: FetchSettings | None = None,
 ) -> FileSlice:
     """Like `fetch_ranges`, into the file `target` (created or replaced), each part written at its offset
-    as it arrives: memory holds at most `concurrency` parts."""
+    as it arrives: memory holds at most `concurrency` parts. On failure the file is removed."""
     settings = settings or FetchSettings()
     whole = Piece(uri, start, size)
     read = _range_reader(source)
     path = os.fspath(target)
-    with open(path, "wb") as handle:
-        handle.truncate(size)
-        sink = _file_sink(handle.fileno())
-        jobs = [
-            _part_job(read, whole, s, e, sink, settings) for s, e in split_range(start, size, settings.part)
-        ]
-        _run_parallel(jobs, settings.concurrency)
+    try:
+        with open(path, "wb") as handle:
+            handle.truncate(size)
+            sink = _file_sink(handle.fileno())
+            jobs = [
+                _part_job(read, whole, s, e, sink, settings)
+                for s, e in split_range(start, size, settings.part)
+            ]
+            _run_parallel(jobs, settings.concurrency)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
     return FileSlice(path, 0, size)
 
 
@@ -272,12 +275,7 @@ def fetch(
         return fetch_ranges(source, uri, size, start=start, settings=settings)
     handle, path = tempfile.mkstemp(prefix="fetch-", dir=scratch_dir)
     os.close(handle)
-    try:
-        return fetch_to_file(source, uri, size, path, start=start, settings=settings)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(path)
-        raise
+    return fetch_to_file(source, uri, size, path, start=start, settings=settings)
 
 
 def fetch_product_files(

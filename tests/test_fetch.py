@@ -284,7 +284,7 @@ class FlakyClient:
         return {"Body": Body(self.data[start : end + 1])}
 
 
-def test_retries_are_for_transient_faults_only():
+def test_retries_are_for_transient_faults_only(tmp_path):
     data = bytes(range(256)) * 100_000  # 25.6 MB: two 16 MiB parts
     quick = FetchSettings(retries=2, backoff_seconds=0.0)
     flaky = FlakyClient(data, failures=2, error=ConnectionResetError(104, "Connection reset by peer"))
@@ -294,6 +294,16 @@ def test_retries_are_for_transient_faults_only():
     flakier = FlakyClient(data, failures=3, error=ConnectionResetError(104, "Connection reset by peer"))
     with pytest.raises(TransientError):
         fetch_ranges(flakier, "s3://b/k", len(data), settings=quick)
+    # Streaming to scratch: a failed fetch leaves no half-written file behind.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    flakier.calls.clear()
+    with pytest.raises(TransientError):
+        fetch(flakier, "s3://b/k", len(data), memory_budget=MiB, scratch_dir=scratch, settings=quick)
+    assert list(scratch.iterdir()) == []
+    assert (
+        bytes(fetch(flaky, "s3://b/k", 3000, start=7, memory_budget=MiB, scratch_dir=scratch)) == data[7:3007]
+    )
 
     broken = FlakyClient(data, failures=1, error=ValueError("a property of the request, not the network"))
     with pytest.raises(ValueError, match="property"):
