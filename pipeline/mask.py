@@ -491,7 +491,10 @@ def mask_scene(
         spool.discard()
         raise
     cells = cutter.cells if bool(np.all(valid > 0)) else {}  # an empty kept band drops every cell
-    _remove_cut(store, record.scene_id, keep=key)
+    _remove_cut(store, record.scene_id, keep=key, spool=spool.path)
+    if store.exists(cut_index_path(record.scene_id, key)):
+        # The index goes before its .bin is replaced: an index always describes the .bin beside it.
+        store.fs.rm(store.path(cut_index_path(record.scene_id, key)))
     spool.commit()
     index = CutIndex(
         record.scene_id,
@@ -516,12 +519,14 @@ def mask_scene(
     )
 
 
-def _remove_cut(store: BuildStore, scene_id: str, keep: str | None = None) -> None:
-    """Remove a scene's cut files, except those of key `keep` (an older key's are stale)."""
+def _remove_cut(store: BuildStore, scene_id: str, keep: str | None = None, spool: str = "") -> None:
+    """Remove a scene's cut files, except the .bin and .json of key `keep` (and the file being
+    spooled): another key's are stale, and so is what a killed task left half-written."""
     folder = store.path(f"{CUT}/{scene_id}")
     if not store.fs.exists(folder):
         return
-    stale = [p for p in store.fs.find(folder) if keep is None or not p.rsplit("/", 1)[-1].startswith(keep)]
+    kept = {f"{keep}.bin", f"{keep}.json", os.path.basename(spool)} if keep else set()
+    stale = [p for p in store.fs.find(folder) if p.rsplit("/", 1)[-1] not in kept]
     if stale:
         store.fs.rm(stale)
 
@@ -669,12 +674,18 @@ def forget_scenes(store: BuildStore, manifest: Manifest, records: list[SceneReco
 
 
 def _outputs_valid(store: BuildStore, scene_ids: list[str]) -> bool:
+    """The tables validate and every listed mask is stored with the checksum it was made with. `write`
+    no longer reads the masks (their quality chunks were cut when they were made), so a damaged mask
+    must be found here to be made again; masks are small beside the cubes."""
     summaries = summaries_from_table(read_table_checked(store, MASKS_TABLE))
     read_table_checked(store, REJECTED_TABLE)
-    listed = {s.scene_id for s in summaries}
-    present = set(store.fs.find(store.path("mask"))) if store.exists("mask") else set()
-    present = {p.rsplit("/", 1)[-1] for p in present}
-    return listed <= set(scene_ids) and all(mask_path(s).rsplit("/", 1)[-1] in present for s in listed)
+    if not {s.scene_id for s in summaries} <= set(scene_ids):
+        return False
+    wanted = {store.path(mask_path(s.scene_id)): s.mask_sha256 for s in summaries}
+    stored = store.cat_many(list(wanted))
+    return all(
+        path in stored and hashlib.sha256(stored[path]).hexdigest() == sha for path, sha in wanted.items()
+    )
 
 
 def run_mask(

@@ -148,7 +148,7 @@ KILLS = {
     "mask": ("pipeline.mask:mask_scene", "SceneRecord(scene_id='ENMAP01-____L2A-DT0000001875"),
     "tile": ("pipeline.tile:plan_scene", "SceneRecord(scene_id='ENMAP01-____L2A-DT0000001913"),
     "dedup": ("pipeline.dedup:build_index", ""),
-    "write": ("pipeline.write:_run_stitch_task", "StitchTask(job=ShardJob(shard=1,"),
+    "write": ("pipeline.write:write_shard_task", "ShardJob(shard=1,"),
     "catalog": ("stac.catalog:build_catalog", ""),
 }
 
@@ -260,7 +260,7 @@ def test_a_full_disk_while_saving_outputs_is_retried(reference, tmp_path, monkey
     products, _, _, manifest, reference_build = reference
     monkeypatch.setattr(storage, "STORE_RETRY_DELAYS", (0.0, 0.0, 0.0))
     flaky = Flaky(storage.BuildStore._write_bytes, OSError(errno.ENOSPC, "No space left on device"), 3)
-    monkeypatch.setattr(storage.BuildStore, "_write_bytes", flaky)
+    monkeypatch.setattr(storage.BuildStore, "_write_bytes", lambda self, *args: flaky(self, *args))
     build_all(manifest, tmp_path / "build", products)
     assert flaky.raised == 3
     assert_same_build(tmp_path / "build", reference_build)

@@ -127,3 +127,100 @@ def test_decide_cells_reasons_and_fractions():
     centre = decisions[(1, 1)]
     assert centre.kept and dict(centre.fractions)["cloud"] == 1 / 16
     assert centre.disqualifying_pixels == 1
+
+
+def _make_big_endian(folder: Path) -> None:
+    """Rewrite a folder product's ENVI cube big-endian (same values): GDAL and the pipeline read it
+    by its header's byte order."""
+    (header,) = [p for p in folder.iterdir() if "-SPECTRAL_IMAGE" in p.name and p.suffix.upper() == ".HDR"]
+    (data,) = [p for p in folder.iterdir() if "-SPECTRAL_IMAGE" in p.name and p.suffix.upper() != ".HDR"]
+    text = header.read_text()
+    assert "byte order = 0" in text
+    header.write_text(text.replace("byte order = 0", "byte order = 1"))
+    data.write_bytes(np.frombuffer(data.read_bytes(), dtype="<i2").astype(">i2").tobytes())
+
+
+def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path, manifest):
+    """The reading pass encodes exactly the cells tile keeps, each decoding to an independent rasterio
+    read of its source (big-endian ENVI, BIL, GeoTIFF, ZIP), its quality chunk to the mask, with the
+    patch's exact sums; a scene with an empty kept band has nothing cut."""
+    from pipeline.mask import cut_bin_path, read_cut_index, read_scenes, scene_key
+    from pipeline.tile import read_mask
+    from pipeline.zarr_chunks import decode_chunk, quality_codec, reflectance_codec
+    from tests.helpers import spectral_gdal_path
+
+    config = SynthConfig(
+        seed=6,
+        sites=1,
+        revisits=4,
+        overlapping_tiles=0,
+        reprocessed=0,
+        width=300,
+        height=280,
+        packagings=("folder", "folder", "zip", "folder"),
+        formats=("BIL", "GTiff", "BSQ", "BIP"),
+        cloud_amount=0.0,
+    )
+    truth = generate(tmp_path / "products", config)
+    big = next(p for p in truth.products if p.packaging == "folder" and p.format == "BIL")
+    _make_big_endian(tmp_path / "products" / big.path)
+    store = build_through_tile(tmp_path / "products", tmp_path / "build", manifest)
+    plan = store.read_geodataframe("plan/patches.parquet")
+    kept_plan = plan[plan["kept"]]
+    assert len(kept_plan) > 0 and big.scene_id in set(kept_plan["scene_id"])
+    records = read_scenes(store)
+    for record in records:
+        bands = list(manifest.bands.kept_bands(record.wavelengths_nm))
+        key = scene_key(record, manifest)
+        cut = read_cut_index(store, record.scene_id, key)
+        assert cut is not None
+        mine = kept_plan[kept_plan["scene_id"] == record.scene_id]
+        assert sorted(cut.cells) == sorted(mine["location_id"]), record.scene_id
+        payload = store.read_bytes(cut_bin_path(record.scene_id, key))
+        bits = read_mask(store, record.scene_id)
+        product = truth.product(record.scene_id)
+        with rasterio.open(spectral_gdal_path(tmp_path / "products", product, tmp_path)) as src:
+            for row in mine.itertuples():
+                col = (row.x_min - src.transform.c) / 30.0
+                line = (src.transform.f - row.y_max) / 30.0
+                assert col == int(col) and line == int(line)
+                window = rasterio.windows.Window(int(col), int(line), 128, 128)
+                source = src.read(bands, window=window)
+                cell = cut.cells[row.location_id]
+                start, length = cell.reflectance
+                chunk = decode_chunk(reflectance_codec(manifest, len(bands)), payload[start : start + length])
+                assert np.array_equal(chunk[0], source), (record.scene_id, row.location_id)
+                start, length = cell.quality
+                mask = decode_chunk(quality_codec(manifest), payload[start : start + length])
+                assert np.array_equal(mask[0], bits[int(line) : int(line) + 128, int(col) : int(col) + 128])
+                values = source.reshape(len(bands), -1).astype(np.int64)
+                assert (values != -32768).all()
+                assert list(cell.sums.count) == [values.shape[1]] * len(bands)
+                assert list(cell.sums.total) == values.sum(axis=1).tolist()
+                assert list(cell.sums.squares) == (values**2).sum(axis=1).tolist()
+                assert list(cell.sums.minimum) == values.min(axis=1).tolist()
+                assert list(cell.sums.maximum) == values.max(axis=1).tolist()
+
+
+def test_a_scene_with_an_empty_kept_band_has_nothing_cut(tmp_path, manifest):
+    from pipeline.mask import read_cut_index, read_scenes, scene_key
+
+    config = SynthConfig(
+        seed=2,
+        sites=1,
+        revisits=1,
+        overlapping_tiles=0,
+        reprocessed=0,
+        width=300,
+        height=280,
+        packagings=("folder",),
+        formats=("GTiff",),
+        no_data_bands=(10,),
+        cloud_amount=0.0,
+    )
+    generate(tmp_path / "products", config)
+    store = build_through_tile(tmp_path / "products", tmp_path / "build", manifest)
+    (record,) = read_scenes(store)
+    cut = read_cut_index(store, record.scene_id, scene_key(record, manifest))
+    assert cut is not None and cut.cells == {} and cut.bin_bytes >= 0
+    assert not store.read_geodataframe("plan/patches.parquet")["kept"].any()

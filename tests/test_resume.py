@@ -29,8 +29,7 @@ pytestmark = pytest.mark.slow
 
 
 def small_shards_manifest(tmp_path: Path) -> Path:
-    """The demo manifest with two patches per shard and one shard's worth of work per task (several
-    write tasks, stitched shards)."""
+    """The demo manifest with two patches per shard (many shard tasks, shards mixing scenes)."""
     raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
     raw["write"] = {"patches_per_shard": 2, "compression_level": 5, "max_shards_per_task": 1}
     path = tmp_path / "manifest.yaml"
@@ -87,9 +86,8 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
     run_all(manifest, build, products, names=("inventory", "mask", "tile", "dedup"))
     shards = dataset(reference_build)["reflectance"].shape[0] // 2
     assert shards >= 3
-    # Killed when stitching shard 1: the read tasks it waits for have written the shards they own and
-    # staged their parts of shard 1.
-    kill = f"pipeline.write:_run_stitch_task:StitchTask(job=ShardJob(shard=1,:{tmp_path / 'marker'}"
+    # Killed when assembling shard 1 (tasks run in shard order here): shard 0 is written.
+    kill = f"pipeline.write:write_shard_task:ShardJob(shard=1,:{tmp_path / 'marker'}"
     arguments = [
         "write",
         "--manifest",
@@ -105,7 +103,10 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
     assert killed.returncode == -9, killed.stderr
     done = sorted(int(p.stem) for p in (build / "write" / "shards").iterdir())
     assert done and 1 not in done, "some shards were written before the kill, shard 1 was not"
-    assert list((build / "write" / "staging").iterdir()), "parts of shard 1 were staged"
+    assert not (build / "write" / "staging").exists(), "nothing is staged: shards come from cut/"
+    assert sorted(p.name for p in (build / "cut").iterdir()) == sorted(
+        p.stem for p in (build / "mask").glob("*.tif")
+    ), "every masked scene has its encoded candidates"
     assert not (build / "_stages" / "write.json").exists()
     # No partial shard: every stored shard object is complete and matches its record, or absent.
     assert verify_build(BuildStore(str(build))).bad == ()
@@ -138,8 +139,48 @@ def test_corrupted_shard_is_found_and_rewritten(reference, tmp_path):
     assert verify_build(store, repair=True).bad == (1,)
     result = stages.run_stage("write", manifest, store, SYNC)
     assert result.counts["shards_written"] == 1
+    # Healed from the encoded chunks: both rows of shard 1 come from cut/, no product is read.
+    assert result.counts["rows_from_cut"] == 2
     assert verify_build(store).bad == ()
     assert np.array_equal(dataset(build)["reflectance"], dataset(reference_build)["reflectance"])
+    assert (build / "dataset.zarr" / "reflectance" / "c" / "1" / "0" / "0" / "0").read_bytes() == (
+        reference_build / "dataset.zarr" / "reflectance" / "c" / "1" / "0" / "0" / "0"
+    ).read_bytes()
+
+
+def test_removed_cut_is_not_missing_until_a_shard_needs_it_then_its_scenes_are_read_again(
+    reference, tmp_path
+):
+    from pipeline.errors import BuildFault
+
+    products, _, manifest, reference_build = reference
+    build = tmp_path / "build"
+    shutil.copytree(reference_build, build)
+    dropping = dataclasses.replace(manifest, write=dataclasses.replace(manifest.write, keep_cut=False))
+    first = run_all(dropping, build, products)
+    # Only write's settings changed: it keeps every shard and removes the encoded candidates.
+    assert first["mask"].skipped and first["write"].counts["shards_written"] == 0
+    assert not (build / "cut").exists()
+    # Removed by the setting, they are not missing: nothing is read again.
+    again = run_all(dropping, build, products)
+    assert all(result.skipped for result in again.values())
+    # A corrupt shard needs its rows' chunks: its scenes are read again, never patched with fill.
+    shard = build / "dataset.zarr" / "reflectance" / "c" / "1" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))
+    store = BuildStore(str(build))
+    assert verify_build(store, repair=True).bad == (1,)
+    index = store.read_geodataframe("index/patches.parquet")
+    scenes = set(index[index["row"].isin([2, 3])]["scene_id"])
+    with pytest.raises(BuildFault, match=rf"rerun mask \(or run\) to re-read {len(scenes)} scene\(s\)$"):
+        stages.run_stage("write", dropping, store, SYNC)
+    healed = run_all(dropping, build, products)
+    assert healed["mask"].counts["reused"] == healed["mask"].counts["masked"] - len(scenes)
+    assert healed["tile"].skipped and healed["dedup"].skipped
+    assert healed["write"].counts["shards_written"] == 1 and healed["write"].counts["rows_from_cut"] == 2
+    assert not (build / "cut").exists()
+    assert verify_build(store).bad == ()
+    for name, values in dataset(reference_build).items():
+        assert np.array_equal(dataset(build)[name], values), name
 
 
 def test_verify_cli_names_the_bad_shard(reference, tmp_path):
