@@ -22,6 +22,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from stac.build import join_uri
+
 ROW_GROUP_SIZE = 8192
 
 _LINK = pa.struct(
@@ -201,3 +203,34 @@ def write_items_parquet(
             store.write_bytes(relative, stream.read())
     finally:
         os.remove(temporary)
+
+
+# Where the hrefs point --------------------------------------------------------------------------------
+def written_build_root(items_parquet: Any) -> str | None:
+    """The build location (absolute path or URI) an items.parquet was written for: its first item's
+    `root` link is the absolute href of `<build>/stac/catalog.json`. None when its hrefs are relative
+    (catalogs written before items.parquet carried absolute hrefs) or it has no row. `items_parquet` is
+    a path or an open binary file."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(items_parquet)
+    if parquet.metadata.num_rows == 0:
+        return None
+    first = parquet.read_row_group(0, columns=["links"]).column("links")[0].as_py() or []
+    suffix = "/stac/catalog.json"
+    for entry in first:
+        href = entry.get("href") or ""
+        if entry.get("rel") == "root" and href.endswith(suffix) and ("://" in href or href.startswith("/")):
+            return str(href[: -len(suffix)])
+    return None
+
+
+def rebase_href(href: str, build_root: str, written_root: str | None) -> str:
+    """An href of items.parquet as it resolves for the build now at `build_root`: an absolute href
+    under `written_root` (where the build was when the catalog was written) moved onto `build_root`;
+    a relative one resolved against the parquet file (`<build_root>/stac/`); any other returned as is."""
+    if "://" not in href and not href.startswith("/"):
+        return join_uri(f"{build_root}/stac", href)
+    if written_root is not None and written_root != build_root and href.startswith(written_root + "/"):
+        return build_root + href[len(written_root) :]
+    return href

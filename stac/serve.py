@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stac.build import absolute_hrefs, join_uri
+from stac.build import absolute_hrefs
 from stac.catalog import ITEMS_PARQUET, ROOT, STAC_DIR, stac_root_of
+from stac.geoparquet import rebase_href, written_build_root
 from stac.schema import spectralearth_schema
 
 DEFAULT_HOST = "127.0.0.1"
@@ -85,36 +86,12 @@ class ServedCatalog:
         return str(self.collection["id"])
 
     def public_href(self, href: str) -> str:
-        """`href` of a served item as a client can open it: rebased onto the build's current location
-        when the build moved since the catalog was written; a relative href resolved against the
-        parquet file (catalogs written before items.parquet carried absolute hrefs)."""
-        if "://" not in href and not href.startswith("/"):
-            return join_uri(f"{self.build_root}/{STAC_DIR}", href)
-        old = self.written_root
-        if old is not None and old != self.build_root and href.startswith(old + "/"):
-            return self.build_root + href[len(old) :]
-        return href
+        """`href` of a served item as a client can open it (see `stac.geoparquet.rebase_href`)."""
+        return rebase_href(href, self.build_root, self.written_root)
 
 
 def _build_root(store: Any) -> str:
     return posixpath.dirname(stac_root_of(store))
-
-
-def _written_root(items_parquet: str) -> str | None:
-    """The build location an items.parquet was written for: its first item's `root` link is the
-    absolute href of `<build>/stac/catalog.json` (None when the hrefs are relative or there is no row)."""
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(items_parquet)
-    if parquet.metadata.num_rows == 0:
-        return None
-    first = parquet.read_row_group(0, columns=["links"]).column("links")[0].as_py() or []
-    for entry in first:
-        href = entry.get("href") or ""
-        suffix = f"/{STAC_DIR}/{ROOT}"
-        if entry.get("rel") == "root" and href.endswith(suffix) and ("://" in href or href.startswith("/")):
-            return href[: -len(suffix)]
-    return None
 
 
 def _patch_collection(store: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -165,7 +142,7 @@ def load_catalog(build: Any, cache_dir: str | Path | None = None) -> ServedCatal
         collection=public,
         items_parquet=local_parquet,
         build_root=_build_root(store),
-        written_root=_written_root(local_parquet),
+        written_root=written_build_root(local_parquet),
     )
 
 

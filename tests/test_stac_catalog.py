@@ -14,11 +14,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.storage import BuildStore
 from stac.build import ProductFiles, product_assets, signed_zero_free
 from stac.build import catalog as catalog_document
 from stac.catalog import CatalogSummary, build_catalog, serialise
+from stac.geoparquet import rebase_href, written_build_root
 from stac.partition import max_links, partition, patch_key
 from stac.schema import SPECTRALEARTH_SCHEMA_URI, spectralearth_schema
 from stac.settings import MAX_ITEMS_PER_CATALOG, CatalogSettings
@@ -628,3 +631,30 @@ def test_spectralearth_schema_is_packaged_and_matches_the_fields(built: tuple[Pa
         fields = document.get("properties", document)
         written |= {key for key in fields if key.startswith("spectralearth:")}
     assert written == described
+
+
+@given(
+    parts=st.lists(
+        st.text("abcXYZ019_-.", min_size=1, max_size=8).filter(lambda t: t not in (".", "..")),
+        min_size=1,
+        max_size=4,
+    ),
+    written=st.sampled_from(["/tmp/a/build", "s3://bucket/old", "/srv/b"]),
+    now=st.sampled_from(["/data/moved", "s3://other/new/prefix", "/srv/b"]),
+)
+def test_rebase_href_moves_only_hrefs_under_the_written_root(
+    parts: list[str], written: str, now: str
+) -> None:
+    relative = "/".join(parts)
+    assert rebase_href(f"{written}/{relative}", now, written) == f"{now}/{relative}"
+    assert rebase_href(f"{written}/{relative}", now, None) == f"{written}/{relative}"  # nothing known
+    outside = f"s3://products/{relative}"  # a source product: not part of the build
+    assert rebase_href(outside, now, written) == outside
+    assert rebase_href(f"{written}x/{relative}", now, written) == f"{written}x/{relative}"  # a prefix only
+    assert rebase_href(f"./{relative}", now, written) == f"{now}/stac/{relative}"
+    assert rebase_href(f"../{relative}", now, written) == f"{now}/{relative}"
+
+
+def test_written_build_root_is_read_from_the_parquet(built: tuple[Path, Any]) -> None:
+    root, _ = built
+    assert written_build_root(str(root / "stac" / "items.parquet")) == str(root)
