@@ -681,8 +681,8 @@ def publish(build: str, service: str | None) -> None:
     except (PublishError, ServeError) as exc:
         raise PipelineFailure(one_line(exc)) from None
     click.echo(
-        f"publish: {summary.items} item(s) of {summary.collection_id} upserted into {summary.database}, "
-        f"{summary.removed} removed (no longer in the build)"
+        f"publish: {summary.items} item(s) of {summary.collection_id} and {summary.scene_items} scene "
+        f"item(s) upserted into {summary.database}, {summary.removed} removed (no longer in the build)"
     )
 
 

@@ -637,7 +637,10 @@ def scene_collection(
     root: str,
     children: Sequence[tuple[str, str]],
     settings: CatalogSettings,
+    geoparquet: str | None = None,
 ) -> dict[str, Any]:
+    """The scene collection at `path`; `geoparquet` (STAC-root-relative) is the stac-geoparquet mirror
+    of its items, linked as a `collection-mirror` asset when given."""
     template = fragment("scene_collection")
     starts = [s.start_datetime for s in scenes]
     ends = [s.end_datetime for s in scenes]
@@ -670,6 +673,11 @@ def scene_collection(
         "spectralearth:attribution": attribution,
         "spectralearth:count": len(scenes),
     }
+    if geoparquet is not None:
+        mirror = {"href": relative_href(path, geoparquet)}
+        mirror.update(fragment("geoparquet_asset"))
+        mirror["title"] = "Scene items (stac-geoparquet)"
+        document["assets"] = {GEOPARQUET_ASSET: mirror}
     return with_extensions(document, template["stac_extensions"])
 
 

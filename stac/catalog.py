@@ -1,9 +1,11 @@
 """The `catalog` stage: the build's tables in, a self-contained STAC 1.1 catalog under `<build>/stac/` out.
 
-Layout (every href relative, so the build folder can be moved, copied to S3 or served as is)::
+Layout (every href of the JSON tree relative, so the build folder can be moved, copied to S3 or served
+as is; the two parquet files hold absolute hrefs, see `stac.geoparquet`)::
 
     stac/catalog.json                                   root catalog: two child collections
     stac/items.parquet                                  patch items, stac-geoparquet (collection-mirror)
+    stac/scenes.parquet                                 scene items, stac-geoparquet (collection-mirror)
     stac/<collection_id>/collection.json                patch collection (bands, Zarr + parquet assets)
     stac/<collection_id>/EPSG32632/catalog.json         one catalog per UTM zone
     stac/<collection_id>/EPSG32632/i0128-j1344/catalog.json     per block of 64 x 64 grid cells
@@ -32,7 +34,7 @@ from typing import Any
 
 from pipeline import tables
 from stac import build
-from stac.geoparquet import write_items_parquet
+from stac.geoparquet import write_inferred_items_parquet, write_items_parquet
 from stac.partition import BLOCK_CELLS, Node, max_links, partition, patch_key, scene_key
 from stac.records import Band, PatchRecord, SceneRow, flags_of, parse_bands, parse_patches, parse_scenes
 from stac.settings import CatalogSettings
@@ -40,6 +42,7 @@ from stac.settings import CatalogSettings
 STAC_DIR = tables.STAC_DIR
 ROOT = "catalog.json"
 ITEMS_PARQUET = "items.parquet"
+SCENES_PARQUET = "scenes.parquet"  # the scene items, stac-geoparquet (the scene collection's mirror)
 PATCHES_TABLE = tables.INDEX_PATCHES
 SCENES_TABLE = tables.SCENES
 
@@ -232,6 +235,7 @@ def catalog_documents(plan: CatalogPlan) -> Iterator[tuple[str, dict[str, Any]]]
                 for c in plan.scene_tree.children
             ],
             settings,
+            geoparquet=SCENES_PARQUET if plan.scenes else None,
         ),
     )
     yield from _tree_documents(
@@ -391,13 +395,16 @@ def build_catalog(
 def write_catalog(store: Any, plan: CatalogPlan, *, workers: int = 8) -> CatalogSummary:
     """Write every file of `plan` under `stac/` of `store`, then remove files of an earlier run that
     this one did not write."""
-    collection = next(doc for path, doc in catalog_documents(plan) if path == plan.patch_collection)
+    collections = {path: doc for path, doc in catalog_documents(plan) if doc["type"] == "Collection"}
+    collection = collections[plan.patch_collection]
     stac_root = stac_root_of(store)
+    scene_rows: list[dict[str, Any]] = []
     with _Writer(store, workers) as writer:
         for relative, document in catalog_documents(plan):
             writer.write(relative, document)
         for relative, document in scene_item_documents(plan):
             writer.write(relative, document)
+            scene_rows.append(build.absolute_hrefs(document, relative, stac_root))
 
         def patch_items_for_parquet() -> Iterator[dict[str, Any]]:
             # one pass over the patch items: each is written as JSON (relative hrefs) and handed on to
@@ -414,6 +421,14 @@ def write_catalog(store: Any, plan: CatalogPlan, *, workers: int = 8) -> Catalog
             collection=build.absolute_hrefs(collection, plan.patch_collection, stac_root),
         )
     written = writer.written | {f"{STAC_DIR}/{ITEMS_PARQUET}"}
+    if scene_rows:  # a few thousand scenes at archive scale: their column types are inferred
+        write_inferred_items_parquet(
+            store,
+            f"{STAC_DIR}/{SCENES_PARQUET}",
+            scene_rows,
+            build.absolute_hrefs(collections[plan.scene_collection], plan.scene_collection, stac_root),
+        )
+        written.add(f"{STAC_DIR}/{SCENES_PARQUET}")
     largest = writer.largest
     removed = _remove_stale(store, written)
     catalogs = sum(1 for _ in plan.patch_tree.walk()) + sum(1 for _ in plan.scene_tree.walk()) + 1

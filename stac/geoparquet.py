@@ -1,4 +1,4 @@
-"""`stac/items.parquet`: the patch items in stac-geoparquet form (one row per item).
+"""`stac/items.parquet`: the patch items in stac-geoparquet form (one row per item); `stac/scenes.parquet`.
 
 Written with `stac_geoparquet.arrow` (GeoParquet 1.1: WKB `geometry`, a `bbox` struct column
 (xmin, ymin, xmax, ymax) declared as the geometry's covering, properties as top-level columns, `datetime`
@@ -6,8 +6,11 @@ a UTC timestamp). Items are converted in chunks against a fixed Arrow schema, so
 number of items and every chunk has the same column types (an inferred schema would, for example, type
 an all-empty `spectralearth:duplicates` chunk as a list of nulls).
 
-Relative hrefs (links, the Zarr asset) are rebased so that they resolve from the parquet file itself,
-which sits at the STAC root: an item's `derived_from` link reads `./<scene collection>/.../<scene>.json`.
+Hrefs (links, the Zarr asset) are absolute: where the build was when its catalog was written (a local
+build's absolute path, or its `s3://` URI), since a row is read on its own (DuckDB, a STAC server,
+xpystac) without the JSON tree around it. A build moved since then is rebased by `rebase_href` (the
+location it was written for is `written_build_root`). `stac/scenes.parquet` holds the scene items the same
+way (`write_inferred_items_parquet`: their assets vary with the packaging, so types are inferred).
 Rows are in catalog order (zone, 64 x 64-cell block, location, time), so row groups are spatially compact
 and their bbox statistics let readers skip most of them.
 """
@@ -196,6 +199,31 @@ def write_items_parquet(
             reader,
             temporary,
             collections=None if collection is None else {collection["id"]: collection},
+            compression="zstd",
+            write_statistics=True,
+        )
+        with open(temporary, "rb") as stream:
+            store.write_bytes(relative, stream.read())
+    finally:
+        os.remove(temporary)
+
+
+def write_inferred_items_parquet(
+    store: Any, relative: str, items: Sequence[dict[str, Any]], collection: dict[str, Any]
+) -> None:
+    """Items whose shape varies (scene items: their assets depend on how each product was packed) as
+    stac-geoparquet, column types inferred from all of them; through a local temporary file, then one
+    atomic `store.write_bytes`."""
+    from stac_geoparquet.arrow import parse_stac_items_to_arrow, to_parquet
+
+    reader = parse_stac_items_to_arrow(list(items), schema="FullFile", drop_invalid_properties=False)
+    handle, temporary = tempfile.mkstemp(suffix=".parquet")
+    os.close(handle)
+    try:
+        to_parquet(
+            reader,
+            temporary,
+            collections={collection["id"]: collection},
             compression="zstd",
             write_statistics=True,
         )

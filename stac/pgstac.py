@@ -1,4 +1,4 @@
-"""`spectralearth publish`: load a build's patch collection and items into pgstac, for stac-fastapi-pgstac.
+"""`spectralearth publish`: load a build's collections and items into pgstac, for stac-fastapi-pgstac.
 
 For teams that outgrow one items.parquet: PostgreSQL with PostGIS and the pgstac schema (installed with
 `pypgstac migrate`). The connection comes from libpq's own sources only: the standard `PG*` environment
@@ -17,10 +17,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from stac.serve import ServedCatalog, load_catalog
+from stac.serve import ServedCatalog, ServedCollection, load_catalog
 
 PUBLISH_EXTRA = "install pypgstac with: pip install 'spectralearth-pipeline[serve]' (or `make setup`)"
 BATCH_ROWS = 4096
@@ -40,7 +41,8 @@ class PublishError(ValueError):
 @dataclass(frozen=True, slots=True)
 class PublishSummary:
     collection_id: str
-    items: int  # upserted
+    items: int  # patch items upserted
+    scene_items: int  # scene items upserted (catalogs that mirror their scenes in scenes.parquet)
     removed: int  # items of the collection in pgstac that the build no longer holds
     database: str  # host/port/database as libpq resolved them (never the password)
 
@@ -56,41 +58,59 @@ def conninfo(service: str | None = None) -> str:
     return f"service={service}"
 
 
-def _link_href(catalog: ServedCatalog, href: str) -> str:
-    """A link href as stac-fastapi-pgstac passes it on: it reads a link starting with `/` as a path of
-    the API itself, so a local build's files are written as `file://` URIs."""
-    public = catalog.public_href(href)
-    return Path(public).as_uri() if public.startswith("/") else public
+def _link(catalog: ServedCatalog, entry: dict[str, Any]) -> dict[str, Any]:
+    """A link as stac-fastapi-pgstac passes it on. It reads an href starting with `/` as a path of the
+    API itself: a patch's source scene, published too, is linked that way (`/collections/<scenes>/items/
+    <scene_id>`, the link's title); a local build's files as `file://` URIs."""
+    out = {key: value for key, value in entry.items() if value is not None}
+    scenes = catalog.scene_collection_id
+    if out.get("rel") == "derived_from" and scenes is not None and out.get("title"):
+        return {**out, "href": f"/collections/{scenes}/items/{out['title']}", "type": "application/geo+json"}
+    public = catalog.public_href(out["href"])
+    out["href"] = Path(public).as_uri() if public.startswith("/") else public
+    return out
 
 
-def served_items(catalog: ServedCatalog, batch_rows: int = BATCH_ROWS) -> Iterator[dict[str, Any]]:
-    """The patch items of items.parquet as STAC dicts, hrefs as clients can open them."""
+def _text_times(properties: dict[str, Any]) -> dict[str, Any]:
+    """Properties with None dropped and timestamps (read back from parquet) as RFC 3339 text."""
+    from stac.records import iso_utc
+
+    return {
+        key: iso_utc(value) if isinstance(value, datetime) else value
+        for key, value in properties.items()
+        if value is not None
+    }
+
+
+def served_items(
+    catalog: ServedCatalog, collection: ServedCollection | None = None, batch_rows: int = BATCH_ROWS
+) -> Iterator[dict[str, Any]]:
+    """The items of a collection's stac-geoparquet file (the patch collection by default) as STAC
+    dicts, hrefs as clients can open them."""
     import pyarrow.parquet as pq
     from stac_geoparquet.arrow import stac_table_to_items
 
-    from stac.records import iso_utc
-
-    parquet = pq.ParquetFile(catalog.items_parquet)
+    collection = collection or catalog.collections[0]
+    parquet = pq.ParquetFile(collection.items_parquet)
     for batch in parquet.iter_batches(batch_size=batch_rows):
-        times = batch.column(batch.schema.get_field_index("datetime")).to_pylist()
-        for index, item in enumerate(stac_table_to_items(batch)):
-            item["properties"] = {k: v for k, v in item["properties"].items() if v is not None}
-            item["properties"]["datetime"] = iso_utc(times[index])
+        for item in stac_table_to_items(batch):
+            item["properties"] = _text_times(item["properties"])
             item["bbox"] = [float(v) for v in item["bbox"]]
-            item["collection"] = catalog.collection_id
+            item["collection"] = collection.id
             # root/parent/collection/self are the API's to make; the rest keep their resolving hrefs
             item["links"] = [
-                {
-                    **{k: v for k, v in entry.items() if v is not None},
-                    "href": _link_href(catalog, entry["href"]),
-                }
+                _link(catalog, entry)
                 for entry in item.get("links", [])
                 if entry.get("rel") not in ("root", "parent", "collection", "self")
             ]
-            for asset in item.get("assets", {}).values():
-                for key in [k for k, v in asset.items() if v is None]:
-                    del asset[key]
+            assets = {}
+            for key, asset in (item.get("assets") or {}).items():
+                if asset is None:  # a key other rows of the file have (inferred columns)
+                    continue
+                asset = {name: value for name, value in asset.items() if value is not None}
                 asset["href"] = catalog.public_href(asset["href"])
+                assets[key] = asset
+            item["assets"] = assets
             yield item
 
 
@@ -105,13 +125,11 @@ def publish(build: Any, service: str | None = None) -> PublishSummary:
         raise PublishError(f"pypgstac is not installed ({exc.name}): {PUBLISH_EXTRA}") from None
 
     catalog = load_catalog(build)
-    collection = dict(catalog.collection)
-    collection["links"] = [entry for entry in collection.get("links", []) if entry.get("rel") == "license"]
-    published: list[str] = []
+    published: dict[str, list[str]] = {collection.id: [] for collection in catalog.collections}
 
-    def recorded() -> Iterator[dict[str, Any]]:
-        for item in served_items(catalog):
-            published.append(item["id"])
+    def recorded(collection: ServedCollection) -> Iterator[dict[str, Any]]:
+        for item in served_items(catalog, collection):
+            published[collection.id].append(item["id"])
             yield item
 
     dsn = conninfo(service)
@@ -127,20 +145,25 @@ def publish(build: Any, service: str | None = None) -> PublishSummary:
             if not version:
                 raise PublishError("the database has no pgstac schema: run `pypgstac migrate` first")
             loader = Loader(db=db)
-            loader.load_collections(iter([collection]), insert_mode=Methods.upsert)
-            loader.load_items(recorded(), insert_mode=Methods.upsert)
-            removed = db.query_one(
-                "WITH gone AS (DELETE FROM pgstac.items WHERE collection = %s AND NOT (id = ANY(%s))"
-                " RETURNING 1) SELECT count(*) FROM gone",
-                [catalog.collection_id, published],
-            )
+            removed = 0
+            for collection in catalog.collections:
+                loader.load_collections(iter([collection.document]), insert_mode=Methods.upsert)
+                loader.load_items(recorded(collection), insert_mode=Methods.upsert)
+                gone = db.query_one(
+                    "WITH gone AS (DELETE FROM pgstac.items WHERE collection = %s AND NOT (id = ANY(%s))"
+                    " RETURNING 1) SELECT count(*) FROM gone",
+                    [collection.id, published[collection.id]],
+                )
+                removed += int(gone or 0)
             info = db.connect().info
             where = f"{info.host}:{info.port}/{info.dbname}"
     except OperationalError as exc:
         raise PublishError(f"cannot publish to PostgreSQL: {_reason(exc)}") from None
+    scenes = catalog.scene_collection_id
     return PublishSummary(
         collection_id=catalog.collection_id,
-        items=len(published),
-        removed=int(removed or 0),
+        items=len(published[catalog.collection_id]),
+        scene_items=0 if scenes is None else len(published[scenes]),
+        removed=removed,
         database=where,
     )

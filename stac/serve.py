@@ -70,20 +70,52 @@ class ServeError(ValueError):
 
 
 @dataclass(frozen=True)
+class ServedCollection:
+    """One collection and the stac-geoparquet file of its items."""
+
+    document: dict[str, Any]  # as clients see it (absolute hrefs, no tree links)
+    items_parquet: str  # local path DuckDB reads (the build's own file, or a local copy of it)
+
+    @property
+    def id(self) -> str:
+        return str(self.document["id"])
+
+    @property
+    def holds_patches(self) -> bool:
+        return "dataset" in self.document.get("assets", {})
+
+
+@dataclass(frozen=True)
 class ServedCatalog:
-    """What the server needs from a build, read once at start."""
+    """What the server needs from a build, read once at start: its collections with a stac-geoparquet
+    mirror (the patches, and the scenes for catalogs that write `stac/scenes.parquet`)."""
 
     title: str
     description: str
     catalog_id: str
-    collection: dict[str, Any]  # the patch collection as clients see it (absolute hrefs)
-    items_parquet: str  # local path DuckDB reads (the build's own file, or a local copy of it)
+    collections: tuple[ServedCollection, ...]  # the patch collection first
     build_root: str  # absolute path or URI of the build now
     written_root: str | None  # the build location the parquet's absolute hrefs were written against
 
     @property
+    def collection(self) -> dict[str, Any]:
+        """The patch collection."""
+        return self.collections[0].document
+
+    @property
     def collection_id(self) -> str:
-        return str(self.collection["id"])
+        return self.collections[0].id
+
+    @property
+    def items_parquet(self) -> str:
+        return self.collections[0].items_parquet
+
+    @property
+    def scene_collection_id(self) -> str | None:
+        return next((c.id for c in self.collections if not c.holds_patches), None)
+
+    def find(self, collection_id: str) -> ServedCollection | None:
+        return next((c for c in self.collections if c.id == collection_id), None)
 
     def public_href(self, href: str) -> str:
         """`href` of a served item as a client can open it (see `stac.geoparquet.rebase_href`)."""
@@ -94,55 +126,69 @@ def _build_root(store: Any) -> str:
     return posixpath.dirname(stac_root_of(store))
 
 
-def _patch_collection(store: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(path under stac/, collection, root catalog): the collection that mirrors its items in a
-    stac-geoparquet asset, found by following the root catalog's child links."""
+def _mirrored_collections(store: Any) -> tuple[list[tuple[str, dict[str, Any], str]], dict[str, Any]]:
+    """([(path under stac/, collection, its parquet's path under stac/)], root catalog): the collections
+    that mirror their items in a stac-geoparquet asset, found by following the root catalog's links."""
     root_relative = f"{STAC_DIR}/{ROOT}"
     if not store.exists(root_relative):
         raise ServeError(f"{store.uri_of(root_relative)} is missing: run the catalog stage first")
     root = json.loads(store.read_bytes(root_relative))
+    found = []
     for entry in root.get("links", []):
         if entry.get("rel") != "child" or "://" in entry["href"] or entry["href"].startswith("/"):
             continue
         relative = posixpath.normpath(entry["href"])
         document = json.loads(store.read_bytes(f"{STAC_DIR}/{relative}"))
         mirrors = [
-            asset
+            asset["href"]
             for asset in document.get("assets", {}).values()
             if "collection-mirror" in asset.get("roles", ()) and asset.get("type") == GEOPARQUET_MEDIA_TYPE
         ]
         if document.get("type") == "Collection" and mirrors:
-            return relative, document, root
-    raise ServeError(f"{store.uri_of(root_relative)} links no collection with an items.parquet mirror")
+            parquet = posixpath.normpath(posixpath.join(posixpath.dirname(relative), mirrors[0]))
+            if store.exists(f"{STAC_DIR}/{parquet}"):
+                found.append((relative, document, parquet))
+    found.sort(key=lambda entry: "dataset" not in entry[1].get("assets", {}))  # patches first
+    if not found or "dataset" not in found[0][1].get("assets", {}):
+        raise ServeError(f"{store.uri_of(root_relative)} links no patch collection with an items.parquet")
+    return found, root
 
 
 def load_catalog(build: Any, cache_dir: str | Path | None = None) -> ServedCatalog:
     """Read what `serve` needs from a build (a path, an `s3://` URI or a `BuildStore`). A remote
-    items.parquet is copied to `cache_dir` (a new temporary folder by default)."""
+    build's parquet files are copied to `cache_dir` (a new temporary folder by default)."""
     from pipeline.query import open_build
 
     store = open_build(build)
     relative_parquet = f"{STAC_DIR}/{ITEMS_PARQUET}"
     if not store.exists(relative_parquet):
         raise ServeError(f"{store.uri_of(relative_parquet)} is missing: run the catalog stage first")
-    path, collection, root = _patch_collection(store)
-    if store.is_local:
-        local_parquet = store.path(relative_parquet)
-    else:
-        folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="spectralearth-"))
-        folder.mkdir(parents=True, exist_ok=True)
-        local_parquet = str(folder / ITEMS_PARQUET)
-        Path(local_parquet).write_bytes(store.read_bytes(relative_parquet))
-    public = absolute_hrefs(collection, path, stac_root_of(store))
-    public["links"] = [entry for entry in public["links"] if entry.get("rel") == "license"]
+    found, root = _mirrored_collections(store)
+    folder: Path | None = None
+    collections = []
+    for path, document, parquet in found:
+        if store.is_local:
+            local = store.path(f"{STAC_DIR}/{parquet}")
+        else:
+            if folder is None:
+                folder = (
+                    Path(cache_dir)
+                    if cache_dir is not None
+                    else Path(tempfile.mkdtemp(prefix="spectralearth-"))
+                )
+                folder.mkdir(parents=True, exist_ok=True)
+            local = str(folder / parquet.replace("/", "_"))
+            Path(local).write_bytes(store.read_bytes(f"{STAC_DIR}/{parquet}"))
+        public = absolute_hrefs(document, path, stac_root_of(store))
+        public["links"] = [entry for entry in public["links"] if entry.get("rel") == "license"]
+        collections.append(ServedCollection(public, local))
     return ServedCatalog(
-        title=str(root.get("title") or collection.get("title") or "SpectralEarth"),
-        description=str(root.get("description") or collection.get("description") or ""),
+        title=str(root.get("title") or "SpectralEarth"),
+        description=str(root.get("description") or ""),
         catalog_id=str(root.get("id") or "spectralearth"),
-        collection=public,
-        items_parquet=local_parquet,
+        collections=tuple(collections),
         build_root=_build_root(store),
-        written_root=written_build_root(local_parquet),
+        written_root=written_build_root(collections[0].items_parquet),
     )
 
 
@@ -195,15 +241,16 @@ def create_app(served: ServedCatalog) -> Any:
 
         def all_collections(self, **kwargs: Any) -> Any:
             out = super().all_collections(**kwargs)
-            out["collections"] = [self.get_collection(served.collection_id, **kwargs)]
+            out["collections"] = [self.get_collection(c.id, **kwargs) for c in served.collections]
             return out
 
         def get_collection(self, collection_id: str, **kwargs: Any) -> Any:
             from stac_fastapi.types.errors import NotFoundError
 
-            if collection_id != served.collection_id:
+            found = served.find(collection_id)
+            if found is None:
                 raise NotFoundError(f"Collection does not exist: {collection_id}")
-            collection = json.loads(json.dumps(served.collection))
+            collection = json.loads(json.dumps(found.document))
             licence = [entry for entry in collection["links"] if entry.get("rel") == "license"]
             collection = collection_with_links(collection, kwargs["request"])
             collection["links"].extend(licence)
@@ -249,7 +296,13 @@ def create_app(served: ServedCatalog) -> Any:
 
         def item_with_links(self, item: Any, request: Any, collection: str) -> Any:
             item = super().item_with_links(item, request, collection)
+            scenes = served.scene_collection_id
             for entry in item.get("links", []):
+                if entry.get("rel") == "derived_from" and scenes is not None and entry.get("title"):
+                    # the source scene is served too: link its item in this API (its title is its id)
+                    url = request.url_for("Get Item", collection_id=scenes, item_id=entry["title"])
+                    entry.update(href=str(url), type="application/geo+json")
+                    continue
                 entry["href"] = served.public_href(entry["href"])
             for asset in item.get("assets", {}).values():
                 asset["href"] = served.public_href(asset["href"])
@@ -268,17 +321,24 @@ def create_app(served: ServedCatalog) -> Any:
     # rustac's Python wrapper that would find the bundled extensions does not construct (rustac 0.9.8):
     # the native client is given the wheel's extension folder and told never to download
     client = DuckdbClient(extension_directory=extension_directory(), install_extensions=False)
-    backend_collection = json.loads(json.dumps(served.collection))
-    backend_collection["assets"] = {
-        "data": {"href": served.items_parquet, "type": GEOPARQUET_MEDIA_TYPE, "roles": ["collection-mirror"]}
-    }
+    backend_collections = []
+    for collection in served.collections:  # the backend reads each collection's items from its asset
+        backend = json.loads(json.dumps(collection.document))
+        backend["assets"] = {
+            "data": {
+                "href": collection.items_parquet,
+                "type": GEOPARQUET_MEDIA_TYPE,
+                "roles": ["collection-mirror"],
+            }
+        }
+        backend_collections.append(backend)
     app = FastAPI(
         lifespan=lifespan,
         openapi_url=settings.openapi_url,
         docs_url=settings.docs_url,
         redoc_url=settings.docs_url,
         settings=settings,
-        collections=[backend_collection],
+        collections=backend_collections,
         duckdb_client=client,
     )
 

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import requests
 
 pytest.importorskip("pypgstac", reason="pypgstac is not installed (pip install '.[serve]')")
 
@@ -34,6 +34,7 @@ from tests.stac_helpers import default_scenes, make_tables, many_scene_specs, wr
 
 REPO = Path(__file__).resolve().parent.parent
 COLLECTION = CatalogSettings().collection_id
+SCENES = CatalogSettings().scene_collection_id
 
 
 def _bindir() -> Path | None:
@@ -160,7 +161,7 @@ def test_publish_then_search_equals_query_and_a_grown_build_upserts(pg_env: Clus
     first = runner.invoke(main, ["publish", "--build", str(build)])
     assert first.exit_code == 0, first.output
     small = query(str(build)).ids
-    assert f"publish: {len(small)} item(s) of {COLLECTION}" in first.output
+    assert f"publish: {len(small)} item(s) of {COLLECTION} and 3 scene item(s)" in first.output
     assert _count() == len(small)
     assert _pgstac_ids({"collections": [COLLECTION]}) == sorted(small)
 
@@ -217,8 +218,11 @@ def test_publish_then_search_equals_query_and_a_grown_build_upserts(pg_env: Clus
     fewer = query(str(build)).ids
     shrunk = runner.invoke(main, ["publish", "--build", str(build)])
     assert shrunk.exit_code == 0, shrunk.output
-    assert f"{len(grown) - len(set(grown) & set(fewer))} removed" in shrunk.output
+    scenes_gone = 7 - 2  # the scene collection is published (and pruned) the same way
+    assert f"{len(grown) - len(set(grown) & set(fewer)) + scenes_gone} removed" in shrunk.output
     assert _pgstac_ids({"collections": [COLLECTION]}) == sorted(fewer)
+    scene_ids = pd.read_parquet(build / "stac" / "scenes.parquet")["id"]
+    assert _pgstac_ids({"collections": [SCENES]}) == sorted(scene_ids) and len(scene_ids) == 2
 
 
 def test_stac_fastapi_pgstac_serves_what_was_published(
@@ -253,9 +257,14 @@ def test_stac_fastapi_pgstac_serves_what_was_published(
         item = next(client.search(collections=[COLLECTION], max_items=1).items())
         assert item.assets["dataset"].href == str(build / "dataset.zarr")
         assert item.assets["dataset"].media_type == "application/vnd+zarr"
-        derived = [link.href for link in item.links if link.rel == "derived_from"]
-        assert len(derived) == 1 and derived[0].startswith("file:///")
-        assert Path(urllib.parse.urlparse(derived[0]).path).is_file()
+        # the source scene is published too: its item is linked in the API
+        (derived,) = [link for link in item.links if link.rel == "derived_from"]
+        assert derived.href == f"{url}/collections/{SCENES}/items/{item.properties['spectralearth:scene_id']}"
+        scene = requests.get(derived.href, timeout=30).json()
+        assert scene["id"] == item.properties["spectralearth:scene_id"] and scene["collection"] == SCENES
+        assert scene["assets"]["archive"]["href"].startswith("/data/")  # where the product lies
+        root_link = [link for link in item.links if link.rel == "root"][0]
+        assert root_link.href.rstrip("/") == url
 
 
 def test_publish_errors_are_one_line(

@@ -46,6 +46,7 @@ from tests.stac_helpers import (
 
 REPO = Path(__file__).resolve().parent.parent
 COLLECTION = CatalogSettings().collection_id
+SCENES = CatalogSettings().scene_collection_id
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def test_landing_conformance_collections_and_queryables(api: str, tables_build: 
     ):
         assert needed in conformance
     collections = requests.get(api + "/collections", timeout=30).json()["collections"]
-    assert [c["id"] for c in collections] == [COLLECTION]
+    assert [c["id"] for c in collections] == [COLLECTION, SCENES]
+    assert collections[1]["assets"]["geoparquet"]["href"] == str(tables_build / "stac" / "scenes.parquet")
     assets = collections[0]["assets"]
     assert assets["geoparquet"]["href"] == str(tables_build / "stac" / "items.parquet")
     assert assets["dataset"]["href"] == str(tables_build / "dataset.zarr")
@@ -255,8 +257,9 @@ def test_xpystac_opens_the_zarr_asset_from_the_api_and_from_items_parquet(demo_b
             assert str(ds["patch_id"].values[row]) == item.id
             at = list(expected["patch_id"].values).index(item.id)
             assert np.array_equal(ds["reflectance"][row].values, expected["reflectance"][at].values)
-            derived = [link for link in item.links if link.rel == "derived_from"]
-            assert len(derived) == 1 and Path(derived[0].href).is_file()
+            (derived,) = [link for link in item.links if link.rel == "derived_from"]
+            scene = requests.get(derived.href, timeout=30).json()  # the source scene, served too
+            assert scene["id"] == item.properties["spectralearth:scene_id"] and scene["collection"] == SCENES
     # straight from items.parquet, without the server: absolute hrefs
     rows = [
         pystac.Item.from_dict(d) for d in stac_table_to_items(pq.read_table(root / "stac" / "items.parquet"))
@@ -318,11 +321,15 @@ def test_a_moved_build_is_served_with_hrefs_to_where_it_is_now(
     assert served.written_root == demo_build.root and served.build_root == str(moved)
     with running(create_app(served)) as url:
         items = list(Client.open(url).search(collections=[COLLECTION], max_items=3).items())
+        scenes = requests.get(f"{url}/collections/{SCENES}", timeout=30).json()
+        scene = requests.get(f"{url}/collections/{SCENES}/items", params={"limit": 1}, timeout=30).json()
+    assert scenes["assets"]["geoparquet"]["href"] == str(moved / "stac" / "scenes.parquet")
+    assert scene["features"] and all(link["href"].startswith(url) for link in scene["features"][0]["links"])
     assert items
     for item in items:
         assert item.assets["dataset"].href == str(moved / "dataset.zarr")
-        derived = [link.href for link in item.links if link.rel == "derived_from"]
-        assert derived[0].startswith(str(moved) + "/") and Path(derived[0]).is_file()
+        (derived,) = [link.href for link in item.links if link.rel == "derived_from"]
+        assert derived.startswith(url + f"/collections/{SCENES}/items/")
         assert _xpystac_open(item.assets["dataset"])["patch_id"].size > 0
 
 
