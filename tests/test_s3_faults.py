@@ -4,7 +4,8 @@ result as an undisturbed S3 build, with nothing rejected.
 
 moto's server forgets its objects when restarted, so the outage is made by a small proxy in front of it
 (tests/s3_proxy.py) that refuses connections for a few seconds; every client (s3fs, GDAL's /vsis3/) goes
-through the proxy.
+through the proxy. The build runs on a real LocalCluster: the proxy's threads live in this process, and
+GDAL holds the GIL while it waits for an answer, so GDAL must not read through the proxy from here.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 OUTAGE_SECONDS = 3.0
 pytestmark = pytest.mark.slow
 
-# Per stage, a function that runs while the stage talks to S3: the outage starts at its first call.
+# Per stage, a function of the driver that runs while the stage talks to S3: the outage starts at its
+# first call (for the per-item stages, when their tasks are handed to the workers).
 OUTAGE_AT = {
-    "inventory": "pipeline.inventory:inspect_source",
-    "mask": "pipeline.mask:compute_mask",
-    "tile": "pipeline.tile:plan_scene",
+    "inventory": "pipeline.run:Scheduler.run_items",
+    "mask": "pipeline.run:Scheduler.run_items",
+    "tile": "pipeline.run:Scheduler.run_items",
     "dedup": "pipeline.dedup:build_index",
     "write": "pipeline.write:write_statistics",
     "catalog": "stac.catalog:build_catalog",
@@ -40,6 +42,7 @@ OUTAGE_AT = {
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     from pipeline.enmap.synth import SynthConfig, generate
+    from pipeline.run import _close_local_clusters
 
     products = tmp_path_factory.mktemp("s3-fault-products")
     config = SynthConfig(
@@ -55,38 +58,39 @@ def s3(tmp_path_factory):
     )
     generate(products, config)
     (products / "truth.json").unlink()
-    with moto_server() as upstream, S3Proxy(*upstream).running() as proxy:
-        fs = s3fs.S3FileSystem(
-            key="testing-key", secret="testing-secret", client_kwargs={"endpoint_url": proxy.endpoint_url}
-        )
+    with (
+        moto_server() as upstream,
+        S3Proxy(*upstream).running() as proxy,
+        pytest.MonkeyPatch.context() as env,
+    ):
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing-key",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": proxy.endpoint_url,
+            "SPECTRALEARTH_SCRATCH": str(tmp_path_factory.mktemp("scratch")),
+        }.items():
+            env.setenv(name, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()
+        # Workers are spawned with this environment (credentials, endpoint): none left from before.
+        _close_local_clusters()
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": proxy.endpoint_url})
         fs.mkdir("enmap-products")
         fs.put(str(products) + "/", "enmap-products/", recursive=True)
         fs.mkdir("builds")
-        yield proxy, fs
-
-
-@pytest.fixture
-def s3_env(s3, monkeypatch, tmp_path):
-    proxy, _ = s3
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing-key",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": proxy.endpoint_url,
-        "SPECTRALEARTH_SCRATCH": str(tmp_path / "scratch"),
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    import fsspec
-
-    fsspec.config.conf.pop("s3", None)
-    s3fs.S3FileSystem.clear_instance_cache()
-    return s3
+        try:
+            yield proxy, fs
+        finally:
+            _close_local_clusters()
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 def build(name: str) -> BuildContext:
     manifest = Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
-    context = BuildContext.create(manifest, f"s3://builds/{name}", scheduler="synchronous", progress=False)
+    context = BuildContext.create(
+        manifest, f"s3://builds/{name}", scheduler="local", workers=2, progress=False
+    )
     for stage in stages.ORDER:
         context.run(stage, inputs=["s3://enmap-products/"])
     return context
@@ -99,37 +103,29 @@ def download(fs: s3fs.S3FileSystem, name: str, target: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(s3):
-    proxy, fs = s3
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing-key",
-            "AWS_SECRET_ACCESS_KEY": "testing-secret",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": proxy.endpoint_url,
-        }.items():
-            patch.setenv(name, value)
-        build("reference")
+    build("reference")
     return "reference"
 
 
 @pytest.mark.parametrize("stage", list(OUTAGE_AT))
-def test_s3_unreachable_during_a_stage_heals_to_the_same_build(
-    stage, s3_env, reference, tmp_path, monkeypatch
-):
-    proxy, fs = s3_env
-    module_name, function_name = OUTAGE_AT[stage].split(":")
-    module = importlib.import_module(module_name)
-    original = getattr(module, function_name)
+def test_s3_unreachable_during_a_stage_heals_to_the_same_build(stage, s3, reference, tmp_path, monkeypatch):
+    proxy, fs = s3
+    module_name, attribute = OUTAGE_AT[stage].split(":")
+    owner: object = importlib.import_module(module_name)
+    *path, function_name = attribute.split(".")
+    for name in path:
+        owner = getattr(owner, name)
+    original = getattr(owner, function_name)
     started = []
 
     @functools.wraps(original)
     def with_outage(*args, **kwargs):
-        if not started:
+        if not started and (function_name != "run_items" or kwargs.get("label") == stage):
             started.append(True)
             proxy.fail_for(OUTAGE_SECONDS)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, function_name, with_outage)
+    monkeypatch.setattr(owner, function_name, with_outage)
     proxy.clear_counts()
     context = build(f"outage-{stage}")
     assert started, f"the outage was started during {stage}"
