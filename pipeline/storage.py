@@ -146,8 +146,17 @@ class BuildStore:
         return tables.stage_record(stage)
 
     def read_stage_record(self, stage: str) -> dict[str, Any] | None:
+        """The stage's record, or None when there is none or it cannot be trusted (not JSON, not an
+        object with a config hash): the stage then runs again."""
         relative = self.stage_record_path(stage)
-        return self.read_json(relative) if self.exists(relative) else None
+        if not self.exists(relative):
+            return None
+        try:
+            record = self.read_json(relative)
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            print(f"{stage}: its stage record {relative} is unreadable; the stage runs again")
+            return None
+        return record if isinstance(record, dict) and "config_hash" in record else None
 
     def write_stage_record(self, record: StageRecord) -> None:
         self.write_json(self.stage_record_path(record.stage), record.to_json())
