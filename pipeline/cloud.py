@@ -9,6 +9,7 @@ host, which is not a secret.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -149,3 +150,28 @@ def apply_gdal_config(config: Mapping[str, str]) -> None:
 
 def storage_options_for(uri: str, settings: StorageSettings) -> dict[str, Any]:
     return settings.fsspec_options() if uri.startswith("s3://") else {}
+
+
+@functools.cache
+def _libgdal() -> Any:
+    """rasterio's own GDAL library (the wheel bundles it), for the few calls rasterio does not expose;
+    None where it cannot be found (a rasterio built against a system GDAL without it on the path)."""
+    import ctypes
+    import glob
+
+    import rasterio
+
+    folder = os.path.join(os.path.dirname(rasterio.__file__), os.pardir, "rasterio.libs")
+    found = sorted(glob.glob(os.path.join(folder, "libgdal*.so*")))
+    try:
+        return ctypes.CDLL(found[0] if found else "libgdal.so")
+    except OSError:
+        return None
+
+
+def clear_gdal_network_cache() -> None:
+    """Forget what GDAL's /vsicurl/ and /vsis3/ remember of remote files (existence, size, blocks), so
+    a retry after an outage sees the files again instead of the failure it cached."""
+    lib = _libgdal()
+    if lib is not None and hasattr(lib, "VSICurlClearCache"):
+        lib.VSICurlClearCache()

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.cloud import clear_gdal_network_cache
 from pipeline.errors import BuildFault, StageFailed, TransientError, is_transient, one_line
 from pipeline.storage import BuildStore
 
@@ -75,6 +76,7 @@ def with_retries(function: Callable[..., Any], retry: RetryPolicy, payload: Any,
                     f"(still failing after {attempt + 1} tries)"
                 ) from None
             time.sleep(retry.delays[attempt])
+            clear_gdal_network_cache()  # GDAL remembers a failed remote file: forget it before the retry
             attempt += 1
 
 

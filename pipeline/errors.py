@@ -76,6 +76,20 @@ class StageFailed(RuntimeError):
     """A stage that could not finish because of a persistent transient fault; nothing was rejected."""
 
 
+_OPEN_FAILURE = re.compile(
+    r"not recognized as being in a supported file format|does not exist in the file system|"
+    r"No such file or directory",
+    re.IGNORECASE,
+)
+
+
+def is_open_failure(exc: BaseException) -> bool:
+    """GDAL could not open a file it was given. Once inventory has opened a product's files, this is
+    not a property of the product: the file vanished or could not be fetched (GDAL reports a failed
+    /vsis3/ read during an outage as an unrecognised format)."""
+    return isinstance(exc, FileNotFoundError) or bool(_OPEN_FAILURE.search(str(exc)))
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when `exc` (or what caused it) is a fault of the environment, not of the product."""
     seen: set[int] = set()
