@@ -1,9 +1,11 @@
 """Per-band normalisation statistics of the stored reflectance, in one streaming pass.
 
 Each shard's patches give exact per-band moments (count, mean, sum of squared deviations M2, min,
-max) over valid pixels (not -32768), from integer sums; shards' moments are merged with Chan et al.'s
-pairwise update, which stays accurate where a running sum of squares
-would cancel. Values are in the stored int16 units (reflectance x 10000), like the SpectralEarth
+max) over valid pixels (not -32768), from integer sums: `write` gets them without decoding a patch,
+from the per-cell integer sums the reading pass recorded (`pipeline.cell_moments.CellSums`, which
+converts with the arithmetic of `BandMoments.of_block`, bit for bit); shards' moments are merged with
+Chan et al.'s pairwise update, which stays accurate where a running sum of squares would cancel.
+Values are in the stored int16 units (reflectance x 10000), like the SpectralEarth
 training statistics.
 """
 

@@ -100,6 +100,14 @@ def test_off_lattice_scene_is_rejected_or_snapped(tmp_path, manifest):
     assert (moved["x_min"] % 3840 == 15).all()
     transform = moved["scene_transform"].iloc[0]
     assert transform[2] == shifted.transform[2]
+    # The reading pass cut the snapped scene on the same cells tile keeps.
+    from pipeline.mask import read_cut_index, read_scenes, scene_key
+
+    for record in read_scenes(store):
+        cut = read_cut_index(store, record.scene_id, scene_key(record, snapping))
+        kept = plan[(plan["scene_id"] == record.scene_id) & plan["kept"]]
+        assert cut is not None and sorted(cut.cells) == sorted(kept["location_id"])
+    assert moved["kept"].any()
 
 
 def test_snap_to_lattice_moves_at_most_half_a_pixel():
