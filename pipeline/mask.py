@@ -50,7 +50,7 @@ from pipeline.engine import (
 )
 from pipeline.enmap import raw_reader
 from pipeline.enmap.product import ProductError, Rejection, open_product
-from pipeline.errors import TransientError, is_transient, one_line
+from pipeline.errors import TransientError, is_open_failure, is_transient, one_line
 from pipeline.grid import GridSpec, OffLatticeError, cells_in_raster, check_lattice
 from pipeline.inventory import SCENES_TABLE, SceneRecord, records_from_frame, rejected_table
 from pipeline.manifest import Manifest
@@ -294,8 +294,24 @@ class Cutter:
                 self.spool.append(reflectance),
                 self.spool.append(quality),
                 (chunk_sha(reflectance), chunk_sha(quality)),
-                CellSums.of_patch(patch),
+                clean_patch_sums(patch),
             )
+
+
+def clean_patch_sums(patch: np.ndarray) -> CellSums:
+    """`CellSums.of_patch` of a (B, y, x) int16 patch without nodata (every cut patch), without its
+    int64 copy of the patch: the products are formed in int64 by einsum (as `BandMoments.of_block`
+    does), so the sums are exact and the same."""
+    values = patch.reshape(patch.shape[0], -1)
+    if values.size and bool((values == NODATA_VALUE).any()):
+        return CellSums.of_patch(patch)
+    return CellSums(
+        (values.shape[1],) * values.shape[0],
+        tuple(values.sum(axis=1, dtype=np.int64).tolist()),
+        tuple(np.einsum("bp,bp->b", values, values, dtype=np.int64, casting="unsafe").tolist()),
+        tuple(values.min(axis=1, initial=np.iinfo(np.int16).max).tolist()),
+        tuple(values.max(axis=1, initial=np.iinfo(np.int16).min).tolist()),
+    )
 
 
 def cut_plan(record: SceneRecord, manifest: Manifest, band_count: int) -> CutPlan:
@@ -479,10 +495,11 @@ def mask_scene(
         spool.discard()
         if is_transient(exc):
             raise
-        if isinstance(exc, FileNotFoundError) or "No such file" in str(exc):
-            # The product changed under the build since inventory: not a property of the product.
+        if is_open_failure(exc):
+            # Inventory opened these files: the product changed under the build, or could not be
+            # fetched. Not a property of the product.
             raise TransientError(
-                f"{record.scene_id}: a file of the product vanished: {one_line(exc)}"
+                f"{record.scene_id}: a file of the product could not be opened: {one_line(exc)}"
             ) from exc
         return Rejection(
             record.source_uri, record.scene_id, STAGE, f"unreadable while masking: {one_line(exc)}"

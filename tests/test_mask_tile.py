@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import stages
 from pipeline.enmap.synth import SynthConfig, generate
@@ -232,3 +234,24 @@ def test_a_scene_with_an_empty_kept_band_has_nothing_cut(tmp_path, manifest):
     cut = read_cut_index(store, record.scene_id, scene_key(record, manifest))
     assert cut is not None and cut.cells == {} and cut.bin_bytes >= 0
     assert not store.read_geodataframe("plan/patches.parquet")["kept"].any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.integers(1, 24),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["random", "extremes", "with-nodata"]),
+)
+def test_cut_patch_sums_equal_the_reference_sums(bands, size, seed, kind):
+    """The reading pass's fast sums of a cut patch are `CellSums.of_patch`'s exactly."""
+    from pipeline.cell_moments import CellSums
+    from pipeline.mask import clean_patch_sums
+
+    rng = np.random.default_rng(seed)
+    patch = rng.integers(-32767, 32768, size=(bands, size, size)).astype(np.int16)
+    if kind == "extremes":
+        patch[:] = rng.choice(np.array([-32767, 32767], dtype=np.int16), size=patch.shape)
+    elif kind == "with-nodata":
+        patch[rng.integers(bands), rng.integers(size), rng.integers(size)] = -32768
+    assert clean_patch_sums(patch) == CellSums.of_patch(patch)
