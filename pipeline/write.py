@@ -51,6 +51,7 @@ STAGE = "write"
 DATASET = tables.DATASET
 SHARDS_TABLE = tables.SHARDS
 SHARD_RECORDS = tables.SHARD_RECORDS
+SHARD_SUMS = "write/sums"  # per shard: the CellSums of its active rows (JSON), named by its record
 REFLECTANCE_SCALE = 0.0001
 
 
@@ -369,14 +370,19 @@ def write_shard_task(
     sums: dict[int, CellSums] = {}
     from_cut = list(job.source)
     stored = _stored_chunks(store, job, codecs) if job.copy else None
+    recorded = _recorded_sums(store, job) if job.sums_sha256 else {}
+    active = set(job.active)
     for ref in job.copy:
         slot = ref.row - job.start
         if stored is None or stored[0][slot] is None or stored[1][slot] is None:
             from_cut.append(ref)
             continue
+        if ref.row in active:
+            if ref.row not in recorded:
+                from_cut.append(ref)  # its statistics are not on record: its cell has them
+                continue
+            sums[ref.row] = recorded[ref.row]
         reflectance[slot], quality[slot] = stored[0][slot], stored[1][slot]
-        if str(ref.row) in job.copied_sums:
-            sums[ref.row] = CellSums.from_json(job.copied_sums[str(ref.row)])
     found, missing = _chunks_from_cut(store, from_cut, scene_keys, codecs)
     if missing:
         scenes = tuple(sorted(missing))
@@ -384,8 +390,7 @@ def write_shard_task(
     for row, (chunk, bits, cell_sums) in found.items():
         reflectance[row - job.start], quality[row - job.start] = chunk, bits
         sums[row] = cell_sums
-    active = list(job.active)
-    if any(row not in sums for row in active):
+    if any(row not in sums for row in job.active):
         raise ValueError(f"shard {job.shard}: an active row has no recorded sums")
     objects = {
         "reflectance": assemble_shard(codecs.reflectance, reflectance, codecs.per_shard),
@@ -396,7 +401,11 @@ def write_shard_task(
         if data is None:  # every row is stored, so a shard always has chunks
             raise ValueError(f"shard {job.shard} of {array} assembled empty")
         store.write_bytes(shard_key(array, job.shard, ndim), data)
-    moments = shard_moments([sums[row] for row in active], codecs.bands)
+    moments = shard_moments([sums[row] for row in job.active], codecs.bands)
+    # The per-row sums go beside the record (read only when the shard is partly rewritten), named in
+    # it by checksum, so a record never vouches for another write's sums.
+    row_sums = json.dumps({str(row): sums[row].to_json() for row in job.active}, sort_keys=True).encode()
+    store.write_bytes(shard_sums_path(job.shard), row_sums)
     record = {
         "shard": job.shard,
         "first_row": job.start,
@@ -409,7 +418,7 @@ def write_shard_task(
         "quality_sha256": hashlib.sha256(objects["quality"] or b"").hexdigest(),
         "quality_bytes": len(objects["quality"] or b""),
         "scenes": sorted({p.scene_id for p in job.source}),
-        "row_sums": {str(row): sums[row].to_json() for row in active},
+        "sums_sha256": hashlib.sha256(row_sums).hexdigest(),
         "moments": moments.to_json(),
     }
     store.write_json(shard_record_path(job.shard), record)
@@ -418,6 +427,23 @@ def write_shard_task(
 
 def shard_record_path(shard: int) -> str:
     return tables.shard_record(shard)
+
+
+def shard_sums_path(shard: int) -> str:
+    return f"{SHARD_SUMS}/{shard:06d}.json"
+
+
+def _recorded_sums(store: BuildStore, job: ShardJob) -> dict[int, CellSums]:
+    """The per-row sums of the shard's previous write, when they are the ones its record names (else
+    none: the copied rows' sums then come from their cells in cut/)."""
+    try:
+        data = store.read_bytes(shard_sums_path(job.shard))
+        if hashlib.sha256(data).hexdigest() != job.sums_sha256:
+            raise ValueError("not the sums its record names")
+        return {int(row): CellSums.from_json(value) for row, value in json.loads(data).items()}
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        print(f"write: shard {job.shard}'s recorded sums are unusable ({one_line(exc)}); using cut/")
+        return {}
 
 
 SHARDS_SCHEMA = pa.schema(
@@ -485,7 +511,7 @@ SHARD_RECORD_KEYS = frozenset(
         "reflectance_bytes",
         "quality_bytes",
         "moments",
-        "row_sums",
+        "sums_sha256",
         "scenes",
     }
 )
@@ -606,6 +632,8 @@ def run_write(
     shard_count = (len(rows) + per_shard - 1) // per_shard
     for stale in [s for s in shard_records if s >= shard_count]:
         store.fs.rm(store.path(shard_record_path(stale)))
+        if store.exists(shard_sums_path(stale)):
+            store.fs.rm(store.path(shard_sums_path(stale)))
     final = {**reusable, **{r["shard"]: r for r in results if isinstance(r, dict)}}
     ordered = [final[s] for s in range(shard_count)]
     store.write_table(SHARDS_TABLE, shards_table(ordered))
@@ -623,6 +651,7 @@ def run_write(
         "shards_written": len(jobs),
         "rows_from_cut": sum(len(j.source) for j in jobs),
         "rows_copied": sum(len(j.copy) for j in jobs),
+        "active_rows_copied": sum(len({p.row for p in j.copy} & set(j.active)) for j in jobs),
         "dataset_bytes": _dataset_bytes(store),
     }
     watch.lap("finish")

@@ -11,8 +11,7 @@ unchanged active row, or a retired row, which keeps what it holds).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -38,8 +37,9 @@ class ShardJob:
     copy: tuple[PatchRef, ...]
     active: tuple[int, ...]  # rows listed in the index (statistics cover these)
     row_keys: tuple[str, ...]  # content key of every row start..stop-1
-    # The recorded CellSums (JSON) of the copied active rows, from the shard's previous record.
-    copied_sums: Mapping[str, Any] = field(default_factory=dict)
+    # The SHA-256 of the per-row sums the shard's previous write recorded (`write/sums/`), which the
+    # copied active rows' statistics come from; "" when no active row is copied.
+    sums_sha256: str = ""
 
     @property
     def scenes(self) -> tuple[str, ...]:
@@ -74,23 +74,22 @@ def plan_jobs(
         stop = min(start + per_shard, n)
         part = rows.iloc[start:stop]
         keys, sources, copies, active = [], [], [], []
-        copied_sums: dict[str, Any] = {}
+        copied_active = False
         old = records_by_shard.get(shard) if arrays_kept else None
         if old is not None and old["layout_key"] != layout:
             old = None  # written for another layout: nothing of it is reused
         old_keys = (
             dict(zip(range(old["first_row"], old["stop_row"]), old["row_keys"], strict=True)) if old else {}
         )
-        old_sums = (old or {}).get("row_sums") or {}
         for r in part.itertuples(index=False):
             row = int(r.row)
             ref = PatchRef(row, str(r.scene_id), str(r.location_id))
             if r.active:
                 key = row_key(r.patch_id, r.scene_id, fingerprints.get(r.scene_id, ""))
                 active.append(row)
-                if old_keys.get(row) == key and shard in valid_shards and str(row) in old_sums:
+                if old_keys.get(row) == key and shard in valid_shards:
                     copies.append(ref)
-                    copied_sums[str(row)] = old_sums[str(row)]
+                    copied_active = True
                 else:
                     sources.append(ref)
             else:
@@ -118,7 +117,7 @@ def plan_jobs(
                     tuple(copies),
                     tuple(active),
                     tuple(keys),
-                    copied_sums,
+                    str(old["sums_sha256"]) if old is not None and copied_active else "",
                 )
             )
     return jobs, reusable

@@ -17,6 +17,7 @@ import zarr
 from pipeline import stages
 from pipeline.manifest import Manifest
 from pipeline.run import Scheduler
+from pipeline.stats import BandMoments
 from pipeline.storage import BuildStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,8 +53,12 @@ def pixels_by_patch(build: Path) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("keep_cut", [True, False], ids=["cut-kept", "cut-removed"])
-def test_adding_products_appends_and_supersedes(demo_products, tmp_path, keep_cut):
+@pytest.mark.parametrize(
+    ("keep_cut", "damage_sums"),
+    [(True, False), (False, False), (True, True)],
+    ids=["cut-kept", "cut-removed", "recorded-sums-damaged"],
+)
+def test_adding_products_appends_and_supersedes(demo_products, tmp_path, keep_cut, damage_sums):
     products, truth = demo_products
     raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
     raw["write"] = {"patches_per_shard": 2, "compression_level": 5, "keep_cut": keep_cut}
@@ -78,6 +83,11 @@ def test_adding_products_appends_and_supersedes(demo_products, tmp_path, keep_cu
     }
     mtimes = {p: p.stat().st_mtime_ns for p in shard_files}
 
+    if damage_sums:
+        # Recorded per-row sums that are not those their records name: the copied rows' statistics
+        # then come from their cells' sums in cut/ (same values), never from the damaged file.
+        for path in (build / "write" / "sums").glob("*.json"):
+            path.write_text('{"0": {"count": [1], "total": [1], "squares": [1], "min": [1], "max": [1]}}')
     link_products(products, newer + later, inputs)
     results = build_all(manifest, store, inputs)
     assert results["inventory"].counts["sources_inspected"] == len({p.path for p in newer + later})
@@ -88,6 +98,8 @@ def test_adding_products_appends_and_supersedes(demo_products, tmp_path, keep_cu
     # (stored or retired) from the stored shard, so a removed cut/ never forces a re-read here.
     assert write["rows_from_cut"] == write["rows"] - old_rows, "only the new rows come from cut/"
     assert write["rows_copied"] > 0
+    # Some rewritten shard keeps active rows: their statistics come from the recorded per-row sums.
+    assert write["active_rows_copied"] > 0
     assert (build / "cut").exists() == keep_cut
 
     after_index = store.read_geodataframe("index/patches.parquet")
@@ -118,6 +130,20 @@ def test_adding_products_appends_and_supersedes(demo_products, tmp_path, keep_cu
     assert [int(r) for r in np.flatnonzero(active == 0)] == sorted(retired_rows)
     items = {json.loads(p.read_text())["id"] for p in (build / "stac").rglob("EPSG*.json")}
     assert items == set(after_index["patch_id"])
+
+    # Statistics of the partly rewritten shards, merged from recorded and new cell sums, equal bit for
+    # bit the moments of each shard's active rows computed from the stored pixels, merged in shard order.
+    group = zarr.open_group(str(build / "dataset.zarr"), mode="r")
+    reflectance, active_flags = group["reflectance"], group["active"][:]
+    total = BandMoments.empty(reflectance.shape[1])
+    for start in range(0, reflectance.shape[0], 2):
+        rows = [r for r in range(start, min(start + 2, reflectance.shape[0])) if active_flags[r]]
+        if rows:
+            total = total.merge(BandMoments.of_block(np.asarray(reflectance.oindex[rows])))
+    assert np.array_equal(np.load(build / "stats" / "mean.npy"), total.valid_mean.astype(np.float32))
+    assert np.array_equal(np.load(build / "stats" / "std.npy"), total.std.astype(np.float32))
+    summary = json.loads((build / "stats" / "statistics.json").read_text())
+    assert summary["count"] == total.count.tolist() and summary["min"] == total.minimum.tolist()
 
     # Against a from-scratch build of the same inputs: same patch ids, same pixels.
     fresh = tmp_path / "fresh"

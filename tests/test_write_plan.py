@@ -29,12 +29,8 @@ def index_rows(draw):
     return frame
 
 
-def sums_of(row: int) -> dict:
-    return {"count": [row], "total": [row], "squares": [row], "min": [row], "max": [row]}
-
-
 def records_for(frame, per_shard, fingerprints):
-    """The shard records a previous write of these rows left (with per-row sums)."""
+    """The shard records a previous write of these rows left (naming its per-row sums)."""
     records = {}
     for shard, start in enumerate(range(0, len(frame), per_shard)):
         part = frame.iloc[start : start + per_shard]
@@ -52,7 +48,7 @@ def records_for(frame, per_shard, fingerprints):
             "layout_key": LAYOUT,
             "row_keys": keys,
             "active_rows": active,
-            "row_sums": {str(row): sums_of(row) for row in active},
+            "sums_sha256": f"sums-of-shard-{shard}",
         }
     return records
 
@@ -84,7 +80,7 @@ def test_a_fresh_write_takes_every_active_row_from_the_cut(frame, per_shard):
     assert {p.row for j in jobs for p in j.source} == active
     # Retired rows keep what they hold: copied, never re-read.
     assert {p.row for j in jobs for p in j.copy} == set(range(len(frame))) - active
-    assert all(j.copied_sums == {} for j in jobs)
+    assert all(j.sums_sha256 == "" for j in jobs), "no recorded sums to copy from"
 
 
 @settings(max_examples=200, deadline=None)
@@ -107,27 +103,26 @@ def test_only_changed_rows_come_from_the_cut(frame, per_shard, data):
             # From the cut exactly when its key changed or its stored shard failed its check.
             assert frame.iloc[ref.row]["active"]
             assert ref.scene_id in changed or job.shard not in valid
-        for ref in job.copy:
-            if frame.iloc[ref.row]["active"]:
-                assert ref.scene_id not in changed and job.shard in valid
-                assert job.copied_sums[str(ref.row)] == sums_of(ref.row)
-        assert set(job.copied_sums) == {str(p.row) for p in job.copy if frame.iloc[p.row]["active"]}
+        copied_active = [p for p in job.copy if frame.iloc[p.row]["active"]]
+        for ref in copied_active:
+            assert ref.scene_id not in changed and job.shard in valid
+        # The statistics of copied active rows come from the sums the previous write recorded.
+        assert job.sums_sha256 == (records[job.shard]["sums_sha256"] if copied_active else "")
 
 
-def test_a_record_without_a_rows_sums_takes_that_row_from_the_cut():
+def test_a_partly_changed_shard_copies_its_unchanged_rows_and_names_their_sums():
     frame = pd.DataFrame(
         {
             "patch_id": ["a", "b", "c"],
             "scene_id": ["S", "S", "T"],
             "location_id": ["L1", "L2", "L1"],
-            "active": [True, True, True],
+            "active": [True, False, True],
             "row": [0, 1, 2],
         }
     )
     fingerprints = {"S": "1", "T": "2"}
     records = records_for(frame, 4, fingerprints)
-    del records[0]["row_sums"]["1"]
-    # Scene T changed: the shard is rewritten; row 1 is unchanged but has no recorded sums.
+    # Scene T changed: the shard is rewritten; row 0 is unchanged, row 1 retired.
     jobs, reused = plan_jobs(frame, 4, {"S": "1", "T": "3"}, records, LAYOUT, True, {0})
     assert reused == {}
     (job,) = jobs
@@ -135,12 +130,20 @@ def test_a_record_without_a_rows_sums_takes_that_row_from_the_cut():
         0,
         0,
         3,
-        (PatchRef(1, "S", "L2"), PatchRef(2, "T", "L1")),
-        (PatchRef(0, "S", "L1"),),
-        (0, 1, 2),
+        (PatchRef(2, "T", "L1"),),
+        (PatchRef(0, "S", "L1"), PatchRef(1, "S", "L2")),
+        (0, 2),
         (*records[0]["row_keys"][:2], row_key("c", "T", "3")),
-        {"0": sums_of(0)},
+        "sums-of-shard-0",
     )
+    # A stored shard that failed its check keeps only its retired row, whose bytes nothing else holds.
+    (job,) = plan_jobs(frame, 4, {"S": "1", "T": "3"}, records, LAYOUT, True, set())[0]
+    assert [p.row for p in job.source] == [0, 2] and [p.row for p in job.copy] == [1]
+    assert job.sums_sha256 == ""
     # Another layout (other codec or shard size) keeps nothing as stored.
     jobs, reused = plan_jobs(frame, 4, fingerprints, records_for(frame, 4, fingerprints), "other", True, {0})
-    assert reused == {} and [p.row for p in jobs[0].source] == [0, 1, 2] and jobs[0].copy == ()
+    assert (
+        reused == {}
+        and [p.row for p in jobs[0].source] == [0, 2]
+        and jobs[0].copy == (PatchRef(1, "S", "L2"),)
+    )
