@@ -52,9 +52,9 @@ def print_stage_summary(name: str, store: Any, result: Any) -> None:
         print(f"  dataset            {store.uri_of('dataset.zarr')}")
         print(f"  patches x bands    {counts['patches']} x {counts['bands']}")
         print(
-            f"  shards             {counts['shards']} ({counts['shards_written']} written by "
-            f"{counts.get('read_tasks', '?')} read tasks, "
-            f"{counts.get('stitched_shards', 0)} of them stitched)"
+            f"  shards             {counts['shards']} ({counts['shards_written']} written: "
+            f"{counts.get('rows_from_cut', 0)} rows from cut/, "
+            f"{counts.get('rows_copied', 0)} copied from stored shards)"
         )
         print(f"  size on disk       {counts['dataset_bytes'] / 1e6:.1f} MB")
 
