@@ -623,7 +623,16 @@ def run_write(
     missing = [r for r in results if isinstance(r, MissingCut)]
     if missing:
         scenes = sorted({sid for m in missing for sid in m.scenes})
+        gone = [sid for sid in scenes if sid not in records]
         forget_scenes(store, manifest, [records[sid] for sid in scenes if sid in records])
+        if gone:
+            # Only a retired row of a product no longer inventoried can get here (its stored shard is
+            # damaged): nothing can read it again, and no fill patch is written in its place.
+            more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+            raise BuildFault(
+                f"write: {gone[0]}{more} is no longer inventoried and its stored rows are damaged: "
+                f"restore its product to the inputs and rerun, or rebuild the index"
+            )
         raise BuildFault(
             f"write: {len(missing)} shard(s) need encoded chunks that are absent or damaged "
             f"({missing[0].reason}); the other shards are written: "
