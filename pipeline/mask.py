@@ -352,8 +352,9 @@ def scene_key(record: SceneRecord, manifest: Manifest) -> str:
 
 
 class _CubeReader:
-    """The kept bands of a block of rows: numpy at the byte offsets for an uncompressed GeoTIFF or ENVI
-    file on local disk (`pipeline.enmap.raw_reader`), GDAL otherwise (compressed, remote, in a ZIP)."""
+    """The kept bands of a block of rows of a multi-band layer (the cube, QL_PIXELMASK): numpy at the
+    byte offsets for an uncompressed GeoTIFF or ENVI file on local disk (`pipeline.enmap.raw_reader`),
+    GDAL otherwise (compressed, remote, in a ZIP)."""
 
     def __init__(self, path: str, source: Any, kept_bands: tuple[int, ...]) -> None:
         self.source, self.kept = source, list(kept_bands)
@@ -401,14 +402,18 @@ def compute_mask(
         }
         try:
             reader = _CubeReader(opened.gdal_path("SPECTRAL_IMAGE"), sources["SPECTRAL_IMAGE"], kept_bands)
+            # QL_PIXELMASK has a band per spectral band: as large a read as the cube's (uint8).
+            defects_reader = _CubeReader(
+                opened.gdal_path("QL_PIXELMASK"), sources["QL_PIXELMASK"], kept_bands
+            )
             for row, stop in zip(edges, edges[1:]):
                 if stop <= row:
                     continue
                 window = Window(0, row, width, stop - row)
                 cube = reader.read(window)
                 is_nodata = cube == NODATA_VALUE
-                valid_per_band += (~is_nodata).sum(axis=(1, 2))
-                defects = sources["QL_PIXELMASK"].read(list(kept_bands), window=window)
+                valid_per_band += window.height * width - np.count_nonzero(is_nodata, axis=(1, 2))
+                defects = defects_reader.read(window)
                 block = quality_bits(
                     classes=sources["QL_QUALITY_CLASSES"].read(1, window=window),
                     binary_layers={name: sources[name].read(1, window=window) for name in BINARY_LAYERS},
