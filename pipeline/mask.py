@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import tempfile
 import uuid
+import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
@@ -62,7 +64,7 @@ from pipeline.quality import (
     flag_counts,
     quality_bits,
 )
-from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of, is_remote
+from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of, gdal_path, is_remote
 from pipeline.tables import read_geodataframe_checked, read_table_checked
 from pipeline.zarr_chunks import ChunkCodec, encode_chunk, quality_codec, reflectance_codec
 
@@ -351,26 +353,64 @@ def scene_key(record: SceneRecord, manifest: Manifest) -> str:
     )
 
 
+HEADER_BYTES = 1024 * 1024  # an ENVI header larger than this is not read here (GDAL reads the cube)
+
+
+def raw_source(opened: Any, layer: str) -> tuple[raw_reader.Source, bytes | None] | None:
+    """Where `raw_reader` can read a layer of an opened product: a plain local file, or a stored member
+    of a local ZIP (a folder delivery's ZIP, or a tar.gz's unpacked ZIP) with its ENVI header's bytes;
+    None otherwise (remote, or inflated into GDAL's memory: GDAL reads it)."""
+    path = opened.gdal_path(layer)
+    if not path.startswith("/vsi"):
+        return (path, None) if os.path.isfile(path) else None
+    location = opened.location
+    if opened.local_zip:
+        zip_path = opened.local_zip
+    elif location.packaging != "folder" and not is_remote(location.container_uri):
+        zip_path = gdal_path(location.container_uri)
+    else:
+        return None
+    member = location.member(layer)
+    if path != f"/vsizip/{zip_path}/{member}":
+        return None  # a deflated member GDAL reads from memory
+    piece = raw_reader.stored_member(zip_path, member)
+    if piece is None:
+        return None
+    header = None
+    sidecars = {f"{posixpath.splitext(member)[0]}.hdr".lower(), f"{member}.hdr".lower()}
+    with zipfile.ZipFile(zip_path) as archive:
+        for info in archive.infolist():
+            if info.filename.lower() in sidecars and info.file_size <= HEADER_BYTES:
+                header = archive.read(info)
+                break
+    return piece, header
+
+
 class _CubeReader:
     """The kept bands of a block of rows of a multi-band layer (the cube, QL_PIXELMASK): numpy at the
-    byte offsets for an uncompressed GeoTIFF or ENVI file on local disk (`pipeline.enmap.raw_reader`),
-    GDAL otherwise (compressed, remote, in a ZIP)."""
+    byte offsets for an uncompressed GeoTIFF or ENVI file on local disk or stored in a local ZIP
+    (`pipeline.enmap.raw_reader`, bit-exact against GDAL), GDAL otherwise (compressed, remote)."""
 
-    def __init__(self, path: str, source: Any, kept_bands: tuple[int, ...]) -> None:
+    def __init__(self, opened: Any, layer: str, source: Any, kept_bands: tuple[int, ...]) -> None:
         self.source, self.kept = source, list(kept_bands)
+        self.path = opened.gdal_path(layer)
+        self.raw: raw_reader.Source | None = None
         self.layout = None
-        self.path = path
-        if not path.startswith("/vsi") and not is_remote(path) and os.path.isfile(path):
-            try:
-                self.layout = raw_reader.layout_of(path)
-            except (ProductError, OSError, ValueError):
-                self.layout = None  # GDAL reads it, or gives the reason
+        try:
+            found = raw_source(opened, layer)
+            if found is not None:
+                self.layout = raw_reader.layout_of(found[0], found[1])
+                self.raw = found[0]
+        except (ProductError, OSError, ValueError, zipfile.BadZipFile) as exc:
+            if is_transient(exc):
+                raise
+            self.layout = None  # GDAL reads it, or gives the reason
         self.zero_based = [b - 1 for b in self.kept]
 
     def read(self, window: Window) -> np.ndarray:
-        if self.layout is not None and self.kept:
+        if self.layout is not None and self.raw is not None and self.kept:
             rows = (int(window.row_off), int(window.row_off + window.height))
-            return raw_reader.read(self.path, layout=self.layout, bands=self.zero_based, rows=rows)
+            return raw_reader.read(self.raw, layout=self.layout, bands=self.zero_based, rows=rows)
         return self.source.read(self.kept, window=window)
 
 
@@ -401,11 +441,9 @@ def compute_mask(
             )
         }
         try:
-            reader = _CubeReader(opened.gdal_path("SPECTRAL_IMAGE"), sources["SPECTRAL_IMAGE"], kept_bands)
+            reader = _CubeReader(opened, "SPECTRAL_IMAGE", sources["SPECTRAL_IMAGE"], kept_bands)
             # QL_PIXELMASK has a band per spectral band: as large a read as the cube's (uint8).
-            defects_reader = _CubeReader(
-                opened.gdal_path("QL_PIXELMASK"), sources["QL_PIXELMASK"], kept_bands
-            )
+            defects_reader = _CubeReader(opened, "QL_PIXELMASK", sources["QL_PIXELMASK"], kept_bands)
             for row, stop in zip(edges, edges[1:]):
                 if stop <= row:
                     continue

@@ -150,6 +150,17 @@ def _make_big_endian(folder: Path) -> None:
     data.write_bytes(np.frombuffer(data.read_bytes(), dtype="<i2").astype(">i2").tobytes())
 
 
+def _store_members(archive: Path) -> None:
+    """Rewrite a product ZIP with every member stored (uncompressed), as some deliveries are."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as source:
+        members = [(info.filename, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as target:
+        for name, data in members:
+            target.writestr(name, data)
+
+
 def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path, manifest):
     """The reading pass encodes exactly the cells tile keeps, each decoding to an independent rasterio
     read of its source (big-endian ENVI, BIL, GeoTIFF, ZIP), its quality chunk to the mask, with the
@@ -174,11 +185,24 @@ def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path, manifest):
     truth = generate(tmp_path / "products", config)
     big = next(p for p in truth.products if p.packaging == "folder" and p.format == "BIL")
     _make_big_endian(tmp_path / "products" / big.path)
+    stored = next(p for p in truth.products if p.packaging == "zip")
+    _store_members(tmp_path / "products" / stored.path)
     store = build_through_tile(tmp_path / "products", tmp_path / "build", manifest)
     plan = store.read_geodataframe("plan/patches.parquet")
     kept_plan = plan[plan["kept"]]
     assert len(kept_plan) > 0 and big.scene_id in set(kept_plan["scene_id"])
     records = read_scenes(store)
+    # The folder cubes and the stored ZIP member are read with numpy at their byte offsets.
+    from pipeline.enmap.product import open_product
+    from pipeline.fetch import FileSlice
+    from pipeline.mask import raw_source
+
+    for record in records:
+        with open_product(record.location(), None, unpack=("SPECTRAL_IMAGE",)) as opened:
+            found = raw_source(opened, "SPECTRAL_IMAGE")
+        assert found is not None, record.packaging
+        assert isinstance(found[0], FileSlice) == (record.scene_id == stored.scene_id)
+        assert (found[1] is not None) == (record.scene_id == stored.scene_id)  # its ENVI header
     for record in records:
         bands = list(manifest.bands.kept_bands(record.wavelengths_nm))
         key = scene_key(record, manifest)
