@@ -237,6 +237,21 @@ class _Spool:
             os.remove(self.path)
 
 
+def block_edges(cell_rows: set[int], height: int, size: int) -> list[int]:
+    """Row edges of the blocks a scene is read in (pure): each cell row [r, r + size) is exactly one
+    block, whatever its size, so a block always holds whole cells; the rows outside cell rows are read
+    in blocks of at most BLOCK_ROWS."""
+    cells = {r for r in cell_rows if 0 <= r and r + size <= height}
+    ordered = sorted({0, height} | cells | {r + size for r in cells})
+    out = [ordered[0]]
+    for edge in ordered[1:]:
+        if out[-1] not in cells:
+            while edge - out[-1] > BLOCK_ROWS:
+                out.append(out[-1] + BLOCK_ROWS)
+        out.append(edge)
+    return out
+
+
 class Cutter:
     """Cuts the candidate cells of a scene from the blocks the mask pass reads (see the module
     docstring): `take` gets each block of whole rows with its mask bits and kept-band cube."""
@@ -256,15 +271,7 @@ class Cutter:
                 w.row_off for _, w in cells_in_raster(plan.epsg, plan.transform, width, height, plan.spec)
             }
         self.cell_rows = rows
-        size = self.plan.spec.patch_size
-        edges = {0, height} | rows | {r + size for r in rows}
-        ordered = sorted(e for e in edges if 0 <= e <= height)
-        out = [ordered[0]] if ordered else [0]
-        for edge in ordered[1:]:
-            while edge - out[-1] > BLOCK_ROWS:
-                out.append(out[-1] + BLOCK_ROWS)
-            out.append(edge)
-        return out
+        return block_edges(rows, height, plan.spec.patch_size)
 
     def take(self, row: int, bits: np.ndarray, cube: np.ndarray) -> None:
         """Encode the kept candidates of a block that is one whole cell row (others hold no cell)."""

@@ -279,3 +279,22 @@ def test_cut_patch_sums_equal_the_reference_sums(bands, size, seed, kind):
     elif kind == "with-nodata":
         patch[rng.integers(bands), rng.integers(size), rng.integers(size)] = -32768
     assert clean_patch_sums(patch) == CellSums.of_patch(patch)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 1400), st.sampled_from([48, 64, 128, 256, 512]), st.integers(0, 511), st.data())
+def test_blocks_hold_whole_cell_rows(height, size, first, data):
+    """Every cell row is read as exactly one block (of any patch size, above or below BLOCK_ROWS), the
+    blocks cover the scene's rows once, and the other blocks stay within BLOCK_ROWS."""
+    from pipeline.mask import BLOCK_ROWS, block_edges
+
+    first %= size
+    rows = {first + k * size for k in range((height - first) // size)} if first < height else set()
+    rows = set(data.draw(st.sets(st.sampled_from(sorted(rows)))) if rows else set())
+    edges = block_edges(rows, height, size)
+    assert edges[0] == 0 and edges[-1] == height and edges == sorted(set(edges))
+    blocks = list(zip(edges, edges[1:]))
+    for row in rows:
+        assert (row, row + size) in blocks
+    for start, stop in blocks:
+        assert start in rows or stop - start <= BLOCK_ROWS
