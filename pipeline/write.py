@@ -614,6 +614,13 @@ def run_write(
     if codecs.reflectance.key() != reflectance_codec(manifest, len(bands)).key():
         # The arrays were kept, so their codec is the manifest's: a mismatch is a bug, never patched over.
         raise ValueError("dataset.zarr's codec differs from the manifest's write.codec")
+    for sid in sorted({p.scene_id for job in jobs for p in job.source}):
+        if sid in records and len(manifest.bands.kept_bands(records[sid].wavelengths_nm)) != len(bands):
+            # Its cut holds chunks of another shape: re-reading it would not help.
+            raise BuildFault(
+                f"write: {sid} keeps another number of bands than the dataset's {len(bands)}: the scenes "
+                f"of one build must share the band axis (check bands in the manifest)"
+            )
     keys = {sid: scene_key(r, manifest) for sid, r in records.items()}
     pairs = [(job, {sid: keys[sid] for sid in job.scenes if sid in keys}) for job in jobs]
     results = scheduler.map(
