@@ -396,6 +396,10 @@ def write_shard_task(
         "reflectance": assemble_shard(codecs.reflectance, reflectance, codecs.per_shard),
         "quality": assemble_shard(codecs.quality, quality, codecs.per_shard),
     }
+    if store.exists(shard_record_path(job.shard)):
+        # The old record goes first: killed between here and the new record, the shard is unrecorded
+        # (rewritten on resume), never vouched for by a record of other content of the same size.
+        store.fs.rm(store.path(shard_record_path(job.shard)))
     for array, ndim in (("reflectance", 4), ("quality", 3)):
         data = objects[array]
         if data is None:  # every row is stored, so a shard always has chunks
