@@ -153,7 +153,7 @@ def test_removed_cut_is_not_missing_until_a_shard_needs_it_then_its_scenes_are_r
 ):
     from pipeline.errors import BuildFault
 
-    products, _, manifest, reference_build = reference
+    products, manifest_path, manifest, reference_build = reference
     build = tmp_path / "build"
     shutil.copytree(reference_build, build)
     dropping = dataclasses.replace(manifest, write=dataclasses.replace(manifest.write, keep_cut=False))
@@ -173,6 +173,15 @@ def test_removed_cut_is_not_missing_until_a_shard_needs_it_then_its_scenes_are_r
     scenes = set(index[index["row"].isin([2, 3])]["scene_id"])
     with pytest.raises(BuildFault, match=rf"rerun mask \(or run\) to re-read {len(scenes)} scene\(s\)$"):
         stages.run_stage("write", dropping, store, SYNC)
+    # Asked again on the command line (the mask stage is now due): one line naming it, no traceback.
+    raw = yaml.safe_load(manifest_path.read_text())
+    raw["write"]["keep_cut"] = False
+    (tmp_path / "dropping.yaml").write_text(yaml.safe_dump(raw))
+    arguments = ["write", "--manifest", str(tmp_path / "dropping.yaml"), "--build", str(build)]
+    command = [sys.executable, "-m", "pipeline.cli", *arguments, "--scheduler", "synchronous"]
+    failed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1 and "spectralearth mask" in failed.stderr
     healed = run_all(dropping, build, products)
     assert healed["mask"].counts["reused"] == healed["mask"].counts["masked"] - len(scenes)
     assert healed["tile"].skipped and healed["dedup"].skipped
