@@ -21,6 +21,7 @@ The stage runs through `pipeline.engine`: one content-keyed, checkpointed task p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -52,6 +53,7 @@ from pipeline.engine import (
 )
 from pipeline.enmap import raw_reader
 from pipeline.enmap.product import ProductError, Rejection, open_product
+from pipeline.enmap.product import _scratch_dir as scratch_dir  # an owned scratch folder (cleaned when stale)
 from pipeline.errors import TransientError, is_open_failure, is_transient, one_line
 from pipeline.grid import GridSpec, OffLatticeError, cells_in_raster, check_lattice
 from pipeline.inventory import SCENES_TABLE, SceneRecord, records_from_frame, rejected_table
@@ -198,14 +200,16 @@ class _Spool:
     scene's payloads): straight beside its target on a local build, in a local temporary file for
     object storage; `commit` moves it in place whole (a reader never sees half a .bin)."""
 
-    def __init__(self, store: BuildStore, relative: str) -> None:
+    def __init__(self, store: BuildStore, relative: str, scratch: str | None = None) -> None:
         self.store, self.relative = store, relative
         if store.is_local:
             target = store.path(relative)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             self.path = f"{target}.tmp-{uuid.uuid4().hex}"
         else:
-            handle, self.path = tempfile.mkstemp(prefix="cut-", suffix=".bin")
+            # In the task's own scratch folder (`scratch`), which the next task on the machine removes
+            # if this one is killed.
+            handle, self.path = tempfile.mkstemp(prefix="cut-", suffix=".bin", dir=scratch)
             os.close(handle)
         self.handle: BinaryIO = open(self.path, "wb")
         self.digest = hashlib.sha256()
@@ -537,7 +541,22 @@ def mask_scene(
     kept = manifest.bands.kept_bands(record.wavelengths_nm)
     config_hash = stage_config_hash(manifest)
     key = scene_key(record, manifest)
-    spool = _Spool(store, cut_bin_path(record.scene_id, key))
+    with contextlib.ExitStack() as stack:
+        scratch = None if store.is_local else stack.enter_context(scratch_dir())
+        spool = _Spool(store, cut_bin_path(record.scene_id, key), scratch)
+        return _mask_and_cut(record, manifest, store, kept, config_hash, key, spool, storage_options)
+
+
+def _mask_and_cut(
+    record: SceneRecord,
+    manifest: Manifest,
+    store: BuildStore,
+    kept: tuple[int, ...],
+    config_hash: str,
+    key: str,
+    spool: _Spool,
+    storage_options: dict | None,
+) -> MaskSummary | Rejection:
     cutter = Cutter(cut_plan(record, manifest, len(kept)), spool)
     try:
         bits, valid = compute_mask(record, kept, storage_options, cutter)
