@@ -4,13 +4,12 @@ network faults they stand for: `pipeline.errors.is_transient` says so, and `heal
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,21 +130,45 @@ def test_s3fs_requests_reach_moto_and_are_counted(proxy, stored):
     assert proxy.count("GET", f"/{BUCKET}/objects/") == len(ranges)
 
 
-def _gdal_network_stats() -> ctypes.CDLL:
-    """GDAL's own per-file request counts (CPL_VSIL_NETWORK_STATS_ENABLED), from rasterio's libgdal:
-    an oracle for the proxy's counts that does not go through the proxy."""
-    folder = Path(rasterio.__file__).resolve().parent.parent / "rasterio.libs"
-    found = glob.glob(str(folder / "libgdal*.so*"))
-    if not found:
-        pytest.skip("rasterio's bundled libgdal not found (a system GDAL build?)")
-    lib = ctypes.CDLL(found[0])
-    lib.VSINetworkStatsGetAsSerializedJSON.restype = ctypes.c_void_p
-    lib.VSINetworkStatsGetAsSerializedJSON.argtypes = [ctypes.c_void_p]
-    lib.VSIFree.argtypes = [ctypes.c_void_p]
-    return lib
+# GDAL reads in a child process: GDAL holds the GIL while it waits for an answer, and the proxy's
+# threads live in this process, so a read from here would wait on itself.
+_GDAL_READ = """
+import ctypes, glob, json, sys
+from pathlib import Path
+import numpy as np
+import rasterio
+
+folder = Path(rasterio.__file__).resolve().parent.parent / "rasterio.libs"
+found = glob.glob(str(folder / "libgdal*.so*"))
+if not found:
+    print(json.dumps(None))
+    sys.exit(0)
+lib = ctypes.CDLL(found[0])
+lib.VSINetworkStatsGetAsSerializedJSON.restype = ctypes.c_void_p
+lib.VSINetworkStatsGetAsSerializedJSON.argtypes = [ctypes.c_void_p]
+lib.VSIFree.argtypes = [ctypes.c_void_p]
+endpoint, path, expected = sys.argv[1], sys.argv[2], sys.argv[3]
+with rasterio.Env(
+    AWS_S3_ENDPOINT=endpoint,
+    AWS_HTTPS="NO",
+    AWS_VIRTUAL_HOSTING="FALSE",
+    CPL_VSIL_NETWORK_STATS_ENABLED="YES",
+    CPL_VSIL_CURL_CHUNK_SIZE=str(64 * 1024),  # small chunks: several requests to count
+    VSI_CACHE="FALSE",
+):
+    lib.VSINetworkStatsReset()
+    with rasterio.open(path) as src:
+        same = bool(np.array_equal(src.read(), np.load(expected)))
+    pointer = lib.VSINetworkStatsGetAsSerializedJSON(None)
+    stats = json.loads(ctypes.string_at(pointer).decode())
+    lib.VSIFree(pointer)
+print(json.dumps({"same": same, "stats": stats}))
+"""
 
 
 def test_gdal_reads_are_counted_as_gdal_counts_them(proxy, tmp_path):
+    """GDAL's own per-file request counts (CPL_VSIL_NETWORK_STATS_ENABLED, read from rasterio's libgdal)
+    are an oracle for the proxy's counts that does not go through the proxy."""
     cube = np.random.default_rng(4).integers(0, 10_000, (3, 300, 310), dtype=np.int16)
     local = tmp_path / "cube.tif"
     profile = {"crs": "EPSG:32632", "transform": Affine(30.0, 0.0, 628785.0, 0.0, -30.0, 5294265.0)}
@@ -153,30 +176,27 @@ def test_gdal_reads_are_counted_as_gdal_counts_them(proxy, tmp_path):
         local, "w", driver="GTiff", width=310, height=300, count=3, dtype="int16", **profile
     ) as d:
         d.write(cube)
+    np.save(tmp_path / "cube.npy", cube)
     fs = filesystem(proxy)
     if not fs.exists(BUCKET):
         fs.mkdir(BUCKET)
     fs.put_file(str(local), f"{BUCKET}/gdal/cube.tif")
     proxy.clear_counts()
-    lib = _gdal_network_stats()
-    with rasterio.Env(
-        AWS_S3_ENDPOINT=proxy.endpoint,
-        AWS_HTTPS="NO",
-        AWS_VIRTUAL_HOSTING="FALSE",
-        CPL_VSIL_NETWORK_STATS_ENABLED="YES",
-        CPL_VSIL_CURL_CHUNK_SIZE=str(64 * 1024),  # small chunks: several requests to count
-        VSI_CACHE="FALSE",
-    ):
-        lib.VSINetworkStatsReset()
-        with rasterio.open(f"/vsis3/{BUCKET}/gdal/cube.tif") as src:
-            assert np.array_equal(src.read(), cube)
-        pointer = lib.VSINetworkStatsGetAsSerializedJSON(None)
-        stats = json.loads(ctypes.string_at(pointer).decode())
-        lib.VSIFree(pointer)
+    path = f"/vsis3/{BUCKET}/gdal/cube.tif"
+    completed = subprocess.run(
+        [sys.executable, "-c", _GDAL_READ, proxy.endpoint, path, str(tmp_path / "cube.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    if result is None:
+        pytest.skip("rasterio's bundled libgdal not found (a system GDAL build?)")
+    assert result["same"]
+    stats = result["stats"]
     gdal_total = stats["methods"]["GET"]["count"]
-    gdal_file = stats["handlers"]["vsis3"]["files"][f"/vsis3/{BUCKET}/gdal/cube.tif"]["methods"]["GET"][
-        "count"
-    ]
+    gdal_file = stats["handlers"]["vsis3"]["files"][path]["methods"]["GET"]["count"]
     assert gdal_file >= 2
     assert proxy.count("GET", f"/{BUCKET}/gdal/cube.tif") == gdal_file
     assert proxy.count("GET") == gdal_total
@@ -246,13 +266,19 @@ def test_fail_for_heals_by_itself_and_retries_get_through(proxy, stored):
 def test_stop_joins_every_thread_even_while_failing(upstream, aws_env):
     proxy = S3Proxy(*upstream).start()
     fs = filesystem(proxy)
-    fs.ls("/")  # leaves a keep-alive connection, served by its own thread
-    assert any(t.name == "s3-proxy-conn" for t in threading.enumerate())
+    fs.ls("/")
+    # An open client connection, served by its own thread (moto may close its keep-alive ones).
+    held = socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+    deadline = time.monotonic() + 5
+    while not any(t.name == "s3-proxy-conn" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "no thread serves the open connection"
+        time.sleep(0.01)
     proxy.fail_for(60)
     assert any(t.name == "s3-proxy-heal" for t in threading.enumerate())
     started = time.monotonic()
     proxy.stop()
     assert time.monotonic() - started < 5
     assert not [t.name for t in threading.enumerate() if t.name.startswith("s3-proxy")]
+    held.close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
