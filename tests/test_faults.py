@@ -346,3 +346,27 @@ def test_a_corrupt_index_gives_one_line_to_a_downstream_stage(reference, tmp_pat
         assert "index/patches.parquet" in completed.stderr and "rerun dedup" in completed.stderr, (
             completed.stderr
         )
+
+
+def test_a_scene_masked_again_reaches_the_dataset(reference, tmp_path, monkeypatch):
+    """A wrong mask (left by a fault) redone with `mask --force` must reach every stored row: rows are
+    keyed by their scene's mask too, never only by patch, scene and product fingerprint."""
+    import pipeline.mask
+
+    products, _, _, manifest, reference_build = reference
+    build = tmp_path / "build"
+    original = pipeline.mask.quality_bits
+
+    def with_water(*args, **kwargs):
+        # The water bit limits nothing in the demo manifest: the same patches are kept, with other bits.
+        return original(*args, **kwargs) | np.uint16(512)
+
+    monkeypatch.setattr(pipeline.mask, "quality_bits", with_water)
+    build_all(manifest, build, products)
+    quality = np.asarray(zarr.open_group(str(build / "dataset.zarr"), mode="r")["quality"][:])
+    assert quality.size and np.all(quality & 512), "the wrong masks were written"
+    monkeypatch.setattr(pipeline.mask, "quality_bits", original)
+    store = BuildStore(str(build))
+    stages.run_stage("mask", manifest, store, SYNC, force=True)
+    build_all(manifest, build, products)
+    assert_same_build(build, reference_build)
