@@ -78,6 +78,19 @@ def layout_key(manifest: Manifest, bands: Sequence[tuple[int, float, float]], li
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _grow_labels(group: Any, rows: int) -> None:
+    """Benchmark labels (`labels/<name>`, made by the labels stage) follow the dataset's rows: grown
+    with it, the new rows hold 0 ("no label") until the labels stage labels them."""
+    import zarr
+
+    if "labels" not in group.group_keys():
+        return
+    for _, array in group["labels"].arrays():
+        assert isinstance(array, zarr.Array)
+        if array.shape[0] < rows:
+            array.resize((rows, *array.shape[1:]))
+
+
 def ensure_arrays(
     store: BuildStore, manifest: Manifest, rows: int, bands: Sequence[tuple[int, float, float]], layout: str
 ) -> bool:
@@ -110,6 +123,7 @@ def ensure_arrays(
             assert isinstance(array, zarr.Array)
             if array.shape[0] != rows:
                 array.resize((rows, *array.shape[1:]))
+        _grow_labels(group, rows)
         group.attrs.update(dataset_attrs(manifest, rows) | {"layout_key": layout})
         return True
     settings = manifest.write.codec

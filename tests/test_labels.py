@@ -396,6 +396,32 @@ def test_retired_rows_stay_unlabelled_and_other_shards_are_reused(build, tmp_pat
     assert run_labels(build["manifest"], store, build["scheduler"], name="crops")[0].skipped
 
 
+def test_write_growing_the_dataset_grows_the_labels(build, tmp_path):
+    """When `write` extends the dataset (an incremental build appends rows), every labels array grows
+    with it: stored labels stay as they are and the new rows read 0 until the labels stage runs."""
+    from pipeline.write import ensure_arrays
+
+    copy = tmp_path / "build"
+    shutil.copytree(build["store"].path(""), copy)
+    store = BuildStore(str(copy))
+    before = {name: np.asarray(label_array(store, name)[:]) for name in ("crops", "parcels")}
+    group = zarr.open_group(store.path("dataset.zarr"), mode="r")
+    rows = group["reflectance"].shape[0]
+    bands = list(
+        zip(
+            np.asarray(group["band"][:]).tolist(),
+            np.asarray(group["wavelength"][:]).tolist(),
+            np.asarray(group["fwhm"][:]).tolist(),
+            strict=True,
+        )
+    )
+    assert ensure_arrays(store, build["manifest"], rows + 5, bands, group.attrs["layout_key"])
+    for name, labels in before.items():
+        grown = np.asarray(label_array(store, name)[:])
+        assert grown.shape == (rows + 5, *labels.shape[1:])
+        assert np.array_equal(grown[:rows], labels) and not grown[rows:].any()
+
+
 # Bad sources and settings -------------------------------------------------------------------------
 
 
