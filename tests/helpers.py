@@ -11,7 +11,42 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from pipeline.enmap.synth import ProductTruth
+import yaml
+
+from pipeline.enmap.synth import ProductTruth, SynthConfig, generate
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Three products (a folder, a ZIP, a tar.gz delivery; GeoTIFF and ENVI), with an overlapping tile: the
+# small set the S3 tests upload.
+FEW_PRODUCTS = SynthConfig(
+    seed=21,
+    sites=1,
+    revisits=2,
+    overlapping_tiles=1,
+    reprocessed=0,
+    width=300,
+    height=280,
+    packagings=("folder", "zip", "targz"),
+    formats=("GTiff", "BSQ"),
+)
+
+
+def write_few_products(out: Path) -> Path:
+    """`FEW_PRODUCTS` written to `out`, without the truth file (only products are uploaded)."""
+    generate(out, FEW_PRODUCTS)
+    (out / "truth.json").unlink()
+    return out
+
+
+def small_shards_manifest(folder: Path) -> Path:
+    """The demo manifest with two patches per shard (many shard tasks, shards mixing scenes), saved in
+    `folder` for the CLI."""
+    raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+    raw["write"] = {"patches_per_shard": 2, "compression_level": 5, "max_shards_per_task": 1}
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def spectral_gdal_path(products_dir: Path, product: ProductTruth, scratch: Path) -> str:

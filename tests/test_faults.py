@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 import zarr
 
 from pipeline import stages
@@ -27,6 +26,7 @@ from pipeline.errors import StageFailed
 from pipeline.manifest import Manifest
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
+from tests.helpers import small_shards_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_RETRY = RetryPolicy((0.0, 0.0, 0.0))
@@ -36,14 +36,6 @@ pytestmark = pytest.mark.slow
 # Stage records hold timings and completion times; STAC files hold created/updated: not part of "the
 # same result" (SPEC, Names and formats).
 VOLATILE_JSON_KEYS = {"created", "updated"}
-
-
-def small_shards_manifest(folder: Path) -> Path:
-    raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
-    raw["write"] = {"patches_per_shard": 2, "compression_level": 5, "max_shards_per_task": 1}
-    path = folder / "manifest.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def build_all(manifest: Manifest, build: Path, products: Path, scheduler: Scheduler = SYNC) -> dict:

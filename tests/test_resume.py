@@ -22,19 +22,11 @@ from pipeline.run import Scheduler
 from pipeline.stages import StaleStageError
 from pipeline.storage import BuildStore
 from pipeline.write import verify_build
+from tests.helpers import small_shards_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 SYNC = Scheduler("synchronous", progress=False)
 pytestmark = pytest.mark.slow
-
-
-def small_shards_manifest(tmp_path: Path) -> Path:
-    """The demo manifest with two patches per shard (many shard tasks, shards mixing scenes)."""
-    raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
-    raw["write"] = {"patches_per_shard": 2, "compression_level": 5, "max_shards_per_task": 1}
-    path = tmp_path / "manifest.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def run_all(manifest: Manifest, build: Path, products: Path, names=stages.ORDER) -> dict:

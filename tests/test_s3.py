@@ -14,6 +14,7 @@ import zarr
 from pipeline import stages
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
+from tests.helpers import write_few_products
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-never-logged"
@@ -48,24 +49,7 @@ def read_arrays(group) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def few_products(tmp_path_factory):
-    """Three products (a folder, a ZIP, a tar.gz delivery; GeoTIFF and ENVI), with an overlapping tile."""
-    from pipeline.enmap.synth import SynthConfig, generate
-
-    out = tmp_path_factory.mktemp("s3-products")
-    config = SynthConfig(
-        seed=21,
-        sites=1,
-        revisits=2,
-        overlapping_tiles=1,
-        reprocessed=0,
-        width=300,
-        height=280,
-        packagings=("folder", "zip", "targz"),
-        formats=("GTiff", "BSQ"),
-    )
-    generate(out, config)
-    (out / "truth.json").unlink()
-    return out
+    return write_few_products(tmp_path_factory.mktemp("s3-products"))
 
 
 def test_build_on_s3_equals_the_local_build(s3_env, few_products, tmp_path, capsys, monkeypatch):

@@ -20,6 +20,7 @@ import s3fs
 from pipeline import stages
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
+from tests.helpers import write_few_products
 from tests.s3_proxy import S3Proxy, moto_server
 from tests.test_faults import assert_same_build
 
@@ -41,23 +42,9 @@ OUTAGE_AT = {
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    from pipeline.enmap.synth import SynthConfig, generate
     from pipeline.run import _close_local_clusters
 
-    products = tmp_path_factory.mktemp("s3-fault-products")
-    config = SynthConfig(
-        seed=21,
-        sites=1,
-        revisits=2,
-        overlapping_tiles=1,
-        reprocessed=0,
-        width=300,
-        height=280,
-        packagings=("folder", "zip", "targz"),
-        formats=("GTiff", "BSQ"),
-    )
-    generate(products, config)
-    (products / "truth.json").unlink()
+    products = write_few_products(tmp_path_factory.mktemp("s3-fault-products"))
     with (
         moto_server() as upstream,
         S3Proxy(*upstream).running() as proxy,
