@@ -59,7 +59,6 @@ def s3(tmp_path_factory):
         }.items():
             env.setenv(name, value)
         env.delenv("AWS_PROFILE", raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()
         # Workers are spawned with this environment (credentials, endpoint): none left from before.
         _close_local_clusters()
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": proxy.endpoint_url})
@@ -70,7 +69,6 @@ def s3(tmp_path_factory):
             yield proxy, fs
         finally:
             _close_local_clusters()
-            s3fs.S3FileSystem.clear_instance_cache()
 
 
 def build(name: str) -> BuildContext:
