@@ -19,6 +19,7 @@ one line asking for `mask` (or `run`), and writes no fill patch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -30,8 +31,8 @@ import pyarrow as pa
 
 from pipeline import tables
 from pipeline.cell_moments import CellSums, shard_moments
-from pipeline.engine import StageResult, up_to_date
-from pipeline.errors import BuildFault, is_transient, one_line
+from pipeline.engine import StageResult, TaskError, up_to_date, with_retries
+from pipeline.errors import BuildFault, StageFailed, is_transient, one_line
 from pipeline.inventory import SceneRecord
 from pipeline.manifest import Manifest
 from pipeline.quality import NODATA_VALUE
@@ -641,9 +642,12 @@ def run_write(
             )
     keys = {sid: scene_key(r, manifest) for sid, r in records.items()}
     pairs = [(job, {sid: keys[sid] for sid in job.scenes if sid in keys}) for job in jobs]
-    results = scheduler.map(
-        write_shard_task, pairs, store.uri, codecs, layout, storage_options, label="write"
-    )
+    # Each shard task rides out transient faults of the store with the engine's backoff.
+    task = functools.partial(with_retries, write_shard_task, scheduler.retry)
+    results = scheduler.map(task, pairs, store.uri, codecs, layout, storage_options, label="write")
+    failed = [r for r in results if isinstance(r, TaskError)]
+    if failed:
+        raise StageFailed(f"write: {len(failed)} shard task(s) failed: {failed[0].label}: {failed[0].reason}")
     watch.lap("write")
     missing = [r for r in results if isinstance(r, MissingCut)]
     if missing:
