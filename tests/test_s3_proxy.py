@@ -242,8 +242,14 @@ def test_reset_fails_transiently_and_heal_restores(proxy, stored):
 def test_gdal_sees_a_refused_server_as_transient(proxy, stored):
     key, _ = stored
     proxy.refuse()
+    # The pipeline's GDAL settings (applied process-wide by earlier builds in this session) allow only
+    # EnMAP file extensions over /vsis3/: without this, GDAL would not even connect for a .bin.
     with rasterio.Env(
-        AWS_S3_ENDPOINT=proxy.endpoint, AWS_HTTPS="NO", AWS_VIRTUAL_HOSTING="FALSE", GDAL_HTTP_MAX_RETRY="0"
+        AWS_S3_ENDPOINT=proxy.endpoint,
+        AWS_HTTPS="NO",
+        AWS_VIRTUAL_HOSTING="FALSE",
+        GDAL_HTTP_MAX_RETRY="0",
+        CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".bin",
     ):
         with pytest.raises(rasterio.errors.RasterioIOError) as caught:
             rasterio.open(f"/vsis3/{key}")
