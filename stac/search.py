@@ -308,6 +308,20 @@ def _count(value: Any, name: str, low: int, high: int) -> int | None:
     return int(value)
 
 
+def _box_geometry(box: BBox) -> Any:
+    """A bbox as a geometry; a degenerate one (zero width or height) as the line or point it is: a
+    zero-area polygon is invalid, and the union of two of them (an antimeridian-crossing bbox with
+    south == north) comes out empty."""
+    import shapely
+
+    west, south, east, north = box
+    if west == east and south == north:
+        return shapely.points(west, south)
+    if west == east or south == north:
+        return shapely.linestrings([(west, south), (east, north)])
+    return shapely.box(west, south, east, north)
+
+
 def _bbox_filter(box: BBox) -> pc.Expression:
     west, south, east, north = box
     return (
@@ -547,7 +561,7 @@ def search(
     boxes: list[BBox] | None = None
     if bbox is not None:
         boxes = _boxes(bbox)
-        query_geometry = shapely.union_all([shapely.box(*box) for box in boxes])
+        query_geometry = shapely.union_all([_box_geometry(box) for box in boxes])
     elif intersects is not None:
         query_geometry = _geometry(intersects)
         west, south, east, north = (float(v) for v in query_geometry.bounds)

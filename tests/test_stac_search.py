@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from shapely.geometry import box, mapping, shape
 from shapely.ops import unary_union
@@ -342,6 +342,10 @@ def test_any_bbox_is_searched_or_refused(index: tuple[Path, list[dict[str, Any]]
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.tuples(number, number, number, number))
+    # Found by this test: a zero-height bbox crossing the antimeridian (two degenerate boxes whose union
+    # came out empty); and a zero-width one.
+    @example((0.0, 47.5, -1.0, 47.5))
+    @example((11.0, 47.5, 11.0, 47.6))
     def check(bbox: tuple[float, float, float, float]) -> None:
         west, south, east, north = bbox
         valid = (
