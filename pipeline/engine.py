@@ -87,10 +87,8 @@ def describe(payload: Any) -> str:
             return str(getattr(payload, attribute))
     if isinstance(payload, tuple) and payload:
         return describe(payload[0])
-    if hasattr(payload, "scenes"):
-        return f"write task {payload.number} (scenes {', '.join(payload.scenes)})"
-    if hasattr(payload, "job"):
-        return f"shard {payload.job.shard}"
+    if hasattr(payload, "shard"):  # write's ShardJob
+        return f"shard {payload.shard}"
     return type(payload).__name__
 
 

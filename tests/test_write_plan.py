@@ -147,3 +147,19 @@ def test_a_partly_changed_shard_copies_its_unchanged_rows_and_names_their_sums()
         and [p.row for p in jobs[0].source] == [0, 2]
         and jobs[0].copy == (PatchRef(1, "S", "L2"),)
     )
+
+
+def test_a_failed_shard_task_is_named_by_its_shard():
+    """Messages about a write task name its shard (the payload is (ShardJob, cut keys)); a ShardJob has
+    `scenes`, which an older label of read tasks mistook for a read task and crashed on."""
+    from pipeline.engine import TaskError, describe, with_retries
+    from pipeline.write_plan import PatchRef, ShardJob
+
+    job = ShardJob(3, 6, 8, (PatchRef(6, "S1", "EPSG32632-0001-0002"),), (), (6,), ("k",))
+    assert describe((job, {"S1": "key"})) == "shard 3"
+
+    def fails(payload, *args):
+        raise ValueError("bad bytes")
+
+    failed = with_retries(fails, None, (job, {}))
+    assert failed == TaskError("shard 3", "ValueError: bad bytes")
