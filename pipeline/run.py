@@ -462,11 +462,3 @@ def _call_after(
 ) -> T:
     """A task that runs after `needed` (their results only order it)."""
     return call_with_config(function, config, item, *args)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """One line for a task that failed: a lost worker says so, anything else names the error."""
-    if type(exc).__name__ == "KilledWorker":
-        return "worker process died on every try: the product keeps killing workers"
-    message = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

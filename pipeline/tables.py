@@ -55,7 +55,6 @@ DATASET = "dataset.zarr"
 DATASET_METADATA = f"{DATASET}/zarr.json"
 SHARDS = "write/shards.parquet"
 SHARD_RECORDS = "write/shards"
-WRITE_STAGING = "write/staging"
 STATS_MEAN = "stats/mean.npy"
 STATS_STD = "stats/std.npy"
 STATS_SUMMARY = "stats/statistics.json"
@@ -79,10 +78,6 @@ def mask_raster(scene_id: str) -> str:
 def shard_record(shard: int) -> str:
     """`write/shards/<shard>.json` (six digits): the content keys and checksums of one stored shard."""
     return f"{SHARD_RECORDS}/{shard:06d}.json"
-
-
-def staging_part(shard: int, read_task: int) -> str:
-    return f"{WRITE_STAGING}/{shard:06d}-{read_task:06d}.npz"
 
 
 def shard_object(array: str, shard: int, ndim: int) -> str:
