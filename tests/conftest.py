@@ -37,32 +37,8 @@ def demo_products(tmp_path_factory):
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's standalone S3 server in its own process on 127.0.0.1 (a thread in this process would
-    deadlock: GDAL holds the GIL while it waits for the server's answer)."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    deadlock: GDAL holds the GIL while it waits for the server's answer): its endpoint URL."""
+    from tests.s3_proxy import moto_server
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("moto's S3 server did not start") from None
-            time.sleep(0.2)
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=10)
+    with moto_server() as (host, port):
+        yield f"http://{host}:{port}"
