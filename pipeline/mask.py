@@ -66,7 +66,15 @@ from pipeline.quality import (
     flag_counts,
     quality_bits,
 )
-from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of, gdal_path, is_remote
+from pipeline.storage import (
+    BuildStore,
+    StageRecord,
+    Stopwatch,
+    fingerprint_of,
+    gdal_path,
+    is_remote,
+    listing_fingerprint,
+)
 from pipeline.tables import read_geodataframe_checked, read_table_checked
 from pipeline.zarr_chunks import ChunkCodec, encode_chunk, quality_codec, reflectance_codec
 
@@ -760,18 +768,17 @@ def forget_scenes(store: BuildStore, manifest: Manifest, records: list[SceneReco
 
 
 def _outputs_valid(store: BuildStore, scene_ids: list[str]) -> bool:
-    """The tables validate and every listed mask is stored with the checksum it was made with. `write`
-    no longer reads the masks (their quality chunks were cut when they were made), so a damaged mask
-    must be found here to be made again; masks are small beside the cubes."""
+    """The tables validate, and the mask folder is as this stage left it (one listing: names, sizes,
+    modification stamps). `write` no longer reads the masks (their quality chunks were cut when they
+    were made), so a removed or rewritten mask must be found here; reading every mask to check its
+    checksum on each rerun would cost gigabytes at archive scale (`verify`-like checks happen on
+    resume, in `_mask_intact`)."""
     summaries = summaries_from_table(read_table_checked(store, MASKS_TABLE))
     read_table_checked(store, REJECTED_TABLE)
     if not {s.scene_id for s in summaries} <= set(scene_ids):
         return False
-    wanted = {store.path(mask_path(s.scene_id)): s.mask_sha256 for s in summaries}
-    stored = store.cat_many(list(wanted))
-    return all(
-        path in stored and hashlib.sha256(stored[path]).hexdigest() == sha for path, sha in wanted.items()
-    )
+    record = store.read_stage_record(STAGE) or {}
+    return bool(record.get("outputs")) and record["outputs"] == listing_fingerprint(store, "mask")
 
 
 def run_mask(
@@ -822,5 +829,8 @@ def run_mask(
         "kept_bands": len(summaries[0].kept_bands) if summaries else 0,
     }
     watch.lap("write")
-    store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
+    outputs = listing_fingerprint(store, "mask")
+    store.write_stage_record(
+        StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings, outputs=outputs)
+    )
     return StageResult(counts, skipped=False)

@@ -203,6 +203,22 @@ def _retrying(function: Any, *args: Any, **kwargs: Any) -> Any:
     raise AssertionError("unreachable")
 
 
+def listing_fingerprint(store: BuildStore, folder: str) -> str:
+    """Every file under `folder` by name, size and modification stamp (ETag on S3, mtime locally), from
+    one listing: any file removed, added or rewritten since changes it, and no file is read for it."""
+    root = store.path(folder)
+    listing = store.fs.find(root, detail=True) if store.fs.exists(root) else {}
+    entries = sorted(
+        (
+            posixpath.relpath(path, root),
+            int(info.get("size") or 0),
+            str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""),
+        )
+        for path, info in listing.items()
+    )
+    return fingerprint_of(entries)
+
+
 def software_versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -234,6 +250,9 @@ class StageRecord:
     timings: dict[str, float]
     versions: dict[str, str] = field(default_factory=software_versions)
     completed_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    # Fingerprint of the listing of the stage's own files when it finished (`listing_fingerprint`), for
+    # stages whose outputs are many files: a rerun checks them with one listing instead of reading them.
+    outputs: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -244,6 +263,7 @@ class StageRecord:
             "timings": self.timings,
             "versions": self.versions,
             "completed_at": self.completed_at,
+            "outputs": self.outputs,
         }
 
 

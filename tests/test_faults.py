@@ -362,3 +362,28 @@ def test_a_scene_masked_again_reaches_the_dataset(reference, tmp_path, monkeypat
     stages.run_stage("mask", manifest, store, SYNC, force=True)
     build_all(manifest, build, products)
     assert_same_build(build, reference_build)
+
+
+def test_an_up_to_date_mask_stage_reads_no_mask(reference, tmp_path, monkeypatch):
+    """Checking that the masks are as the stage left them costs one listing, not a read of every mask
+    (gigabytes at archive scale); a mask rewritten behind its back is still found."""
+    from pipeline import storage
+
+    products, _, _, manifest, reference_build = reference
+    build = tmp_path / "build"
+    shutil.copytree(reference_build, build)
+    read: list[str] = []
+    for name in ("read_bytes", "cat_many"):
+        original = getattr(storage.BuildStore, name)
+
+        def spy(self, what, _original=original):
+            read.extend([what] if isinstance(what, str) else list(what))
+            return _original(self, what)
+
+        monkeypatch.setattr(storage.BuildStore, name, spy)
+    store = BuildStore(str(build))
+    assert stages.run_stage("mask", manifest, store, SYNC).skipped
+    assert not [p for p in read if p.endswith(".tif")], read
+    mask = _first(build / "mask", "*.tif")
+    mask.write_bytes(mask.read_bytes())  # same bytes, rewritten: not as the stage left it
+    assert not stages.run_stage("mask", manifest, store, SYNC).skipped
