@@ -8,16 +8,29 @@ INPUT ?= $(BUILD)-products
 SCHEDULER ?= local
 STAGE_ARGS = --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
 
-.PHONY: setup demo test lint inventory mask tile dedup write catalog report split labels export-benchmark bench clean
+.PHONY: setup constraints demo test lint inventory mask tile dedup write catalog report split labels export-benchmark bench clean
 
-# The stamp is rebuilt whenever the package's requirements change.
-$(BIN)/.installed: pyproject.toml
+# The stamp is rebuilt whenever the package's requirements or their pinned versions change.
+# constraints.txt holds the exact versions of the last green run, so a fresh clone installs what was
+# tested (torch is not in it: .ci/run installs it separately; Chromium and PostgreSQL are Debian packages).
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev,serve]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,dev,serve]'
 	touch $@
 
 setup: $(BIN)/.installed
+
+# Refresh constraints.txt: install the newest versions pyproject.toml allows into a scratch venv (without
+# -c), freeze them, and remove the scratch venv. Run `make test` after it; commit the file only if green.
+CONSTRAINTS_VENV := build/constraints-venv
+constraints:
+	rm -rf $(CONSTRAINTS_VENV)
+	$(PYTHON) -m venv $(CONSTRAINTS_VENV)
+	$(CONSTRAINTS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CONSTRAINTS_VENV)/bin/python -m pip install --quiet -e '.[test,dev,serve]'
+	$(CONSTRAINTS_VENV)/bin/python -m pip freeze --exclude-editable > constraints.txt
+	rm -rf $(CONSTRAINTS_VENV)
 
 demo: setup
 	$(BIN)/spectralearth demo --manifest $(MANIFEST) --build $(BUILD) --products $(INPUT) --scheduler $(SCHEDULER)
