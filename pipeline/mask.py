@@ -61,6 +61,7 @@ from pipeline.manifest import Manifest
 from pipeline.quality import (
     BACKGROUND,
     FLAG_NAMES,
+    MASK_BITS_TAG,
     NODATA_VALUE,
     PIXELMASK_DEFECTIVE,
     flag_counts,
@@ -534,8 +535,7 @@ def encode_mask(record: SceneRecord, bits: np.ndarray) -> bytes:
             dst.write(bits, 1)
             dst.update_tags(
                 1,
-                BITS="1 nodata, 2 background, 4 unclassified, 8 cloud, 16 cloud shadow, "
-                "32 haze, 64|128 cirrus level, 256 snow, 512 water, 1024 defective",
+                BITS=MASK_BITS_TAG,
             )
         return bytes(memory.read())
 

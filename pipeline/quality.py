@@ -42,6 +42,17 @@ FLAG_BITS: dict[str, int] = {
 }
 FLAG_NAMES = tuple(FLAG_BITS)
 
+# The same table for readers of the outputs: CF `flag_masks`/`flag_meanings` on the Zarr `quality` array
+# (the two cirrus bits hold a level, hence `cirrus_level`), and the GeoTIFF `BITS` tag on each mask.
+CF_FLAG_MASKS = tuple(FLAG_BITS.values())
+CF_FLAG_MEANINGS = " ".join("cirrus_level" if name == "cirrus" else name for name in FLAG_NAMES)
+MASK_BITS_TAG = ", ".join(
+    f"{1 << CIRRUS_SHIFT}|{2 << CIRRUS_SHIFT} cirrus level"
+    if name == "cirrus"
+    else f"{bit} {name.replace('_', ' ')}"
+    for name, bit in FLAG_BITS.items()
+)
+
 CLASS_LAND, CLASS_WATER, CLASS_BACKGROUND, CLASS_NONE = 1, 2, 3, 0
 PIXELMASK_DEFECTIVE, PIXELMASK_BACKGROUND = 1, 255
 

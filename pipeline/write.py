@@ -35,7 +35,7 @@ from pipeline.engine import StageResult, TaskError, up_to_date, with_retries
 from pipeline.errors import BuildFault, StageFailed, is_transient, one_line
 from pipeline.inventory import SceneRecord
 from pipeline.manifest import Manifest
-from pipeline.quality import NODATA_VALUE
+from pipeline.quality import CF_FLAG_MASKS, CF_FLAG_MEANINGS, NODATA_VALUE
 from pipeline.stats import BandMoments, npy_bytes
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json
 from pipeline.tables import read_geodataframe_checked, read_table_checked
@@ -167,9 +167,8 @@ def ensure_arrays(
         dimension_names=("patch", "y", "x"),
         attributes={
             "long_name": "quality mask bit flags",
-            "flag_masks": [1, 2, 4, 8, 16, 32, 64 | 128, 256, 512, 1024],
-            "flag_meanings": "nodata background unclassified cloud cloud_shadow haze cirrus_level snow water "
-            "defective",
+            "flag_masks": list(CF_FLAG_MASKS),
+            "flag_meanings": CF_FLAG_MEANINGS,
             "coordinates": "patch_id location_id scene_id time epsg x_ul y_ul active",
         },
     )
