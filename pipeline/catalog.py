@@ -20,8 +20,7 @@ def _outputs_valid(store: BuildStore) -> bool:
 
 def run_catalog(manifest: Manifest, store: BuildStore, force: bool = False) -> StageResult:
     from pipeline.dedup import INDEX_PATCHES
-    from pipeline.inventory import SCENES_TABLE
-    from pipeline.mask import read_scenes
+    from pipeline.inventory import SCENES_TABLE, read_scenes
     from pipeline.write import SHARDS_TABLE, kept_band_axis
     from stac.catalog import build_catalog
 

@@ -49,7 +49,7 @@ from pipeline.enmap.product import (
 )
 from pipeline.errors import TransientError, is_transient, one_line
 from pipeline.manifest import Manifest
-from pipeline.storage import StageRecord, Stopwatch, canonical_json, fingerprint_of
+from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json, fingerprint_of
 from pipeline.tables import read_geodataframe_checked, read_table_checked
 
 STAGE = "inventory"
@@ -442,6 +442,11 @@ def scenes_frame(records: list[SceneRecord]) -> Any:
         rows, columns=[*columns, "footprint"], geometry="footprint", crs="EPSG:4326"
     )
     return frame
+
+
+def read_scenes(store: BuildStore) -> list[SceneRecord]:
+    """The accepted scenes of `inventory/scenes.parquet` (checked against its declared schema)."""
+    return records_from_frame(read_geodataframe_checked(store, SCENES_TABLE))
 
 
 def records_from_frame(frame: Any) -> list[SceneRecord]:

@@ -54,9 +54,9 @@ from pipeline.engine import (
 from pipeline.enmap import raw_reader
 from pipeline.enmap.product import ProductError, Rejection, open_product
 from pipeline.enmap.product import _scratch_dir as scratch_dir  # an owned scratch folder (cleaned when stale)
-from pipeline.errors import TransientError, is_open_failure, is_transient, one_line
+from pipeline.errors import BuildFault, TransientError, is_open_failure, is_transient, one_line
 from pipeline.grid import GridSpec, OffLatticeError, cells_in_raster, check_lattice
-from pipeline.inventory import SCENES_TABLE, SceneRecord, records_from_frame, rejected_table
+from pipeline.inventory import SceneRecord, read_scenes, rejected_table
 from pipeline.manifest import Manifest
 from pipeline.quality import (
     BACKGROUND,
@@ -76,7 +76,7 @@ from pipeline.storage import (
     is_remote,
     listing_fingerprint,
 )
-from pipeline.tables import read_geodataframe_checked, read_table_checked
+from pipeline.tables import read_table_checked
 from pipeline.zarr_chunks import ChunkCodec, encode_chunk, quality_codec, reflectance_codec
 
 STAGE = "mask"
@@ -693,8 +693,19 @@ def summaries_from_table(table: pa.Table) -> list[MaskSummary]:
     return out
 
 
-def read_scenes(store: BuildStore) -> list[SceneRecord]:
-    return records_from_frame(read_geodataframe_checked(store, SCENES_TABLE))
+def read_mask(store: BuildStore, scene_id: str, sha256: str | None = None) -> np.ndarray:
+    """A scene's mask; with `sha256`, checked first: a mask that does not match is removed (so the mask
+    stage redoes it) and reported as a BuildFault, never planned from."""
+    path = mask_path(scene_id)
+    try:
+        data = store.read_bytes(path)
+    except FileNotFoundError:
+        raise BuildFault(f"{path} is missing: rerun mask (or run)") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        store.fs.rm(store.path(path))
+        raise BuildFault(f"{path} did not match its checksum and was removed: rerun mask (or run)")
+    with MemoryFile(data) as memory, memory.open() as src:
+        return np.asarray(src.read(1))
 
 
 # The stage -----------------------------------------------------------------------------------------

@@ -8,12 +8,10 @@ Only the masks are read here; no pixels of the cube are copied.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from rasterio.io import MemoryFile
 
 from pipeline import tables
 from pipeline.engine import (
@@ -26,11 +24,10 @@ from pipeline.engine import (
     up_to_date,
 )
 from pipeline.enmap.product import Rejection
-from pipeline.errors import BuildFault
 from pipeline.grid import Cell, GridSpec, OffLatticeError, cell_bounds, cells_in_raster, check_lattice
-from pipeline.inventory import SceneRecord, rejected_table
+from pipeline.inventory import SceneRecord, read_scenes, rejected_table
 from pipeline.manifest import GridSettings, Manifest, QualityPolicy
-from pipeline.mask import MASKS_TABLE, MaskSummary, mask_path, read_scenes, summaries_from_table
+from pipeline.mask import MASKS_TABLE, MaskSummary, read_mask, summaries_from_table
 from pipeline.quality import BACKGROUND, FLAG_NAMES, flag_present
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of
 from pipeline.tables import read_table_checked
@@ -139,21 +136,6 @@ def cell_polygon_lonlat(cells: list[Cell], spec: GridSpec) -> list[Any]:
         lon, lat = transformer.transform(xs, ys)
         polygons.append(Polygon(zip(lon, lat, strict=True)))
     return polygons
-
-
-def read_mask(store: BuildStore, scene_id: str, sha256: str | None = None) -> np.ndarray:
-    """A scene's mask; with `sha256`, checked first: a mask that does not match is removed (so the mask
-    stage redoes it) and reported as a BuildFault, never planned from."""
-    path = mask_path(scene_id)
-    try:
-        data = store.read_bytes(path)
-    except FileNotFoundError:
-        raise BuildFault(f"{path} is missing: rerun mask (or run)") from None
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        store.fs.rm(store.path(path))
-        raise BuildFault(f"{path} did not match its checksum and was removed: rerun mask (or run)")
-    with MemoryFile(data) as memory, memory.open() as src:
-        return np.asarray(src.read(1))
 
 
 def plan_scene(

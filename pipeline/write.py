@@ -589,7 +589,8 @@ def run_write(
     `verify`); every other shard is written whole by exactly one task, from encoded chunks.
     """
     from pipeline.dedup import INDEX_LINEAGE, INDEX_PATCHES, INDEX_RETIRED
-    from pipeline.mask import MASKS_TABLE, forget_scenes, read_scenes, scene_key, summaries_from_table
+    from pipeline.inventory import read_scenes
+    from pipeline.mask import MASKS_TABLE, forget_scenes, scene_key, summaries_from_table
 
     watch = Stopwatch()
     digest = hashlib.sha256(store.read_bytes(INDEX_PATCHES))

@@ -47,7 +47,7 @@ def test_build_matches_truth(build):
 
 def test_mask_bits_follow_the_quality_layers(build):
     products, truth, store, _ = build
-    from pipeline.tile import read_mask
+    from pipeline.mask import read_mask
 
     folder_products = [p for p in truth.products if p.packaging == "folder" and p.format == "GTiff"]
     for product in folder_products:
@@ -129,7 +129,7 @@ def test_every_stored_patch_equals_the_source(build, tmp_path):
     epsg, x_ul, y_ul = group["epsg"][:], group["x_ul"][:], group["y_ul"][:]
     bands = [int(b) for b in group["band"][:]]
     assert len(bands) == 202 and reflectance.shape[1:] == (202, 128, 128)
-    from pipeline.tile import read_mask
+    from pipeline.mask import read_mask
 
     for row, scene_id in enumerate(scene_ids):
         product = truth.product(str(scene_id))
@@ -192,6 +192,7 @@ def test_write_opens_no_product_and_assembles_the_shards_zarr_writes(build, tmp_
     import tensorstore as ts
 
     import pipeline.enmap.product
+    import pipeline.inventory
     import pipeline.mask
     from pipeline.write import ensure_arrays, kept_band_axis, layout_key, shard_key
 
@@ -224,7 +225,7 @@ def test_write_opens_no_product_and_assembles_the_shards_zarr_writes(build, tmp_
         assert np.array_equal(original[name][:], values[name])
     # zarr-python writes the same values into identically created arrays: the same bytes per shard.
     reference = BuildStore(str(tmp_path / "reference"))
-    records = {r.scene_id: r for r in pipeline.mask.read_scenes(copied)}
+    records = {r.scene_id: r for r in pipeline.inventory.read_scenes(copied)}
     bands = kept_band_axis(small, [records[s] for s in sorted(set(index["scene_id"]))])
     ensure_arrays(reference, small, len(index), bands, layout_key(small, bands, "reference"))
     group = zarr.open_group(str(tmp_path / "reference" / "dataset.zarr"), mode="r+")
@@ -243,6 +244,7 @@ def test_write_opens_no_product_and_assembles_the_shards_zarr_writes(build, tmp_
 
 def test_mask_reads_every_cube_row_once(build, tmp_path, monkeypatch):
     """The build's one read of a cube: the mask pass reads each row of the kept bands exactly once."""
+    import pipeline.inventory
     import pipeline.mask
 
     products, _, store, manifest = build
@@ -259,7 +261,7 @@ def test_mask_reads_every_cube_row_once(build, tmp_path, monkeypatch):
     scheduler = Scheduler("synchronous", progress=False)
     for name in ("inventory", "mask"):
         stages.run_stage(name, manifest, fresh, scheduler, inputs=[str(products)])
-    scenes = pipeline.mask.read_scenes(fresh)
+    scenes = pipeline.inventory.read_scenes(fresh)
     assert len(reads) == len(scenes)
     heights = sorted(r.height for r in scenes)
     for spans in reads.values():

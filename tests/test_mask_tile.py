@@ -103,7 +103,8 @@ def test_off_lattice_scene_is_rejected_or_snapped(tmp_path, manifest):
     transform = moved["scene_transform"].iloc[0]
     assert transform[2] == shifted.transform[2]
     # The reading pass cut the snapped scene on the same cells tile keeps.
-    from pipeline.mask import read_cut_index, read_scenes, scene_key
+    from pipeline.inventory import read_scenes
+    from pipeline.mask import read_cut_index, scene_key
 
     for record in read_scenes(store):
         cut = read_cut_index(store, record.scene_id, scene_key(record, snapping))
@@ -165,8 +166,8 @@ def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path, manifest):
     """The reading pass encodes exactly the cells tile keeps, each decoding to an independent rasterio
     read of its source (big-endian ENVI, BIL, GeoTIFF, ZIP), its quality chunk to the mask, with the
     patch's exact sums; a scene with an empty kept band has nothing cut."""
-    from pipeline.mask import cut_bin_path, read_cut_index, read_scenes, scene_key
-    from pipeline.tile import read_mask
+    from pipeline.inventory import read_scenes
+    from pipeline.mask import cut_bin_path, read_cut_index, read_mask, scene_key
     from pipeline.zarr_chunks import decode_chunk, quality_codec, reflectance_codec
     from tests.helpers import spectral_gdal_path
 
@@ -237,7 +238,8 @@ def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path, manifest):
 
 
 def test_a_scene_with_an_empty_kept_band_has_nothing_cut(tmp_path, manifest):
-    from pipeline.mask import read_cut_index, read_scenes, scene_key
+    from pipeline.inventory import read_scenes
+    from pipeline.mask import read_cut_index, scene_key
 
     config = SynthConfig(
         seed=2,

@@ -13,8 +13,8 @@ import rasterio
 from pipeline import stages
 from pipeline.enmap.product import open_product
 from pipeline.enmap.synth import SynthConfig, generate
+from pipeline.inventory import read_scenes
 from pipeline.manifest import Limits, Manifest
-from pipeline.mask import read_scenes
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
 
