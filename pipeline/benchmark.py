@@ -207,7 +207,7 @@ def demo_benchmarks(context: Any, products_dir: str, seed: int = 0) -> list[Benc
     `<build>-benchmark/` (local builds)."""
     from dataclasses import replace
 
-    from pipeline.enmap.synth_labels import regions_of, write_label_sources
+    from pipeline.enmap.synth.labels import regions_of, write_label_sources
     from pipeline.labels import label_benchmark, print_labels_summary, require_dataset
 
     store, manifest = context.store, context.manifest

@@ -47,9 +47,17 @@ def _open_dataset(store: BuildStore, **kwargs: Any) -> Any:
 
 
 def open_patches(store: BuildStore, patch_ids: Sequence[str], mask_and_scale: bool = True) -> Any:
-    """The patches as an xarray Dataset, in the order given (lazy: nothing is read until used)."""
+    """The patches as an xarray Dataset, in the order given (lazy: nothing is read until used).
+
+    `mask_and_scale=True`: reflectance is float32 (value x 0.0001, NaN for the fill), the values
+    `pipeline.loader.to_reflectance` gives. xarray alone decodes to float64, because the scale factor
+    is a JSON (double) attribute; the float32 of that double product is the float32 nearest to
+    value / 10000 for every int16 value (tests/test_arrays_readers.py). `False`: the stored int16."""
     rows = rows_of(store, patch_ids)
-    return _open_dataset(store, mask_and_scale=mask_and_scale).isel(patch=rows)
+    dataset = _open_dataset(store, mask_and_scale=mask_and_scale).isel(patch=rows)
+    if mask_and_scale:
+        dataset["reflectance"] = dataset["reflectance"].astype(np.float32)
+    return dataset
 
 
 def export_zarr(

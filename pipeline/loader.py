@@ -13,7 +13,9 @@ fork); a worker opens the arrays on its first item. The small 1-D arrays over `p
 corners) are read whole, once per process, because each is stored as a single chunk.
 
 Units: `dtype="float32"` gives reflectance (stored value x 0.0001) with NaN where the stored value is the
-fill -32768; `dtype="int16"` gives the stored values unchanged. Band statistics written by the build
+fill -32768: the float32 nearest to stored / 10000, bit for bit what `query(...).to_xarray()` and
+xarray's float64 decoding cast to float32 give (see `to_reflectance`); `dtype="int16"` gives the stored
+values unchanged. Band statistics written by the build
 (`stats/mean.npy`, `stats/std.npy`) are in the stored int16 units; `Normalize.from_build(store,
 units=...)` converts them to the units of the samples it will see.
 """
@@ -63,9 +65,12 @@ def _reflectance_table() -> np.ndarray:
 def to_reflectance(stored: np.ndarray) -> np.ndarray:
     """Stored int16 values to float32 reflectance: value x 0.0001, NaN where the value is the fill -32768.
 
-    Each value is the float32 nearest to the exact reflectance (the product taken in float64 and rounded
-    once, as xarray's CF decoding followed by a cast to float32 gives); int16 input goes through a
-    65536-entry table, which is faster than the arithmetic."""
+    Each value is the float32 nearest to the exact reflectance stored / 10000. For every int16 value that
+    is the product taken in float64 and rounded once to float32 (xarray's CF decoding followed by a cast,
+    which is how `query(...).to_xarray()` gives float32), and also float32(stored) / float32(10000); it
+    is not float32(stored) * float32(1e-4), which rounds twice (tests/test_arrays_readers.py checks all
+    65,536 values against exact arithmetic). int16 input goes through a 65536-entry table, which is
+    faster than the arithmetic."""
     values = np.asarray(stored)
     if values.dtype.kind not in "iu":
         raise TypeError(f"stored reflectance must be integer (int16), got {values.dtype}")

@@ -50,7 +50,7 @@ def run_stage(
     force: bool = False,
 ) -> Any:
     if name == "report":  # reads the finished build, writes report/index.html only
-        from pipeline.report_html import write_report
+        from pipeline.html_report import write_report
 
         return write_report(store)
     if name not in ORDER:

@@ -20,7 +20,7 @@ from pipeline import stages
 from pipeline.benchmark import BenchmarkError, export_benchmark, paper_random_split
 from pipeline.cli import main
 from pipeline.enmap.synth import SynthConfig, generate
-from pipeline.enmap.synth_labels import regions_of, write_label_sources
+from pipeline.enmap.synth.labels import regions_of, write_label_sources
 from pipeline.labels import included_patches, label_array, read_label_table, run_labels
 from pipeline.loader import PatchDataset
 from pipeline.manifest import Manifest
@@ -242,7 +242,7 @@ def test_paper_random_split_partitions_with_the_paper_sizes(paths, seed):
 
 
 def test_report_quicklooks_show_the_first_benchmark(build):
-    from pipeline.report_html import load_report_data, sample_png
+    from pipeline.html_report import load_report_data, sample_png
 
     store = build["store"]
     data = load_report_data(store, max_samples=3)

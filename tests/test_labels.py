@@ -22,7 +22,7 @@ from rasterio.windows import Window
 
 from pipeline import stages
 from pipeline.enmap.synth import SynthConfig, generate
-from pipeline.enmap.synth_labels import regions_of, write_label_sources
+from pipeline.enmap.synth.labels import regions_of, write_label_sources
 from pipeline.labels import (
     LabelSourceError,
     included_patches,

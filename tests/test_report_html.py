@@ -22,7 +22,7 @@ from pipeline.demo import DEMO_CONFIG
 from pipeline.enmap.synth import generate
 from pipeline.manifest import Manifest
 from pipeline.quality import CLOUD, NODATA, NODATA_VALUE, WATER
-from pipeline.report_html import (
+from pipeline.html_report import (
     MASK_CATEGORIES,
     REPORT_PATH,
     FunnelRow,
