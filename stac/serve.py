@@ -32,7 +32,6 @@ from typing import Any
 from stac.build import absolute_hrefs
 from stac.catalog import ITEMS_PARQUET, ROOT, STAC_DIR, stac_root_of
 from stac.geoparquet import rebase_href, written_build_root
-from stac.schema import spectralearth_schema
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -192,7 +191,7 @@ def load_catalog(build: Any, cache_dir: str | Path | None = None) -> ServedCatal
     )
 
 
-def _sort_column(key: str) -> str:
+def sort_column(key: str) -> str:
     """`-properties.eo:cloud_cover` -> `-eo:cloud_cover` (the sign, if any, kept)."""
     sign = key[0] if key[:1] in ("+", "-") else ""
     return sign + key[len(sign) :].removeprefix("properties.")
@@ -213,157 +212,11 @@ def queryables(collection_id: str | None = None) -> dict[str, Any]:
 def create_app(served: ServedCatalog) -> Any:
     """The FastAPI application serving `served` (import errors name the `serve` extra)."""
     try:
-        import attr
-        from fastapi import FastAPI
-        from fastapi.responses import JSONResponse
-        from rustac.rustac import DuckdbClient
-        from rustac_duckdb_extensions import extension_directory
-        from stac_fastapi.api.app import StacApi
-        from stac_fastapi.extensions.core.fields import FieldsExtension
-        from stac_fastapi.extensions.core.filter import SearchFilterExtension
-        from stac_fastapi.extensions.core.filter.client import BaseFiltersClient
-        from stac_fastapi.extensions.core.pagination import OffsetPaginationExtension
-        from stac_fastapi.extensions.core.sort import SortExtension
-        from stac_fastapi.geoparquet.api import lifespan
-        from stac_fastapi.geoparquet.client import Client, collection_with_links
-        from stac_fastapi.geoparquet.models import (
-            GetSearchRequestModel,
-            ItemsGetRequestModel,
-            PostSearchRequestModel,
-        )
-        from stac_fastapi.geoparquet.settings import Settings
+        # the server libraries are an optional extra: imported only when a server is asked for
+        from stac.serve_app import build_app
     except ImportError as exc:
         raise ServeError(f"the STAC API server is not installed ({exc.name}): {SERVE_EXTRA}") from None
-
-    class BuildClient(Client):
-        """The geoparquet client, with the build's collection as clients see it and item hrefs that
-        resolve (see `ServedCatalog.public_href`)."""
-
-        def all_collections(self, **kwargs: Any) -> Any:
-            out = super().all_collections(**kwargs)
-            out["collections"] = [self.get_collection(c.id, **kwargs) for c in served.collections]
-            return out
-
-        def get_collection(self, collection_id: str, **kwargs: Any) -> Any:
-            from stac_fastapi.types.errors import NotFoundError
-
-            found = served.find(collection_id)
-            if found is None:
-                raise NotFoundError(f"Collection does not exist: {collection_id}")
-            collection = json.loads(json.dumps(found.document))
-            licence = [entry for entry in collection["links"] if entry.get("rel") == "license"]
-            collection = collection_with_links(collection, kwargs["request"])
-            collection["links"].extend(licence)
-            return collection
-
-        def search(self, *, request: Any, url: str, search: Any, **kwargs: Any) -> Any:
-            # a GET filter arrives as text whatever its language, and rustac reads text as cql2-text:
-            # cql2-json text is rewritten as cql2-text (so the `next` link, a GET query string, carries
-            # a filter in the language it names). A filter DuckDB cannot run is the request's fault: 400.
-            import cql2
-            from fastapi import HTTPException
-            from rustac import RustacError
-
-            # rustac answers a filter it cannot parse with every item: each filter is parsed here first
-            text = kwargs.get("filter_expr")
-            language = kwargs.get("filter_lang") or "cql2-text"
-            body = getattr(search, "filter_expr", None)
-            try:
-                if isinstance(text, str) and language == "cql2-json":
-                    kwargs["filter_expr"] = cql2.parse_json(text).to_text()
-                    kwargs["filter_lang"] = "cql2-text"
-                elif isinstance(text, str):
-                    cql2.parse_text(text).validate()
-                if isinstance(body, dict):
-                    cql2.Expr(body).validate()
-            except (ValueError, cql2.ParseError, cql2.ValidationError) as exc:
-                reason = " ".join(str(exc).split())
-                raise HTTPException(400, f"invalid {language} filter: {reason}") from None
-            # sortby names item fields as `properties.<name>` (STAC API) or `<name>`; DuckDB's columns
-            # are the bare names
-            if isinstance(kwargs.get("sortby"), list):
-                kwargs["sortby"] = [_sort_column(str(key)) for key in kwargs["sortby"]]
-            for key in getattr(search, "sortby", None) or []:
-                if hasattr(key, "field"):
-                    key.field = _sort_column(key.field)
-            has_filter = text is not None or body is not None
-            try:
-                return super().search(request=request, url=url, search=search, **kwargs)
-            except RustacError as exc:
-                if not has_filter:
-                    raise
-                raise HTTPException(400, f"invalid filter: {' '.join(str(exc).split())}") from None
-
-        def item_with_links(self, item: Any, request: Any, collection: str) -> Any:
-            item = super().item_with_links(item, request, collection)
-            scenes = served.scene_collection_id
-            for entry in item.get("links", []):
-                if entry.get("rel") == "derived_from" and scenes is not None and entry.get("title"):
-                    # the source scene is served too: link its item in this API (its title is its id)
-                    url = request.url_for("Get Item", collection_id=scenes, item_id=entry["title"])
-                    entry.update(href=str(url), type="application/geo+json")
-                    continue
-                entry["href"] = served.public_href(entry["href"])
-            for asset in item.get("assets", {}).values():
-                asset["href"] = served.public_href(asset["href"])
-            return item
-
-    @attr.s
-    class Queryables(BaseFiltersClient):
-        def get_queryables(self, collection_id: str | None = None, **kwargs: Any) -> dict[str, Any]:
-            return queryables(collection_id)
-
-    settings = Settings(
-        stac_fastapi_landing_id=served.catalog_id,
-        stac_fastapi_title=served.title,
-        stac_fastapi_description=served.description,
-    )
-    # rustac's Python wrapper that would find the bundled extensions does not construct (rustac 0.9.8):
-    # the native client is given the wheel's extension folder and told never to download
-    client = DuckdbClient(extension_directory=extension_directory(), install_extensions=False)
-    backend_collections = []
-    for collection in served.collections:  # the backend reads each collection's items from its asset
-        backend = json.loads(json.dumps(collection.document))
-        backend["assets"] = {
-            "data": {
-                "href": collection.items_parquet,
-                "type": GEOPARQUET_MEDIA_TYPE,
-                "roles": ["collection-mirror"],
-            }
-        }
-        backend_collections.append(backend)
-    app = FastAPI(
-        lifespan=lifespan,
-        openapi_url=settings.openapi_url,
-        docs_url=settings.docs_url,
-        redoc_url=settings.docs_url,
-        settings=settings,
-        collections=backend_collections,
-        duckdb_client=client,
-    )
-
-    @app.get(SCHEMA_ROUTE, include_in_schema=False)
-    def schema() -> Any:
-        return JSONResponse(spectralearth_schema(), media_type="application/schema+json")
-
-    StacApi(
-        settings=settings,
-        client=BuildClient(
-            landing_page_id=served.catalog_id, title=served.title, description=served.description
-        ),
-        app=app,
-        # the backend's request models, made at run time from its extensions (mypy cannot follow)
-        search_get_request_model=GetSearchRequestModel,  # type: ignore[arg-type]
-        search_post_request_model=PostSearchRequestModel,  # type: ignore[arg-type]
-        items_get_request_model=ItemsGetRequestModel,  # type: ignore[arg-type]
-        extensions=[
-            OffsetPaginationExtension(),
-            SearchFilterExtension(client=Queryables()),
-            FieldsExtension(),
-            SortExtension(),
-        ],
-    )
-    return app
+    return build_app(served)
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
