@@ -482,6 +482,12 @@ class BboxCommand(click.Command):
     show_default=True,
     help="zarr: a dataset.zarr of the same layout; geotiff: enmap/<location>/<scene>.tif per patch.",
 )
+@click.option(
+    "--cog",
+    is_flag=True,
+    default=False,
+    help="With --export-format geotiff: write Cloud-Optimized GeoTIFFs (DEFLATE, 128 px tiles).",
+)
 @one_line_errors
 def query(
     build: str,
@@ -497,9 +503,13 @@ def query(
     output: str,
     export_to: str | None,
     export_format: str,
+    cog: bool,
 ) -> None:
     """Search the build's patches (STAC semantics); print ids, GeoJSON or a table; optionally export them."""
     import json
+
+    if cog and export_format != "geotiff":
+        raise PipelineFailure("--cog applies to GeoTIFF exports: add --export-format geotiff")
 
     from pipeline.query import query as run_query
 
@@ -542,8 +552,9 @@ def query(
         if export_format == "zarr":
             count = result.export_zarr(export_to)
         else:
-            count = len(result.export_geotiffs(export_to))
-        click.echo(f"query: exported {count} patch(es) to {export_to} ({export_format})", err=True)
+            count = len(result.export_geotiffs(export_to, cog=cog))
+        kind = "geotiff, COG" if cog else export_format
+        click.echo(f"query: exported {count} patch(es) to {export_to} ({kind})", err=True)
 
 
 @main.command()

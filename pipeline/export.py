@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.dedup import INDEX_PATCHES
+from pipeline.quality import NODATA_VALUE
 from pipeline.storage import BuildStore
-from pipeline.write import zarr_store
+from pipeline.write import REFLECTANCE_SCALE, zarr_store
 
 
 class SelectionError(ValueError):
@@ -160,8 +161,132 @@ class ReleaseNumbers:
         return f"enmap/{self.location_number[location_id]:07d}/{self.scene_number[scene_id]:05d}.tif"
 
 
-def export_geotiffs(store: BuildStore, patch_ids: Sequence[str], target_dir: str | Path) -> list[Path]:
-    """One GeoTIFF per patch: B x 128 x 128 int16, georeferenced, nodata -32768, release layout."""
+# Spectral metadata conventions the exported GeoTIFFs follow, so each tool finds the spectrum where it looks:
+# GDAL's ENVI driver reports an ENVI header's fields in the "ENVI" domain (dataset: `wavelength = {...}`,
+# `fwhm = {...}`, `wavelength_units`), which EnMAP-Box and other spectral tools read from any GDAL raster;
+# GDAL 3.10 standardised per-band `CENTRAL_WAVELENGTH_UM`/`FWHM_UM` in the "IMAGERY" domain. The GTiff
+# driver keeps every domain in the file's GDAL_METADATA tag (no .aux.xml sidecar).
+ENVI_DOMAIN = "ENVI"
+IMAGERY_DOMAIN = "IMAGERY"
+WAVELENGTH_UNITS = "Nanometers"
+
+# A COG patch: DEFLATE with horizontal differencing (lossless, read by every libtiff), 128 px tiles, and
+# GDAL's AUTO overviews, which add none while the patch fits one tile (a 128 px patch is one tile per
+# band: an overview would add a quarter to the file for a preview nobody needs at that size) and halve
+# down to one tile for larger manifest patch sizes. COPY_SRC_MDD copies the non-default metadata domains
+# (ENVI, IMAGERY), which the COG driver otherwise drops. GDAL 3.10's COG driver writes pixel interleave only.
+COG_OPTIONS: dict[str, str | int] = {
+    "compress": "DEFLATE",
+    "predictor": "YES",
+    "blocksize": 128,
+    "overviews": "AUTO",
+    "overview_resampling": "AVERAGE",
+    "copy_src_mdd": "YES",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SpectralBand:
+    """One band of the build's band axis: the product's band number, centre wavelength and FWHM (nm)."""
+
+    number: int
+    wavelength_nm: float
+    fwhm_nm: float
+
+    @property
+    def description(self) -> str:
+        return f"band {self.number}: {_nm(self.wavelength_nm)} nm (FWHM {_nm(self.fwhm_nm)} nm)"
+
+
+@dataclass(frozen=True, slots=True)
+class TiffMetadata:
+    """What a patch GeoTIFF says about itself besides its pixels and georeferencing."""
+
+    scale: float
+    offset: float
+    nodata: int
+    descriptions: tuple[str, ...]
+    dataset_tags: dict[str, dict[str, str]]  # domain ("" is the default one) -> items
+    band_tags: tuple[dict[str, dict[str, str]], ...]  # per band: domain -> items
+
+
+def _nm(value: float) -> str:
+    """A wavelength for people: at most three decimals, no trailing zeros."""
+    return f"{float(value):.3f}".rstrip("0").rstrip(".")
+
+
+def _envi_list(values: Sequence[float]) -> str:
+    """An ENVI header list; repr keeps every float exact (it reads back to the same double)."""
+    return "{" + ", ".join(repr(float(v)) for v in values) + "}"
+
+
+def tiff_metadata(
+    bands: Sequence[SpectralBand], scale: float, offset: float, nodata: int, identity: dict[str, str]
+) -> TiffMetadata:
+    """The metadata of one patch GeoTIFF (pure: the same bands give the same metadata)."""
+    envi = {
+        "wavelength": _envi_list([b.wavelength_nm for b in bands]),
+        "fwhm": _envi_list([b.fwhm_nm for b in bands]),
+        "wavelength_units": WAVELENGTH_UNITS,
+    }
+    per_band = tuple(
+        {
+            ENVI_DOMAIN: {"wavelength": repr(float(b.wavelength_nm)), "fwhm": repr(float(b.fwhm_nm))},
+            IMAGERY_DOMAIN: {
+                "CENTRAL_WAVELENGTH_UM": repr(float(b.wavelength_nm) / 1000.0),
+                "FWHM_UM": repr(float(b.fwhm_nm) / 1000.0),
+            },
+        }
+        for b in bands
+    )
+    # scale_factor/add_offset as dataset tags too: what the first exports carried, kept for their readers.
+    default = {**identity, "scale_factor": repr(scale), "add_offset": repr(offset)}
+    return TiffMetadata(
+        scale=scale,
+        offset=offset,
+        nodata=nodata,
+        descriptions=tuple(b.description for b in bands),
+        dataset_tags={"": default, ENVI_DOMAIN: envi},
+        band_tags=per_band,
+    )
+
+
+def _spectral_bands(group: Any) -> list[SpectralBand]:
+    numbers, wavelengths, fwhms = (np.asarray(group[name][:]) for name in ("band", "wavelength", "fwhm"))
+    return [
+        SpectralBand(int(n), float(w), float(f)) for n, w, f in zip(numbers, wavelengths, fwhms, strict=True)
+    ]
+
+
+def write_geotiff(
+    path: Path, cube: np.ndarray, profile: dict[str, Any], meta: TiffMetadata, cog: bool
+) -> None:
+    """One patch cube (bands x rows x columns, written as given) at `path` with its metadata; `profile`:
+    dtype, count, width, height, crs, transform, nodata. `cog`: through GDAL's COG driver."""
+    import rasterio
+
+    # The COG driver cannot create in place: rasterio fills an in-memory dataset and copies it with the
+    # COG driver on close (COPY_SRC_MDD carries the ENVI and IMAGERY domains across).
+    options = {"driver": "COG", **COG_OPTIONS} if cog else {"driver": "GTiff"}
+    with rasterio.open(path, "w", **profile, **options) as dst:
+        dst.write(cube)
+        dst.scales = [meta.scale] * cube.shape[0]
+        dst.offsets = [meta.offset] * cube.shape[0]
+        for k, description in enumerate(meta.descriptions, start=1):
+            dst.set_band_description(k, description)
+            for domain, items in meta.band_tags[k - 1].items():
+                dst.update_tags(k, ns=domain or None, **items)
+        for domain, items in meta.dataset_tags.items():
+            dst.update_tags(ns=domain or None, **items)
+
+
+def export_geotiffs(
+    store: BuildStore, patch_ids: Sequence[str], target_dir: str | Path, cog: bool = False
+) -> list[Path]:
+    """One GeoTIFF per patch in the release layout: B x 128 x 128 int16 as stored (bit-exact), georeferenced,
+    nodata -32768, band scale 0.0001 and offset 0, each band described (number, wavelength, FWHM) and the
+    spectrum in the ENVI and IMAGERY metadata domains, all inside the .tif. `cog`: Cloud-Optimized GeoTIFFs
+    (GDAL's COG driver, DEFLATE, 128 px tiles) instead of plain uncompressed ones."""
     import rasterio
     import zarr
 
@@ -173,38 +298,29 @@ def export_geotiffs(store: BuildStore, patch_ids: Sequence[str], target_dir: str
     group = zarr.open_group(zarr_store(store), mode="r")
     reflectance = group["reflectance"]
     assert isinstance(reflectance, zarr.Array)
-    wavelength_array, band_array = group["wavelength"], group["band"]
-    assert isinstance(wavelength_array, zarr.Array) and isinstance(band_array, zarr.Array)
-    wavelengths = np.asarray(wavelength_array[:])
-    band_numbers = np.asarray(band_array[:])
+    bands = _spectral_bands(group)
+    attributes = dict(reflectance.attrs)
+    scale = float(str(attributes.get("scale_factor", REFLECTANCE_SCALE)))
+    offset = float(str(attributes.get("add_offset", 0.0)))
+    nodata = int(str(attributes.get("_FillValue", NODATA_VALUE)))
+    pixel = float(str(group.attrs.get("pixel_size_m", 30.0)))
     written = []
     for patch_id, row in zip(patch_ids, rows, strict=True):
-        meta = index.loc[patch_id]
-        path = Path(target_dir) / numbers.relative_path(meta["location_id"], meta["scene_id"])
+        patch = index.loc[patch_id]
+        path = Path(target_dir) / numbers.relative_path(patch["location_id"], patch["scene_id"])
         path.parent.mkdir(parents=True, exist_ok=True)
         cube = np.asarray(reflectance[row])
         size = cube.shape[-1]
-        pixel = float(str(group.attrs.get("pixel_size_m", 30.0)))
-        transform = rasterio.Affine(pixel, 0.0, float(meta["x_ul"]), 0.0, -pixel, float(meta["y_ul"]))
         profile = {
-            "driver": "GTiff",
             "dtype": "int16",
             "count": cube.shape[0],
             "width": size,
             "height": size,
-            "crs": f"EPSG:{int(meta['epsg'])}",
-            "transform": transform,
-            "nodata": -32768,
+            "crs": f"EPSG:{int(patch['epsg'])}",
+            "transform": rasterio.Affine(pixel, 0.0, float(patch["x_ul"]), 0.0, -pixel, float(patch["y_ul"])),
+            "nodata": nodata,
         }
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(cube)
-            for k in range(cube.shape[0]):
-                dst.set_band_description(k + 1, f"band {int(band_numbers[k])} {float(wavelengths[k]):.2f} nm")
-            dst.update_tags(
-                patch_id=patch_id,
-                scene_id=meta["scene_id"],
-                location_id=meta["location_id"],
-                scale_factor="0.0001",
-            )
+        identity = {"patch_id": patch_id, "scene_id": patch["scene_id"], "location_id": patch["location_id"]}
+        write_geotiff(path, cube, profile, tiff_metadata(bands, scale, offset, nodata, identity), cog)
         written.append(path)
     return written

@@ -6,6 +6,7 @@ from pipeline.query import query
 result = query("build/demo", bbox=(11.0, 47.0, 12.0, 48.0), datetime="2023-06-01/..", max_cloud=5)
 ds = result.to_xarray()                      # the matching patches from dataset.zarr
 result.export_geotiffs("subset/")            # enmap/<location>/<scene>.tif, the release layout
+result.export_geotiffs("cogs/", cog=True)    # the same as Cloud-Optimized GeoTIFFs
 query("build/demo", split="blocked:train")   # only that split's patches
 ```
 
@@ -58,10 +59,10 @@ class QueryResult:
 
         return export_zarr(self.store, self.ids, target)
 
-    def export_geotiffs(self, target_dir: str | Path) -> list[Path]:
+    def export_geotiffs(self, target_dir: str | Path, cog: bool = False) -> list[Path]:
         from pipeline.export import export_geotiffs
 
-        return export_geotiffs(self.store, self.ids, target_dir)
+        return export_geotiffs(self.store, self.ids, target_dir, cog=cog)
 
 
 def open_build(build: str | BuildStore, storage: StorageSettings | None = None) -> BuildStore:
