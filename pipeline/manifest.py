@@ -20,20 +20,10 @@ from typing import Any
 import yaml
 
 from pipeline.cloud import StorageError, StorageSettings, refuse_credentials
+from pipeline.quality import FLAG_NAMES
+from pipeline.sections import ManifestError, check_keys
 from pipeline.storage import canonical_json
-
-
-class ManifestError(ValueError):
-    """An invalid manifest; the message names the file and the offending key."""
-
-
-def _check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    if not isinstance(section, Mapping):
-        raise ManifestError(f"{where}: expected a mapping, got {type(section).__name__}")
-    for key in section:
-        if key not in allowed:
-            full = f"{where}.{key}" if where else str(key)
-            raise ManifestError(f"unknown key '{full}' (known keys: {', '.join(sorted(allowed))})")
+from stac.settings import CatalogSettings
 
 
 def _number(value: Any, key: str, *, low: float | None = None, high: float | None = None) -> float:
@@ -114,7 +104,7 @@ class SceneFilters:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SceneFilters:
-        _check_keys(raw, cls.KEYS, "filters")
+        check_keys(raw, cls.KEYS, "filters")
         versions = raw.get("processor_versions") or []
         if not isinstance(versions, list) or not all(
             isinstance(v, str) and re.fullmatch(r"V\d{6}", v) for v in versions
@@ -168,7 +158,7 @@ class BandPolicy:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> BandPolicy:
-        _check_keys(raw, cls.KEYS, "bands")
+        check_keys(raw, cls.KEYS, "bands")
         count = raw.get("expected_count", 224)
         expected = None if count is None else _integer(count, "bands.expected_count", low=1)
         drop_bands = _ranges(raw.get("drop_bands"), "bands.drop_bands", int)
@@ -243,7 +233,7 @@ class GridSettings:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> GridSettings:
-        _check_keys(raw, cls.KEYS, "grid")
+        check_keys(raw, cls.KEYS, "grid")
         pixel = _number(raw.get("pixel_size", 30.0), "grid.pixel_size", low=0.001, high=MAX_PIXEL_SIZE_M)
         patch = raw.get("patch_size", 128)
         if (
@@ -281,11 +271,10 @@ class QualityPolicy:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> QualityPolicy:
-        from pipeline.quality import FLAG_NAMES
 
-        _check_keys(raw, cls.KEYS, "quality")
+        check_keys(raw, cls.KEYS, "quality")
         fractions = raw.get("max_fraction") or {}
-        _check_keys(fractions, set(FLAG_NAMES), "quality.max_fraction")
+        check_keys(fractions, set(FLAG_NAMES), "quality.max_fraction")
         merged: dict[str, float | None] = {"nodata": 0.0, "background": 0.0}
         for flag, value in fractions.items():
             key = f"quality.max_fraction.{flag}"
@@ -319,7 +308,7 @@ class CodecSettings:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CodecSettings:
-        _check_keys(raw, cls.KEYS, "write.codec")
+        check_keys(raw, cls.KEYS, "write.codec")
         defaults = cls()
         cname = raw.get("cname", defaults.cname)
         if cname not in cls.CNAMES:
@@ -352,7 +341,7 @@ class WriteSettings:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> WriteSettings:
-        _check_keys(raw, cls.KEYS, "write")
+        check_keys(raw, cls.KEYS, "write")
         per_shard = _integer(raw.get("patches_per_shard", 32), "write.patches_per_shard", low=2)
         if "compression_level" in raw:
             # The older spelling: Blosc zstd at this level with Blosc's automatic block size.
@@ -387,7 +376,7 @@ class Limits:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Limits:
-        _check_keys(raw, cls.KEYS, "limits")
+        check_keys(raw, cls.KEYS, "limits")
         defaults = cls()
         limits = cls(
             memory_bytes=_integer(
@@ -463,9 +452,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _catalog(raw: Any) -> Any:
-    from stac.settings import CatalogSettings
-
+def _catalog(raw: Any) -> CatalogSettings:
     return CatalogSettings.from_dict(raw or {})
 
 
@@ -503,7 +490,7 @@ class Manifest:
     write: WriteSettings = field(default_factory=WriteSettings)
     limits: Limits = field(default_factory=Limits)
     storage: StorageSettings = field(default_factory=StorageSettings)  # never part of a config hash
-    catalog: Any = None  # stac.settings.CatalogSettings (imported lazily: stac builds on pipeline)
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)
     labels: tuple[Any, ...] = ()  # pipeline.labels.LabelSpec per benchmark; only the labels stage reads it
     source: str = "<dict>"  # where it was read from, for messages; not part of any hash
 
@@ -527,7 +514,7 @@ class Manifest:
         try:
             if not isinstance(raw, Mapping):
                 raise ManifestError("the manifest must be a YAML mapping")
-            _check_keys(raw, cls.KEYS, "")
+            check_keys(raw, cls.KEYS, "")
             name = raw.get("name")
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
                 raise ManifestError(f"'name' must be a simple identifier, got {name!r}")

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.manifest import ManifestError
+from pipeline.sections import ManifestError, check_keys
 
 SECTION = "catalog"
 
@@ -38,7 +38,7 @@ class Provider:
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> Provider:
-        _check_keys(raw, cls.KEYS, where)
+        check_keys(raw, cls.KEYS, where)
         name = raw.get("name")
         if not isinstance(name, str) or not name.strip():
             raise ManifestError(f"'{where}.name' must be a non-empty text, got {name!r}")
@@ -127,7 +127,7 @@ class CatalogSettings:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> CatalogSettings:
         raw = {} if raw is None else raw
-        _check_keys(raw, cls.KEYS, SECTION)
+        check_keys(raw, cls.KEYS, SECTION)
         default = cls()
         values: dict[str, Any] = {}
         for key in ("collection_id", "scene_collection_id", "catalog_id"):
@@ -194,11 +194,3 @@ class CatalogSettings:
         else:
             years = str(first_year) if first_year == last_year else f"{first_year}-{last_year}"
         return " ".join(self.attribution.replace("[year]", years).split())
-
-
-def _check_keys(section: Any, allowed: frozenset[str], where: str) -> None:
-    if not isinstance(section, Mapping):
-        raise ManifestError(f"'{where}' must be a mapping, got {type(section).__name__}")
-    for key in section:
-        if key not in allowed:
-            raise ManifestError(f"unknown key '{where}.{key}' (known keys: {', '.join(sorted(allowed))})")
