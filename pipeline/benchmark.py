@@ -103,6 +103,34 @@ def _write_mask(path: Path, labels: np.ndarray, epsg: int, x_ul: float, y_ul: fl
         dst.write(labels, 1)
 
 
+def _split_parts(
+    store: BuildStore,
+    relative: dict[str, str],
+    locations: dict[str, str],
+    split: str,
+    seed: int,
+    block_cells: int,
+) -> dict[str, list[str]]:
+    """The image paths of each split part: the paper's random split, or spatial blocks with a buffer."""
+    if split == "random":
+        return paper_random_split(list(relative.values()), seed)
+    assignment = _blocked(store, locations, seed, block_cells)
+    return {
+        part: sorted(path for pid, path in relative.items() if assignment[pid] == part)
+        for part in ("train", "val", "test", BUFFER)
+    }
+
+
+def _write_multi_hot(path: Path, chosen: Any, relative: dict[str, str], class_codes: tuple[int, ...]) -> None:
+    """`<name>_multi_hot.csv`: one row per image path, one column per class of the class table."""
+    by_id = chosen.set_index("patch_id")
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", *class_codes])
+        for pid, rel in relative.items():
+            writer.writerow([rel, *[int(v) for v in by_id.loc[pid, "multi_hot"]]])
+
+
 def export_benchmark(
     store: BuildStore,
     name: str,
@@ -146,17 +174,8 @@ def export_benchmark(
             float(entry["y_ul"]),
             pixel,
         )
-    if split == "random":
-        parts = paper_random_split(list(relative.values()), seed)
-    else:
-        assignment = _blocked(
-            store, {pid: str(meta.loc[pid, "location_id"]) for pid in patch_ids}, seed, block_cells
-        )
-        parts = {
-            part: sorted(relative[p] for p in patch_ids if assignment[p] == part)
-            for part in ("train", "val", "test")
-        }
-        parts[BUFFER] = sorted(relative[p] for p in patch_ids if assignment[p] == BUFFER)
+    locations = {pid: str(meta.loc[pid, "location_id"]) for pid in patch_ids}
+    parts = _split_parts(store, relative, locations, split, seed, block_cells)
     split_dir = out / "data" / "splits" / f"enmap_{name}"
     split_dir.mkdir(parents=True, exist_ok=True)
     for part in ("train", "val", "test"):
@@ -165,12 +184,7 @@ def export_benchmark(
     multi_hot_path = None
     if bool(array.attrs.get("multilabel", False)):
         multi_hot_path = out / f"{name}_multi_hot.csv"
-        by_id = chosen.set_index("patch_id")
-        with multi_hot_path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", *class_codes])
-            for pid in patch_ids:
-                writer.writerow([relative[pid], *[int(v) for v in by_id.loc[pid, "multi_hot"]]])
+        _write_multi_hot(multi_hot_path, chosen, relative, class_codes)
     counts = {part: len(lines) for part, lines in parts.items()}
     record: dict[str, Any] = {
         "name": name,
