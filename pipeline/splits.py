@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import tables
+from pipeline import __version__, tables
 from pipeline.dedup import INDEX_LOCATIONS, INDEX_PATCHES
 from pipeline.grid import Cell
 from pipeline.storage import BuildStore
@@ -263,6 +263,41 @@ def _counts(values: Iterable[str]) -> dict[str, int]:
     return {name: listed.count(name) for name in (*SPLITS, BUFFER)}
 
 
+def _blocked_by_patch(
+    store: BuildStore,
+    patch_ids: Sequence[str],
+    location_of: dict[str, str],
+    fractions: tuple[float, float, float],
+    seed: int,
+    block_cells: int,
+) -> tuple[dict[str, str], int, int]:
+    """The blocked split of each patch (its location's), the number of block groups and the largest
+    group's size in locations."""
+    locations = store.read_geodataframe(INDEX_LOCATIONS)
+    ids = [str(x) for x in locations["location_id"]]
+    links = {
+        str(lid): [str(x) for x in (linked if linked is not None else ())]
+        for lid, linked in zip(locations["location_id"], locations["neighbour_zone_overlaps"], strict=True)
+    }
+    contacts = cross_zone_contacts(ids, locations["epsg"].to_numpy(), locations.geometry.to_numpy())
+    by_location = blocked_split(ids, fractions, seed, block_cells, links=links, contacts=contacts)
+    found = leaks(by_location, links, contacts)
+    if found:  # cannot happen by construction; a loud stop rather than a leaking split
+        raise AssertionError(f"blocked split leaks between neighbours, e.g. {found[0]}")
+    missing = sorted(set(location_of.values()) - set(by_location))
+    if missing:
+        raise ValueError(f"{INDEX_PATCHES} has locations missing from {INDEX_LOCATIONS}, e.g. {missing[0]}")
+    groups = block_groups({lid: Cell.parse(lid) for lid in ids}, links, block_cells)
+    sizes: dict[Block, int] = {}
+    for group in groups.values():
+        sizes[group] = sizes.get(group, 0) + 1
+    return (
+        {pid: by_location[location_of[pid]] for pid in patch_ids},
+        len(sizes),
+        max(sizes.values(), default=0),
+    )
+
+
 def make_split(
     store: BuildStore,
     name: str,
@@ -289,30 +324,9 @@ def make_split(
         by_patch = random_split(patch_ids, fractions, seed)
         block_cells_used = None
     elif kind == "blocked":
-        locations = store.read_geodataframe(INDEX_LOCATIONS)
-        ids = [str(x) for x in locations["location_id"]]
-        links = {
-            str(lid): [str(x) for x in (linked if linked is not None else ())]
-            for lid, linked in zip(
-                locations["location_id"], locations["neighbour_zone_overlaps"], strict=True
-            )
-        }
-        contacts = cross_zone_contacts(ids, locations["epsg"].to_numpy(), locations.geometry.to_numpy())
-        by_location = blocked_split(ids, fractions, seed, block_cells, links=links, contacts=contacts)
-        found = leaks(by_location, links, contacts)
-        if found:  # cannot happen by construction; a loud stop rather than a leaking split
-            raise AssertionError(f"blocked split leaks between neighbours, e.g. {found[0]}")
-        missing = sorted(set(location_of.values()) - set(by_location))
-        if missing:
-            raise ValueError(
-                f"{INDEX_PATCHES} has locations missing from {INDEX_LOCATIONS}, e.g. {missing[0]}"
-            )
-        by_patch = {pid: by_location[location_of[pid]] for pid in patch_ids}
-        groups = block_groups({lid: Cell.parse(lid) for lid in ids}, links, block_cells)
-        sizes: dict[Block, int] = {}
-        for group in groups.values():
-            sizes[group] = sizes.get(group, 0) + 1
-        groups_count, largest = len(sizes), max(sizes.values(), default=0)
+        by_patch, groups_count, largest = _blocked_by_patch(
+            store, patch_ids, location_of, fractions, seed, block_cells
+        )
         block_cells_used = block_cells
     else:
         raise ValueError(f"kind must be 'random' or 'blocked', got {kind!r}")
@@ -340,8 +354,6 @@ def make_split(
     store.write_table(parquet_path, table)
     record = summary.to_json()
     record["index_sha256"] = hashlib.sha256(index_bytes or b"").hexdigest()
-    from pipeline import __version__
-
     record["pipeline_version"] = __version__
     store.write_json(json_path, record)
     return summary
