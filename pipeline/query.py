@@ -17,15 +17,14 @@ an unknown split, ...) raise `QueryError`, a ValueError with a one-line message;
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from pipeline import tables
 from pipeline.cloud import StorageSettings, refuse_credentials, storage_options_for
 from pipeline.storage import BuildStore
-from stac.search import QueryError
+from stac.search import QueryError, SearchCriteria, search
 
 ITEMS_PARQUET = tables.STAC_ITEMS
 __all__ = ["ITEMS_PARQUET", "QueryError", "QueryResult", "open_build", "query", "split_ids"]
@@ -103,35 +102,19 @@ def split_ids(store: BuildStore, spec: str | tuple[str, str]) -> set[str]:
 
 
 def query(
-    build: str | BuildStore,
-    bbox: Sequence[float] | None = None,
-    intersects: Any = None,
-    datetime: Any = None,
-    max_cloud: float | None = None,
-    min_dates: int | None = None,
-    ids: Iterable[str] | None = None,
-    limit: int | None = None,
-    split: str | tuple[str, str] | None = None,
+    build: str | BuildStore, *, split: str | tuple[str, str] | None = None, **criteria: Unpack[SearchCriteria]
 ) -> QueryResult:
     """Search the build's items (STAC API semantics: bbox/intersects, closed datetime interval in UTC,
     `eo:cloud_cover` <= max_cloud, at least min_dates dates at the location, ids, limit); `split`
     ("NAME:PART") keeps only that part of a split made with `spectralearth split`."""
-    from stac.search import search
-
     store = open_build(build)
     if split is not None:
         wanted = split_ids(store, split)
-        ids = wanted if ids is None else wanted & {str(i) for i in ([ids] if isinstance(ids, str) else ids)}
+        ids = criteria.get("ids")
+        criteria["ids"] = (
+            wanted if ids is None else wanted & {str(i) for i in ([ids] if isinstance(ids, str) else ids)}
+        )
     if not store.exists(ITEMS_PARQUET):
         raise FileNotFoundError(f"{store.uri_of(ITEMS_PARQUET)} is missing: run the catalog stage first")
-    found = search(
-        store,
-        bbox=bbox,
-        intersects=intersects,
-        datetime=datetime,
-        max_cloud=max_cloud,
-        min_dates=min_dates,
-        ids=ids,
-        limit=limit,
-    )
+    found = search(store, **criteria)
     return QueryResult(store, found)

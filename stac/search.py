@@ -42,7 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from functools import cached_property
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -531,20 +531,34 @@ def _and(left: pc.Expression | None, right: pc.Expression) -> pc.Expression:
     return right if left is None else left & right
 
 
+class SearchCriteria(TypedDict, total=False):
+    """`search`'s criteria, declared once: `search` and `pipeline.query.query` take them by keyword
+    (`**criteria: Unpack[SearchCriteria]`). See the module docstring for the semantics of each."""
+
+    bbox: Sequence[float] | None
+    intersects: Any
+    datetime: Any
+    max_cloud: float | None
+    min_dates: int | None
+    ids: Iterable[str] | None
+    limit: int | None
+
+
 def search(
-    items_parquet: Any,
-    bbox: Sequence[float] | None = None,
-    intersects: Any = None,
-    datetime: Any = None,
-    max_cloud: float | None = None,
-    min_dates: int | None = None,
-    ids: Iterable[str] | None = None,
-    limit: int | None = None,
-    *,
-    relative: str = DEFAULT_RELATIVE,
+    items_parquet: Any, *, relative: str = DEFAULT_RELATIVE, **criteria: Unpack[SearchCriteria]
 ) -> SearchResult:
     """Search the items of a stac-geoparquet file (a path, an `s3://` URI, or a `BuildStore` whose
-    `relative` file is read). See the module docstring for the semantics of each parameter."""
+    `relative` file is read). See the module docstring for the semantics of each criterion."""
+    unknown = sorted(set(criteria) - set(SearchCriteria.__annotations__))
+    if unknown:
+        raise TypeError(f"search() got an unexpected keyword argument {unknown[0]!r}")
+    bbox = criteria.get("bbox")
+    intersects = criteria.get("intersects")
+    datetime = criteria.get("datetime")
+    max_cloud = criteria.get("max_cloud")
+    min_dates = criteria.get("min_dates")
+    ids = criteria.get("ids")
+    limit = criteria.get("limit")
     import numpy as np
     import shapely
 
