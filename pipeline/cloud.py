@@ -34,6 +34,10 @@ GDAL_DEFAULTS = {
     "GDAL_HTTP_RETRY_DELAY": "1",
     "VSI_CACHE": "TRUE",
 }
+MIN_FETCH_PART_BYTES = 8 * 1024**2  # the floor the specification sets for a ranged GET
+MAX_FETCH_SETTING = 1024**3
+DEFAULT_FETCH_PART_BYTES = 16 * 1024**2
+DEFAULT_FETCH_CONCURRENCY = 4
 SECRET_NAMES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
@@ -73,8 +77,20 @@ class StorageSettings:
     region: str | None = None
     profile: str | None = None  # a named AWS profile: the name only
     anonymous: bool = False  # public buckets
+    # Remote products are fetched whole in ranged GETs of this size (at least 8 MiB: below it, a
+    # request's latency costs more than its bytes), this many in flight (pipeline.fetch).
+    fetch_part_bytes: int = DEFAULT_FETCH_PART_BYTES
+    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY
 
-    KEYS = {"endpoint_url", "endpoint_url_env", "region", "profile", "anonymous"}
+    KEYS = {
+        "endpoint_url",
+        "endpoint_url_env",
+        "region",
+        "profile",
+        "anonymous",
+        "fetch_part_bytes",
+        "fetch_concurrency",
+    }
 
     @classmethod
     def from_dict(
@@ -107,6 +123,8 @@ class StorageSettings:
             region=raw.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
             profile=raw.get("profile"),
             anonymous=bool(raw.get("anonymous", False)),
+            fetch_part_bytes=_whole(raw, "fetch_part_bytes", DEFAULT_FETCH_PART_BYTES, MIN_FETCH_PART_BYTES),
+            fetch_concurrency=_whole(raw, "fetch_concurrency", DEFAULT_FETCH_CONCURRENCY, 1),
         )
 
     def fsspec_options(self) -> dict[str, Any]:
@@ -140,6 +158,13 @@ class StorageSettings:
         if self.anonymous:
             config["AWS_NO_SIGN_REQUEST"] = "YES"
         return config
+
+
+def _whole(raw: Mapping[str, Any], key: str, default: int, low: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_FETCH_SETTING:
+        raise StorageError(f"'storage.{key}' must be a whole number from {low} to {MAX_FETCH_SETTING}")
+    return value
 
 
 def apply_gdal_config(config: Mapping[str, str]) -> None:

@@ -21,18 +21,22 @@ import contextlib
 import io
 import math
 import os
+import posixpath
 import struct
 import tempfile
 import time
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.enmap.product import ProductError
+import fsspec
+
+from pipeline.enmap.product import ProductError, ScratchBudget
 from pipeline.errors import TransientError, is_transient, one_line
+from pipeline.manifest import Manifest
 
 MiB = 1024 * 1024
 MIN_PART_BYTES = 8 * MiB  # below this, per-request latency dominates on object storage
@@ -499,3 +503,124 @@ def member_data(member: ZipMember, fetched: memoryview | FileSlice) -> memoryvie
     if isinstance(fetched, FileSlice):
         return FileSlice(fetched.path, fetched.offset + offset, member.compress_size)
     return fetched[offset : offset + member.compress_size]
+
+
+# Whole products -------------------------------------------------------------------------------------
+
+
+def _filesystem(uri: str, storage_options: Mapping[str, Any]) -> Any:
+    return fsspec.core.url_to_fs(uri, **dict(storage_options))[0]
+
+
+def fetch_objects(
+    objects: Sequence[tuple[str, int | None]],
+    scratch_dir: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    memory_budget: int,
+    scratch: ScratchBudget | None = None,
+    settings: FetchSettings | None = None,
+) -> dict[str, bytes | str]:
+    """Every object of `objects` ((uri, size), size None when unknown: one HEAD), whole, in large ranged
+    GETs through one pool: as bytes when they add up to at most `memory_budget`, else each in its own
+    file in `scratch_dir`, named by its basename (an ENVI header lands beside its data file), within the
+    `scratch` budget (over it: ProductError, before a byte is fetched). Objects on one store only.
+
+    Bytes, not bytearrays: GDAL's in-memory files (rasterio's MemoryFile) serve a bytes object in place;
+    the one copy from the fetch buffer is made object by object, so the transient peak is the product
+    plus its largest object."""
+    settings = settings or FetchSettings()
+    if not objects:
+        return {}
+    fs = _filesystem(objects[0][0], storage_options or {})
+    sized = [(uri, object_size(fs, uri) if size is None else size) for uri, size in objects]
+    total = sum(size for _, size in sized)
+    to_disk = total > memory_budget
+    if to_disk:
+        if scratch is not None:
+            what = sized[0][0] if len(sized) == 1 else posixpath.dirname(sized[0][0])
+            scratch.reserve(total, f"fetching {what}")
+        os.makedirs(scratch_dir, exist_ok=True)
+    pieces = [Piece(uri, 0, size) for uri, size in sized]
+    fetched = fetch_product_files(
+        fs, pieces, memory_budget=memory_budget, scratch_dir=scratch_dir, settings=settings
+    )
+    out: dict[str, bytes | str] = {}
+    try:
+        for piece in pieces:
+            got = fetched[piece]
+            if isinstance(got, FileSlice):
+                target = os.path.join(os.fspath(scratch_dir), posixpath.basename(piece.uri))
+                if os.path.exists(target):
+                    raise ValueError(f"two fetched files would both be {target}")
+                os.replace(got.path, target)
+                out[piece.uri] = target
+            elif to_disk:  # an empty object among files on disk
+                target = os.path.join(os.fspath(scratch_dir), posixpath.basename(piece.uri))
+                open(target, "wb").close()
+                out[piece.uri] = target
+            else:
+                out[piece.uri] = bytes(got)
+                got.release()
+    except BaseException:
+        for value in fetched.values():
+            if isinstance(value, FileSlice):
+                with contextlib.suppress(OSError):
+                    os.remove(value.path)
+        raise
+    return out
+
+
+def fetch_product(
+    uri: str,
+    scratch_dir: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    memory_budget: int,
+    members: Sequence[tuple[str, int | None]] = (),
+    settings: FetchSettings | None = None,
+) -> dict[str, bytes | str]:
+    """A remote product's bytes, once, in large ranged GETs: the whole object for an archive (`uri` a
+    ZIP or tar.gz), or, for a product folder, every file of `members` ((name relative to `uri`, size)).
+    In memory within `memory_budget`, else in `scratch_dir`. Keys: the object URIs."""
+    if members:
+        objects = [(f"{uri.rstrip('/')}/{name}", size) for name, size in members]
+    else:
+        objects = [(uri, None)]
+    return fetch_objects(
+        objects, scratch_dir, storage_options=storage_options, memory_budget=memory_budget, settings=settings
+    )
+
+
+@dataclass(frozen=True)
+class ProductFetcher:
+    """What `pipeline.enmap.product` calls to bring a remote product's objects here (see
+    `fetch_objects`): the storage options, the memory budget and the fetch settings of a stage."""
+
+    storage_options: Mapping[str, Any]
+    memory_budget: int
+    settings: FetchSettings = FetchSettings()
+
+    def __call__(
+        self, objects: Sequence[tuple[str, int | None]], scratch_dir: str, scratch: ScratchBudget
+    ) -> dict[str, bytes | str]:
+        return fetch_objects(
+            objects,
+            scratch_dir,
+            storage_options=self.storage_options,
+            memory_budget=self.memory_budget,
+            scratch=scratch,
+            settings=self.settings,
+        )
+
+
+def product_fetcher(manifest: Manifest, storage_options: Mapping[str, Any] | None) -> ProductFetcher:
+    """The fetcher a stage hands `open_product`/`iter_products`: the manifest's memory budget and its
+    storage section's part size and concurrency."""
+    return ProductFetcher(
+        dict(storage_options or {}),
+        manifest.limits.memory_bytes,
+        FetchSettings(
+            part_bytes=manifest.storage.fetch_part_bytes, concurrency=manifest.storage.fetch_concurrency
+        ),
+    )

@@ -48,6 +48,7 @@ from pipeline.enmap.product import (
     iter_products,
 )
 from pipeline.errors import TransientError, is_transient, one_line
+from pipeline.fetch import product_fetcher
 from pipeline.manifest import Manifest
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json, fingerprint_of
 from pipeline.tables import read_geodataframe_checked, read_table_checked
@@ -373,7 +374,8 @@ def inspect_source(
     """
     results: list[SceneRecord | Rejection] = []
     try:
-        for item in iter_products(source, storage_options, manifest.limits):
+        fetcher = product_fetcher(manifest, storage_options)
+        for item in iter_products(source, storage_options, manifest.limits, fetcher):
             if isinstance(item, Rejection):
                 results.append(item)
                 continue

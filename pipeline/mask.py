@@ -52,12 +52,20 @@ from pipeline.engine import (
     up_to_date,
 )
 from pipeline.enmap import raw_reader
-from pipeline.enmap.product import ProductError, Rejection, open_product
+from pipeline.enmap.product import (
+    BufferFile,
+    Fetcher,
+    ProductError,
+    Rejection,
+    _member_data_offset,
+    open_product,
+)
 from pipeline.enmap.product import _scratch_dir as scratch_dir  # an owned scratch folder (cleaned when stale)
 from pipeline.errors import BuildFault, TransientError, is_open_failure, is_transient, one_line
-from pipeline.grid import GridSpec, OffLatticeError, cells_in_raster, check_lattice
+from pipeline.fetch import product_fetcher
+from pipeline.grid import GridSpec, OffLatticeError, cells_in_raster, check_lattice, snap_to_lattice
 from pipeline.inventory import SceneRecord, read_scenes, rejected_table
-from pipeline.manifest import Manifest
+from pipeline.manifest import Limits, Manifest
 from pipeline.quality import (
     BACKGROUND,
     FLAG_NAMES,
@@ -338,9 +346,7 @@ def clean_patch_sums(patch: np.ndarray) -> CellSums:
 
 def cut_plan(record: SceneRecord, manifest: Manifest, band_count: int) -> CutPlan:
     """The cut of one scene: on the lattice as `tile` puts it (snapped when the manifest says so)."""
-    from pipeline.tile import grid_spec, snap_to_lattice  # tile builds on mask: imported when used
-
-    spec = grid_spec(manifest.grid)
+    spec = manifest.grid.spec
     transform: tuple[float, ...] | None = tuple(record.transform)
     try:
         check_lattice(record.transform, spec)
@@ -376,34 +382,69 @@ def scene_key(record: SceneRecord, manifest: Manifest) -> str:
 HEADER_BYTES = 1024 * 1024  # an ENVI header larger than this is not read here (GDAL reads the cube)
 
 
+def _header_member(members: list[str], member: str) -> str | None:
+    sidecars = {f"{posixpath.splitext(member)[0]}.hdr".lower(), f"{member}.hdr".lower()}
+    return next((name for name in members if name.lower() in sidecars), None)
+
+
 def raw_source(opened: Any, layer: str) -> tuple[raw_reader.Source, bytes | None] | None:
-    """Where `raw_reader` can read a layer of an opened product: a plain local file, or a stored member
-    of a local ZIP (a folder delivery's ZIP, or a tar.gz's unpacked ZIP) with its ENVI header's bytes;
-    None otherwise (remote, or inflated into GDAL's memory: GDAL reads it)."""
+    """Where `raw_reader` can read a layer of an opened product: a plain local file (also a fetched
+    one), a fetched file in memory, or a stored member of a local or fetched ZIP (a folder delivery's
+    ZIP, or a tar.gz's unpacked ZIP), with its ENVI header's bytes; None otherwise (remote, or inflated
+    into GDAL's memory: GDAL reads it)."""
+    location = opened.location
+    member = location.member(layer)
+    copy = opened.fetched.get(member)
+    if isinstance(copy, bytes):
+        names = [name for name, _ in location.members]
+        header_name = _header_member(names, member)
+        header = opened.fetched.get(header_name) if header_name else None
+        if isinstance(header, str):
+            with open(header, "rb") as handle:
+                header = handle.read(HEADER_BYTES + 1)
+        return memoryview(copy), header if header is not None and len(header) <= HEADER_BYTES else None
     path = opened.gdal_path(layer)
     if not path.startswith("/vsi"):
         return (path, None) if os.path.isfile(path) else None
-    location = opened.location
+    if opened.zip_bytes is not None:
+        return _stored_in_memory(opened.zip_bytes, member, path == f"/vsizip/{opened.local_zip}/{member}")
     if opened.local_zip:
         zip_path = opened.local_zip
     elif location.packaging != "folder" and not is_remote(location.container_uri):
         zip_path = gdal_path(location.container_uri)
     else:
         return None
-    member = location.member(layer)
     if path != f"/vsizip/{zip_path}/{member}":
         return None  # a deflated member GDAL reads from memory
     piece = raw_reader.stored_member(zip_path, member)
     if piece is None:
         return None
-    header = None
-    sidecars = {f"{posixpath.splitext(member)[0]}.hdr".lower(), f"{member}.hdr".lower()}
     with zipfile.ZipFile(zip_path) as archive:
-        for info in archive.infolist():
-            if info.filename.lower() in sidecars and info.file_size <= HEADER_BYTES:
-                header = archive.read(info)
-                break
-    return piece, header
+        return piece, _zip_header(archive, member)
+
+
+def _zip_header(archive: zipfile.ZipFile, member: str) -> bytes | None:
+    """The ENVI header beside a ZIP member, when there is one of a sane size."""
+    name = _header_member(archive.namelist(), member)
+    if name is None or archive.getinfo(name).file_size > HEADER_BYTES:
+        return None
+    return archive.read(name)
+
+
+def _stored_in_memory(
+    zip_bytes: bytes, member: str, read_in_place: bool
+) -> tuple[raw_reader.Source, bytes | None] | None:
+    """A stored member of a fetched ZIP as a view of its bytes (None when it is compressed, or GDAL
+    reads an inflated copy), with its ENVI header."""
+    if not read_in_place:
+        return None
+    handle = BufferFile(zip_bytes)
+    with zipfile.ZipFile(handle) as archive:
+        info = archive.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        start = _member_data_offset(handle, info)
+        return memoryview(zip_bytes)[start : start + info.file_size], _zip_header(archive, member)
 
 
 class _CubeReader:
@@ -439,15 +480,24 @@ def compute_mask(
     kept_bands: tuple[int, ...],
     storage_options: dict | None = None,
     cutter: Cutter | None = None,
+    fetcher: Fetcher | None = None,
+    limits: Limits = Limits(),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read the layers once and return (uint16 flags, per-kept-band count of valid pixels); with a
-    `cutter`, cut the scene's candidates from the same blocks."""
+    `cutter`, cut the scene's candidates from the same blocks. With a `fetcher`, a remote product is
+    fetched once, whole, in large ranged GETs, and every layer is read from that copy."""
     height, width = record.height, record.width
     bits = np.zeros((height, width), dtype=np.uint16)
     valid_per_band = np.zeros(len(kept_bands), dtype=np.int64)
     edges = cutter.block_edges(width, height) if cutter else list(range(0, height, BLOCK_ROWS)) + [height]
     with (
-        open_product(record.location(), storage_options, unpack=("SPECTRAL_IMAGE", "QL_PIXELMASK")) as opened,
+        open_product(
+            record.location(),
+            storage_options,
+            unpack=("SPECTRAL_IMAGE", "QL_PIXELMASK"),
+            limits=limits,
+            fetcher=fetcher,
+        ) as opened,
         rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES),
     ):
         sources = {
@@ -567,7 +617,8 @@ def _mask_and_cut(
 ) -> MaskSummary | Rejection:
     cutter = Cutter(cut_plan(record, manifest, len(kept)), spool)
     try:
-        bits, valid = compute_mask(record, kept, storage_options, cutter)
+        fetcher = product_fetcher(manifest, storage_options)
+        bits, valid = compute_mask(record, kept, storage_options, cutter, fetcher, manifest.limits)
     except (RasterioError, ProductError, OSError) as exc:
         spool.discard()
         if is_transient(exc):

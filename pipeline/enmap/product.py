@@ -31,6 +31,7 @@ import contextlib
 import errno
 import gzip
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -43,7 +44,7 @@ import time
 import zipfile
 import zlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
@@ -55,7 +56,7 @@ from rasterio.io import MemoryFile
 from pipeline.enmap.names import METADATA, SPECTRAL_IMAGE, find_product_names, parse_file_name
 from pipeline.errors import is_transient
 from pipeline.manifest import Limits
-from pipeline.storage import gdal_path, join
+from pipeline.storage import gdal_path, is_remote, join
 
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -74,6 +75,10 @@ DEFLATE_SLACK = 1 / 100
 # isal's stubs declare its error as an instance; it is the exception class.
 INFLATE_ERROR = cast("type[Exception]", isal_zlib.error)
 ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
+# Brings remote objects here ((uri, size or None), scratch folder, scratch budget) -> uri -> the bytes, or
+# the path of a file in that scratch folder; `pipeline.fetch.ProductFetcher` is the one used (large
+# ranged GETs). Without one, remote products are read in place (GDAL's /vsis3/, fsspec).
+Fetcher = Callable[[Sequence[tuple[str, int | None]], str, "ScratchBudget"], Mapping[str, bytes | str]]
 
 
 class ProductError(Exception):
@@ -628,6 +633,37 @@ def _member_chunks(handle: IO[bytes], info: zipfile.ZipInfo) -> Iterator[bytes]:
     _check_crc(info, crc)
 
 
+class BufferFile(io.RawIOBase):
+    """A read-only, seekable file over bytes in memory, without copying them (io.BytesIO would copy
+    anything but a bytes object, and a memoryview slice of one)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view, self._position = memoryview(data).cast("B"), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self._position = base + offset
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        chunk = self._view[self._position : self._position + len(out)]
+        out[: len(chunk)] = chunk
+        self._position += len(chunk)
+        return len(chunk)
+
+
 @dataclass
 class OpenedProduct:
     """A product ready to read: GDAL paths of its layers and its metadata bytes."""
@@ -635,25 +671,31 @@ class OpenedProduct:
     location: ProductLocation
     storage_options: dict
     local_zip: str | None = None  # the unpacked inner ZIP of a tar.gz delivery
-    local_members: dict[str, str] = field(default_factory=dict)  # ZIP member -> unpacked copy
+    local_members: dict[str, str] = field(default_factory=dict)  # member -> GDAL path of a local copy
     limits: Limits = field(default_factory=Limits)
+    # A fetched remote product: the ZIP's bytes (`local_zip` is then its in-memory GDAL path), or a
+    # folder's files (member -> bytes, or the path of the fetched file in scratch).
+    zip_bytes: bytes | None = None
+    fetched: dict[str, bytes | str] = field(default_factory=dict)
 
     def _zip_gdal_path(self) -> str:
         return self.local_zip if self.local_zip else gdal_path(self.location.container_uri)
 
     def gdal_path(self, layer: str) -> str:
         member = self.location.member(layer)
-        if self.location.packaging == "folder":
-            return gdal_path(join(self.location.container_uri, member))
         if member in self.local_members:
             return self.local_members[member]
+        if self.location.packaging == "folder":
+            return gdal_path(join(self.location.container_uri, member))
         return f"/vsizip/{self._zip_gdal_path()}/{member}"
 
     @contextlib.contextmanager
     def open_container(self) -> Iterator[IO[bytes]]:
         """The product ZIP as a seekable binary file (local, or ranged reads through fsspec)."""
-        if self.local_zip:
-            handle: IO[bytes] = open(self.local_zip, "rb")
+        if self.zip_bytes is not None:
+            handle: IO[bytes] = io.BufferedReader(BufferFile(self.zip_bytes))
+        elif self.local_zip:
+            handle = open(self.local_zip, "rb")
         else:
             handle = fsspec.open(self.location.container_uri, "rb", **self.storage_options).open()
         try:
@@ -679,10 +721,13 @@ class OpenedProduct:
             listed = dict(self.location.members).get(member, 0)
             if listed > budget:
                 raise ProductError(over_budget(f"member {member}", "holds", listed, budget, kind))
-            with fsspec.open(
-                join(self.location.container_uri, member), "rb", **self.storage_options
-            ) as handle:
-                data = handle.read(budget + 1)
+            copy = self.fetched.get(member)
+            if isinstance(copy, bytes):
+                data = copy[: budget + 1]
+            else:
+                where = copy if copy is not None else join(self.location.container_uri, member)
+                with fsspec.open(where, "rb", **({} if copy else self.storage_options)) as handle:
+                    data = handle.read(budget + 1)
             if len(data) > budget:
                 raise ProductError(f"member {member} holds more than the {format_size(budget)} {kind} budget")
             return data
@@ -710,7 +755,10 @@ class OpenedProduct:
 
 
 def iter_products(
-    source: ProductSource, storage_options: dict | None = None, limits: Limits = Limits()
+    source: ProductSource,
+    storage_options: dict | None = None,
+    limits: Limits = Limits(),
+    fetcher: Fetcher | None = None,
 ) -> Iterator[OpenedProduct | Rejection]:
     """Every product of a source, opened; each is valid until the next one is asked for.
 
@@ -718,15 +766,43 @@ def iter_products(
     yielded, and removed before the stream moves on, so scratch holds one unpacked archive at a time.
     Raises `ArchiveRejected` for an archive refused whole (possibly after some of its products were
     yielded: the caller drops them), and OSError for a fault of the storage (never a rejection).
+    With a `fetcher`, a remote source is brought here first, once, whole (a folder product's files, the
+    ZIP, the tar.gz: see `pipeline.fetch`), and read from that copy, which is removed afterwards.
     """
     options = storage_options or {}
+    remote = fetcher is not None and is_remote(source.uri)
     if source.kind == "folder":
         for location in folder_products(source):
-            yield OpenedProduct(location, options, limits=limits)
+            if fetcher is not None and remote:
+                with _scratch_dir() as scratch, contextlib.ExitStack() as stack:
+                    opened = OpenedProduct(location, options, limits=limits)
+                    _attach_folder(opened, fetcher, scratch, stack, ScratchBudget(limits.scratch_bytes))
+                    yield opened
+            else:
+                yield OpenedProduct(location, options, limits=limits)
+        return
+    if fetcher is not None and remote:
+        with _scratch_dir() as scratch:
+            budget = ScratchBudget(limits.scratch_bytes)
+            copy = fetcher([(source.uri, None)], os.path.join(scratch, "fetched"), budget)[source.uri]
+            if source.kind == "zip":
+                yield from _iter_zip(source, options, limits, copy)
+            else:
+                yield from _iter_tar(source, options, limits, copy)
         return
     if source.kind == "zip":
+        yield from _iter_zip(source, options, limits)
+        return
+    yield from _iter_tar(source, options, limits)
+
+
+def _iter_zip(
+    source: ProductSource, options: dict, limits: Limits, copy: bytes | str | None = None
+) -> Iterator[OpenedProduct | Rejection]:
+    """The products of a ZIP source, read in place or from its fetched `copy`."""
+    with contextlib.ExitStack() as stack:
         try:
-            with fsspec.open(source.uri, "rb", **options) as handle:
+            with _open_object(source.uri, options, copy) as handle:
                 infos = _zip_listing(handle, posixpath.basename(source.uri))
         except ArchiveRejected:
             raise
@@ -735,10 +811,62 @@ def iter_products(
             return
         products, rejections = _zip_products(infos, source.uri, "zip", None)
         yield from rejections
+        local = _zip_copy(copy, stack)
         for location in products:
-            yield OpenedProduct(location, options, limits=limits)
-        return
-    yield from _iter_tar(source, options, limits)
+            opened = OpenedProduct(location, options, limits=limits)
+            opened.local_zip, opened.zip_bytes = local
+            yield opened
+
+
+@contextlib.contextmanager
+def _open_object(uri: str, options: dict, copy: bytes | str | None = None) -> Iterator[IO[bytes]]:
+    """An object as a binary file: its fetched copy (bytes or a local file), else in place."""
+    if isinstance(copy, bytes):
+        with io.BufferedReader(BufferFile(copy)) as handle:
+            yield handle
+    elif copy is not None:
+        with open(copy, "rb") as handle:
+            yield handle
+    else:
+        with fsspec.open(uri, "rb", **options) as handle:
+            yield handle
+
+
+def _zip_copy(copy: bytes | str | None, stack: contextlib.ExitStack) -> tuple[str | None, bytes | None]:
+    """(local_zip, zip_bytes) of a fetched ZIP: a scratch file, or bytes served to GDAL in memory."""
+    if copy is None or isinstance(copy, str):
+        return copy, None
+    memory = stack.enter_context(MemoryFile(copy, filename="product.zip"))
+    return memory.name, copy
+
+
+def _attach_folder(
+    opened: OpenedProduct, fetcher: Fetcher, scratch: str, stack: contextlib.ExitStack, budget: ScratchBudget
+) -> None:
+    """Fetch every file of a remote folder product once and point its layers at the copies (in memory,
+    in one in-memory folder so an ENVI header sits beside its data file; or in scratch)."""
+    location = opened.location
+    uris = {join(location.container_uri, member): member for member, _ in location.members}
+    wanted = [(join(location.container_uri, member), size) for member, size in location.members]
+    copies = fetcher(wanted, os.path.join(scratch, "fetched"), budget)
+    folder = f"spectralearth-{os.getpid()}-{id(opened):x}"
+    for uri, copy in copies.items():
+        member = uris[uri]
+        opened.fetched[member] = copy
+        if isinstance(copy, bytes):
+            name = posixpath.basename(member)
+            memory = stack.enter_context(MemoryFile(copy, dirname=folder, filename=name))
+            opened.local_members[member] = memory.name
+        else:
+            opened.local_members[member] = copy
+
+
+def _attach_zip(
+    opened: OpenedProduct, fetcher: Fetcher, scratch: str, stack: contextlib.ExitStack, budget: ScratchBudget
+) -> None:
+    uri = opened.location.container_uri
+    copy = fetcher([(uri, None)], os.path.join(scratch, "fetched"), budget)[uri]
+    opened.local_zip, opened.zip_bytes = _zip_copy(copy, stack)
 
 
 def _tar_corrupt(exc: BaseException) -> bool:
@@ -746,9 +874,11 @@ def _tar_corrupt(exc: BaseException) -> bool:
     return isinstance(exc, tarfile.TarError | EOFError | zlib.error) or _corrupt_bytes_error(exc)
 
 
-def _iter_tar(source: ProductSource, options: dict, limits: Limits) -> Iterator[OpenedProduct | Rejection]:
+def _iter_tar(
+    source: ProductSource, options: dict, limits: Limits, copy: bytes | str | None = None
+) -> Iterator[OpenedProduct | Rejection]:
     found_any = False
-    with fsspec.open(source.uri, "rb", **options) as raw:
+    with _open_object(source.uri, options, copy) as raw:
         try:
             tar = tarfile.open(fileobj=raw, mode="r|*")
         except Exception as exc:
@@ -822,8 +952,13 @@ def open_product(
     storage_options: dict | None = None,
     unpack: tuple[str, ...] = (),
     limits: Limits = Limits(),
+    fetcher: Fetcher | None = None,
 ) -> Iterator[OpenedProduct]:
     """Open one known product (for the stages after inventory).
+
+    With a `fetcher`, a remote product is brought here once, whole, in large requests (its folder's
+    files, its ZIP, its tar.gz: `pipeline.fetch`), into memory or scratch, and every layer is read from
+    that copy; nothing is read through GDAL's /vsis3/.
 
     A tar.gz delivery's ZIP is unpacked to scratch first. `unpack` names layers that will be read in
     full: when such a layer sits deflated inside a ZIP, it (and its header sidecar) is inflated once,
@@ -838,19 +973,39 @@ def open_product(
     budget = ScratchBudget(limits.scratch_bytes)
     with _scratch_dir() as scratch:
         opened = OpenedProduct(location, options, limits=limits)
-        if location.packaging == "targz":
-            opened.local_zip = os.path.join(scratch, "product.zip")
-            _unpack_inner_zip(location, options, opened.local_zip, budget)
+        remote = fetcher is not None and is_remote(location.container_uri)
         with contextlib.ExitStack() as stack:
+            if location.packaging == "targz":
+                opened.local_zip = os.path.join(scratch, "product.zip")
+                copy = None
+                if fetcher is not None and remote:
+                    uri = location.container_uri
+                    copy = fetcher([(uri, None)], os.path.join(scratch, "fetched"), budget)[uri]
+                try:
+                    _unpack_inner_zip(location, options, opened.local_zip, budget, copy)
+                finally:
+                    if isinstance(copy, str):
+                        os.remove(copy)  # the unpacked ZIP is what is read from now on
+                    del copy
+            elif fetcher is not None and remote and location.packaging == "zip":
+                _attach_zip(opened, fetcher, scratch, stack, budget)
+            elif fetcher is not None and remote:
+                _attach_folder(opened, fetcher, scratch, stack, budget)
             if location.packaging != "folder" and unpack:
                 _unpack_deflated(opened, unpack, scratch, stack, budget)
             yield opened
 
 
-def _unpack_inner_zip(location: ProductLocation, options: dict, target: str, budget: ScratchBudget) -> None:
-    """Stream a tar.gz delivery to its product ZIP and unpack that (within the scratch budget); a
-    corrupt stream is a ProductError, a storage fault propagates."""
-    with fsspec.open(location.container_uri, "rb", **options) as raw:
+def _unpack_inner_zip(
+    location: ProductLocation,
+    options: dict,
+    target: str,
+    budget: ScratchBudget,
+    copy: bytes | str | None = None,
+) -> None:
+    """Stream a tar.gz delivery (in place, or its fetched `copy`) to its product ZIP and unpack that
+    (within the scratch budget); a corrupt stream is a ProductError, a storage fault propagates."""
+    with _open_object(location.container_uri, options, copy) as raw:
         try:
             with tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for info in tar:

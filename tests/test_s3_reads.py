@@ -1,0 +1,195 @@
+"""Few, large requests on object storage: a whole build from s3:// products in every packaging (folder
+GeoTIFF, ZIP with stored and with deflated members, DLR tar.gz, the ARD COG naming, ENVI BSQ and BIL)
+fetches each product in a handful of large ranged GETs per reading stage (inventory, mask), counted at a
+proxy in front of moto whichever library made them, and gives the same dataset as the local build of
+the same products. The build location is on S3 too: every object of it goes up whole (one PUT each).
+
+The products are small; the manifest's `storage.fetch_part_bytes` is 8 MiB (the smallest allowed), so
+each cube (~16 MB) still takes several parts. No GDAL reads through the proxy (the products are fetched
+by s3fs and read from the local copy), so the build runs in this process with the synchronous scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import s3fs
+import yaml
+import zarr
+
+from pipeline import stages
+from pipeline.enmap.synth import SynthConfig, generate
+from pipeline.manifest import Manifest
+from pipeline.stages import BuildContext
+from pipeline.write import zarr_store
+from tests.s3_proxy import S3Proxy, moto_server
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+PART_BYTES = 8 * MiB
+# Per product and reading stage, beyond one GET per part: the ZIP/tar.gz is one object (none more); a
+# folder product is ~15 files of which all but the cube and QL_PIXELMASK fit one part each.
+SMALL_CONSTANT = 16
+pytestmark = pytest.mark.slow
+
+# Every packaging and format, deflated and stored ZIPs: two sets of products (distinct seeds and dates,
+# so distinct scene ids).
+DEFLATED = SynthConfig(
+    seed=5,
+    sites=2,
+    revisits=2,
+    overlapping_tiles=0,
+    reprocessed=0,
+    width=190,
+    height=182,
+    packagings=("folder", "zip", "targz", "ard"),
+    formats=("GTiff", "BIL", "BSQ"),
+    zip_compresslevel=1,
+)
+STORED = SynthConfig(
+    seed=6,
+    sites=1,
+    revisits=2,
+    overlapping_tiles=0,
+    reprocessed=0,
+    width=190,
+    height=182,
+    packagings=("zip", "targz"),
+    formats=("GTiff", "BIL"),
+    zip_compresslevel=0,
+    first_date="2023-07-11",
+)
+
+
+@pytest.fixture(scope="module")
+def products(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3-read-products")
+    truths = []
+    for name, config in (("deflated", DEFLATED), ("stored", STORED)):
+        truths += [(name, truth) for truth in generate(root / name, config).products]
+        (root / name / "truth.json").unlink()
+    return root, truths
+
+
+@pytest.fixture(scope="module")
+def s3(products, tmp_path_factory):
+    root, _ = products
+    with (
+        moto_server() as upstream,
+        S3Proxy(*upstream).running() as proxy,
+        pytest.MonkeyPatch.context() as env,
+    ):
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing-key",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": proxy.endpoint_url,
+            "SPECTRALEARTH_SCRATCH": str(tmp_path_factory.mktemp("scratch")),
+        }.items():
+            env.setenv(name, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": proxy.endpoint_url})
+        fs.mkdir("enmap-products")
+        fs.put(str(root) + "/", "enmap-products/", recursive=True)
+        fs.mkdir("builds")
+        yield proxy, fs
+
+
+def manifest(folder: Path) -> Manifest:
+    raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+    raw.setdefault("storage", {})["fetch_part_bytes"] = PART_BYTES
+    # Small patches and lenient thresholds, so that these small scenes keep patches.
+    raw["grid"]["patch_size"] = 48
+    raw["quality"]["max_fraction"] = {"nodata": 0, "background": 0, "cloud": 0.5, "cirrus": 0.5}
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return Manifest.from_yaml(path)
+
+
+def product_objects(fs: s3fs.S3FileSystem, set_name: str, path: str) -> dict[str, int]:
+    """The S3 objects of one product (its folder's files, or its archive) and their sizes, by the
+    path the proxy sees (`/bucket/key`)."""
+    key = f"enmap-products/{set_name}/{path}"
+    found = fs.find(key, detail=True) if fs.isdir(key) else {key: fs.info(key)}
+    return {f"/{name}": int(info["size"]) for name, info in found.items()}
+
+
+def read_arrays(group) -> dict[str, np.ndarray]:
+    return {name: np.asarray(group[name][:]) for name in group.array_keys()}
+
+
+def test_s3_build_fetches_each_product_in_few_large_gets(s3, products, tmp_path):
+    proxy, fs = s3
+    root, truths = products
+    built = manifest(tmp_path)
+    remote = BuildContext.create(built, "s3://builds/reads", scheduler="synchronous", progress=False)
+    gets: dict[str, Counter[str]] = {}
+    put_requests = []
+    for name in stages.ORDER:
+        proxy.clear_counts()
+        remote.run(name, inputs=["s3://enmap-products/"])
+        requests = proxy.requests
+        gets[name] = Counter(r.path for r in requests if r.method == "GET")
+        put_requests += [r for r in requests if r.method == "PUT"]
+
+    # Every product is read (inventory, mask) in at most one GET per 8 MiB part of its bytes plus a
+    # small constant, and no stage after mask reads a product at all.
+    puts = Counter(r.path for r in put_requests)
+    packagings = set()
+    for set_name, truth in truths:
+        objects = product_objects(fs, set_name, truth.path)
+        size = sum(objects.values())
+        bound = math.ceil(size / PART_BYTES) + SMALL_CONSTANT
+        for stage in stages.ORDER:
+            count = sum(gets[stage][path] for path in objects)
+            if stage in ("inventory", "mask"):
+                assert 1 <= count <= bound, (stage, truth.scene_id, truth.packaging, count, size)
+                print(f"{stage}: {set_name} {truth.packaging} {truth.format}: {size} bytes, {count} GETs")
+            else:
+                assert count == 0, (stage, truth.scene_id, count)
+        packagings.add((truth.packaging, truth.format, set_name))
+    assert {p for p, _, _ in packagings} == {"folder", "zip", "targz", "ard"}
+    assert {f for _, f, _ in packagings} >= {"GTiff", "BIL", "BSQ"}
+    assert ("zip", "GTiff", "stored") in packagings or ("zip", "BIL", "stored") in packagings
+    # The archives are read whole: a multi-part fetch (several GETs) for each object over one part.
+    archive = next(t for s, t in truths if s == "stored" and t.packaging == "zip")
+    ((zip_path, zip_size),) = product_objects(fs, "stored", archive.path).items()
+    assert zip_size > PART_BYTES
+    assert gets["mask"][zip_path] == math.ceil(zip_size / PART_BYTES)
+
+    # The build location's objects go up whole: no object of this small build is written in parts
+    # (a multipart upload would show as PUTs with a part number), and each shard, table, cut chunk
+    # file and mask is written by exactly one PUT.
+    assert [r.path for r in put_requests if "partNumber" in r.query] == []
+    written = fs.find("builds/reads")
+    data = [k for k in written if k.endswith((".parquet", ".bin", ".tif")) or "/c/" in k]
+    assert any("/c/" in k for k in data) and any("/cut/" in k for k in data)
+    assert {k: puts[f"/{k}"] for k in data if puts[f"/{k}"] != 1} == {}
+    print({k: n for k, n in puts.items() if n > 1})
+
+    # The same dataset as the local build of the same products, bit for bit.
+    local = BuildContext.create(built, str(tmp_path / "local"), scheduler="synchronous", progress=False)
+    for name in stages.ORDER:
+        local.run(name, inputs=[str(root)])
+    remote_arrays = read_arrays(zarr.open_group(zarr_store(remote.store), mode="r"))
+    local_arrays = read_arrays(zarr.open_group(zarr_store(local.store), mode="r"))
+    assert remote_arrays.keys() == local_arrays.keys()
+    assert remote_arrays["reflectance"].shape[0] > 0
+    for name in local_arrays:
+        assert np.array_equal(remote_arrays[name], local_arrays[name]), name
+    for table in ("mask/masks.parquet", "plan/patches.parquet", "index/patches.parquet"):
+        # The same masks (their SHA-256) and plans; fingerprints differ (they cover the objects' ETags).
+        got, want = remote.store.read_table(table), local.store.read_table(table)
+        drop = [c for c in ("fingerprint", "source_uri") if c in want.column_names]
+        assert got.drop_columns(drop).equals(want.drop_columns(drop)), table
+    columns = ["scene_id", "epsg", "width", "height"]
+    got = remote.store.read_table("inventory/scenes.parquet").select(columns).sort_by("scene_id")
+    assert got.equals(local.store.read_table("inventory/scenes.parquet").select(columns).sort_by("scene_id"))
+    assert got.num_rows == len(truths)
+    assert remote.store.read_table("mask/rejected.parquet").num_rows == 0
+    # Scratch is cleaned.
+    assert list(Path(__import__("os").environ["SPECTRALEARTH_SCRATCH"]).iterdir()) == []
