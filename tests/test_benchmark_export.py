@@ -242,7 +242,8 @@ def test_paper_random_split_partitions_with_the_paper_sizes(paths, seed):
 
 
 def test_report_quicklooks_show_the_first_benchmark(build):
-    from pipeline.html_report import load_report_data, sample_png
+    from pipeline.html_report.data import load_report_data
+    from pipeline.html_report.figures import sample_png
 
     store = build["store"]
     data = load_report_data(store, max_samples=3)

@@ -20,22 +20,19 @@ import pytest
 from pipeline import stages
 from pipeline.demo import DEMO_CONFIG
 from pipeline.enmap.synth import generate
-from pipeline.manifest import Manifest
-from pipeline.quality import CLOUD, NODATA, NODATA_VALUE, WATER
-from pipeline.html_report import (
-    MASK_CATEGORIES,
+from pipeline.html_report.data import (
     REPORT_PATH,
     FunnelRow,
     RejectedRow,
     ReportData,
     funnel_rows,
     load_report_data,
-    mask_categories,
     nearest_bands,
-    render_report,
-    stretch_rgb,
-    write_report,
 )
+from pipeline.html_report.figures import MASK_CATEGORIES, mask_categories, stretch_rgb
+from pipeline.html_report.page import render_report, write_report
+from pipeline.manifest import Manifest
+from pipeline.quality import CLOUD, NODATA, NODATA_VALUE, WATER
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
 from tests.report_browser import find_chromium, screenshot

@@ -77,6 +77,13 @@ class SynthConfig:
     ard_metadata_extension: str = "xml"  # ARD `-METADATA.<this>`, `-HISTORY.<this>`: "xml", "XML", "XML.XML"
 
     def __post_init__(self) -> None:
+        # checked in this order so a config with several faults names the same first one as before
+        self._check_counts()
+        self._check_choices()
+        self._check_ranges()
+        self._check_names()
+
+    def _check_counts(self) -> None:
         if self.sites < 1 or self.revisits < 1:
             raise ValueError("sites and revisits must be >= 1")
         if not 0 <= self.overlapping_tiles <= self.sites:
@@ -87,12 +94,16 @@ class SynthConfig:
             raise ValueError("width and height must be >= 16")
         if not 1 <= self.bands <= 224:
             raise ValueError("bands must be between 1 and 224")
+
+    def _check_choices(self) -> None:
         bad = [p for p in self.packagings if p not in PACKAGINGS]
         if bad or not self.packagings:
             raise ValueError(f"packagings must be a non-empty subset of {PACKAGINGS}, got {bad}")
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {bad}")
+
+    def _check_ranges(self) -> None:
         for name in ("cloud_amount", "haze_amount", "cirrus_amount", "snow_amount", "water_amount"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1)")
@@ -102,6 +113,8 @@ class SynthConfig:
             raise ValueError("tile_overlap must be in (0, 1)")
         if self.site_lonlat and len(self.site_lonlat) < self.sites:
             raise ValueError("site_lonlat must give one (lon, lat) per site")
+
+    def _check_names(self) -> None:
         for v in (self.processor_version, self.reprocessed_version):
             ProductName.format(1, datetime(2024, 1, 1), 1, v, datetime(2024, 1, 1))
         datetime.strptime(self.first_date, "%Y-%m-%d")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -69,49 +70,142 @@ def _angle_block(parent: ET.Element, tag: str, centre: float, spread: Sequence[f
     sub(el, "center", f"{centre:.6f}", unit="DEG")
 
 
+_XSI = "http://www.w3.org/2001/XMLSchema-instance"
+_SCHEMA = "metadata_Lx_00-06-00.xsd"
+_COPYRIGHT = "(c) DLR EnMAP 2023"
+_FORMAT_NAMES = {"GTiff": "GeoTIFF", "COG": "COG", "BSQ": "BSQ", "BIL": "BIL", "BIP": "BIP"}
+
+
+@dataclass(frozen=True)
+class _SceneDraws:
+    """The metadata's random values. One generator serves every section, so they are drawn up front in
+    the order the sections once drew them: a product's values stay what they were."""
+
+    gcp_points: int
+    icp_points: int
+    discarded_gcp_points: int
+    water_vapour: int
+    aerosol_optical_thickness: int
+    mean_ground_elevation: float
+    mean_slope: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> _SceneDraws:
+        gcp = int(rng.integers(300, 900))
+        icp = int(rng.integers(1000, 3000))
+        discarded = int(rng.integers(0, 10))
+        water_vapour = int(rng.integers(800, 3000))
+        aot = int(rng.integers(80, 300))
+        elevation = float(rng.uniform(100, 900))
+        slope = float(rng.uniform(1, 15))
+        return cls(gcp, icp, discarded, water_vapour, aot, elevation, slope)
+
+
+@dataclass(frozen=True)
+class _MetadataFacts:
+    """Everything METADATA.XML states about one product, gathered before any element is built."""
+
+    plan: Plan
+    product: Product
+    meta_name: str
+    revision: str  # "01.03.03" for V010303
+    quality: dict[str, int]  # qualityFlag percentages from the written QL layers
+    files: dict[str, int]  # basename -> size of the files written before the metadata
+    all_files: dict[str, int]  # the same plus the metadata file itself
+    band_stats: list[tuple[float, float] | None]
+    datatake_coverage: Footprint
+    datatake_stop: datetime
+    vnir_bands: tuple[int, ...]
+    swir_bands: tuple[int, ...]
+    draws: _SceneDraws
+
+
+def _datatake_coverage(p: Product) -> Footprint:
+    """The datatake's coverage: the union of its tiles, one rectangle along track."""
+    fps = [p.footprint] + ([p.partner.footprint] if p.partner is not None else [])
+    first, last = min(fps, key=lambda f: -f.cy), max(fps, key=lambda f: -f.cy)
+    return Footprint(
+        (first.cx + last.cx) / 2,
+        (first.cy + last.cy) / 2,
+        first.w,
+        first.h + math.hypot(last.cx - first.cx, last.cy - first.cy),
+        first.theta,
+    )
+
+
+def _facts(
+    plan: Plan, p: Product, written: WrittenRasters, files: dict[str, int], meta_name: str, meta_size: int
+) -> _MetadataFacts:
+    version = p.version.removeprefix("V")
+    all_files = dict(files)
+    all_files[meta_name] = meta_size
+    bands = plan.bands
+    numbers = list(zip(bands.number, bands.detector, strict=True))
+    rng = seeded_rng("metadata", plan.config.seed, p.datatake.id, p.tile, p.version)
+    return _MetadataFacts(
+        plan=plan,
+        product=p,
+        meta_name=meta_name,
+        revision=f"{version[0:2]}.{version[2:4]}.{version[4:6]}",
+        quality=quality_percent(written.masks.fractions()),
+        files=files,
+        all_files=all_files,
+        band_stats=written.stats,
+        datatake_coverage=_datatake_coverage(p),
+        datatake_stop=max(p.stop, p.partner.stop) if p.partner is not None else p.stop,
+        vnir_bands=tuple(int(n) for n, d in numbers if d == "VNIR"),
+        swir_bands=tuple(int(n) for n, d in numbers if d == "SWIR"),
+        draws=_SceneDraws.draw(rng),
+    )
+
+
 def metadata_xml(
     plan: Plan, p: Product, written: WrittenRasters, files: dict[str, int], meta_name: str, meta_size: int
 ) -> bytes:
-    cfg = plan.config
-    dt, site = p.datatake, p.datatake.site
-    name = p.name
-    epsg = site.epsg
-    version = p.version.removeprefix("V")
-    revision = f"{version[0:2]}.{version[2:4]}.{version[4:6]}"
-    wl, fwhm = plan.bands.wavelength, plan.bands.fwhm
-    fr = written.masks.fractions()
-    qp = quality_percent(fr)
-    all_files = dict(files)
-    all_files[meta_name] = meta_size
-    rng = seeded_rng("metadata", cfg.seed, dt.id, p.tile, p.version)
+    """METADATA.XML modelled on the real sample; `meta_size` is its own size as listed in
+    productFileInformation (the caller iterates to a fixed point)."""
+    facts = _facts(plan, p, written, files, meta_name, meta_size)
+    ET.register_namespace("xsi", _XSI)
+    root = ET.Element("level_X", {f"{{{_XSI}}}noNamespaceSchemaLocation": _SCHEMA})
+    _metadata_section(sub(root, "metadata"), facts)
+    _processing_section(sub(root, "processing"), p)
+    _base_section(sub(root, "base"), facts)
+    _specific_section(sub(root, "specific"), facts)
+    _product_section(sub(root, "product"), facts)
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="utf-8", xml_declaration=False) + b"\n"
 
-    ET.register_namespace("xsi", "http://www.w3.org/2001/XMLSchema-instance")
-    root = ET.Element(
-        "level_X",
-        {"{http://www.w3.org/2001/XMLSchema-instance}noNamespaceSchemaLocation": "metadata_Lx_00-06-00.xsd"},
-    )
-    md = sub(root, "metadata")
+
+def _tags(parent: ET.Element, pairs: Sequence[tuple[str, Any]]) -> None:
+    for tag, value in pairs:
+        sub(parent, tag, value)
+
+
+# level_X/metadata --------------------------------------------------------------------------------------
+def _metadata_section(md: ET.Element, f: _MetadataFacts) -> None:
+    p, dt = f.product, f.product.datatake
     sc = sub(md, "schema")
-    sub(sc, "copyright", "(c) DLR EnMAP 2023")
+    sub(sc, "copyright", _COPYRIGHT)
     sub(sc, "versionSchema", "00.06.00")
-    sub(sc, "name", "metadata_Lx_00-06-00.xsd")
+    sub(sc, "name", _SCHEMA)
     sub(sc, "crc", "1EACA5A7")
     sub(sc, "processingLevel", "L2A")
-    sub(md, "name", meta_name)
+    sub(md, "name", f.meta_name)
     sub(md, "comment", f"EnMAP Level 2A Product of datatake {dt.id}, tile {p.tile}")
-    sub(md, "copyright", "(c) DLR EnMAP 2023")
+    sub(md, "copyright", _COPYRIGHT)
     sub(
         md,
         "citation",
         f"DLR ({p.processing_time.year}): EnMAP Product {dt.id:09d}_{p.tile:02d}_2A (synthetic)",
     )
 
-    pr = sub(root, "processing")
+
+# level_X/processing ------------------------------------------------------------------------------------
+def _processing_section(pr: ET.Element, p: Product) -> None:
     sub(pr, "terrainCorrection", "Yes")
     sub(pr, "ozoneValue", "300")
     sub(pr, "season", "summer" if 4 <= p.start.month <= 9 else "winter")
-    fmt_name = {"GTiff": "GeoTIFF", "COG": "COG", "BSQ": "BSQ", "BIL": "BIL", "BIP": "BIP"}[p.fmt]
-    sub(pr, "productFormat", f"{fmt_name}+Metadata")
+    sub(pr, "productFormat", f"{_FORMAT_NAMES[p.fmt]}+Metadata")
     sub(pr, "mapProjection", "UTM_Zone_of_Scene_Center")
     sub(pr, "imageResampling", "Bilinear_Interpolation")
     sub(pr, "DEMDBVersion", "COP-DEM_GLO-30-DGED_2021_1")
@@ -120,34 +214,42 @@ def metadata_xml(
     sub(pr, "bandInterpolation", "No")
     sub(pr, "waterType", "Clear")
 
-    base = sub(root, "base")
-    _polygon(sub(base, "spatialCoverage"), epsg, p.footprint, p.start, p.stop)
+
+# level_X/base ------------------------------------------------------------------------------------------
+def _base_section(base: ET.Element, f: _MetadataFacts) -> None:
+    p = f.product
+    _polygon(sub(base, "spatialCoverage"), p.datatake.site.epsg, p.footprint, p.start, p.stop)
     tc = sub(base, "temporalCoverage")
     sub(tc, "startTime", iso_time(p.start))
     sub(tc, "stopTime", iso_time(p.stop))
-    sub(base, "revision", revision)
+    sub(base, "revision", f.revision)
     sub(base, "altitudeCoverage", "653216.42")
     sub(base, "sphere", "earth")
     sub(base, "format", "ENMAP_L2A")
     sub(base, "level", "L2A")
-    sub(base, "size", int(sum(all_files.values())))
-    sub(base, "archivedVersion", revision)
+    sub(base, "size", int(sum(f.all_files.values())))
+    sub(base, "archivedVersion", f.revision)
 
-    sp = sub(root, "specific")
-    # the datatake's coverage: the union of its tiles
-    fps = [p.footprint] + ([p.partner.footprint] if p.partner is not None else [])
-    first, last = min(fps, key=lambda f: -f.cy), max(fps, key=lambda f: -f.cy)
-    union = Footprint(
-        (first.cx + last.cx) / 2,
-        (first.cy + last.cy) / 2,
-        first.w,
-        first.h + math.hypot(last.cx - first.cx, last.cy - first.cy),
-        first.theta,
-    )
-    t_last = max(p.stop, p.partner.stop) if p.partner is not None else p.stop
-    _polygon(sub(sp, "spatialCoverageOfDatatake"), epsg, union, dt.start, t_last, precise=False)
-    qf = sub(sp, "qualityFlag")
-    for tag, value in [
+
+# level_X/specific --------------------------------------------------------------------------------------
+def _specific_section(sp: ET.Element, f: _MetadataFacts) -> None:
+    dt = f.product.datatake
+    coverage = sub(sp, "spatialCoverageOfDatatake")
+    _polygon(coverage, dt.site.epsg, f.datatake_coverage, dt.start, f.datatake_stop, precise=False)
+    _tags(sub(sp, "qualityFlag"), _quality_flags(f))
+    _tags(sub(sp, "instrumentStatus"), _INSTRUMENT_STATUS)
+    _product_quality(sp, f)
+    _downlink_and_aux_versions(sp)
+    _input_datatake(sub(sp, "inputDatatake"), f.product)
+    _tags(sp, _acquisition(f))
+    _scene_geometry(sp, f)
+    _ortho_scene(sp, f)
+
+
+def _quality_flags(f: _MetadataFacts) -> list[tuple[str, Any]]:
+    """specific/qualityFlag: the cover percentages as written, fixed values like the real sample's."""
+    dt, qp, draws = f.product.datatake, f.quality, f.draws
+    return [
         ("spare_1", -999),
         ("spare_2", -999),
         ("spare_3", -999),
@@ -174,10 +276,10 @@ def metadata_xml(
         ("overallQuality", 1),
         ("numTilesUsed", dt.tiles),
         ("levelOfRejection", 2),
-        ("numPointsGCP", int(rng.integers(300, 900))),
-        ("numPointsICP", int(rng.integers(1000, 3000))),
-        ("numPointsAll", 0),
-        ("numPointsDiscardedGCP", int(rng.integers(0, 10))),
+        ("numPointsGCP", draws.gcp_points),
+        ("numPointsICP", draws.icp_points),
+        ("numPointsAll", draws.gcp_points + draws.icp_points),
+        ("numPointsDiscardedGCP", draws.discarded_gcp_points),
         ("orthoResidual", 10),
         ("orthoResidual_x", 9),
         ("orthoResidual_y", 5),
@@ -198,39 +300,47 @@ def metadata_xml(
         ("waterCover", qp["waterCover"]),
         ("cloudShadow", qp["cloudShadow"]),
         ("noncloudShadow", 0),
-        ("sceneWV", int(rng.integers(800, 3000))),
-        ("sceneAOT", int(rng.integers(80, 300))),
+        ("sceneWV", draws.water_vapour),
+        ("sceneAOT", draws.aerosol_optical_thickness),
         ("sceneAtmParam", 0),
         ("sceneTerrain", 0),
-    ]:
-        sub(qf, tag, value)
-    qf.find("numPointsAll").text = str(  # type: ignore[union-attr]
-        int(qf.findtext("numPointsGCP") or 0) + int(qf.findtext("numPointsICP") or 0)
-    )
-    ist = sub(sp, "instrumentStatus")
-    for tag, value in [
-        ("statusOK", "true"),
-        ("statusVNIR", "on"),
-        ("statusSWIR", "on"),
-        ("configVNIR", "standard"),
-        ("configSWIR", "standard"),
-        ("statusSCM", "OK"),
-        ("statusDiffuserProtectionHatch", "OK"),
-        ("statusSunDiffuserHatch", "OK"),
-        ("emergencyStatusOfSCM", "0"),
-        ("emergencyStatusOfSSM", "0"),
-        ("emergencyStatusOfSDH", "0"),
-        ("SWIRAOrSWIRBSelected", "SWIRA"),
-        ("mcsSequenceType", "1"),
-    ]:
-        sub(ist, tag, value)
-    pq = sub(sp, "productQuality")
-    sr = sub(pq, "screeningResult")
+    ]
+
+
+_INSTRUMENT_STATUS: tuple[tuple[str, str], ...] = (
+    ("statusOK", "true"),
+    ("statusVNIR", "on"),
+    ("statusSWIR", "on"),
+    ("configVNIR", "standard"),
+    ("configSWIR", "standard"),
+    ("statusSCM", "OK"),
+    ("statusDiffuserProtectionHatch", "OK"),
+    ("statusSunDiffuserHatch", "OK"),
+    ("emergencyStatusOfSCM", "0"),
+    ("emergencyStatusOfSSM", "0"),
+    ("emergencyStatusOfSDH", "0"),
+    ("SWIRAOrSWIRBSelected", "SWIRA"),
+    ("mcsSequenceType", "1"),
+)
+_AUX_DATA_VERSIONS = (
+    "orbitVersion",
+    "attitudeVersion",
+    "calTabAtmSpecVersion",
+    "calTabGeoVersion",
+    "calTabRadVersion",
+    "calTabLinearityVersion",
+    "calTabDeepSpaceVersion",
+    "calTabDPMVersion",
+    "refTabDarkVersion",
+)
+
+
+def _product_quality(sp: ET.Element, f: _MetadataFacts) -> None:
+    """productQuality and the per-detector blocks listing the bands each detector delivered."""
+    sr = sub(sub(sp, "productQuality"), "screeningResult")
     sub(sr, "status", "OK")
     sub(sr, "failedGroups", "")
-    vnir = [int(n) for n, d in zip(plan.bands.number, plan.bands.detector, strict=True) if d == "VNIR"]
-    swir = [int(n) for n, d in zip(plan.bands.number, plan.bands.detector, strict=True) if d == "SWIR"]
-    for det, numbers in (("vnir", vnir), ("swir", swir)):
+    for det, numbers in (("vnir", f.vnir_bands), ("swir", f.swir_bands)):
         q = sub(sp, f"{det}ProductQuality")
         sub(q, f"{det}ProductStatus", "OK")
         for when in ("Before", "After"):
@@ -241,27 +351,26 @@ def metadata_xml(
         sub(q, "expectedChannelsList", ",".join(str(n) for n in numbers))
         sub(q, "numChannelsMissing", 0)
         sub(q, "missingChannelsList", "")
+
+
+def _downlink_and_aux_versions(sp: ET.Element) -> None:
     dl = sub(sp, "downlink")
     sub(dl, "dtakeNumMissingIsps", 0)
     sub(dl, "dtakeNumErrorIsps", 0)
     aux = sub(sp, "auxDataVersion")
-    for tag in (
-        "orbitVersion",
-        "attitudeVersion",
-        "calTabAtmSpecVersion",
-        "calTabGeoVersion",
-        "calTabRadVersion",
-        "calTabLinearityVersion",
-        "calTabDeepSpaceVersion",
-        "calTabDPMVersion",
-        "refTabDarkVersion",
-    ):
+    for tag in _AUX_DATA_VERSIONS:
         sub(aux, tag, "01.00.00")
-    idt = sub(sp, "inputDatatake")
-    sub(idt, "datatakeAssemblyTime", iso_time(dt.start + timedelta(hours=2)))
+
+
+def _input_datatake(idt: ET.Element, p: Product) -> None:
+    sub(idt, "datatakeAssemblyTime", iso_time(p.datatake.start + timedelta(hours=2)))
     sub(idt, "datatakeRevision", "07.00.32")
-    orbit = int((dt.start - _EPOCH_LAUNCH).total_seconds() / 86400 * _ORBITS_PER_DAY) + 1
-    for tag, value in [
+
+
+def _acquisition(f: _MetadataFacts) -> list[tuple[str, Any]]:
+    """The acquisition and processing tags directly under `specific`: ids, stations, times, tiles."""
+    p, dt = f.product, f.product.datatake
+    return [
         ("missionPhase", "operational"),
         ("processingCenter", "OP"),
         ("processingNode", "synthetic"),
@@ -279,115 +388,150 @@ def metadata_xml(
         ("cyclogramVersion", "000"),
         ("MCSequenceId", "001"),
         ("macrocommandVersion", "000"),
-        ("numberOfSWIRBands", len(swir)),
-        ("numberOfVNIRBands", len(vnir)),
+        ("numberOfSWIRBands", len(f.swir_bands)),
+        ("numberOfVNIRBands", len(f.vnir_bands)),
         ("acquisitionType", "EARTH"),
         ("acquisitionSubtype", "earth"),
         ("productType", "STANDARD_ALL"),
         ("compressionType", "COMPRESSED"),
         ("datatakeStart", iso_time(dt.start)),
-        ("datatakeStop", iso_time(t_last)),
+        ("datatakeStop", iso_time(f.datatake_stop)),
         ("backgroundValue", 0),
         ("tileID", f"{p.tile:02d}"),
         ("numberOfTiles", f"{dt.tiles:02d}"),
-    ]:
-        sub(sp, tag, value)
+    ]
+
+
+def _scene_geometry(sp: ET.Element, f: _MetadataFacts) -> None:
+    """Scene size, orbit, elevation and the sun and viewing angles (centre and corners)."""
+    p, dt = f.product, f.product.datatake
     sub(sp, "widthOfScene", round(p.footprint.w / PIXEL), unit="pixel")
     sub(sp, "heightOfScene", round(p.footprint.h / PIXEL), unit="pixel")
-    for tag, value in [
-        ("status", "NOMINAL"),
-        ("orbitNo", orbit),
-        ("meanGroundElevation", f"{rng.uniform(100, 900):.8f}"),
-        ("digitalElevationModelDatabase", "COP-DEM_GLO-30-DGED_2021_1"),
-        ("digitalElevationModelDatabaseAccuracy", 4),
-        ("referenceDatabase", "S2"),
-        ("referenceImageDatabaseAccuracy", 10),
-    ]:
-        sub(sp, tag, value)
+    orbit = int((dt.start - _EPOCH_LAUNCH).total_seconds() / 86400 * _ORBITS_PER_DAY) + 1
+    _tags(
+        sp,
+        [
+            ("status", "NOMINAL"),
+            ("orbitNo", orbit),
+            ("meanGroundElevation", f"{f.draws.mean_ground_elevation:.8f}"),
+            ("digitalElevationModelDatabase", "COP-DEM_GLO-30-DGED_2021_1"),
+            ("digitalElevationModelDatabaseAccuracy", 4),
+            ("referenceDatabase", "S2"),
+            ("referenceImageDatabaseAccuracy", 10),
+        ],
+    )
     _angle_block(sp, "sunElevationAngle", dt.sun_elevation, (-0.2, -0.02, 0.19, 0.01))
     _angle_block(sp, "sunAzimuthAngle", dt.sun_azimuth, (-0.13, 0.51, 0.12, -0.51))
     _angle_block(sp, "acrossOffNadirAngle", dt.across_off_nadir, (1.36, -1.27, -1.36, 1.27))
     _angle_block(sp, "alongOffNadirAngle", dt.along_off_nadir, (0.05, 0.05, -0.05, -0.05))
-    _angle_block(sp, "sceneAzimuthAngle", site.theta_deg, (0.04, 0.04, -0.04, -0.04))
-    for tag, value in [
-        ("orbitDirection", "DESCENDING"),
-        ("pixelSize", 30),
-        ("biomeType", "Temperate Broadleaf and Mixed Forests"),
-        ("processible", 1),
-        ("orbitType", "determined"),
-        ("acquisitionMode", "earth"),
-        ("code", "L2A"),
-        ("URLToProductType", "enmap.org/product_STANDARD_ALL"),
-    ]:
-        sub(sp, tag, value)
+    _angle_block(sp, "sceneAzimuthAngle", dt.site.theta_deg, (0.04, 0.04, -0.04, -0.04))
+    _tags(
+        sp,
+        [
+            ("orbitDirection", "DESCENDING"),
+            ("pixelSize", 30),
+            ("biomeType", "Temperate Broadleaf and Mixed Forests"),
+            ("processible", 1),
+            ("orbitType", "determined"),
+            ("acquisitionMode", "earth"),
+            ("code", "L2A"),
+            ("URLToProductType", "enmap.org/product_STANDARD_ALL"),
+        ],
+    )
+
+
+def _ortho_scene(sp: ET.Element, f: _MetadataFacts) -> None:
+    """The orthorectified raster: its outline, the band table and its size."""
+    p, cfg, bands = f.product, f.plan.config, f.plan.bands
     x0, y0 = GRID_OFFSET + PIXEL * p.kx, GRID_OFFSET + PIXEL * p.ky
     w_m, h_m = cfg.width * PIXEL, cfg.height * PIXEL
     ortho = Footprint(x0 + w_m / 2, y0 - h_m / 2, w_m, h_m, 0.0)
-    _polygon(sub(sp, "spatialCoverageOfOrthoScene"), epsg, ortho, p.start, p.stop, precise=False)
+    coverage = sub(sp, "spatialCoverageOfOrthoScene")
+    _polygon(coverage, p.datatake.site.epsg, ortho, p.start, p.stop, precise=False)
     bc = sub(sp, "bandCharacterisation")
-    for n, w, f in zip(plan.bands.number, wl, fwhm, strict=True):
+    for n, w, fwhm in zip(bands.number, bands.wavelength, bands.fwhm, strict=True):
         bid = sub(bc, "bandID", number=str(int(n)))
         sub(bid, "wavelengthCenterOfBand", f"{w:g}")
-        sub(bid, "FWHMOfBand", f"{f:g}")
+        sub(bid, "FWHMOfBand", f"{fwhm:g}")
         sub(bid, "GainOfBand", "0.0001")
         sub(bid, "OffsetOfBand", "0")
     sub(sp, "pixelSizeOfOrthoScene", 30)
     sub(sp, "widthOfOrthoScene", cfg.width)
     sub(sp, "heightOfOrthoScene", cfg.height)
-    sub(sp, "meanSlope", f"{rng.uniform(1, 15):.2f}")
+    sub(sp, "meanSlope", f"{f.draws.mean_slope:.2f}")
 
-    prod = sub(root, "product")
-    image = sub(prod, "image")
-    merge = sub(image, "merge")
-    spectral = layer_file(name, "SPECTRAL_IMAGE", p)[0]
-    deg = PIXEL * cfg.width / 111_320.0
-    sub(merge, "channels", wl.size)
+
+# level_X/product ---------------------------------------------------------------------------------------
+def _product_section(prod: ET.Element, f: _MetadataFacts) -> None:
+    _image_merge(sub(sub(prod, "image"), "merge"), f)
+    _quicklooks(sub(prod, "quicklook"), f)
+    orth = sub(prod, "ortho")
+    sub(orth, "projection", projection_name(f.product.datatake.site.epsg))
+    sub(orth, "resolution", 30)
+    sub(orth, "resampling", "bilinear")
+    _file_information(sub(prod, "productFileInformation"), f)
+    _band_statistics(sub(prod, "bandStatistics"), f)
+
+
+def _degrees_across(f: _MetadataFacts) -> float:
+    """The raster's width in degrees, as the real sample states it (both axes the same number)."""
+    return PIXEL * f.plan.config.width / 111_320.0
+
+
+def _dimensions(parent: ET.Element, f: _MetadataFacts, degrees: str) -> None:
+    dim = sub(parent, "dimension")
+    sub(dim, "columns", f.plan.config.width)
+    sub(dim, "rows", f.plan.config.height)
+    dg = sub(parent, "dimensionGeographic")
+    sub(dg, "longitude", degrees, unit="DEG")
+    sub(dg, "latitude", degrees, unit="DEG")
+
+
+def _rgb_channels(parent: ET.Element, wavelengths_nm: Sequence[float]) -> None:
+    for colour, v in zip(("red", "green", "blue"), wavelengths_nm, strict=True):
+        sub(parent, colour, f"{v:g}")
+
+
+def _image_merge(merge: ET.Element, f: _MetadataFacts) -> None:
+    spectral = layer_file(f.product.name, "SPECTRAL_IMAGE", f.product)[0]
+    sub(merge, "channels", f.plan.bands.wavelength.size)
     sub(merge, "name", spectral)
-    sub(merge, "size", max(1, round(files[spectral] / 1024)), unit="Kbyte")
-    sub(merge, "version", revision)
+    sub(merge, "size", max(1, round(f.files[spectral] / 1024)), unit="Kbyte")
+    sub(merge, "version", f.revision)
     sub(merge, "format", "binary")
-    dim = sub(merge, "dimension")
-    sub(dim, "columns", cfg.width)
-    sub(dim, "rows", cfg.height)
-    dg = sub(merge, "dimensionGeographic")
-    sub(dg, "longitude", f"{deg:.7f}", unit="DEG")
-    sub(dg, "latitude", f"{deg:.7f}", unit="DEG")
+    _dimensions(merge, f, f"{_degrees_across(f):.7f}")
     for tag, nms in (("qlChannelsSWIR", QL_SWIR_NM), ("qlChannelsVNIR", QL_VNIR_NM)):
-        qc = sub(merge, tag)
-        for colour, v in zip(("red", "green", "blue"), nms, strict=True):
-            sub(qc, colour, f"{v:g}")
-    ql = sub(prod, "quicklook")
+        _rgb_channels(sub(merge, tag), nms)
+
+
+def _quicklooks(ql: ET.Element, f: _MetadataFacts) -> None:
     for det, nms in (("vnir", QL_VNIR_NM), ("swir", QL_SWIR_NM)):
         d = sub(ql, det)
         sub(d, "channels", 3)
-        qc = sub(d, "qlChannels")
-        for colour, v in zip(("red", "green", "blue"), nms, strict=True):
-            sub(qc, colour, f"{v:g}")
-        qname = layer_file(name, f"QL_{det.upper()}", p)[0]
+        _rgb_channels(sub(d, "qlChannels"), nms)
+        qname = layer_file(f.product.name, f"QL_{det.upper()}", f.product)[0]
         sub(d, "name", qname)
-        sub(d, "size", max(1, round(files[qname] / 1024)), unit="Kbyte")
-        sub(d, "version", revision)
+        sub(d, "size", max(1, round(f.files[qname] / 1024)), unit="Kbyte")
+        sub(d, "version", f.revision)
         sub(d, "format", "binary")
-        dim = sub(d, "dimension")
-        sub(dim, "columns", cfg.width)
-        sub(dim, "rows", cfg.height)
-        dg = sub(d, "dimensionGeographic")
-        sub(dg, "longitude", f"{deg:.9f}", unit="DEG")
-        sub(dg, "latitude", f"{deg:.9f}", unit="DEG")
-    orth = sub(prod, "ortho")
-    sub(orth, "projection", projection_name(epsg))
-    sub(orth, "resolution", 30)
-    sub(orth, "resampling", "bilinear")
-    pfi = sub(prod, "productFileInformation")
-    for i, fname in enumerate(sorted(all_files), start=1):
+        _dimensions(d, f, f"{_degrees_across(f):.9f}")
+
+
+def _file_information(pfi: ET.Element, f: _MetadataFacts) -> None:
+    """Every file of the product, the metadata itself included, by name."""
+    for i, fname in enumerate(sorted(f.all_files), start=1):
         fe = sub(pfi, "file", number=str(i))
         sub(fe, "name", fname)
-        sub(fe, "size", max(1, round(all_files[fname] / 1024)), unit="Kbyte")
-        sub(fe, "version", revision)
+        sub(fe, "size", max(1, round(f.all_files[fname] / 1024)), unit="Kbyte")
+        sub(fe, "version", f.revision)
         ext = fname.rsplit(".", 1)[-1].lower()
         sub(fe, "format", "xml" if ext == "xml" else "ascii" if ext == "hdr" else "binary")
-    bs = sub(prod, "bandStatistics")
-    for n, w, st in zip(plan.bands.number, wl, written.stats, strict=True):
+
+
+def _band_statistics(bs: ET.Element, f: _MetadataFacts) -> None:
+    """Mean and std of reflectance per band over the footprint; a no-data band has the sentinel mean."""
+    bands = f.plan.bands
+    for n, w, st in zip(bands.number, bands.wavelength, f.band_stats, strict=True):
         bid = sub(bs, "bandID", number=str(int(n)))
         sub(bid, "waveLength", f"{w:g}")
         if st is None:
@@ -396,8 +540,6 @@ def metadata_xml(
         else:
             sub(bid, "mean", f"{st[0]:.7g}")
             sub(bid, "stdDeviation", f"{st[1]:.7g}")
-    ET.indent(root, space="  ")
-    return ET.tostring(root, encoding="utf-8", xml_declaration=False) + b"\n"
 
 
 def history_xml(p: Product) -> bytes:

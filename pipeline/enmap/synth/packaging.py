@@ -9,14 +9,14 @@ import shutil
 import tarfile
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from pipeline.enmap.synth.config import STAGING
 from pipeline.enmap.synth.metadata import history_xml, metadata_xml
 from pipeline.enmap.synth.plan import Plan, Product
-from pipeline.enmap.synth.rasters import write_rasters
+from pipeline.enmap.synth.rasters import WrittenRasters, write_rasters
 
 
 def _zip_time(t: datetime) -> tuple[int, int, int, int, int, int]:
@@ -83,14 +83,31 @@ def remove_path(path: Path) -> None:
         path.unlink()
 
 
-def write_product(plan: Plan, p: Product, out: Path) -> dict[str, Any]:
-    name = p.name
-    ard = p.packaging == "ard"
-    stage = out / STAGING / name
+@dataclass(frozen=True)
+class PackagedProduct:
+    """One product as delivered: its container relative to the output folder and what it holds."""
+
+    path: str  # folder, .ZIP or .tar.gz
+    member: str | None  # the inner ZIP's path in a tar.gz, else None
+    files: tuple[str, ...]  # basenames in the product
+    written: WrittenRasters
+
+
+def write_product(plan: Plan, p: Product, out: Path) -> PackagedProduct:
+    """Write the product's files in a staging folder, then move or pack them into place whole."""
+    stage = out / STAGING / p.name
     remove_path(stage)
     stage.mkdir(parents=True)
+    written, files = _write_files(plan, p, stage)
+    path, member = _package(plan, p, stage, out)
+    return PackagedProduct(path, member, tuple(sorted(files)), written)
+
+
+def _write_files(plan: Plan, p: Product, stage: Path) -> tuple[WrittenRasters, dict[str, int]]:
+    """Rasters, HISTORY.XML and METADATA.XML (which lists every file, itself included)."""
+    name = p.name
     written = write_rasters(plan, p, stage)
-    xml_extension = plan.config.ard_metadata_extension if ard else "XML"
+    xml_extension = plan.config.ard_metadata_extension if p.packaging == "ard" else "XML"
     history_name = f"{name}-HISTORY.{xml_extension}"
     meta_name = f"{name}-METADATA.{xml_extension}"
     history = history_xml(p)
@@ -105,28 +122,31 @@ def write_product(plan: Plan, p: Product, out: Path) -> dict[str, Any]:
         meta_size = len(xml)
     (stage / meta_name).write_bytes(xml)
     files[meta_name] = len(xml)
+    return written, files
 
-    member = None
+
+def _package(plan: Plan, p: Product, stage: Path, out: Path) -> tuple[str, str | None]:
+    """Move the staged folder into place, or pack it as a ZIP or a DLR tar.gz delivery:
+    (path relative to `out`, tar.gz member or None)."""
+    name, level = p.name, plan.config.zip_compresslevel
     if p.packaging in ("folder", "ard"):
         target = out / name
         remove_path(target)
         os.replace(stage, target)
-        rel = name
-    elif p.packaging == "zip":
+        return name, None
+    if p.packaging == "zip":
         target = out / f"{name}.ZIP"
-        _write_zip(stage, name, target, p.processing_time, plan.config.zip_compresslevel)
+        _write_zip(stage, name, target, p.processing_time, level)
         shutil.rmtree(stage)
-        rel = target.name
-    else:
-        delivery = f"dims_op_oc_oc-en_{p.order_number:09d}_1"
-        scratch = out / STAGING / f"{name}.zipdir"
-        remove_path(scratch)
-        scratch.mkdir()
-        inner = scratch / f"{name}.ZIP"
-        _write_zip(stage, name, inner, p.processing_time, plan.config.zip_compresslevel)
-        shutil.rmtree(stage)
-        target = out / f"{delivery}.tar.gz"
-        member = _write_targz(inner, delivery, target, p.processing_time + timedelta(hours=5))
-        shutil.rmtree(scratch)
-        rel = target.name
-    return {"path": rel, "member": member, "files": tuple(sorted(files)), "written": written}
+        return target.name, None
+    delivery = f"dims_op_oc_oc-en_{p.order_number:09d}_1"
+    scratch = out / STAGING / f"{name}.zipdir"
+    remove_path(scratch)
+    scratch.mkdir()
+    inner = scratch / f"{name}.ZIP"
+    _write_zip(stage, name, inner, p.processing_time, level)
+    shutil.rmtree(stage)
+    target = out / f"{delivery}.tar.gz"
+    member = _write_targz(inner, delivery, target, p.processing_time + timedelta(hours=5))
+    shutil.rmtree(scratch)
+    return target.name, member

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,11 @@ import numpy as np
 from affine import Affine
 
 from pipeline.enmap.synth.config import CELL_PX, GRID_OFFSET, PIXEL
+from pipeline.enmap.synth.grid import to_lonlat
+from pipeline.enmap.synth.metadata import iso_time
+from pipeline.enmap.synth.packaging import PackagedProduct
 from pipeline.enmap.synth.plan import Plan, Product
-from pipeline.enmap.synth.quality_layers import Masks
+from pipeline.enmap.synth.quality_layers import Masks, quality_percent
 
 
 @dataclass(frozen=True)
@@ -169,3 +173,114 @@ def cells_inside(plan: Plan, p: Product, m: Masks) -> list[dict[str, Any]]:
             j -= 1
         i += 1
     return out
+
+
+def product_truth(plan: Plan, p: Product, packaged: PackagedProduct) -> ProductTruth:
+    """What truth.json says about one written product."""
+    m = packaged.written.masks
+    fr = m.fractions()
+    dt, site = p.datatake, p.datatake.site
+    ring = p.footprint.ring()
+    x0, y0 = GRID_OFFSET + PIXEL * p.kx, GRID_OFFSET + PIXEL * p.ky
+    return ProductTruth(
+        scene_id=p.name,
+        path=packaged.path,
+        member=packaged.member,
+        packaging=p.packaging,
+        format=p.fmt,
+        files=packaged.files,
+        datatake=f"{dt.id:010d}",
+        tile=p.tile,
+        processor_version=p.version,
+        processing_time=iso_time(p.processing_time),
+        start_time=iso_time(p.start),
+        stop_time=iso_time(p.stop),
+        date=p.start.strftime("%Y-%m-%d"),
+        site=site.index,
+        date_index=dt.date_index,
+        epsg=site.epsg,
+        transform=(PIXEL, 0.0, x0, 0.0, -PIXEL, y0),
+        width=plan.config.width,
+        height=plan.config.height,
+        bands=plan.config.bands,
+        footprint_utm=tuple((round(x, 3), round(y, 3)) for x, y in ring),
+        footprint_lonlat=tuple((round(lo, 8), round(la, 8)) for lo, la in to_lonlat(site.epsg, ring)),
+        valid_fraction=round(float(m.footprint.mean()), 6),
+        fractions=fr,
+        quality_percent=quality_percent(fr),
+        no_data_bands=plan.no_data_bands,
+        defective_bands=packaged.written.defective_bands,
+        shadow_offset_px=dt.shadow_offset,
+        angles={
+            "sun_elevation": round(dt.sun_elevation, 6),
+            "sun_azimuth": round(dt.sun_azimuth, 6),
+            "scene_azimuth": round(site.theta_deg, 6),
+            "across_off_nadir": round(dt.across_off_nadir, 6),
+            "along_off_nadir": round(dt.along_off_nadir, 6),
+        },
+        superseded_by=p.superseded_by.name if p.superseded_by else None,
+        supersedes=p.supersedes.name if p.supersedes else None,
+        partner_tile=p.partner.name if p.partner else None,
+        cells=tuple(cells_inside(plan, p, m)),
+    )
+
+
+def truth_of(plan: Plan, records: Sequence[ProductTruth]) -> Truth:
+    """The whole truth file: the products' records plus the sites, revisits and duplicate groups."""
+    by_datatake: dict[int, list[Product]] = {}
+    for p in plan.products:
+        by_datatake.setdefault(p.datatake.id, []).append(p)
+    return Truth(
+        config=plan.config.to_dict(),
+        sites=_sites(plan),
+        products=tuple(records),
+        revisits=_revisits(plan, by_datatake),
+        duplicates=_duplicates(plan, by_datatake),
+    )
+
+
+def _sites(plan: Plan) -> tuple[dict[str, Any], ...]:
+    return tuple(
+        {
+            "site": s.index,
+            "epsg": s.epsg,
+            "lon": round(s.lon, 6),
+            "lat": round(s.lat, 6),
+            "scene_azimuth": round(s.theta_deg, 6),
+        }
+        for s in plan.sites
+    )
+
+
+def _revisits(plan: Plan, by_datatake: dict[int, list[Product]]) -> dict[str, tuple[dict[str, Any], ...]]:
+    """Per site, one entry per datatake in date order."""
+    revisits: dict[str, tuple[dict[str, Any], ...]] = {}
+    for site in plan.sites:
+        revisits[str(site.index)] = tuple(
+            {
+                "date": dt.start.strftime("%Y-%m-%d"),
+                "datatake": f"{dt.id:010d}",
+                "start_time": iso_time(dt.start),
+                "scene_ids": sorted(p.name for p in by_datatake[dt.id]),
+            }
+            for dt in plan.datatakes
+            if dt.site is site
+        )
+    return revisits
+
+
+def _duplicates(plan: Plan, by_datatake: dict[int, list[Product]]) -> tuple[dict[str, Any], ...]:
+    """Groups of products showing one acquisition, and why (two tiles, a reprocessed version)."""
+    duplicates = []
+    for dt in plan.datatakes:
+        group = by_datatake[dt.id]
+        if len(group) > 1:
+            kinds = []
+            if dt.tiles > 1:
+                kinds.append("overlapping_tiles")
+            if any(p.reprocessed for p in group):
+                kinds.append("reprocessed")
+            duplicates.append(
+                {"datatake": f"{dt.id:010d}", "kinds": kinds, "scene_ids": sorted(p.name for p in group)}
+            )
+    return tuple(duplicates)
