@@ -189,6 +189,7 @@ class _Handles:
     y_ul: np.ndarray
     band: np.ndarray
     wavelength: np.ndarray
+    active: np.ndarray  # bool per row: listed in the index (False: superseded or dropped, kept in place)
     label: Any = None  # labels/<name> when the dataset was asked for labels
 
 
@@ -241,8 +242,19 @@ def _open(store: BuildStore, labels: str | None = None) -> _Handles:
             y_ul=one_d("y_ul", np.float64),
             band=one_d("band", np.int64),
             wavelength=one_d("wavelength", np.float64),
+            active=_active_rows(group),
             label=_label_array(group, store, labels),
         )
+
+
+def _active_rows(group: Any) -> np.ndarray:
+    """Which rows the index lists. A grown build keeps superseded and dropped patches in place (active
+    0), and the same patch id may then sit in two rows; an export holds only active rows and may have
+    no `active` array."""
+    patches = _array(group, "patch_id").shape[0]
+    if "active" not in set(group.array_keys()):
+        return np.ones(patches, dtype=bool)
+    return np.asarray(_array(group, "active")[:]) != 0
 
 
 def _label_array(group: Any, store: BuildStore, name: str | None) -> Any:
@@ -262,17 +274,17 @@ def _label_array(group: Any, store: BuildStore, name: str | None) -> Any:
 class PatchDataset:
     """A map-style dataset over a build's patches (see the module docstring).
 
-    `build`: a `BuildStore`, or a folder / `s3://` URI (with `storage_options`). `patch_ids`: the
-    patches to index, in this order (e.g. `stac.search(...).ids`, or a split's ids); None for all, in
-    Zarr row order. `transform`: called on each `PatchSample` (after band selection and unit
-    conversion). `bands`: a subset of the kept bands, as 0-based positions (`band_by="index"`) or 1-based
-    product band numbers (`band_by="number"`). `dtype`: "float32" (reflectance, NaN for nodata) or
-    "int16" (stored values). `labels`: the name of a benchmark made by the `labels` stage: each sample
-    then carries `label` (H, W) from `labels/<name>`, and `patch_ids` defaults to the benchmark's
-    included patches. `two_views`: index the locations with >= 2 dates among `patch_ids` and
-    return pairs of samples of two different dates, chosen from (`seed`, epoch, index); `set_epoch(n)`
-    before each epoch. Not a frozen dataclass on purpose: it holds the epoch and, per process, the open
-    zarr arrays (dropped when pickled).
+    `build`: a `BuildStore`, or a folder / `s3://` URI (with `storage_options`). `patch_ids`: the patches to
+    index, in this order (e.g. `stac.search(...).ids`, or a split's ids); None for all the index's patches, in
+    Zarr row order (rows a grown build keeps for superseded patches are never indexed, as queries never return
+    them). `transform`: called on each `PatchSample` (after band selection and unit conversion). `bands`: a
+    subset of the kept bands, as 0-based positions (`band_by="index"`) or 1-based product band numbers
+    (`band_by="number"`). `dtype`: "float32" (reflectance, NaN for nodata) or "int16" (stored values).
+    `labels`: the name of a benchmark made by the `labels` stage: each sample then carries `label` (H, W) from
+    `labels/<name>`, and `patch_ids` defaults to the benchmark's included patches. `two_views`: index the
+    locations with >= 2 dates among `patch_ids` and return pairs of samples of two different dates, chosen
+    from (`seed`, epoch, index); `set_epoch(n)` before each epoch. Not a frozen dataclass on purpose: it holds
+    the epoch and, per process, the open zarr arrays (dropped when pickled).
 
     With DataLoader's `persistent_workers=True`, workers keep the copy they were started with, so
     `set_epoch` in the main process does not reach them; leave persistent workers off (the default) or
@@ -330,12 +342,13 @@ class PatchDataset:
     # Construction helpers ------------------------------------------------------------------------
     @staticmethod
     def _rows_of(handles: _Handles, patch_ids: Sequence[str] | None) -> np.ndarray:
+        active = np.flatnonzero(handles.active).astype(np.int64)
         if patch_ids is None:
-            return np.arange(len(handles.patch_id), dtype=np.int64)
+            return active
         ids = [str(p) for p in patch_ids]
         if len(set(ids)) != len(ids):
             raise ValueError("patch_ids holds duplicates")
-        row_by_id = {pid: k for k, pid in enumerate(handles.patch_id.tolist())}
+        row_by_id = {str(handles.patch_id[k]): int(k) for k in active.tolist()}
         missing = [pid for pid in ids if pid not in row_by_id]
         if missing:
             raise KeyError(f"{len(missing)} patch id(s) not in this build, e.g. {missing[0]}")

@@ -12,6 +12,7 @@ rational arithmetic, independent of all of those.
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import types
 import warnings
@@ -28,12 +29,13 @@ import xarray as xr
 import zarr
 
 from pipeline import stages
+from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.loader import NODATA, PatchDataset, as_torch, to_reflectance
 from pipeline.manifest import Manifest
 from pipeline.query import query
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
-from tests.helpers import REPO, small_shards_manifest, write_few_products
+from tests.helpers import REPO, small_shards_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -66,21 +68,63 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
+# Two dates of one site and a reprocessed version of one acquisition, added in a second run (a grown build).
+GROWN = SynthConfig(
+    seed=7,
+    sites=1,
+    revisits=2,
+    overlapping_tiles=0,
+    reprocessed=1,
+    width=420,
+    height=400,
+    cloud_amount=0.05,
+    packagings=("folder", "zip"),
+    formats=("GTiff", "BSQ"),
+)
+
+
+def _copy_products(products: Path, chosen: list, target: Path) -> None:
+    target.mkdir(exist_ok=True)
+    for product in chosen:
+        source = products / product.path
+        if source.is_dir():
+            shutil.copytree(source, target / product.path)
+        else:
+            shutil.copy2(source, target / product.path)
+
+
 @pytest.fixture(scope="module")
 def build_with_every_int16(tmp_path_factory: pytest.TempPathFactory) -> BuildStore:
-    """A small build (three synthetic products, two patches per shard, through catalog) whose row 0 is
-    then overwritten with zarr-python to hold every int16 value, the fill -32768 included: kept patches
-    hold no nodata, and this way each reader is checked on all 65,536 stored values. Not read-only."""
-    products = write_few_products(tmp_path_factory.mktemp("products"))
+    """A small grown build (two patches per shard, through catalog): built from GROWN's products but one, then
+    grown with its reprocessed product, so some rows are retired (`active` 0) and their patch ids sit in two
+    rows. Then its first active row is overwritten with zarr-python to hold every int16 value, the fill -32768
+    included: kept patches hold no nodata, and this way each reader is checked on all 65,536 stored values.
+    Not read-only."""
+    products = tmp_path_factory.mktemp("products")
+    truth = generate(products, GROWN)
+    newer = [p for p in truth.products if p.supersedes]
+    assert newer, "GROWN holds a reprocessed product"
+    inputs = tmp_path_factory.mktemp("inputs")
     manifest = Manifest.from_yaml(small_shards_manifest(tmp_path_factory.mktemp("manifest")))
     store = BuildStore(str(tmp_path_factory.mktemp("build")))
     scheduler = Scheduler("synchronous", progress=False)
-    for name in ("inventory", "mask", "tile", "dedup", "write", "catalog"):
-        stages.run_stage(name, manifest, store, scheduler, inputs=[str(products)])
-    reflectance = zarr.open_array(store.path("dataset.zarr/reflectance"), mode="r+")
-    shape = reflectance.shape[1:]
-    reflectance[0] = np.resize(EVERY_INT16, shape)
+    for chosen in ([p for p in truth.products if not p.supersedes], newer):
+        _copy_products(products, chosen, inputs)
+        for name in ("inventory", "mask", "tile", "dedup", "write", "catalog"):
+            stages.run_stage(name, manifest, store, scheduler, inputs=[str(inputs)])
+    group = zarr.open_group(store.path("dataset.zarr"), mode="r+", use_consolidated=False)
+    active = np.asarray(group["active"][:])
+    assert 0 < (active == 0).sum() < len(active), "the grown build retired some rows, not all"
+    reflectance = group["reflectance"]
+    reflectance[int(np.flatnonzero(active)[0])] = np.resize(EVERY_INT16, reflectance.shape[1:])
     return store
+
+
+@pytest.fixture(scope="module")
+def active_rows(build_with_every_int16: BuildStore) -> list[int]:
+    """The rows the index lists, from index/patches.parquet, in row order."""
+    index = pq.read_table(build_with_every_int16.path("index/patches.parquet"), columns=["row"])
+    return sorted(int(r) for r in index.column("row").to_pylist())
 
 
 @pytest.fixture(scope="module")
@@ -101,29 +145,42 @@ def test_the_float32_rule_over_every_int16_value():
     assert (product != expected[valid]).sum() > 10_000
 
 
-def test_query_to_xarray_gives_float32_bit_for_bit(build_with_every_int16, stored):
+def test_query_to_xarray_gives_float32_bit_for_bit(build_with_every_int16, stored, active_rows):
     result = query(build_with_every_int16.uri)
     ds = result.to_xarray()
     assert ds["reflectance"].dtype == np.float32
     index = build_with_every_int16.read_geodataframe("index/patches.parquet").set_index("patch_id")
     rows = [int(index.loc[p, "row"]) for p in result.ids]
-    assert 0 in rows and len(rows) == len(stored)
+    assert sorted(rows) == active_rows
     assert _same_bits(ds["reflectance"].values, _expected_float32(stored[rows]))
     assert ds["reflectance"].attrs["units"] == "1"
     raw = result.to_xarray(mask_and_scale=False)["reflectance"].values
     assert _same_bits(raw, stored[rows])
 
 
-def test_patch_dataset_gives_float32_bit_for_bit(build_with_every_int16, stored):
+def test_patch_dataset_gives_float32_bit_for_bit(build_with_every_int16, stored, active_rows):
     floats = PatchDataset(build_with_every_int16)
     ints = PatchDataset(build_with_every_int16, dtype="int16")
-    assert len(floats) == len(stored)
+    # only the index's rows, never the rows a grown build keeps for superseded patches
+    assert floats.rows.tolist() == ints.rows.tolist() == active_rows
     for k in range(len(floats)):
         sample = floats.sample(k)
         assert sample.reflectance.dtype == np.float32 and sample.units == "reflectance"
         assert _same_bits(sample.reflectance, _expected_float32(stored[sample.row]))
         assert _same_bits(ints.sample(k).reflectance, stored[sample.row])
-    assert np.isnan(floats.sample(0).reflectance).sum() == (stored[0] == NODATA).sum() > 0
+    every = floats.sample(0)
+    assert every.row == active_rows[0]
+    assert np.isnan(every.reflectance).sum() == (stored[every.row] == NODATA).sum() > 0
+
+
+def test_patch_dataset_picks_the_active_row_of_a_superseded_id(build_with_every_int16, active_rows):
+    index = pq.read_table(build_with_every_int16.path("index/patches.parquet"), columns=["row", "patch_id"])
+    retired = pq.read_table(build_with_every_int16.path("index/retired.parquet"), columns=["patch_id"])
+    row_of = dict(zip(index.column("patch_id").to_pylist(), index.column("row").to_pylist(), strict=True))
+    superseded = [p for p in retired.column("patch_id").to_pylist() if p in row_of]
+    assert superseded, "the grown build holds a patch id in an active and a retired row"
+    dataset = PatchDataset(build_with_every_int16, patch_ids=superseded)
+    assert dataset.rows.tolist() == [row_of[p] for p in superseded]
 
 
 def test_torch_adapter_hands_torch_the_float32_array(build_with_every_int16, stored, monkeypatch):
@@ -168,15 +225,20 @@ def _run_readme_block(block: str, build: BuildStore, monkeypatch) -> dict:
     return namespace
 
 
-def test_readme_xarray_line_gives_float32_and_says_why(build_with_every_int16, stored, monkeypatch):
+def test_readme_xarray_line_gives_float32_and_says_why(
+    build_with_every_int16, stored, active_rows, monkeypatch
+):
     section = _readme_section("Reading the dataset")
     assert "float64" in section and "JSON" in section
     (block,) = [b for b in _readme_blocks("Reading the dataset") if "xr.open_zarr" in b]
     namespace = _run_readme_block(block, build_with_every_int16, monkeypatch)
     ds = namespace["ds"]
     assert ds["reflectance"].dtype == np.float32
-    assert _same_bits(ds["reflectance"].values, _expected_float32(stored))
+    assert _same_bits(ds["reflectance"].values, _expected_float32(stored[active_rows]))
     assert _same_bits(namespace["raw"]["reflectance"].values, stored)
+    wanted = namespace["wanted"]
+    assert _same_bits(namespace["patch"].values[0], _expected_float32(stored[active_rows[0]]))
+    assert str(ds["patch_id"].values[0]) == wanted
     # and xarray alone (what the README warns about) decodes to float64
     plain = xr.open_zarr(build_with_every_int16.path("dataset.zarr"), consolidated=True)
     assert plain["reflectance"].dtype == np.float64
@@ -191,7 +253,9 @@ def test_tensorstore_refuses_the_string_id_arrays(build_with_every_int16):
             ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}).result()
 
 
-def test_readme_tensorstore_recipe_gives_the_zarr_ids(build_with_every_int16, stored, monkeypatch):
+def test_readme_tensorstore_recipe_gives_the_zarr_ids(
+    build_with_every_int16, stored, active_rows, monkeypatch
+):
     (block,) = [b for b in _readme_blocks("Reading the dataset") if "tensorstore" in b]
     namespace = _run_readme_block(block, build_with_every_int16, monkeypatch)
     group = zarr.open_group(build_with_every_int16.path("dataset.zarr"), mode="r", use_consolidated=False)
@@ -201,6 +265,7 @@ def test_readme_tensorstore_recipe_gives_the_zarr_ids(build_with_every_int16, st
     for name in ID_ARRAYS:
         assert ids.column(name).to_pylist() == zarr_ids[name]
     # the README's cube read by row, against zarr-python
+    assert namespace["row"] in active_rows
     assert _same_bits(np.asarray(namespace["cube"]), stored[namespace["row"]])
     # the index file is what `spectralearth query` searches: the ids agree with it too
     index = pq.read_table(build_with_every_int16.path("index/patches.parquet"), columns=["row", "patch_id"])
