@@ -46,6 +46,40 @@ def _code(value: Any, key: str, high: int | None = None) -> int:
     return value
 
 
+def _source(source: Any, where: str) -> str:
+    if not isinstance(source, str) or not source.strip():
+        raise ManifestError(f"'{where}.source' must be a local path or an s3:// URI")
+    try:
+        refuse_credentials(source)
+    except StorageError as exc:
+        raise ManifestError(f"'{where}.source': {exc}") from None
+    if is_remote(source) and not source.startswith("s3://"):
+        raise ManifestError(f"'{where}.source' must be a local path or an s3:// URI, got {redact(source)!r}")
+    return source
+
+
+def _kind_and_attribute(kind: Any, attribute: Any, where: str) -> tuple[str, str | None]:
+    if kind not in ("raster", "vector"):
+        raise ManifestError(f"'{where}.kind' must be 'raster' or 'vector', got {kind!r}")
+    if kind == "vector" and (not isinstance(attribute, str) or not attribute):
+        raise ManifestError(f"'{where}.attribute' must name the column holding the class code (vector)")
+    if kind == "raster" and attribute is not None:
+        raise ManifestError(f"'{where}.attribute' applies to vector sources only; leave it null")
+    return str(kind), attribute
+
+
+def _class_pairs(remap: Any, where: str) -> list[tuple[int, int]]:
+    """The `classes` remap as (source code, class) pairs; empty when there is none."""
+    if remap is None:
+        return []
+    if not isinstance(remap, Mapping) or not remap:
+        raise ManifestError(f"'{where}.classes' must be a mapping {{source code: class}} or null")
+    return [
+        (_code(code, f"{where}.classes key"), _code(cls_, f"{where}.classes.{code}", MAX_CODE))
+        for code, cls_ in remap.items()
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class LabelSpec:
     """One benchmark of the manifest's `labels:` section."""
@@ -83,37 +117,12 @@ class LabelSpec:
             raise ManifestError(
                 f"unknown key '{where}.{unknown[0]}' (known keys: {', '.join(sorted(cls.KEYS))})"
             )
-        source = raw.get("source")
-        if not isinstance(source, str) or not source.strip():
-            raise ManifestError(f"'{where}.source' must be a local path or an s3:// URI")
-        try:
-            refuse_credentials(source)
-        except StorageError as exc:
-            raise ManifestError(f"'{where}.source': {exc}") from None
-        if is_remote(source) and not source.startswith("s3://"):
-            raise ManifestError(
-                f"'{where}.source' must be a local path or an s3:// URI, got {redact(source)!r}"
-            )
-        kind = raw.get("kind", "raster")
-        if kind not in ("raster", "vector"):
-            raise ManifestError(f"'{where}.kind' must be 'raster' or 'vector', got {kind!r}")
-        attribute = raw.get("attribute")
-        if kind == "vector" and (not isinstance(attribute, str) or not attribute):
-            raise ManifestError(f"'{where}.attribute' must name the column holding the class code (vector)")
-        if kind == "raster" and attribute is not None:
-            raise ManifestError(f"'{where}.attribute' applies to vector sources only; leave it null")
+        source = _source(raw.get("source"), where)
+        kind, attribute = _kind_and_attribute(raw.get("kind", "raster"), raw.get("attribute"), where)
         resampling = raw.get("resampling", "nearest")
         if resampling not in ("nearest", "mode"):
             raise ManifestError(f"'{where}.resampling' must be 'nearest' or 'mode', got {resampling!r}")
-        remap = raw.get("classes")
-        pairs: list[tuple[int, int]] = []
-        if remap is not None:
-            if not isinstance(remap, Mapping) or not remap:
-                raise ManifestError(f"'{where}.classes' must be a mapping {{source code: class}} or null")
-            for code, cls_ in remap.items():
-                pairs.append(
-                    (_code(code, f"{where}.classes key"), _code(cls_, f"{where}.classes.{code}", MAX_CODE))
-                )
+        pairs = _class_pairs(raw.get("classes"), where)
         multilabel = raw.get("multilabel_min_fraction")
         return cls(
             name=name,
