@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import tables
 from pipeline.engine import StageResult, up_to_date
 from pipeline.errors import one_line
-from pipeline.grid import LOCATION_ID_MAX_INDEX, Cell, GridSpec
+from pipeline.grid import LOCATION_ID_MAX_INDEX, Cell, GridSpec, cell_bounds_array, cells_reached_array
 from pipeline.storage import StageRecord, Stopwatch
 from pipeline.tables import CorruptOutput, read_geodataframe_checked, read_table_checked
 
@@ -125,7 +125,7 @@ def neighbour_overlaps(
         edges = (-180.0 + 6 * (zone - 1), -180.0 + 6 * zone)
         to_lonlat = Transformer.from_crs(f"EPSG:{epsg}", "EPSG:4326", always_xy=True)
         ij = np.array(sorted(zone_cells), dtype=np.int64).reshape(-1, 2)
-        xmin, ymin, xmax, ymax = _cell_bounds(ij[:, 0], ij[:, 1], spec)
+        xmin, ymin, xmax, ymax = cell_bounds_array(ij[:, 0], ij[:, 1], spec)
         lon, _ = to_lonlat.transform((xmin + xmax) / 2, (ymin + ymax) / 2)
         near = np.minimum(np.abs(lon - edges[0]), np.abs(lon - edges[1])) <= max_degrees_from_edge
         if not near.any():
@@ -156,13 +156,13 @@ def neighbour_overlaps(
             to_other = Transformer.from_crs(f"EPSG:{epsg}", f"EPSG:{other}", always_xy=True)
             ox, oy = to_other.transform(xs.ravel(), ys.ravel())
             outlines = shapely.polygons(np.stack([ox, oy], axis=-1).reshape(len(ij), xs.shape[1], 2))
-            which, ci, cj = _cells_reached(shapely.bounds(outlines), spec)
+            which, ci, cj = cells_reached_array(shapely.bounds(outlines), spec)
             member = (ci >= 0) & (ci <= LOCATION_ID_MAX_INDEX) & (cj >= 0) & (cj <= LOCATION_ID_MAX_INDEX)
             member[member] = np.isin(ci[member] * _KEY + cj[member], keys[other])
             which, ci, cj = which[member], ci[member], cj[member]
             if not len(which):
                 continue
-            bxmin, bymin, bxmax, bymax = _cell_bounds(ci, cj, spec)
+            bxmin, bymin, bxmax, bymax = cell_bounds_array(ci, cj, spec)
             # the ring of Polygon.from_bounds, so that the overlap is computed on the same vertices
             boxes = shapely.polygons(
                 np.stack(
@@ -182,55 +182,6 @@ def neighbour_overlaps(
 
 
 _KEY = LOCATION_ID_MAX_INDEX + 1  # i * _KEY + j: one integer per cell of a zone
-_MAX_COORDINATE = 1e12  # as in pipeline.grid: larger values are not projected coordinates
-
-
-def _cell_bounds(i: np.ndarray, j: np.ndarray, spec: GridSpec) -> tuple[np.ndarray, ...]:
-    """`grid.cell_bounds` for arrays of cells, with the same floating-point operations."""
-    p = spec.patch_size
-    return (
-        spec.offset + (i * p) * spec.pixel_size,
-        spec.offset + (j * p) * spec.pixel_size,
-        spec.offset + ((i + 1) * p) * spec.pixel_size,
-        spec.offset + ((j + 1) * p) * spec.pixel_size,
-    )
-
-
-def _axis_cells(values: np.ndarray, spec: GridSpec) -> np.ndarray:
-    """`grid._axis_cell` for an array: the cell interval holding each value, exact at cell edges."""
-    if not np.isfinite(values).all() or (np.abs(values) > _MAX_COORDINATE).any():
-        raise ValueError("bounds must be finite projected coordinates")
-    p = spec.patch_size
-    index = np.floor((values - spec.offset) / spec.cell_size).astype(np.int64)
-    while (low := spec.offset + (index * p) * spec.pixel_size > values).any():
-        index -= low
-    while (high := spec.offset + ((index + 1) * p) * spec.pixel_size <= values).any():
-        index += high
-    return index
-
-
-def _cells_reached(bounds: np.ndarray, spec: GridSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For boxes (xmin, ymin, xmax, ymax) of positive size, every (box index, i, j) of a cell whose
-    interior meets the box's interior, as `grid.cells_for_bounds` finds them."""
-    p = spec.patch_size
-
-    def last_before(values: np.ndarray) -> np.ndarray:
-        index = _axis_cells(values, spec)
-        return index - (spec.offset + (index * p) * spec.pixel_size == values)
-
-    i_first, i_last = _axis_cells(bounds[:, 0], spec), last_before(bounds[:, 2])
-    j_first, j_last = _axis_cells(bounds[:, 1], spec), last_before(bounds[:, 3])
-    parts = []
-    span_i = int((i_last - i_first).max(initial=-1)) + 1
-    span_j = int((j_last - j_first).max(initial=-1)) + 1
-    for di in range(span_i):
-        for dj in range(span_j):
-            inside = np.nonzero((i_first + di <= i_last) & (j_first + dj <= j_last))[0]
-            parts.append((inside, i_first[inside] + di, j_first[inside] + dj))
-    if not parts:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty
-    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
 # Stage I/O ---------------------------------------------------------------------------------------
@@ -384,11 +335,9 @@ def _outputs_valid(store: Any) -> bool:
 
 
 def run_dedup(manifest: Any, store: Any, force: bool = False) -> StageResult:
-    from pipeline.tile import PATCHES_TABLE, grid_spec
-
     watch = Stopwatch()
-    plan = read_geodataframe_checked(store, PATCHES_TABLE)
-    input_fingerprint = hashlib.sha256(store.read_bytes(PATCHES_TABLE)).hexdigest()[:16]
+    plan = read_geodataframe_checked(store, tables.PLAN_PATCHES)
+    input_fingerprint = hashlib.sha256(store.read_bytes(tables.PLAN_PATCHES)).hexdigest()[:16]
     config_hash = manifest.stage_hash(STAGE)
     done = up_to_date(store, STAGE, config_hash, input_fingerprint, lambda: _outputs_valid(store), force)
     if done:
@@ -402,7 +351,7 @@ def run_dedup(manifest: Any, store: Any, force: bool = False) -> StageResult:
     )
     old = read_geodataframe_checked(store, INDEX_PATCHES) if incremental else None
     old_retired = read_geodataframe_checked(store, INDEX_RETIRED) if incremental else None
-    patches, retired, locations, counts = build_index(plan, grid_spec(manifest.grid), old, old_retired)
+    patches, retired, locations, counts = build_index(plan, manifest.grid.spec, old, old_retired)
     watch.lap("dedup")
     lineage = (
         store.read_json(INDEX_LINEAGE)["lineage"]

@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.benchmark import demo_benchmarks
 from pipeline.enmap.synth import SynthConfig, Truth, generate
 from pipeline.manifest import Manifest
+from pipeline.stages import ORDER
 from pipeline.storage import BuildStore
 
 # Three sites seen on two dates each, one datatake in two overlapping tiles, one reprocessed product,
@@ -30,7 +31,6 @@ DEMO_CONFIG = SynthConfig(
     tile_overlap=0.7,
     cloud_amount=0.08,
 )
-DEMO_STAGES = ("inventory", "mask", "tile", "dedup", "write", "catalog")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +146,7 @@ def run_demo(context: Any, products_dir: str) -> bool:
 
     truth = ensure_products(Path(products_dir), DEMO_CONFIG)
     store, manifest = context.store, context.manifest
-    for name in DEMO_STAGES:
+    for name in ORDER:  # every stage, in build order
         result = context.run(name, inputs=[products_dir])
         print_stage_summary(name, store, result)
     print_example_query(store)

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
+import numpy as np
+
 # Iterable rather than Sequence: affine 3's Affine is iterable and indexable but no longer a tuple.
 Transform = Iterable[float]
 Bounds = tuple[float, float, float, float]
@@ -60,13 +62,19 @@ def _finite(value: object, name: str) -> float:
     return float(value)
 
 
+# SpectralEarth's grid: 128 x 128 patches of 30 m pixels, offset 15 m (also the manifest's defaults).
+DEFAULT_PATCH_SIZE = 128
+DEFAULT_PIXEL_SIZE = 30.0
+DEFAULT_OFFSET = 15.0
+
+
 @dataclass(frozen=True, slots=True)
 class GridSpec:
-    """Grid parameters; the defaults are SpectralEarth's (128 x 128 patches of 30 m pixels, offset 15 m)."""
+    """Grid parameters; the defaults are SpectralEarth's."""
 
-    patch_size: int = 128
-    pixel_size: float = 30.0
-    offset: float = 15.0
+    patch_size: int = DEFAULT_PATCH_SIZE
+    pixel_size: float = DEFAULT_PIXEL_SIZE
+    offset: float = DEFAULT_OFFSET
 
     def __post_init__(self) -> None:
         patch_size = _integer(self.patch_size, "patch_size")
@@ -189,6 +197,21 @@ def _axis_cell(value: float, spec: GridSpec) -> int:
     return index
 
 
+def snap_to_lattice(
+    transform: tuple[float, ...], spec: GridSpec
+) -> tuple[float, float, float, float, float, float]:
+    """Nearest-neighbour resampling onto the lattice: move the origin to the nearest lattice corner.
+
+    Pixel values are unchanged; the shift is at most half a pixel per axis.
+    """
+    a, b, c, d, e, f = (float(v) for v in transform[:6])
+
+    def snap(value: float) -> float:
+        return spec.offset + round((value - spec.offset) / spec.pixel_size) * spec.pixel_size
+
+    return (a, b, snap(c), d, e, snap(f))
+
+
 def check_lattice(transform: Transform, spec: GridSpec) -> None:
     """Raise OffLatticeError with a one-line reason unless the raster sits on the grid's pixel lattice."""
     _lattice_origin(transform, spec)
@@ -279,3 +302,55 @@ def cells_for_bounds(epsg: int, bounds: Sequence[float], spec: GridSpec) -> list
 def cell_of_point(epsg: int, x: float, y: float, spec: GridSpec) -> Cell:
     """The one cell whose half-open extent [xmin, xmax) x [ymin, ymax) holds the point."""
     return Cell(epsg, _axis_cell(_finite(x, "x"), spec), _axis_cell(_finite(y, "y"), spec))
+
+
+# The same arithmetic over arrays of cells and boxes (pipeline.dedup matches cells across UTM zones by the
+# ten thousand), with the same floating-point operations as the scalar functions above.
+
+
+def cell_bounds_array(i: np.ndarray, j: np.ndarray, spec: GridSpec) -> tuple[np.ndarray, ...]:
+    """`cell_bounds` for arrays of cells, with the same floating-point operations."""
+    p = spec.patch_size
+    return (
+        spec.offset + (i * p) * spec.pixel_size,
+        spec.offset + (j * p) * spec.pixel_size,
+        spec.offset + ((i + 1) * p) * spec.pixel_size,
+        spec.offset + ((j + 1) * p) * spec.pixel_size,
+    )
+
+
+def _axis_cells_array(values: np.ndarray, spec: GridSpec) -> np.ndarray:
+    """`_axis_cell` for an array: the cell interval holding each value, exact at cell edges."""
+    if not np.isfinite(values).all() or (np.abs(values) > _MAX_COORDINATE).any():
+        raise ValueError("bounds must be finite projected coordinates")
+    p = spec.patch_size
+    index = np.floor((values - spec.offset) / spec.cell_size).astype(np.int64)
+    while (low := spec.offset + (index * p) * spec.pixel_size > values).any():
+        index -= low
+    while (high := spec.offset + ((index + 1) * p) * spec.pixel_size <= values).any():
+        index += high
+    return index
+
+
+def cells_reached_array(bounds: np.ndarray, spec: GridSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For boxes (xmin, ymin, xmax, ymax) of positive size, every (box index, i, j) of a cell whose
+    interior meets the box's interior, as `cells_for_bounds` finds them."""
+    p = spec.patch_size
+
+    def last_before(values: np.ndarray) -> np.ndarray:
+        index = _axis_cells_array(values, spec)
+        return index - (spec.offset + (index * p) * spec.pixel_size == values)
+
+    i_first, i_last = _axis_cells_array(bounds[:, 0], spec), last_before(bounds[:, 2])
+    j_first, j_last = _axis_cells_array(bounds[:, 1], spec), last_before(bounds[:, 3])
+    parts = []
+    span_i = int((i_last - i_first).max(initial=-1)) + 1
+    span_j = int((j_last - j_first).max(initial=-1)) + 1
+    for di in range(span_i):
+        for dj in range(span_j):
+            inside = np.nonzero((i_first + di <= i_last) & (j_first + dj <= j_last))[0]
+            parts.append((inside, i_first[inside] + di, j_first[inside] + dj))
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from pipeline.cloud import StorageError, StorageSettings, refuse_credentials
+from pipeline.grid import DEFAULT_OFFSET, DEFAULT_PATCH_SIZE, DEFAULT_PIXEL_SIZE, GridSpec
 from pipeline.quality import FLAG_NAMES
 from pipeline.sections import ManifestError, check_keys
 from pipeline.storage import canonical_json
@@ -221,9 +222,9 @@ class GridSettings:
     (with 30 m pixels: 48 to 1024).
     """
 
-    patch_size: int = 128
-    pixel_size: float = 30.0
-    offset: float = 15.0
+    patch_size: int = DEFAULT_PATCH_SIZE
+    pixel_size: float = DEFAULT_PIXEL_SIZE
+    offset: float = DEFAULT_OFFSET
     # "reject": a scene whose pixel corners are not on offset + k x pixel_size is rejected.
     # "nearest": its origin is snapped to the nearest lattice point (nearest-neighbour resampling by a
     # shift of at most half a pixel; pixel values are unchanged, only their stated position moves).
@@ -234,8 +235,10 @@ class GridSettings:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> GridSettings:
         check_keys(raw, cls.KEYS, "grid")
-        pixel = _number(raw.get("pixel_size", 30.0), "grid.pixel_size", low=0.001, high=MAX_PIXEL_SIZE_M)
-        patch = raw.get("patch_size", 128)
+        pixel = _number(
+            raw.get("pixel_size", DEFAULT_PIXEL_SIZE), "grid.pixel_size", low=0.001, high=MAX_PIXEL_SIZE_M
+        )
+        patch = raw.get("patch_size", DEFAULT_PATCH_SIZE)
         if (
             isinstance(patch, bool)
             or not isinstance(patch, int)
@@ -246,13 +249,18 @@ class GridSettings:
             raise ManifestError(
                 f"'grid.patch_size' must be {PATCH_SIZE_RULE} (grid.pixel_size {pixel:g} m), got {patch!r}"
             )
-        offset = _number(raw.get("offset", 15.0), "grid.offset", low=0)
+        offset = _number(raw.get("offset", DEFAULT_OFFSET), "grid.offset", low=0)
         if offset >= pixel:
             raise ManifestError(f"'grid.offset' must be below grid.pixel_size ({pixel:g}), got {offset:g}")
         mode = raw.get("off_lattice", "reject")
         if mode not in ("reject", "nearest"):
             raise ManifestError(f"'grid.off_lattice' must be 'reject' or 'nearest', got {mode!r}")
         return cls(patch_size=patch, pixel_size=pixel, offset=offset, off_lattice=mode)
+
+    @property
+    def spec(self) -> GridSpec:
+        """The lattice these settings describe (off_lattice is a policy of the stages, not of the grid)."""
+        return GridSpec(patch_size=self.patch_size, pixel_size=self.pixel_size, offset=self.offset)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,17 @@ from pipeline.engine import (
     up_to_date,
 )
 from pipeline.enmap.product import Rejection
-from pipeline.grid import Cell, GridSpec, OffLatticeError, cell_bounds, cells_in_raster, check_lattice
+from pipeline.grid import (
+    Cell,
+    GridSpec,
+    OffLatticeError,
+    cell_bounds,
+    cells_in_raster,
+    check_lattice,
+    snap_to_lattice,
+)
 from pipeline.inventory import SceneRecord, read_scenes, rejected_table
-from pipeline.manifest import GridSettings, Manifest, QualityPolicy
+from pipeline.manifest import Manifest, QualityPolicy
 from pipeline.mask import MASKS_TABLE, MaskSummary, read_mask, summaries_from_table
 from pipeline.quality import BACKGROUND, FLAG_NAMES, flag_present
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of
@@ -35,25 +43,6 @@ from pipeline.tables import read_table_checked
 STAGE = "tile"
 PATCHES_TABLE = tables.PLAN_PATCHES
 REJECTED_TABLE = tables.PLAN_REJECTED
-
-
-def grid_spec(settings: GridSettings) -> GridSpec:
-    return GridSpec(patch_size=settings.patch_size, pixel_size=settings.pixel_size, offset=settings.offset)
-
-
-def snap_to_lattice(
-    transform: tuple[float, ...], spec: GridSpec
-) -> tuple[float, float, float, float, float, float]:
-    """Nearest-neighbour resampling onto the lattice: move the origin to the nearest lattice corner.
-
-    Pixel values are unchanged; the shift is at most half a pixel per axis.
-    """
-    a, b, c, d, e, f = (float(v) for v in transform[:6])
-
-    def snap(value: float) -> float:
-        return spec.offset + round((value - spec.offset) / spec.pixel_size) * spec.pixel_size
-
-    return (a, b, snap(c), d, e, snap(f))
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +135,7 @@ def plan_scene(
     storage_options: dict | None = None,
 ) -> list[dict[str, Any]] | Rejection:
     """The per-scene task: lattice check, candidate cells, decisions, rows of plan/patches.parquet."""
-    spec = grid_spec(manifest.grid)
+    spec = manifest.grid.spec
     transform = record.transform
     try:
         check_lattice(transform, spec)

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 from pipeline import stages
 from pipeline.enmap.synth import SynthConfig, generate
-from pipeline.grid import GridSpec
+from pipeline.grid import GridSpec, snap_to_lattice
 from pipeline.manifest import Manifest, QualityPolicy
 from pipeline.mask import MASKS_TABLE, summaries_from_table
 from pipeline.quality import BACKGROUND, CLOUD, NODATA
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
-from pipeline.tile import decide_cells, snap_to_lattice
+from pipeline.tile import decide_cells
 
 REPO = Path(__file__).resolve().parent.parent
 SYNC = Scheduler("synchronous", progress=False)
