@@ -87,6 +87,15 @@ What a product looks like
   bandStatistics: mean/std of reflectance x gain over the footprint; no-data bands mean -1000000 std 0.
   `backgroundValue` is 0 like in real products (the spectral nodata is -32768).
 
+Modules (each imports only the ones above it)
+---------------------------------------------
+config (SynthConfig, layout constants) - bands (the V010303 band table) - fields (seeded random fields,
+pixel hashes) - grid (UTM zone, footprint rectangle) - plan (sites, datatakes, products from the seed) -
+quality_layers (where each effect is, QL layers' contents, cover percentages) - spectra (endmembers,
+noise, the spectral image by blocks) - writers (GeoTIFF/COG/ENVI) - rasters (every layer of a product) -
+metadata (METADATA.XML by section, HISTORY.XML) - packaging (folder, ZIP, tar.gz, ARD) - truth
+(truth.json) - generator (`generate`). `labels` writes the synthetic label sources for the labels stage.
+
 truth.json (`Truth.to_json` / `Truth.from_json`)
 -----------------------------------------------
 {

@@ -267,46 +267,43 @@ class Plan:
 
     # products ------------------------------------------------------------------------------------
     def _products(self) -> list[Product]:
+        products = [p for dt in self.datatakes for p in self._tiles(dt)]
+        products += self._reprocessed_versions(products)
+        products.sort(key=lambda p: (p.datatake.site.index, p.datatake.date_index, p.tile, p.version))
+        self._assign_deliveries(products)
+        return products
+
+    def _tiles(self, dt: Datatake) -> list[Product]:
+        """Tile 001 of a datatake and, for an overlapping datatake, tile 002 further along track."""
+        cfg, site = self.config, dt.site
+        prng = seeded_rng("processing", cfg.seed, dt.id)
+        processed = (dt.start + timedelta(days=int(prng.integers(1, 40)))).replace(
+            hour=int(prng.integers(0, 24)),
+            minute=int(prng.integers(0, 60)),
+            second=int(prng.integers(0, 60)),
+            microsecond=0,
+        )
+        fp1 = self._base_footprint(site).moved(dt.shift[0] * PIXEL, -dt.shift[1] * PIXEL)
+        kx1, ky1 = site.kx + dt.shift[0], site.ky - dt.shift[1]
+        stop1 = dt.start + timedelta(seconds=fp1.h / PIXEL * LINE_TIME_S)
+        p1 = Product(dt, 1, cfg.processor_version, processed, kx1, ky1, fp1, dt.start, stop1)
+        if dt.tiles != 2:
+            return [p1]
+        dc, dr = dt.tile_shift
+        fp2 = fp1.moved(dc * PIXEL, -dr * PIXEL)
+        start2 = dt.start + timedelta(seconds=math.hypot(dc, dr) * LINE_TIME_S)
+        stop2 = start2 + timedelta(seconds=fp2.h / PIXEL * LINE_TIME_S)
+        # the second tile is processed a little after the first, like DLR's consecutive tiles
+        processed2 = processed + timedelta(seconds=41)
+        p2 = Product(dt, 2, cfg.processor_version, processed2, kx1 + dc, ky1 - dr, fp2, start2, stop2)
+        p1.partner, p2.partner = p2, p1
+        return [p1, p2]
+
+    def _reprocessed_versions(self, originals: list[Product]) -> list[Product]:
+        """Newer versions of the last `reprocessed` acquisitions (the last one first), processed months
+        later on the same grid."""
         cfg = self.config
-        products: list[Product] = []
-        for dt in self.datatakes:
-            site = dt.site
-            prng = seeded_rng("processing", cfg.seed, dt.id)
-            processed = (dt.start + timedelta(days=int(prng.integers(1, 40)))).replace(
-                hour=int(prng.integers(0, 24)),
-                minute=int(prng.integers(0, 60)),
-                second=int(prng.integers(0, 60)),
-                microsecond=0,
-            )
-            fp1 = self._base_footprint(site).moved(dt.shift[0] * PIXEL, -dt.shift[1] * PIXEL)
-            kx1, ky1 = site.kx + dt.shift[0], site.ky - dt.shift[1]
-            start1 = dt.start
-            stop1 = start1 + timedelta(seconds=fp1.h / PIXEL * LINE_TIME_S)
-            tiles = []
-            p1 = Product(dt, 1, cfg.processor_version, processed, kx1, ky1, fp1, start1, stop1)
-            tiles.append(p1)
-            if dt.tiles == 2:
-                dc, dr = dt.tile_shift
-                fp2 = fp1.moved(dc * PIXEL, -dr * PIXEL)
-                along = math.hypot(dc, dr)
-                start2 = start1 + timedelta(seconds=along * LINE_TIME_S)
-                stop2 = start2 + timedelta(seconds=fp2.h / PIXEL * LINE_TIME_S)
-                p2 = Product(
-                    dt,
-                    2,
-                    cfg.processor_version,
-                    processed + timedelta(seconds=41),
-                    kx1 + dc,
-                    ky1 - dr,
-                    fp2,
-                    start2,
-                    stop2,
-                )
-                p1.partner, p2.partner = p2, p1
-                tiles.append(p2)
-            products.extend(tiles)
-        # reprocessed versions: the last acquisitions first
-        originals = list(products)
+        out = []
         for p in reversed(originals[len(originals) - cfg.reprocessed :] if cfg.reprocessed else []):
             rrng = seeded_rng("reprocessing", cfg.seed, p.datatake.id, p.tile)
             when = datetime(2024, 11, 4, tzinfo=UTC) + timedelta(
@@ -317,8 +314,13 @@ class Plan:
                 p.datatake, p.tile, cfg.reprocessed_version, when, p.kx, p.ky, p.footprint, p.start, p.stop
             )
             q.supersedes, p.superseded_by = p, q
-            products.append(q)
-        products.sort(key=lambda p: (p.datatake.site.index, p.datatake.date_index, p.tile, p.version))
+            out.append(q)
+        return out
+
+    def _assign_deliveries(self, products: list[Product]) -> None:
+        """Packaging and format cycled over the products in order (ARD always COG, so the formats cycle
+        over the others), and the DLR order number of a tar.gz delivery."""
+        cfg = self.config
         ard_count = 0
         for i, p in enumerate(products):
             p.packaging = cfg.packagings[i % len(cfg.packagings)]
@@ -329,4 +331,3 @@ class Plan:
                 p.fmt = cfg.formats[(i - ard_count) % len(cfg.formats)]
             ard_count += p.packaging == "ard"
             p.order_number = 100_000_000 + (cfg.seed * 7919 + i * 104_729 + 12_345) % 900_000_000
-        return products
