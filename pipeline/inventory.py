@@ -42,7 +42,6 @@ from pipeline.enmap.product import (
     ProductError,
     ProductLocation,
     ProductSource,
-    Rejection,
     discover,
     format_size,
     iter_products,
@@ -51,7 +50,7 @@ from pipeline.errors import TransientError, is_transient, one_line
 from pipeline.fetch import product_fetcher
 from pipeline.manifest import Manifest
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json, fingerprint_of
-from pipeline.tables import read_geodataframe_checked, read_table_checked
+from pipeline.tables import Rejection, read_geodataframe_checked, read_table_checked
 
 STAGE = "inventory"
 SCENES_TABLE = tables.SCENES

@@ -56,7 +56,6 @@ from pipeline.enmap.product import (
     BufferFile,
     Fetcher,
     ProductError,
-    Rejection,
     _member_data_offset,
     open_product,
 )
@@ -84,7 +83,7 @@ from pipeline.storage import (
     is_remote,
     listing_fingerprint,
 )
-from pipeline.tables import read_table_checked
+from pipeline.tables import Rejection, read_table_checked
 from pipeline.zarr_chunks import ChunkCodec, encode_chunk, quality_codec, reflectance_codec
 
 STAGE = "mask"

@@ -179,6 +179,17 @@ _TEXT, _INT, _FLOAT, _BOOL, _WKB = pa.string(), pa.int64(), pa.float64(), pa.boo
 _TIME = pa.timestamp("us", tz="UTC")
 _FRACTIONS = tuple((f"{flag}_fraction", _FLOAT) for flag in FLAG_NAMES)
 
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A product a stage refused, and why: one row of `<stage>/rejected.parquet` (REJECTED_COLUMNS)."""
+
+    source_uri: str
+    scene_id: str | None
+    stage: str
+    reason: str
+
+
 REJECTED_COLUMNS = _columns(
     ("source_uri", _TEXT), ("scene_id", _TEXT), ("stage", _TEXT), ("reason", _TEXT), nullable=("scene_id",)
 )

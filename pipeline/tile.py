@@ -23,7 +23,6 @@ from pipeline.engine import (
     run_items,
     up_to_date,
 )
-from pipeline.enmap.product import Rejection
 from pipeline.grid import (
     Cell,
     GridSpec,
@@ -38,7 +37,7 @@ from pipeline.manifest import Manifest, QualityPolicy
 from pipeline.mask import MASKS_TABLE, MaskSummary, read_mask, summaries_from_table
 from pipeline.quality import BACKGROUND, FLAG_NAMES, flag_present
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of
-from pipeline.tables import read_table_checked
+from pipeline.tables import Rejection, read_table_checked
 
 STAGE = "tile"
 PATCHES_TABLE = tables.PLAN_PATCHES

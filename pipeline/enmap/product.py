@@ -57,6 +57,7 @@ from pipeline.enmap.names import METADATA, SPECTRAL_IMAGE, find_product_names, p
 from pipeline.errors import is_transient
 from pipeline.manifest import Limits
 from pipeline.storage import gdal_path, is_remote, join
+from pipeline.tables import Rejection
 
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -115,14 +116,6 @@ class ScratchBudget:
             already = f" ({format_size(self.used)} of it already unpacked)" if self.used else ""
             raise ProductError(over_budget(what, "unpacks to", size, self.limit, "scratch") + already)
         self.used += size
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    source_uri: str
-    scene_id: str | None
-    stage: str
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
