@@ -116,7 +116,7 @@ def build_args(build: str, products: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def products(tmp_path_factory) -> Path:
+def products(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two small products (one site seen twice, sizes not multiples of 128): 3 patches kept."""
     from pipeline.enmap.synth import SynthConfig, generate
 
@@ -139,23 +139,23 @@ def products(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory) -> Path:
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("lock-scratch")
 
 
 @pytest.fixture
-def env(scratch, build_uri) -> dict[str, str]:
+def env(scratch: Path, build_uri: str) -> dict[str, str]:
     """The environment of child processes (with moto's endpoint when the build is on S3)."""
     return {**os.environ, "SPECTRALEARTH_SCRATCH": str(scratch)}
 
 
 @pytest.fixture
-def local_env(scratch) -> dict[str, str]:
+def local_env(scratch: Path) -> dict[str, str]:
     return {**os.environ, "SPECTRALEARTH_SCRATCH": str(scratch)}
 
 
 @pytest.fixture(scope="module")
-def s3_vars(s3_server) -> dict[str, str]:
+def s3_vars(s3_server: str) -> dict[str, str]:
     import s3fs
 
     variables = {
@@ -176,7 +176,7 @@ def s3_vars(s3_server) -> dict[str, str]:
 
 
 @pytest.fixture(params=["local", "s3"])
-def build_uri(request, tmp_path) -> str:
+def build_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh build location: a local folder, or a prefix in moto's bucket."""
     if request.param == "local":
         return str(tmp_path / "build")
@@ -190,7 +190,7 @@ def lock_exists(build: str) -> bool:
 
 # Two `spectralearth run` at once ------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def raced(products, scratch, tmp_path_factory):
+def raced(products: Path, scratch: Path, tmp_path_factory: pytest.TempPathFactory):
     """Two `spectralearth run` processes on one build started at the same moment."""
     build = str(tmp_path_factory.mktemp("raced") / "build")
     env = {**os.environ, "SPECTRALEARTH_SCRATCH": str(scratch)}
@@ -209,7 +209,7 @@ def raced(products, scratch, tmp_path_factory):
     return build, [(run.pid, run.returncode, out, err) for run, (out, err) in zip(runs, outputs, strict=True)]
 
 
-def test_two_runs_at_once_one_builds_the_other_is_refused_naming_it(raced):
+def test_two_runs_at_once_one_builds_the_other_is_refused_naming_it(raced) -> None:
     build, runs = raced
     assert sorted(code for _, code, _, _ in runs) == [0, 2], [err for *_, err in runs]
     (winner_pid, _, _, _) = next(run for run in runs if run[1] == 0)
@@ -233,7 +233,7 @@ def test_two_runs_at_once_one_builds_the_other_is_refused_naming_it(raced):
     assert not lock_exists(build)
 
 
-def test_read_only_commands_do_not_lock_and_writing_ones_are_refused(raced):
+def test_read_only_commands_do_not_lock_and_writing_ones_are_refused(raced) -> None:
     build, _ = raced
     store = BuildStore(build)
     runner = CliRunner()
@@ -259,7 +259,9 @@ def test_read_only_commands_do_not_lock_and_writing_ones_are_refused(raced):
 
 
 # A SIGKILLed holder ------------------------------------------------------------------------------
-def test_lock_of_a_sigkilled_run_is_taken_over_by_the_next_run(products, local_env, tmp_path):
+def test_lock_of_a_sigkilled_run_is_taken_over_by_the_next_run(
+    products: Path, local_env: dict[str, str], tmp_path: Path
+) -> None:
     build, env = str(tmp_path / "build"), local_env
     holder = start_holder(build, env=env)
     dead_pid = holder.pid
@@ -284,7 +286,7 @@ def test_lock_of_a_sigkilled_run_is_taken_over_by_the_next_run(products, local_e
     assert not [p for p in Path(build).iterdir() if p.name.startswith(LOCK_NAME)], "no stale copies left"
 
 
-def test_sigkilled_holder_is_taken_over_and_named(build_uri, env):
+def test_sigkilled_holder_is_taken_over_and_named(build_uri: str, env: dict[str, str]) -> None:
     holder = start_holder(build_uri, env=env)
     store = BuildStore(build_uri)
     with pytest.raises(BuildLocked, match=f"pid {holder.pid},"):
@@ -300,7 +302,7 @@ def test_sigkilled_holder_is_taken_over_and_named(build_uri, env):
     assert not lock_exists(build_uri)
 
 
-def test_a_reused_pid_is_not_the_holder_but_a_live_one_is(tmp_path):
+def test_a_reused_pid_is_not_the_holder_but_a_live_one_is(tmp_path: Path) -> None:
     """Same machine: a PID alive now but started at another time is a reused PID (taken over); the
     live holder itself is refused even when its lease looks expired."""
     store = BuildStore(str(tmp_path / "build"))
@@ -318,7 +320,7 @@ def test_a_reused_pid_is_not_the_holder_but_a_live_one_is(tmp_path):
         assert lock.took_over_from == reused
 
 
-def test_an_unreadable_lock_is_refused_while_young_and_taken_over_when_old(tmp_path):
+def test_an_unreadable_lock_is_refused_while_young_and_taken_over_when_old(tmp_path: Path) -> None:
     """A torn lock file (a holder killed between its exclusive create and its write)."""
     store = BuildStore(str(tmp_path / "build"))
     path = tmp_path / "build" / LOCK_NAME
@@ -333,7 +335,7 @@ def test_an_unreadable_lock_is_refused_while_young_and_taken_over_when_old(tmp_p
     assert not path.exists()
 
 
-def test_a_missing_bucket_is_one_clear_error_not_a_held_lock(s3_vars):
+def test_a_missing_bucket_is_one_clear_error_not_a_held_lock(s3_vars: dict[str, str]) -> None:
     store = BuildStore("s3://no-such-lock-bucket/build")
     with pytest.raises(
         LockError, match="cannot take the lock s3://no-such-lock-bucket/build/_lock.json"
@@ -344,7 +346,9 @@ def test_a_missing_bucket_is_one_clear_error_not_a_held_lock(s3_vars):
 
 
 # Leases ------------------------------------------------------------------------------------------
-def test_live_lease_from_another_machine_is_refused_and_an_expired_one_taken_over(build_uri, env):
+def test_live_lease_from_another_machine_is_refused_and_an_expired_one_taken_over(
+    build_uri: str, env: dict[str, str]
+) -> None:
     """A holder posing as another machine (its PID means nothing here) is judged by its lease only:
     renewed, it is refused long past one lease; once it stops renewing (SIGKILL), it is taken over
     after its lease and not before."""
@@ -376,7 +380,7 @@ def test_live_lease_from_another_machine_is_refused_and_an_expired_one_taken_ove
         lock.release()
 
 
-def test_a_run_whose_lock_was_taken_learns_it_and_leaves_the_new_lock(build_uri):
+def test_a_run_whose_lock_was_taken_learns_it_and_leaves_the_new_lock(build_uri: str) -> None:
     store = BuildStore(build_uri)
     first = BuildLock(store, "spectralearth run", lease_seconds=0.9, host="a", machine="a/0/x")
     second = BuildLock(store, "spectralearth run", host="b", machine="b/0/x")
@@ -401,7 +405,9 @@ def test_a_run_whose_lock_was_taken_learns_it_and_leaves_the_new_lock(build_uri)
 
 
 # Takeover races ----------------------------------------------------------------------------------
-def test_several_processes_race_for_a_stale_lock_and_exactly_one_wins(build_uri, env):
+def test_several_processes_race_for_a_stale_lock_and_exactly_one_wins(
+    build_uri: str, env: dict[str, str]
+) -> None:
     holder = start_holder(build_uri, env=env)
     kill_9(holder)
     start_at = time.time() + 6.0  # every contender has imported and is waiting by then
@@ -419,7 +425,9 @@ def test_several_processes_race_for_a_stale_lock_and_exactly_one_wins(build_uri,
     assert not lock_exists(build_uri)
 
 
-def test_two_takers_of_one_stale_lock_interleaved_only_the_first_wins(build_uri, env):
+def test_two_takers_of_one_stale_lock_interleaved_only_the_first_wins(
+    build_uri: str, env: dict[str, str]
+) -> None:
     """The step that makes takeover atomic, in the worst interleaving: both takers judged the same
     stale lock before either replaced it."""
     holder = start_holder(build_uri, env=env)
@@ -438,7 +446,7 @@ def test_two_takers_of_one_stale_lock_interleaved_only_the_first_wins(build_uri,
         assert sorted(p.name for p in Path(build_uri).iterdir()) == [LOCK_NAME]
 
 
-def test_the_lock_names_no_secret(tmp_path, monkeypatch):
+def test_the_lock_names_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = "s3cr3t-in-argv"
     monkeypatch.setattr(sys, "argv", ["spectralearth", "run", "--input", f"s3://KEY:{secret}@bucket/x"])
     store = BuildStore(str(tmp_path / "build"))
