@@ -133,7 +133,7 @@ def stored(build_with_every_int16: BuildStore) -> np.ndarray:
     return np.asarray(zarr.open_array(build_with_every_int16.path("dataset.zarr/reflectance"), mode="r")[:])
 
 
-def test_the_float32_rule_over_every_int16_value():
+def test_the_float32_rule_over_every_int16_value() -> None:
     expected = _expected_float32(EVERY_INT16)
     assert _same_bits(to_reflectance(EVERY_INT16), expected)
     valid = EVERY_INT16 != NODATA
@@ -145,7 +145,9 @@ def test_the_float32_rule_over_every_int16_value():
     assert (product != expected[valid]).sum() > 10_000
 
 
-def test_query_to_xarray_gives_float32_bit_for_bit(build_with_every_int16, stored, active_rows):
+def test_query_to_xarray_gives_float32_bit_for_bit(
+    build_with_every_int16: BuildStore, stored: np.ndarray, active_rows: list[int]
+) -> None:
     result = query(build_with_every_int16.uri)
     ds = result.to_xarray()
     assert ds["reflectance"].dtype == np.float32
@@ -158,7 +160,9 @@ def test_query_to_xarray_gives_float32_bit_for_bit(build_with_every_int16, store
     assert _same_bits(raw, stored[rows])
 
 
-def test_patch_dataset_gives_float32_bit_for_bit(build_with_every_int16, stored, active_rows):
+def test_patch_dataset_gives_float32_bit_for_bit(
+    build_with_every_int16: BuildStore, stored: np.ndarray, active_rows: list[int]
+) -> None:
     floats = PatchDataset(build_with_every_int16)
     ints = PatchDataset(build_with_every_int16, dtype="int16")
     # only the index's rows, never the rows a grown build keeps for superseded patches
@@ -173,7 +177,9 @@ def test_patch_dataset_gives_float32_bit_for_bit(build_with_every_int16, stored,
     assert np.isnan(every.reflectance).sum() == (stored[every.row] == NODATA).sum() > 0
 
 
-def test_patch_dataset_picks_the_active_row_of_a_superseded_id(build_with_every_int16, active_rows):
+def test_patch_dataset_picks_the_active_row_of_a_superseded_id(
+    build_with_every_int16: BuildStore, active_rows: list[int]
+) -> None:
     index = pq.read_table(build_with_every_int16.path("index/patches.parquet"), columns=["row", "patch_id"])
     retired = pq.read_table(build_with_every_int16.path("index/retired.parquet"), columns=["patch_id"])
     row_of = dict(zip(index.column("patch_id").to_pylist(), index.column("row").to_pylist(), strict=True))
@@ -183,7 +189,9 @@ def test_patch_dataset_picks_the_active_row_of_a_superseded_id(build_with_every_
     assert dataset.rows.tolist() == [row_of[p] for p in superseded]
 
 
-def test_torch_adapter_hands_torch_the_float32_array(build_with_every_int16, stored, monkeypatch):
+def test_torch_adapter_hands_torch_the_float32_array(
+    build_with_every_int16: BuildStore, stored: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """torch is not installed here: a recording `from_numpy` stands in for torch's, which keeps the
     dtype of the array it wraps. What the adapter hands it is what is checked."""
     handed: list[np.ndarray] = []
@@ -226,8 +234,11 @@ def _run_readme_block(block: str, build: BuildStore, monkeypatch) -> dict:
 
 
 def test_readme_xarray_line_gives_float32_and_says_why(
-    build_with_every_int16, stored, active_rows, monkeypatch
-):
+    build_with_every_int16: BuildStore,
+    stored: np.ndarray,
+    active_rows: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     section = _readme_section("Reading the dataset")
     assert "float64" in section and "JSON" in section
     (block,) = [b for b in _readme_blocks("Reading the dataset") if "xr.open_zarr" in b]
@@ -244,7 +255,7 @@ def test_readme_xarray_line_gives_float32_and_says_why(
     assert plain["reflectance"].dtype == np.float64
 
 
-def test_tensorstore_refuses_the_string_id_arrays(build_with_every_int16):
+def test_tensorstore_refuses_the_string_id_arrays(build_with_every_int16: BuildStore) -> None:
     """TensorStore (0.1.86 here) knows neither zarr-python's `string` data type (vlen-utf8) nor the
     fixed-length ones; when this starts to pass without raising, the README can drop its recipe."""
     for name in ID_ARRAYS:
@@ -254,8 +265,11 @@ def test_tensorstore_refuses_the_string_id_arrays(build_with_every_int16):
 
 
 def test_readme_tensorstore_recipe_gives_the_zarr_ids(
-    build_with_every_int16, stored, active_rows, monkeypatch
-):
+    build_with_every_int16: BuildStore,
+    stored: np.ndarray,
+    active_rows: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     (block,) = [b for b in _readme_blocks("Reading the dataset") if "tensorstore" in b]
     namespace = _run_readme_block(block, build_with_every_int16, monkeypatch)
     group = zarr.open_group(build_with_every_int16.path("dataset.zarr"), mode="r", use_consolidated=False)
