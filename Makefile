@@ -8,7 +8,7 @@ INPUT ?= $(BUILD)-products
 SCHEDULER ?= local
 STAGE_ARGS = --manifest $(MANIFEST) --build $(BUILD) --scheduler $(SCHEDULER)
 
-.PHONY: setup constraints demo test lint inventory mask tile dedup write catalog report split labels export-benchmark bench clean
+.PHONY: setup constraints demo test test-slow test-all lint inventory mask tile dedup write catalog report split labels export-benchmark bench clean
 
 # The stamp is rebuilt whenever the package's requirements or their pinned versions change.
 # constraints.txt holds the exact versions of the last green run, so a fresh clone installs what was
@@ -71,8 +71,17 @@ lint: setup
 	$(BIN)/ruff format --check pipeline stac tests bench
 	$(BIN)/mypy
 
+# `make test`: lint and every test except the slow end-to-end ones (marked `slow`: demo builds, faults,
+# kills, outages), under 8 minutes on 2 cores. `make test-slow` runs only those; `make test-all` both,
+# one after the other, so nothing runs twice (CI runs them all: .ci/run).
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+test-all: test
+	$(MAKE) test-slow
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis

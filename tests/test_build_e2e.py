@@ -19,6 +19,7 @@ from pipeline.manifest import Manifest
 from pipeline.quality import BACKGROUND, CLOUD, CLOUD_SHADOW, NODATA, WATER
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
+from tests.conftest import copy_build
 from tests.helpers import spectral_gdal_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,14 +27,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory, demo_products) -> tuple[Path, Truth, BuildStore, Manifest]:
+def build(demo_products, demo_build, demo_manifest) -> tuple[Path, Truth, BuildStore, Manifest]:
+    """The session's demo build (inventory to catalog on two threads; read-only: copy it to change it)."""
     products, truth = demo_products
-    manifest = Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
-    store = BuildStore(str(tmp_path_factory.mktemp("build")))
-    scheduler = Scheduler("threads", workers=2, progress=False)
-    for name in ("inventory", "mask", "tile", "dedup", "write", "catalog"):
-        stages.run_stage(name, manifest, store, scheduler, inputs=[str(products)])
-    return products, truth, store, manifest
+    return products, truth, demo_build, demo_manifest
 
 
 def test_build_matches_truth(build):
@@ -420,12 +417,12 @@ def test_query_cli(build, tmp_path):
     assert bad.exit_code == 0 and "0 patch(es)" in bad.output
 
 
-def test_report_split_and_query_by_split_cli(build):
+def test_report_split_and_query_by_split_cli(build, tmp_path):
     from click.testing import CliRunner
 
     from pipeline.cli import main
 
-    _, _, store, _ = build
+    store = copy_build(build[2], tmp_path / "build")  # report and split write into the build
     runner = CliRunner()
     manifest = str(REPO / "manifests" / "demo.yaml")
     report = runner.invoke(

@@ -14,9 +14,6 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline import stages
-from pipeline.demo import DEMO_CONFIG
-from pipeline.enmap.synth import generate
 from pipeline.loader import (
     NODATA,
     Normalize,
@@ -29,8 +26,6 @@ from pipeline.loader import (
     pick_two_dates,
     to_reflectance,
 )
-from pipeline.manifest import Manifest
-from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,15 +33,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> BuildStore:
-    products = tmp_path_factory.mktemp("products")
-    generate(products, DEMO_CONFIG)
-    manifest = Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
-    built = BuildStore(str(tmp_path_factory.mktemp("build")))
-    scheduler = Scheduler("synchronous", progress=False)
-    for name in ("inventory", "mask", "tile", "dedup", "write"):
-        stages.run_stage(name, manifest, built, scheduler, inputs=[str(products)])
-    return built
+def store(demo_build: BuildStore) -> BuildStore:
+    """The session's demo build (read-only: the tests that change it work on a copy)."""
+    return demo_build
 
 
 @pytest.fixture(scope="module")

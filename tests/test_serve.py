@@ -71,19 +71,7 @@ def api(tables_build: Path) -> Any:
         yield url
 
 
-@pytest.fixture(scope="module")
-def demo_build(tmp_path_factory: pytest.TempPathFactory, demo_products: Any) -> BuildStore:
-    from pipeline import stages
-    from pipeline.manifest import Manifest
-    from pipeline.run import Scheduler
-
-    products, _ = demo_products
-    manifest = Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
-    store = BuildStore(str(tmp_path_factory.mktemp("demo-build")))
-    scheduler = Scheduler("threads", workers=2, progress=False)
-    for name in ("inventory", "mask", "tile", "dedup", "write", "catalog"):
-        stages.run_stage(name, manifest, store, scheduler, inputs=[str(products)])
-    return store
+# `demo_build` (tests/conftest.py): the session's demo build, read-only.
 
 
 def _ids(client: Client, **search: Any) -> list[str]:
