@@ -110,13 +110,15 @@ class AuthorsLoaderStandIn:
 
 
 @pytest.fixture(scope="module")
-def exported(build, tmp_path_factory) -> Path:
+def exported(build: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("export")
     export_benchmark(build["store"], "cdl", out, split="random", seed=0)
     return out
 
 
-def test_the_authors_loader_reads_the_export(build, exported, monkeypatch):
+def test_the_authors_loader_reads_the_export(
+    build: dict, exported: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = build["store"]
     monkeypatch.chdir(exported)  # their split paths are relative to the working directory
     classes = [0, *label_array(store, "cdl").attrs["class_codes"]]
@@ -144,7 +146,7 @@ def test_the_authors_loader_reads_the_export(build, exported, monkeypatch):
     assert sorted(seen) == included_patches(store, "cdl")
 
 
-def test_random_split_follows_the_paper(build, exported, tmp_path):
+def test_random_split_follows_the_paper(build: dict, exported: Path, tmp_path: Path) -> None:
     n = len(included_patches(build["store"], "cdl"))
     lines = {
         part: (exported / "data" / "splits" / "enmap_cdl" / f"{part}.txt").read_text().splitlines()
@@ -157,7 +159,7 @@ def test_random_split_follows_the_paper(build, exported, tmp_path):
     assert (again / "data/splits/enmap_cdl/train.txt").read_text() == "\n".join(lines["train"]) + "\n"
 
 
-def test_blocked_split_keeps_each_location_in_one_split(build, tmp_path):
+def test_blocked_split_keeps_each_location_in_one_split(build: dict, tmp_path: Path) -> None:
     written = export_benchmark(build["store"], "corine", tmp_path, split="blocked", seed=3)
     split_dir = tmp_path / "data" / "splits" / "enmap_corine"
     where: dict[str, str] = {}
@@ -170,7 +172,7 @@ def test_blocked_split_keeps_each_location_in_one_split(build, tmp_path):
     assert listed + written.splits.get("buffer", 0) == written.patches
 
 
-def test_multilabel_export_has_a_multi_hot_table(build, tmp_path):
+def test_multilabel_export_has_a_multi_hot_table(build: dict, tmp_path: Path) -> None:
     written = export_benchmark(build["store"], "corine", tmp_path)
     assert written.multi_hot is not None
     table = read_label_table(build["store"], "corine").set_index("patch_id")
@@ -188,7 +190,7 @@ def test_multilabel_export_has_a_multi_hot_table(build, tmp_path):
     assert single.multi_hot is None
 
 
-def test_patch_dataset_returns_labels(build):
+def test_patch_dataset_returns_labels(build: dict) -> None:
     store = build["store"]
     dataset = PatchDataset(store, labels="cdl")
     labels = label_array(store, "cdl")
@@ -201,7 +203,7 @@ def test_patch_dataset_returns_labels(build):
         PatchDataset(store, patch_ids=dataset.patch_ids[:1], labels="nope")
 
 
-def test_cli_labels_query_and_export(build, tmp_path):
+def test_cli_labels_query_and_export(build: dict, tmp_path: Path) -> None:
     runner = CliRunner()
     store = build["store"]
     args = ["--manifest", str(build["manifest_path"]), "--build", store.uri, "--scheduler", "synchronous"]
@@ -224,7 +226,7 @@ def test_cli_labels_query_and_export(build, tmp_path):
     assert "run `spectralearth labels` first" in result.output
 
 
-def test_export_refuses_bad_arguments(build, tmp_path):
+def test_export_refuses_bad_arguments(build: dict, tmp_path: Path) -> None:
     with pytest.raises(BenchmarkError):
         export_benchmark(build["store"], "cdl", tmp_path, split="spatial")
     with pytest.raises(BenchmarkError):
@@ -234,14 +236,14 @@ def test_export_refuses_bad_arguments(build, tmp_path):
 @given(
     st.lists(st.text("0123456789/", min_size=1, max_size=8), unique=True, max_size=60), st.integers(0, 10**6)
 )
-def test_paper_random_split_partitions_with_the_paper_sizes(paths, seed):
+def test_paper_random_split_partitions_with_the_paper_sizes(paths, seed) -> None:
     parts = paper_random_split(paths, seed)
     assert len(parts["train"]) == int(0.75 * len(paths)) and len(parts["val"]) == int(0.10 * len(paths))
     assert sorted(parts["train"] + parts["val"] + parts["test"]) == sorted(paths)
     assert parts == paper_random_split(list(reversed(paths)), seed)
 
 
-def test_report_quicklooks_show_the_first_benchmark(build):
+def test_report_quicklooks_show_the_first_benchmark(build: dict) -> None:
     from pipeline.html_report.data import load_report_data
     from pipeline.html_report.figures import sample_png
 
