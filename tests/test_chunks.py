@@ -119,7 +119,7 @@ def datasets(draw):
 
 @settings(max_examples=40, deadline=None)
 @given(datasets())
-def test_assembled_shards_are_the_bytes_zarr_writes(case):
+def test_assembled_shards_are_the_bytes_zarr_writes(case) -> None:
     """Rows written by zarr-python into arrays made by `ensure_arrays`, either row by row (rows not
     written stay absent) or as whole arrays (rows not chosen hold the fill value), with and without
     write_empty_chunks: every shard object, present or not, equals the assembly of encode_chunk."""
@@ -161,7 +161,7 @@ def test_assembled_shards_are_the_bytes_zarr_writes(case):
                 assert shard_chunks(codec, shard, per_shard) == mine + [None] * (per_shard - len(mine))
 
 
-def test_full_size_patches_match_zarr(tmp_path):
+def test_full_size_patches_match_zarr(tmp_path: Path) -> None:
     """The real layout once: 202 bands x 128 x 128, 3 patches per shard, 4 rows (last shard partial),
     one patch with nodata pixels, one all-fill patch, clean and flagged masks; the pipeline's setting
     (write_empty_chunks on)."""
@@ -218,7 +218,9 @@ def write_assembled(store: BuildStore, m: Manifest, cube: np.ndarray, bits: np.n
         (6, 2, [False, False, True, True, True, False]),  # a shard with no chunk: no object at all
     ],
 )
-def test_assembled_shards_read_back_with_zarr_and_tensorstore(tmp_path, rows, per_shard, present):
+def test_assembled_shards_read_back_with_zarr_and_tensorstore(
+    tmp_path: Path, rows: int, per_shard: int, present
+) -> None:
     rng = np.random.default_rng(rows * 10 + per_shard)
     m = manifest(16, per_shard)
     kinds = [KINDS[i % len(KINDS)] for i in range(rows)]
@@ -238,7 +240,7 @@ def test_assembled_shards_read_back_with_zarr_and_tensorstore(tmp_path, rows, pe
         np.testing.assert_array_equal(array[rows - 1].read().result(), want[rows - 1])
 
 
-def test_codec_from_manifest_is_the_arrays_codec(tmp_path):
+def test_codec_from_manifest_is_the_arrays_codec(tmp_path: Path) -> None:
     """The manifest-built codecs equal the ones parsed from the zarr.json that ensure_arrays writes."""
     m = manifest(24, 6, level=3)
     store = BuildStore(str(tmp_path))
@@ -250,7 +252,7 @@ def test_codec_from_manifest_is_the_arrays_codec(tmp_path):
     assert reflectance_codec(m, 7).chunk_shape == (1, 7, 24, 24) and reflectance_codec(m, 7).clevel == 3
 
 
-def test_other_layouts_are_refused(tmp_path):
+def test_other_layouts_are_refused(tmp_path: Path) -> None:
     plain = zarr.create_array(str(tmp_path / "plain"), shape=(4, 4), chunks=(2, 2), dtype="int16")
     with pytest.raises(ValueError, match="sharded"):
         ChunkCodec.from_array_metadata(plain.metadata.to_dict())
@@ -269,12 +271,12 @@ def test_other_layouts_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("grid", [(4, 2, 2), (3, 3), (5, 1, 1, 1), (2, 3, 5), (1, 7), (6,)])
-def test_morton_order_is_zarrs(grid):
+def test_morton_order_is_zarrs(grid) -> None:
     flat = [int(np.ravel_multi_index(tuple(c), grid)) for c in _morton_order(grid)]
     assert list(morton_order(grid)) == flat
 
 
-def test_multidimensional_shard_grid_matches_zarr(tmp_path):
+def test_multidimensional_shard_grid_matches_zarr(tmp_path: Path) -> None:
     """Shards of 4 x 2 x 2 inner chunks, where Morton order differs from C order."""
     rng = np.random.default_rng(7)
     blosc = BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.bitshuffle)
@@ -301,7 +303,7 @@ def test_multidimensional_shard_grid_matches_zarr(tmp_path):
 @pytest.mark.parametrize(
     "cname, clevel, blocksize", [("lz4", 5, 0), ("zstd", 1, 1024 * 1024), ("zstd", 3, 65536)]
 )
-def test_other_blosc_settings_match_zarr(tmp_path, cname, clevel, blocksize):
+def test_other_blosc_settings_match_zarr(tmp_path: Path, cname: str, clevel: int, blocksize) -> None:
     """The codec choices the bench compares (another compressor, an explicit block size) are still
     byte-identical to zarr-python's shards."""
     rng = np.random.default_rng(clevel)
@@ -320,7 +322,7 @@ def test_other_blosc_settings_match_zarr(tmp_path, cname, clevel, blocksize):
         assert stored == assemble_shard(codec, chunks[2 * shard : 2 * shard + 2], 2)
 
 
-def test_encode_chunk_edges():
+def test_encode_chunk_edges() -> None:
     m = manifest(8, 2)
     codec = reflectance_codec(m, 3)
     patch = make_patch(np.random.default_rng(1), "holes", 3, 8)
@@ -344,7 +346,7 @@ def test_encode_chunk_edges():
     assert assemble_shard(codec, [], 2) is None
 
 
-def test_corrupt_shards_are_reported():
+def test_corrupt_shards_are_reported() -> None:
     codec = quality_codec(manifest(8, 3))
     rng = np.random.default_rng(3)
     chunks = [encode_chunk(codec, make_quality(rng, 8, clean=False)) for _ in range(2)]
@@ -384,7 +386,7 @@ def moments_equal(a: BandMoments, b: BandMoments) -> bool:
     st.integers(0, 2**32 - 1),
     st.data(),
 )
-def test_cell_sums_merge_to_todays_statistics(rows, bands, size, per_shard, seed, data):
+def test_cell_sums_merge_to_todays_statistics(rows, bands, size, per_shard, seed, data) -> None:
     """Cells' sums merged per shard equal, bit for bit, BandMoments.of_block of the shard's active
     rows (what write records today); merged over the whole array they equal of_block of the whole
     array; and merging the shards' moments in shard order gives today's statistics."""
@@ -410,7 +412,7 @@ def test_cell_sums_merge_to_todays_statistics(rows, bands, size, per_shard, seed
     assert all(CellSums.from_json(json.loads(json.dumps(c.to_json()))) == c for c in cells)
 
 
-def test_cell_sums_of_a_full_size_patch_are_exact():
+def test_cell_sums_of_a_full_size_patch_are_exact() -> None:
     """Extreme values over a 202 x 128 x 128 patch: Python-integer sums, no overflow on merging."""
     patch = np.full((202, 128, 128), 32767, np.int16)
     patch[1, ::2] = -32767
@@ -428,7 +430,7 @@ def test_cell_sums_of_a_full_size_patch_are_exact():
         CellSums.of_patch(patch.astype(np.int32))
 
 
-def test_chunk_codec_checks_its_settings():
+def test_chunk_codec_checks_its_settings() -> None:
     codec = quality_codec(manifest(8, 2))
     for bad in (
         {"dtype": ">u2"},
@@ -444,7 +446,7 @@ def test_chunk_codec_checks_its_settings():
     assert codec.key() != replace(codec, clevel=4).key() != replace(codec, write_empty_chunks=False).key()
 
 
-def test_tensorstore_reads_a_zarr_written_dataset_too(tmp_path):
+def test_tensorstore_reads_a_zarr_written_dataset_too(tmp_path: Path) -> None:
     """Sanity check of the TensorStore oracle itself on a dataset zarr-python wrote."""
     m = manifest(8, 2)
     store = BuildStore(str(tmp_path))
@@ -459,7 +461,7 @@ def test_tensorstore_reads_a_zarr_written_dataset_too(tmp_path):
     np.testing.assert_array_equal(ts.open(spec).result().read().result(), values)
 
 
-def test_codec_bench_runs_and_reports_every_choice(tmp_path):
+def test_codec_bench_runs_and_reports_every_choice(tmp_path: Path) -> None:
     """bench/codec_bench.py --quick: a table and a dict with every choice (no timing is asserted)."""
     out = tmp_path / "codecs.json"
     bench = Path(__file__).resolve().parent.parent / "bench" / "codec_bench.py"
