@@ -100,7 +100,9 @@ BAD_QUERIES = [
 
 
 @pytest.mark.parametrize(("kwargs", "argv", "message"), BAD_QUERIES)
-def test_bad_query_values_end_in_one_line(build, kwargs, argv, message):
+def test_bad_query_values_end_in_one_line(
+    build: tuple[Path, list[dict[str, Any]]], kwargs, argv, message
+) -> None:
     root, _ = build
     with pytest.raises(QueryError, match=message.replace("[", r"\[").replace("]", r"\]")) as caught:
         query(str(root), **kwargs)
@@ -142,7 +144,9 @@ GEOJSON_ERRORS = [
 
 
 @pytest.mark.parametrize(("document", "message"), GEOJSON_ERRORS)
-def test_bad_geojson_ends_in_one_line(build, tmp_path, document, message):
+def test_bad_geojson_ends_in_one_line(
+    build: tuple[Path, list[dict[str, Any]]], tmp_path: Path, document, message
+) -> None:
     root, _ = build
     with pytest.raises(QueryError) as caught:
         query(str(root), intersects=document)
@@ -162,12 +166,16 @@ def test_bad_geojson_ends_in_one_line(build, tmp_path, document, message):
         (["--datetime", "2023-02-01/2023-01-01"], "the interval ends before it starts"),
     ],
 )
-def test_other_bad_query_words_end_in_one_line(build, argv, message):
+def test_other_bad_query_words_end_in_one_line(
+    build: tuple[Path, list[dict[str, Any]]], argv, message: str
+) -> None:
     root, _ = build
     assert_one_line_error(run("query", "--build", str(root), *argv), message)
 
 
-def test_a_feature_collection_is_the_union_of_its_features(build, tmp_path):
+def test_a_feature_collection_is_the_union_of_its_features(
+    build: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
     root, items = build
     first, last = shape(items[0]["geometry"]), shape(items[-1]["geometry"])
     # two small areas, each inside one item, far apart: the union finds both (and their neighbours)
@@ -193,7 +201,9 @@ def test_a_feature_collection_is_the_union_of_its_features(build, tmp_path):
     assert ids_of(run("query", "--build", str(root), "--intersects", str(path))) == list(result.ids)
 
 
-def test_a_self_intersecting_polygon_is_repaired_not_a_crash(build):
+def test_a_self_intersecting_polygon_is_repaired_not_a_crash(
+    build: tuple[Path, list[dict[str, Any]]],
+) -> None:
     root, items = build
     west, south, east, north = shape(items[0]["geometry"]).bounds
     bowtie = {
@@ -215,20 +225,22 @@ def test_a_self_intersecting_polygon_is_repaired_not_a_crash(build):
         ("blocked:training", "split 'blocked' has no part 'training'; its parts: train, validation, test"),
     ],
 )
-def test_bad_split_names_what_exists(build, spec, message):
+def test_bad_split_names_what_exists(
+    build: tuple[Path, list[dict[str, Any]]], spec: str, message: str
+) -> None:
     root, _ = build
     with pytest.raises(QueryError, match=message):
         query(str(root), split=spec)
     assert_one_line_error(run("query", "--build", str(root), "--split", spec), message)
 
 
-def test_split_of_a_build_without_splits(tmp_path):
+def test_split_of_a_build_without_splits(tmp_path: Path) -> None:
     store = BuildStore(str(tmp_path))
     with pytest.raises(QueryError, match="this build has no split yet"):
         query(store, split="blocked:train")
 
 
-def test_split_keeps_that_part(build):
+def test_split_keeps_that_part(build: tuple[Path, list[dict[str, Any]]]) -> None:
     root, _ = build
     table = pq.read_table(root / "splits" / "blocked.parquet").to_pylist()
     train = {row["patch_id"] for row in table if row["split"] == "train"}
@@ -249,7 +261,7 @@ def test_split_keeps_that_part(build):
         ("-72.5", "40.5", "-72", "41"),  # the issue's example: no item there
     ],
 )
-def test_bbox_forms_give_the_same_ids(build, numbers):
+def test_bbox_forms_give_the_same_ids(build: tuple[Path, list[dict[str, Any]]], numbers) -> None:
     root, items = build
     comma = ",".join(numbers)
     words = run("query", "--build", str(root), "--bbox", *numbers)
@@ -267,7 +279,7 @@ def test_bbox_forms_give_the_same_ids(build, numbers):
     assert sorted(expected) == sorted(i["id"] for i in items if shape(i["geometry"]).intersects(area))
 
 
-def test_bbox_expected_sizes(build):
+def test_bbox_expected_sizes(build: tuple[Path, list[dict[str, Any]]]) -> None:
     root, items = build
     assert len(query(str(root), bbox=(-5, 40, 20, 50))) == len(items)
     assert 0 < len(query(str(root), bbox=(10.7, -10, 10.8, 47.6))) < len(items)
@@ -284,13 +296,13 @@ def test_bbox_expected_sizes(build):
         (["--ids", "a", "--", "--bbox", "1", "2"], ["--ids", "a", "--", "--bbox", "1", "2"]),
     ],
 )
-def test_join_bbox_words(argv, joined):
+def test_join_bbox_words(argv, joined) -> None:
     assert join_bbox_words(argv) == joined
 
 
 # No traceback, no secret ------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["inventory", "run"])
-def test_credentials_in_an_input_are_refused_without_printing_them(tmp_path, command):
+def test_credentials_in_an_input_are_refused_without_printing_them(tmp_path: Path, command: str) -> None:
     result = run(
         command,
         "--manifest",
@@ -307,7 +319,7 @@ def test_credentials_in_an_input_are_refused_without_printing_them(tmp_path, com
     assert not (tmp_path / "build").exists()  # refused before any work
 
 
-def test_credentials_in_a_real_process_never_reach_the_terminal(tmp_path):
+def test_credentials_in_a_real_process_never_reach_the_terminal(tmp_path: Path) -> None:
     env = {**os.environ, "SPECTRALEARTH_DEBUG": "1"}  # even when tracebacks are asked for
     for argv in (
         ["inventory", "--manifest", str(REPO / "manifests" / "demo.yaml"), "--build", str(tmp_path / "b")],
@@ -333,7 +345,7 @@ def test_credentials_in_a_real_process_never_reach_the_terminal(tmp_path):
         )
 
 
-def test_a_manifest_input_with_credentials_is_one_line(tmp_path):
+def test_a_manifest_input_with_credentials_is_one_line(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(f"name: x\ninputs: ['{CREDENTIAL_URI}']\n")
     result = run("inventory", "--manifest", str(manifest), "--build", str(tmp_path / "b"))
@@ -352,14 +364,16 @@ def test_a_manifest_input_with_credentials_is_one_line(tmp_path):
         ("name: x\nwrite:\n  patches_per_shard: 1000000000\n", "'write.patches_per_shard' 1000000000 makes"),
     ],
 )
-def test_bad_manifest_numbers_are_one_line(tmp_path, manifest_text, message):
+def test_bad_manifest_numbers_are_one_line(tmp_path: Path, manifest_text: str, message: str) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(manifest_text)
     result = run("inventory", "--manifest", str(manifest), "--build", str(tmp_path / "b"), "--input", "x")
     assert_one_line_error(result, message)
 
 
-def test_an_unexpected_error_is_one_line_and_redacted(build, monkeypatch):
+def test_an_unexpected_error_is_one_line_and_redacted(
+    build: tuple[Path, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, _ = build
 
     def broken(*args: Any, **kwargs: Any) -> Any:
@@ -382,7 +396,7 @@ def test_an_unexpected_error_is_one_line_and_redacted(build, monkeypatch):
     )
 
 
-def test_a_command_without_the_decorator_still_ends_in_one_line():
+def test_a_command_without_the_decorator_still_ends_in_one_line() -> None:
     """The group catches what a command forgot to: commands added later are covered too."""
     group = cli.OneLineGroup()
 
@@ -399,7 +413,7 @@ def test_a_command_without_the_decorator_still_ends_in_one_line():
     assert CliRunner().invoke(group, ["fine"]).output == "ok\n"
 
 
-def test_a_usage_error_does_not_echo_credentials(build):
+def test_a_usage_error_does_not_echo_credentials(build: tuple[Path, list[dict[str, Any]]]) -> None:
     """click repeats a bad value in its usage error; credentials in it are masked."""
     root, _ = build
     result = run("query", "--build", str(root), "--limit", f"many {CREDENTIAL_URI}")
