@@ -64,7 +64,7 @@ def oracle(items):
 
 @settings(max_examples=300, deadline=None)
 @given(candidate_lists)
-def test_choice_matches_oracle(items):
+def test_choice_matches_oracle(items) -> None:
     chosen = choose_patches(items)
     assert {p.patch_id: (p.candidate.scene_id, p.duplicates) for p in chosen} == oracle(items)
     # Every candidate is either kept or named as a duplicate, exactly once.
@@ -74,7 +74,7 @@ def test_choice_matches_oracle(items):
 
 @settings(max_examples=200, deadline=None)
 @given(candidate_lists, st.randoms(use_true_random=False))
-def test_independent_of_input_order(items, rnd):
+def test_independent_of_input_order(items, rnd) -> None:
     shuffled = list(items)
     rnd.shuffle(shuffled)
     assert choose_patches(items) == choose_patches(shuffled)
@@ -82,7 +82,7 @@ def test_independent_of_input_order(items, rnd):
 
 @settings(max_examples=200, deadline=None)
 @given(candidate_lists)
-def test_idempotent(items):
+def test_idempotent(items) -> None:
     once = choose_patches(items)
     twice = choose_patches([p.candidate for p in once])
     assert [p.patch_id for p in twice] == [p.patch_id for p in once]
@@ -90,7 +90,7 @@ def test_idempotent(items):
     assert all(p.duplicates == () for p in twice)
 
 
-def test_newest_version_wins_over_fewer_flags():
+def test_newest_version_wins_over_fewer_flags() -> None:
     old = Candidate(LOCATIONS[0], "0000000101", "A", date(2023, 5, 1), "V010303", 0)
     new = Candidate(LOCATIONS[0], "0000000101", "B", date(2023, 5, 1), "V010400", 40)
     (patch,) = choose_patches([old, new])
@@ -98,7 +98,7 @@ def test_newest_version_wins_over_fewer_flags():
     assert patch.patch_id == "EPSG32632-0010-0020_20230501_DT0000000101"
 
 
-def test_rows_group_scenes():
+def test_rows_group_scenes() -> None:
     items = [
         Candidate(LOCATIONS[k], datatake, scene, date(2023, 5, 1), "V010303", 0, row_off=k * 128)
         for scene, datatake in (("B", "0000000102"), ("A", "0000000101"))
@@ -109,13 +109,13 @@ def test_rows_group_scenes():
     assert [p.candidate.row_off for p in chosen] == [0, 128, 0, 128]
 
 
-def test_neighbour_zones_wrap():
+def test_neighbour_zones_wrap() -> None:
     assert neighbour_zones(32632) == (32631, 32633)
     assert neighbour_zones(32601) == (32660, 32602)
     assert neighbour_zones(32760) == (32759, 32701)
 
 
-def test_neighbour_zone_overlap_found_across_the_zone_edge():
+def test_neighbour_zone_overlap_found_across_the_zone_edge() -> None:
     from pyproj import Transformer
 
     spec = GridSpec()
@@ -185,7 +185,7 @@ def _overlaps_oracle(location_ids, spec):
     st.sampled_from([(32632, 47.5), (32610, 40.0), (32760, -33.0), (32601, 62.0)]),
     st.lists(st.tuples(st.floats(-0.45, 0.45), st.floats(-0.5, 0.5)), min_size=1, max_size=30),
 )
-def test_neighbour_overlaps_match_cell_by_cell_oracle(zone_and_lat, offsets):
+def test_neighbour_overlaps_match_cell_by_cell_oracle(zone_and_lat, offsets) -> None:
     from pyproj import Transformer
 
     spec = GridSpec()
@@ -247,7 +247,7 @@ def _plan(rows):
     return frame
 
 
-def test_build_index_tables_match_row_by_row_lookup():
+def test_build_index_tables_match_row_by_row_lookup() -> None:
     import pandas as pd
 
     from pipeline.dedup import build_index
@@ -284,7 +284,7 @@ def test_build_index_tables_match_row_by_row_lookup():
         assert (location["i"], location["j"]) == (int(mine["i"].iloc[0]), int(mine["j"].iloc[0]))
 
 
-def test_build_index_without_kept_patches():
+def test_build_index_without_kept_patches() -> None:
     import pandas as pd
 
     from pipeline.dedup import build_index
