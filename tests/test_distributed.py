@@ -14,6 +14,7 @@ import pytest
 import zarr
 
 from pipeline import stages
+from pipeline.enmap.synth import Truth
 from pipeline.manifest import Manifest
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
@@ -41,7 +42,9 @@ def arrays(target: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def synchronous_build(tmp_path_factory, demo_products, manifest):
+def synchronous_build(
+    tmp_path_factory: pytest.TempPathFactory, demo_products: tuple[Path, Truth], manifest: Manifest
+):
     products, _ = demo_products
     target = tmp_path_factory.mktemp("sync")
     build(manifest, Scheduler("synchronous", progress=False), products, target)
@@ -49,8 +52,8 @@ def synchronous_build(tmp_path_factory, demo_products, manifest):
 
 
 def test_local_cluster_equals_synchronous_and_survives_a_dead_worker(
-    demo_products, manifest, synchronous_build, tmp_path
-):
+    demo_products: tuple[Path, Truth], manifest: Manifest, synchronous_build, tmp_path: Path
+) -> None:
     products, truth = demo_products
     victim = truth.products[0].scene_id
     # The first task of this scene's SceneRecord (its mask task) kills its worker process (SIGKILL);
@@ -77,7 +80,9 @@ def test_local_cluster_equals_synchronous_and_survives_a_dead_worker(
         assert set(client.run(dask.config.get, "distributed.worker.profile.enabled").values()) == {False}
 
 
-def test_product_that_keeps_killing_workers_is_rejected(demo_products, manifest, tmp_path):
+def test_product_that_keeps_killing_workers_is_rejected(
+    demo_products: tuple[Path, Truth], manifest: Manifest, tmp_path: Path
+) -> None:
     products, truth = demo_products
     victim = truth.products[1].scene_id
     faulty = Scheduler("local", workers=2, progress=False, allowed_failures=1)
