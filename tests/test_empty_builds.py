@@ -118,7 +118,7 @@ def assert_valid_empty_build(build: Path, manifest: Manifest) -> None:
     assert (build / tables.REPORT).stat().st_size > 0
 
 
-def test_no_patch_kept_is_a_valid_empty_build(tmp_path):
+def test_no_patch_kept_is_a_valid_empty_build(tmp_path: Path) -> None:
     # Cloudy scenes and no cloud allowed at all: every candidate cell is dropped for cloud.
     source = products(tmp_path / "products", cloud_amount=0.3)
     manifest = manifest_for(cloud=0.0)
@@ -131,7 +131,7 @@ def test_no_patch_kept_is_a_valid_empty_build(tmp_path):
     assert_valid_empty_build(tmp_path / "build", manifest)
 
 
-def test_an_empty_build_keeps_its_products_band_axis(tmp_path):
+def test_an_empty_build_keeps_its_products_band_axis(tmp_path: Path) -> None:
     source = products(tmp_path / "products", cloud_amount=0.3)
     manifest = manifest_for(cloud=0.0)
     run_all(manifest, source, tmp_path / "build")
@@ -151,7 +151,7 @@ def _shift_rasters(folder: Path, dx: float) -> None:
             dst.transform = rasterio.Affine(t.a, t.b, t.c + dx, t.d, t.e, t.f)
 
 
-def test_every_scene_dropped_at_tile_is_a_valid_empty_build(tmp_path):
+def test_every_scene_dropped_at_tile_is_a_valid_empty_build(tmp_path: Path) -> None:
     # Both products moved 10 m off the grid lattice: the tile stage rejects each one whole, so the
     # plan has no row at all and dedup gets an empty table.
     source = products(tmp_path / "products", revisits=2)
@@ -204,7 +204,7 @@ def _make_first_scene_odd(source: Path) -> str:
     return first.name
 
 
-def test_a_first_scene_with_odd_values_does_not_stop_the_catalog(tmp_path):
+def test_a_first_scene_with_odd_values_does_not_stop_the_catalog(tmp_path: Path) -> None:
     source = products(tmp_path / "products", revisits=2, reprocessed=1)
     odd = _make_first_scene_odd(source)
     manifest = manifest_for()
@@ -242,7 +242,7 @@ def test_a_first_scene_with_odd_values_does_not_stop_the_catalog(tmp_path):
     assert all(b["eo:full_width_half_max"] > 0 for b in bands if b["name"] != "B001")
 
 
-def test_no_scene_at_all_is_a_valid_empty_build(tmp_path):
+def test_no_scene_at_all_is_a_valid_empty_build(tmp_path: Path) -> None:
     # The CLI stops after inventory when nothing is accepted; the stages themselves still make a valid,
     # empty build of it (a later run with products then extends it like any other).
     (tmp_path / "products").mkdir()
