@@ -72,7 +72,9 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Truth, BuildS
 
 
 @pytest.fixture(scope="module")
-def exports(build, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+def exports(
+    build: tuple[Path, Truth, BuildStore], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, list[Path]]:
     """Every patch exported plain and as COG, each into a folder of its own."""
     _, _, store = build
     ids = list(store.read_geodataframe("index/patches.parquet")["patch_id"])
@@ -115,7 +117,9 @@ def _everything(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["plain", "cog"])
-def test_exports_describe_scale_nodata_and_spectrum(build, exports, kind):
+def test_exports_describe_scale_nodata_and_spectrum(
+    build: tuple[Path, Truth, BuildStore], exports: dict[str, list[Path]], kind: str
+) -> None:
     _, _, store = build
     numbers, wavelengths, fwhms = _band_axis(store)
     count = len(numbers)
@@ -145,7 +149,7 @@ def test_exports_describe_scale_nodata_and_spectrum(build, exports, kind):
 
 
 @pytest.mark.parametrize("kind", ["plain", "cog"])
-def test_everything_lives_inside_the_tif(exports, kind):
+def test_everything_lives_inside_the_tif(exports: dict[str, list[Path]], kind: str) -> None:
     """No sidecar next to the exports, after writing and after reading with PAM on; GDAL's metadata is in
     the file's own GDAL_METADATA TIFF tag (42112), read here with tifffile, not GDAL."""
     paths = exports[kind]
@@ -160,7 +164,9 @@ def test_everything_lives_inside_the_tif(exports, kind):
 
 
 @pytest.mark.parametrize("kind", ["plain", "cog"])
-def test_exported_pixels_equal_the_source_products(build, exports, kind):
+def test_exported_pixels_equal_the_source_products(
+    build: tuple[Path, Truth, BuildStore], exports: dict[str, list[Path]], kind: str
+) -> None:
     """Bit-exact: each exported int16 cube equals the kept bands of its source product at the window
     computed from the export's own georeferencing (rasterio on the delivered product, no pipeline code)."""
     products, truth, store = build
@@ -181,7 +187,7 @@ def test_exported_pixels_equal_the_source_products(build, exports, kind):
         assert cube.dtype == np.int16 and np.array_equal(cube, source), path
 
 
-def test_cog_layout_and_same_metadata_as_plain(exports):
+def test_cog_layout_and_same_metadata_as_plain(exports: dict[str, list[Path]]) -> None:
     """The COG driver's layout, checked twice: GDAL's own LAYOUT=COG report, and the file structure read
     with tifffile (tiled 128 x 128, the structural-metadata ghost header GDAL writes, every IFD before the
     first tile, tiles in increasing order); no overview for a patch that fits one tile."""
@@ -207,7 +213,7 @@ def test_cog_layout_and_same_metadata_as_plain(exports):
             assert np.array_equal(a.read(), b.read())
 
 
-def test_cog_of_a_larger_patch_gets_overviews_down_to_one_tile(tmp_path):
+def test_cog_of_a_larger_patch_gets_overviews_down_to_one_tile(tmp_path: Path) -> None:
     """Manifests allow patches up to 1024 px: GDAL's AUTO overviews then halve down to one 128 px tile
     (here 256 px: one level), and the metadata domains still come through the COG copy."""
     rng = np.random.default_rng(3)
@@ -245,7 +251,7 @@ def test_cog_of_a_larger_patch_gets_overviews_down_to_one_tile(tmp_path):
         max_size=30,
     )
 )
-def test_metadata_carries_every_wavelength_exactly(spec):
+def test_metadata_carries_every_wavelength_exactly(spec) -> None:
     """Whatever doubles the band axis holds, the ENVI lists and band items read back to the same doubles
     and each description names its band; the metadata is built without I/O."""
     bands = [SpectralBand(n, w, f) for n, w, f in spec]
@@ -259,7 +265,7 @@ def test_metadata_carries_every_wavelength_exactly(spec):
         assert _rounded_from(match[2], w) and _rounded_from(match[3], f)
 
 
-def test_query_cli_cog_export(build, tmp_path):
+def test_query_cli_cog_export(build: tuple[Path, Truth, BuildStore], tmp_path: Path) -> None:
     _, _, store = build
     runner = CliRunner()
     out = tmp_path / "cli"
