@@ -18,6 +18,7 @@ The Dask wiring (futures, retries, worker resources) stays in `pipeline.run.Sche
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,8 +26,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.cloud import clear_gdal_network_cache
-from pipeline.errors import BuildFault, StageFailed, TransientError, is_transient, one_line
-from pipeline.storage import BuildStore
+from pipeline.errors import (
+    BuildFault,
+    InternalError,
+    StageFailed,
+    TransientError,
+    is_code_fault,
+    is_transient,
+    one_line,
+)
+from pipeline.storage import BuildStore, canonical_json
 
 WORK_DIR = "_work"
 
@@ -68,6 +77,11 @@ def with_retries(function: Callable[..., Any], retry: RetryPolicy, payload: Any,
         except BuildFault:
             raise
         except Exception as exc:
+            if is_code_fault(exc):
+                raise InternalError(
+                    f"{describe(payload)}: internal error, not a fault of the product: "
+                    f"{type(exc).__name__}: {one_line(exc)}"
+                ) from exc
             if not is_transient(exc):
                 return TaskError(describe(payload), f"{type(exc).__name__}: {one_line(exc)}")
             if attempt >= len(retry.delays):
@@ -173,7 +187,7 @@ def run_items(
 
     def settle(item: WorkItem, outcome: Any, error: BaseException | None) -> None:
         if error is not None:
-            if isinstance(error, BuildFault) or (
+            if isinstance(error, BuildFault | InternalError) or (
                 is_transient(error) and type(error).__name__ != "KilledWorker"
             ):
                 failures.append(f"{item.label}: {one_line(error)}")
@@ -194,8 +208,8 @@ def run_items(
     if failures:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise StageFailed(
-            f"{stage.name}: {len(failures)} item(s) failed on a fault of the environment or the build, "
-            f"not of the product (nothing was rejected; finished items are saved, rerun to resume): "
+            f"{stage.name}: {len(failures)} item(s) failed on a fault of the environment, the build or the "
+            f"code, not of the product (nothing was rejected; finished items are saved, rerun to resume): "
             f"{failures[0]}{more}"
         )
     return ItemResults(results, reused, len(todo))
@@ -261,8 +275,4 @@ def up_to_date(
 
 def content_key(*parts: Any) -> str:
     """The content key of an item: a stable hash of everything it depends on (canonical JSON)."""
-    import hashlib
-
-    from pipeline.storage import canonical_json
-
     return hashlib.sha256(canonical_json(list(parts)).encode()).hexdigest()[:24]

@@ -72,6 +72,11 @@ class BuildFault(RuntimeError):
     validated before they are trusted."""
 
 
+class InternalError(RuntimeError):
+    """A fault of the code, not of the product (see `is_code_fault`): the stage fails naming it, and no
+    product is rejected for it; a rerun with the fixed code resumes."""
+
+
 class StageFailed(RuntimeError):
     """A stage that could not finish because of a persistent transient fault; nothing was rejected."""
 
@@ -88,6 +93,16 @@ def is_open_failure(exc: BaseException) -> bool:
     not a property of the product: the file vanished or could not be fetched (GDAL reports a failed
     /vsis3/ read during an outage as an unrecognised format)."""
     return isinstance(exc, FileNotFoundError) or bool(_OPEN_FAILURE.search(str(exc)))
+
+
+# Errors that say the code is wrong, whatever the product: the same error would reject every product of
+# an archive one by one, so they fail the stage instead. A product's own faults reach the stages as
+# ProductError, RasterioError, ValueError or OSError (parsing and reading raise those).
+_CODE_FAULTS = (AttributeError, NameError, ImportError, TypeError, AssertionError, NotImplementedError)
+
+
+def is_code_fault(exc: BaseException) -> bool:
+    return isinstance(exc, _CODE_FAULTS)
 
 
 def is_transient(exc: BaseException) -> bool:
