@@ -47,7 +47,7 @@ SIZES = (1, 100_003, 8 * MiB, 8 * MiB + 1, 37 * MiB + 123)
 
 @settings(deadline=None)
 @given(st.integers(0, 10**12), st.integers(0, 10**11), st.integers(10**7, 10**9))
-def test_split_range_covers_the_range_in_few_equal_parts(start, length, part):
+def test_split_range_covers_the_range_in_few_equal_parts(start, length, part) -> None:
     parts = split_range(start, length, part)
     assert len(parts) == math.ceil(length / part)
     covered = start
@@ -67,7 +67,7 @@ pieces_strategy = st.lists(
 
 
 @given(pieces_strategy, st.integers(0, 40))
-def test_merged_ranges_hold_every_piece_and_only_close_ones_are_merged(pieces, gap):
+def test_merged_ranges_hold_every_piece_and_only_close_ones_are_merged(pieces, gap) -> None:
     merged = merge_pieces(pieces, gap)
     assert all(r.length > 0 for r in merged)
     for piece in (p for p in pieces if p.length):
@@ -135,7 +135,7 @@ def _credentials(patch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def proxy(upstream, monkeypatch):
+def proxy(upstream, monkeypatch: pytest.MonkeyPatch):
     _credentials(monkeypatch)
     with S3Proxy(*upstream).running() as running:
         yield running
@@ -155,7 +155,7 @@ def gets(proxy: S3Proxy, uri: str) -> int:
 
 
 @pytest.mark.parametrize("part_bytes", [1, 16 * MiB])
-def test_whole_objects_in_at_most_one_get_per_8_mib(proxy, objects, part_bytes):
+def test_whole_objects_in_at_most_one_get_per_8_mib(proxy, objects, part_bytes) -> None:
     fs = through(proxy)
     options = FetchSettings(part_bytes=part_bytes, concurrency=4)
     for uri, data in objects.items():
@@ -167,7 +167,7 @@ def test_whole_objects_in_at_most_one_get_per_8_mib(proxy, objects, part_bytes):
         assert proxy.count() == gets(proxy, uri)  # no HEAD, no listing: the size was known
 
 
-def test_a_byte_range_like_a_zip_member(proxy, objects):
+def test_a_byte_range_like_a_zip_member(proxy, objects) -> None:
     uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
     data = objects[uri]
     fs = through(proxy)
@@ -184,7 +184,7 @@ def test_a_byte_range_like_a_zip_member(proxy, objects):
     assert proxy.count("HEAD") == 1 and gets(proxy, uri) == math.ceil((len(data) - start) / (16 * MiB))
 
 
-def test_parts_are_fetched_in_parallel(proxy, objects):
+def test_parts_are_fetched_in_parallel(proxy, objects) -> None:
     uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
     fs = through(proxy)
     fetch_ranges(fs, uri, len(objects[uri]), settings=FetchSettings(part_bytes=8 * MiB, concurrency=4))
@@ -192,7 +192,7 @@ def test_parts_are_fetched_in_parallel(proxy, objects):
     assert proxy.peak_connections >= 2  # several requests were in flight at once
 
 
-def test_past_the_memory_budget_bytes_stream_to_scratch(proxy, objects, tmp_path):
+def test_past_the_memory_budget_bytes_stream_to_scratch(proxy, objects, tmp_path: Path) -> None:
     uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
     data = objects[uri]
     fs = through(proxy)
@@ -221,7 +221,7 @@ def test_past_the_memory_budget_bytes_stream_to_scratch(proxy, objects, tmp_path
     assert isinstance(small, bytearray) and bytes(small) == data[5:1005]
 
 
-def test_an_object_shorter_than_expected_is_a_size_mismatch(proxy, objects):
+def test_an_object_shorter_than_expected_is_a_size_mismatch(proxy, objects) -> None:
     uri = f"s3://{BUCKET}/objects/100003.bin"
     fs = through(proxy)
     with pytest.raises(SizeMismatch, match="not 100103") as short:
@@ -234,7 +234,7 @@ def test_an_object_shorter_than_expected_is_a_size_mismatch(proxy, objects):
         fetch_ranges(fs, f"s3://{BUCKET}/objects/missing.bin", 10)
 
 
-def test_a_fault_that_heals_is_ridden_out(proxy, objects):
+def test_a_fault_that_heals_is_ridden_out(proxy, objects) -> None:
     uri = f"s3://{BUCKET}/objects/{8 * MiB + 1}.bin"
     fs = through(proxy, attempts=1)
     fs.cat_file(uri, start=0, end=1)
@@ -245,7 +245,7 @@ def test_a_fault_that_heals_is_ridden_out(proxy, objects):
     assert gets(proxy, uri) == 1  # refused attempts never reached the server
 
 
-def test_a_persistent_fault_raises_a_transient_error(proxy, objects):
+def test_a_persistent_fault_raises_a_transient_error(proxy, objects) -> None:
     uri = f"s3://{BUCKET}/objects/{8 * MiB + 1}.bin"
     fs = through(proxy, attempts=1)
     proxy.reset()
@@ -284,7 +284,7 @@ class FlakyClient:
         return {"Body": Body(self.data[start : end + 1])}
 
 
-def test_retries_are_for_transient_faults_only(tmp_path):
+def test_retries_are_for_transient_faults_only(tmp_path: Path) -> None:
     data = bytes(range(256)) * 100_000  # 25.6 MB: two 16 MiB parts
     quick = FetchSettings(retries=2, backoff_seconds=0.0)
     flaky = FlakyClient(data, failures=2, error=ConnectionResetError(104, "Connection reset by peer"))
@@ -315,7 +315,7 @@ def test_retries_are_for_transient_faults_only(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def product_files(tmp_path_factory):
+def product_files(tmp_path_factory: pytest.TempPathFactory):
     """One synthetic product as a folder and as a ZIP with stored members (ENVI BIL cube, 17 MB)."""
     from pipeline.enmap.synth import SynthConfig, generate
 
@@ -352,7 +352,7 @@ def _upload(proxy: S3Proxy, local: Path) -> str:
     return "s3://" + target
 
 
-def test_every_member_of_a_zip_in_a_few_merged_gets(proxy, product_files, tmp_path):
+def test_every_member_of_a_zip_in_a_few_merged_gets(proxy, product_files, tmp_path: Path) -> None:
     local = product_files["zip"]
     uri = _upload(proxy, local)
     with open(local, "rb") as handle, zipfile.ZipFile(handle) as archive:
@@ -397,7 +397,7 @@ def _content(value: memoryview | FileSlice) -> bytes:
     return bytes(value)
 
 
-def test_every_file_of_a_folder_product_in_one_get_per_file_or_8_mib(proxy, product_files):
+def test_every_file_of_a_folder_product_in_one_get_per_file_or_8_mib(proxy, product_files) -> None:
     local = product_files["folder"]
     uri = _upload(proxy, local)
     files = {p.name: p.read_bytes() for p in local.iterdir()}
@@ -414,8 +414,8 @@ def test_every_file_of_a_folder_product_in_one_get_per_file_or_8_mib(proxy, prod
 
 @pytest.mark.parametrize("tail_bytes", [1024 * 1024, 200])
 def test_a_remote_zip_listed_and_read_member_by_member_in_few_gets(
-    proxy, product_files, tmp_path, tail_bytes
-):
+    proxy, product_files, tmp_path: Path, tail_bytes
+) -> None:
     local = product_files["zip"]
     uri = _upload(proxy, local)
     size = local.stat().st_size
@@ -446,7 +446,7 @@ def test_a_remote_zip_listed_and_read_member_by_member_in_few_gets(
     assert gets(proxy, uri) <= 2 * math.ceil(size / (8 * MiB))
 
 
-def test_a_corrupt_remote_zip_is_a_product_error(proxy, tmp_path):
+def test_a_corrupt_remote_zip_is_a_product_error(proxy, tmp_path: Path) -> None:
     fs = through(proxy)
     if not fs.exists(BUCKET):
         fs.mkdir(BUCKET)
