@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,7 +129,7 @@ def test_worked_example_matches_the_brute_force_oracle_at_128_px() -> None:
     assert {(c.i, c.j): (w.col_off, w.row_off) for c, w in found} == oracle
 
 
-def test_real_sample_raster(samples) -> None:
+def test_real_sample_raster(samples: Path) -> None:
     path = samples / f"{REAL_SCENE}-QL_QUALITY_CLASSES.TIF"
     with rasterio.open(path) as src:
         found = cells_in_raster(src.crs.to_epsg(), src.transform, src.width, src.height, SPEC)
