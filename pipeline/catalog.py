@@ -5,9 +5,18 @@ from __future__ import annotations
 import hashlib
 
 from pipeline.engine import StageResult, up_to_date
+from pipeline.inventory import SCENES_TABLE, read_scenes
 from pipeline.manifest import Manifest
 from pipeline.storage import BuildStore, StageRecord, Stopwatch
-from pipeline.tables import STAC_ITEMS, STAC_ROOT, read_geodataframe_checked, read_table_checked
+from pipeline.tables import (
+    INDEX_PATCHES,
+    STAC_ITEMS,
+    STAC_ROOT,
+    read_geodataframe_checked,
+    read_table_checked,
+)
+from pipeline.write import SHARDS_TABLE, kept_band_axis
+from stac.catalog import build_catalog
 
 STAGE = "catalog"
 
@@ -19,11 +28,6 @@ def _outputs_valid(store: BuildStore) -> bool:
 
 
 def run_catalog(manifest: Manifest, store: BuildStore, force: bool = False) -> StageResult:
-    from pipeline.dedup import INDEX_PATCHES
-    from pipeline.inventory import SCENES_TABLE, read_scenes
-    from pipeline.write import SHARDS_TABLE, kept_band_axis
-    from stac.catalog import build_catalog
-
     watch = Stopwatch()
     for table in (INDEX_PATCHES, SHARDS_TABLE):
         if not store.exists(table):

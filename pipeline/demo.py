@@ -15,8 +15,11 @@ from typing import Any
 from pipeline.benchmark import demo_benchmarks
 from pipeline.enmap.synth import SynthConfig, Truth, generate
 from pipeline.manifest import Manifest
+from pipeline.query import query
+from pipeline.report import print_stage_summary
 from pipeline.stages import ORDER
 from pipeline.storage import BuildStore
+from pipeline.tables import INDEX_LOCATIONS, INDEX_PATCHES
 
 # Three sites seen on two dates each, one datatake in two overlapping tiles, one reprocessed product,
 # every packaging and format; 420 x 400 px (not a multiple of 128) so each scene holds a few cells.
@@ -78,8 +81,6 @@ def expected_from_truth(truth: Truth, manifest: Manifest) -> Expectation:
 
 
 def observed(store: BuildStore) -> Expectation:
-    from pipeline.dedup import INDEX_LOCATIONS, INDEX_PATCHES
-
     inventory = store.read_stage_record("inventory") or {}
     patches = store.read_geodataframe(INDEX_PATCHES)
     locations = store.read_geodataframe(INDEX_LOCATIONS)
@@ -126,8 +127,6 @@ def ensure_products(products_dir: Path, config: SynthConfig) -> Truth:
 
 
 def print_example_query(store: BuildStore) -> None:
-    from pipeline.query import query
-
     write = (store.read_stage_record("write") or {}).get("counts", {})
     print(
         f"\ndataset: {store.uri_of('dataset.zarr')}: {write.get('patches', 0)} patches x "
@@ -142,8 +141,6 @@ def print_example_query(store: BuildStore) -> None:
 
 def run_demo(context: Any, products_dir: str) -> bool:
     """Run the demo in a BuildContext (pipeline.stages); True when the build matches truth.json."""
-    from pipeline.report import print_stage_summary
-
     truth = ensure_products(Path(products_dir), DEMO_CONFIG)
     store, manifest = context.store, context.manifest
     for name in ORDER:  # every stage, in build order

@@ -33,12 +33,28 @@ from pipeline import tables
 from pipeline.cell_moments import CellSums, shard_moments
 from pipeline.engine import StageResult, TaskError, up_to_date, with_retries
 from pipeline.errors import BuildFault, StageFailed, is_transient, one_line
-from pipeline.inventory import SceneRecord
+from pipeline.inventory import SceneRecord, read_scenes
 from pipeline.manifest import Manifest
+from pipeline.mask import (
+    CUT,
+    MASKS_TABLE,
+    chunk_sha,
+    cut_bin_path,
+    forget_scenes,
+    read_cut_index,
+    scene_key,
+    summaries_from_table,
+)
 from pipeline.quality import CF_FLAG_MASKS, CF_FLAG_MEANINGS, NODATA_VALUE
 from pipeline.stats import BandMoments, npy_bytes
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json
-from pipeline.tables import read_geodataframe_checked, read_table_checked
+from pipeline.tables import (
+    INDEX_LINEAGE,
+    INDEX_PATCHES,
+    INDEX_RETIRED,
+    read_geodataframe_checked,
+    read_table_checked,
+)
 from pipeline.write_plan import PatchRef, ShardJob, plan_jobs
 from pipeline.zarr_chunks import (
     ChunkCodec,
@@ -312,8 +328,6 @@ def _chunks_from_cut(
 ) -> tuple[dict[int, tuple[bytes, bytes, CellSums]], dict[str, str]]:
     """The encoded chunks and sums of these rows from their scenes' cuts: (by row, missing scenes
     with the reason). A chunk whose bytes do not match its recorded checksum counts as missing."""
-    from pipeline.mask import chunk_sha, cut_bin_path, read_cut_index
-
     found: dict[int, tuple[bytes, bytes, CellSums]] = {}
     missing: dict[str, str] = {}
     by_scene: dict[str, list[PatchRef]] = {}
@@ -560,8 +574,6 @@ def index_rows(store: BuildStore) -> Any:
     """Every row of the Zarr arrays: the index patches (active) and the retired rows, by row."""
     import pandas as pd
 
-    from pipeline.dedup import INDEX_PATCHES, INDEX_RETIRED
-
     active = read_geodataframe_checked(store, INDEX_PATCHES)
     active["active"] = True
     parts = [active]
@@ -588,10 +600,6 @@ def run_write(
     Shards already stored with the right content are kept (checked by size, or by checksum with
     `verify`); every other shard is written whole by exactly one task, from encoded chunks.
     """
-    from pipeline.dedup import INDEX_LINEAGE, INDEX_PATCHES, INDEX_RETIRED
-    from pipeline.inventory import read_scenes
-    from pipeline.mask import MASKS_TABLE, forget_scenes, scene_key, summaries_from_table
-
     watch = Stopwatch()
     digest = hashlib.sha256(store.read_bytes(INDEX_PATCHES))
     digest.update(store.read_bytes(INDEX_RETIRED))
@@ -706,8 +714,6 @@ def array_codecs(store: BuildStore, bands: int, per_shard: int) -> ShardCodecs:
 
 
 def remove_cut(store: BuildStore) -> None:
-    from pipeline.mask import CUT
-
     if store.exists(CUT):
         store.fs.rm(store.path(CUT), recursive=True)
 
@@ -803,8 +809,6 @@ class VerifyResult:
 def verify_build(store: BuildStore, repair: bool = False) -> VerifyResult:
     """Check every shard of dataset.zarr against its recorded checksum. With `repair`, forget the bad
     shards' records (and the write stage's record) so that the next `write` rewrites exactly those."""
-    from pipeline.dedup import INDEX_PATCHES
-
     if not store.exists(INDEX_PATCHES) or not store.exists(tables.DATASET_METADATA):
         raise FileNotFoundError(f"{store.uri} holds no written dataset: run the write stage first")
     records = read_shard_records(store)

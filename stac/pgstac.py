@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from stac.records import iso_utc
 from stac.serve import ServedCatalog, ServedCollection, load_catalog
 
 PUBLISH_EXTRA = "install pypgstac with: pip install 'spectralearth-pipeline[serve]' (or `make setup`)"
@@ -73,8 +74,6 @@ def _link(catalog: ServedCatalog, entry: dict[str, Any]) -> dict[str, Any]:
 
 def _text_times(properties: dict[str, Any]) -> dict[str, Any]:
     """Properties with None dropped and timestamps (read back from parquet) as RFC 3339 text."""
-    from stac.records import iso_utc
-
     return {
         key: iso_utc(value) if isinstance(value, datetime) else value
         for key, value in properties.items()

@@ -48,6 +48,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import tables
+from pipeline.storage import BuildStore
+from stac.records import iso_utc
 
 DEFAULT_RELATIVE = tables.STAC_ITEMS
 MAX_LIMIT = 1_000_000_000  # far above any build (SpectralEarth: 538,974 patches), within int64
@@ -369,8 +371,6 @@ class SearchResult:
         """The items as STAC dicts (hrefs made absolute against the parquet file's location)."""
         from stac_geoparquet.arrow import stac_table_to_items
 
-        from stac.records import iso_utc
-
         table = self.table
         if not table.num_rows:
             return []
@@ -411,8 +411,6 @@ class _Index:
 
     def __init__(self, source: Any, relative: str) -> None:
         import pyarrow.parquet as pq
-
-        from pipeline.storage import BuildStore
 
         if isinstance(source, BuildStore):
             fs, path, self.uri = source.fs, source.path(relative), source.uri_of(relative)
