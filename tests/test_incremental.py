@@ -15,6 +15,7 @@ import yaml
 import zarr
 
 from pipeline import stages
+from pipeline.enmap.synth import Truth
 from pipeline.manifest import Manifest
 from pipeline.run import Scheduler
 from pipeline.stats import BandMoments
@@ -58,7 +59,9 @@ def pixels_by_patch(build: Path) -> dict[str, np.ndarray]:
     [(True, False), (False, False), (True, True)],
     ids=["cut-kept", "cut-removed", "recorded-sums-damaged"],
 )
-def test_adding_products_appends_and_supersedes(demo_products, tmp_path, keep_cut, damage_sums):
+def test_adding_products_appends_and_supersedes(
+    demo_products: tuple[Path, Truth], tmp_path: Path, keep_cut: bool, damage_sums: bool
+) -> None:
     products, truth = demo_products
     raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
     raw["write"] = {"patches_per_shard": 2, "compression_level": 5, "keep_cut": keep_cut}
