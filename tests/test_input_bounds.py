@@ -52,7 +52,7 @@ GiB = 1024**3
 
 
 @pytest.fixture(scope="module")
-def product(tmp_path_factory) -> tuple[Path, Truth]:
+def product(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Truth]:
     """One small GeoTIFF product folder (224 bands, 61 x 53 px)."""
     out = tmp_path_factory.mktemp("bounds-product")
     config = SynthConfig(
@@ -70,7 +70,7 @@ def product(tmp_path_factory) -> tuple[Path, Truth]:
 
 
 @pytest.fixture(autouse=True)
-def private_scratch(tmp_path, monkeypatch) -> Path:
+def private_scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test its own scratch folder, so what it leaves (or cleans) is its own."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -134,14 +134,16 @@ def single_rejection(results: list[SceneRecord | Rejection]) -> Rejection:
 # Bounds ----------------------------------------------------------------------------------------------
 
 
-def test_metadata_declaring_more_than_the_xml_budget_is_refused_unread(product, tmp_path, monkeypatch):
+def test_metadata_declaring_more_than_the_xml_budget_is_refused_unread(
+    product: tuple[Path, Truth], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = copy_product(product, tmp_path / "work")
     (tmp_path / "in").mkdir()
     container = zip_folder(folder, tmp_path / "in" / f"{folder.name}.ZIP")
     member = f"{folder.name}/{folder.name}-METADATA.XML"
     declare_size(container, member, 3 * GiB)
 
-    def no_read(*args, **kwargs):
+    def no_read(*args, **kwargs) -> None:
         raise AssertionError("METADATA.XML was read although its header declares more than the budget")
 
     monkeypatch.setattr(product_module, "_member_data_offset", no_read)
@@ -149,7 +151,9 @@ def test_metadata_declaring_more_than_the_xml_budget_is_refused_unread(product, 
     assert rejection.reason == f"member {member} inflates to 3.0 GiB, over the 16.0 MiB XML budget"
 
 
-def test_metadata_inflating_past_its_declared_size_is_cut_off(product, tmp_path):
+def test_metadata_inflating_past_its_declared_size_is_cut_off(
+    product: tuple[Path, Truth], tmp_path: Path
+) -> None:
     """A member that declares a few hundred KiB but inflates to 64 MiB of zeros: inflation stops one
     byte past the declaration, so memory never holds the bomb."""
     folder = copy_product(product, tmp_path / "work")
@@ -175,7 +179,9 @@ def test_metadata_inflating_past_its_declared_size_is_cut_off(product, tmp_path)
     assert peak < 8 * MiB, f"{peak} bytes held while refusing a 64 MiB bomb"
 
 
-def test_folder_metadata_over_the_xml_budget_is_refused_before_parsing(product, tmp_path):
+def test_folder_metadata_over_the_xml_budget_is_refused_before_parsing(
+    product: tuple[Path, Truth], tmp_path: Path
+) -> None:
     folder = copy_product(product, tmp_path / "in")
     (xml,) = folder.glob("*-METADATA.XML")
     text = xml.read_text()
@@ -192,7 +198,9 @@ def test_folder_metadata_over_the_xml_budget_is_refused_before_parsing(product, 
     assert isinstance(record, SceneRecord)
 
 
-def test_members_unpacked_to_scratch_stay_within_the_scratch_budget(product, tmp_path):
+def test_members_unpacked_to_scratch_stay_within_the_scratch_budget(
+    product: tuple[Path, Truth], tmp_path: Path
+) -> None:
     folder = copy_product(product, tmp_path / "work")
     (tmp_path / "in").mkdir()
     zip_folder(folder, tmp_path / "in" / f"{folder.name}.ZIP")
@@ -210,7 +218,9 @@ def test_members_unpacked_to_scratch_stay_within_the_scratch_budget(product, tmp
         assert Path(inside.spectral_path).stat().st_size == cube
 
 
-def test_member_over_the_memory_budget_goes_to_scratch_not_memory(product, tmp_path):
+def test_member_over_the_memory_budget_goes_to_scratch_not_memory(
+    product: tuple[Path, Truth], tmp_path: Path
+) -> None:
     folder = copy_product(product, tmp_path / "work")
     (tmp_path / "in").mkdir()
     zip_folder(folder, tmp_path / "in" / f"{folder.name}.ZIP")
@@ -231,7 +241,9 @@ def delivery_of(zip_bytes: bytes, name: str, target: Path) -> Path:
     return target
 
 
-def test_tar_delivery_unpacking_past_the_scratch_budget_is_rejected(product, tmp_path, private_scratch):
+def test_tar_delivery_unpacking_past_the_scratch_budget_is_rejected(
+    product: tuple[Path, Truth], tmp_path: Path, private_scratch: Path
+) -> None:
     """A 40 MiB 'product ZIP' of zeros in a tar.gz of a few kB: refused before a byte is unpacked."""
     (tmp_path / "in").mkdir()
     (p,) = product[1].products
@@ -249,7 +261,9 @@ def test_tar_delivery_unpacking_past_the_scratch_budget_is_rejected(product, tmp
     assert list(private_scratch.iterdir()) == [], "nothing is left in scratch"
 
 
-def test_tar_entry_declaring_more_than_the_scratch_budget_stops_the_stream(product, tmp_path):
+def test_tar_entry_declaring_more_than_the_scratch_budget_stops_the_stream(
+    product: tuple[Path, Truth], tmp_path: Path
+) -> None:
     """Any entry of a delivery (not only the product ZIP) larger than a product may unpack is not
     streamed through: that would inflate it all."""
     (tmp_path / "in").mkdir()
@@ -266,7 +280,9 @@ def test_tar_entry_declaring_more_than_the_scratch_budget_stops_the_stream(produ
     )
 
 
-def test_open_product_of_a_corrupted_delivery_is_a_product_error(product, tmp_path):
+def test_open_product_of_a_corrupted_delivery_is_a_product_error(
+    product: tuple[Path, Truth], tmp_path: Path
+) -> None:
     folder = copy_product(product, tmp_path / "work")
     inner = zip_folder(folder, tmp_path / "work" / f"{folder.name}.ZIP")
     (tmp_path / "in").mkdir()
@@ -278,7 +294,7 @@ def test_open_product_of_a_corrupted_delivery_is_a_product_error(product, tmp_pa
             pass
 
 
-def test_tar_delivery_budget_boundary(product, tmp_path):
+def test_tar_delivery_budget_boundary(product: tuple[Path, Truth], tmp_path: Path) -> None:
     folder = copy_product(product, tmp_path / "work")
     inner = zip_folder(folder, tmp_path / "work" / f"{folder.name}.ZIP")
     (tmp_path / "in").mkdir()
@@ -293,7 +309,9 @@ def test_tar_delivery_budget_boundary(product, tmp_path):
 
 
 @pytest.mark.parametrize("packaging", ["folder", "zip"])
-def test_cube_with_bytes_appended_is_rejected(product, tmp_path, packaging):
+def test_cube_with_bytes_appended_is_rejected(
+    product: tuple[Path, Truth], tmp_path: Path, packaging: str
+) -> None:
     """A cube member with 80 MiB appended beyond what its raster header needs would pass into a
     scratch write of all of it: inventory rejects it, with the sizes."""
     folder = copy_product(product, tmp_path / "work")
@@ -314,7 +332,7 @@ def test_cube_with_bytes_appended_is_rejected(product, tmp_path, packaging):
     assert original < 2 * MiB
 
 
-def test_a_few_bytes_after_the_data_are_tolerated(product, tmp_path):
+def test_a_few_bytes_after_the_data_are_tolerated(product: tuple[Path, Truth], tmp_path: Path) -> None:
     folder = copy_product(product, tmp_path / "in")
     (cube,) = folder.glob("*-SPECTRAL_IMAGE.TIF")
     with open(cube, "ab") as handle:
@@ -343,7 +361,7 @@ def scratch_folder(base: Path, name: str, owner: dict | None) -> Path:
     return folder
 
 
-def test_stale_scratch_is_removed_live_scratch_kept(tmp_path, private_scratch):
+def test_stale_scratch_is_removed_live_scratch_kept(tmp_path: Path, private_scratch: Path) -> None:
     host = socket.gethostname()
     pid, started = dead_pid()
     me = psutil.Process(os.getpid())
@@ -365,7 +383,9 @@ def test_stale_scratch_is_removed_live_scratch_kept(tmp_path, private_scratch):
     assert live.exists() and elsewhere.exists() and fresh_unowned.exists() and unrelated.exists()
 
 
-def test_discover_cleans_stale_scratch_first(product, tmp_path, private_scratch):
+def test_discover_cleans_stale_scratch_first(
+    product: tuple[Path, Truth], tmp_path: Path, private_scratch: Path
+) -> None:
     pid, started = dead_pid()
     dead = scratch_folder(
         private_scratch, "dead", {"host": socket.gethostname(), "pid": pid, "started": started}
@@ -375,7 +395,9 @@ def test_discover_cleans_stale_scratch_first(product, tmp_path, private_scratch)
     assert not dead.exists()
 
 
-def test_scratch_of_a_killed_task_is_removed_at_the_next_start(product, tmp_path, private_scratch):
+def test_scratch_of_a_killed_task_is_removed_at_the_next_start(
+    product: tuple[Path, Truth], tmp_path: Path, private_scratch: Path
+) -> None:
     """A task SIGKILLed while it holds an unpacked tar.gz delivery leaves its scratch folder; the next
     start removes it."""
     folder = copy_product(product, tmp_path / "work")
@@ -405,7 +427,9 @@ def test_scratch_of_a_killed_task_is_removed_at_the_next_start(product, tmp_path
     assert not left.exists()
 
 
-def test_scratch_is_owned_while_open_and_gone_after(product, tmp_path, private_scratch):
+def test_scratch_is_owned_while_open_and_gone_after(
+    product: tuple[Path, Truth], tmp_path: Path, private_scratch: Path
+) -> None:
     folder = copy_product(product, tmp_path / "work")
     inner = zip_folder(folder, tmp_path / "work" / f"{folder.name}.ZIP")
     (tmp_path / "in").mkdir()
@@ -422,7 +446,9 @@ def test_scratch_is_owned_while_open_and_gone_after(product, tmp_path, private_s
 # Faults of the environment raise; properties of the product are rejections -----------------------------
 
 
-def test_unreadable_raster_raises_instead_of_rejecting(product, tmp_path, monkeypatch):
+def test_unreadable_raster_raises_instead_of_rejecting(
+    product: tuple[Path, Truth], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     copy_product(product, tmp_path / "in")
     source = only_source(tmp_path / "in")
     real_open = rasterio.open
@@ -438,11 +464,13 @@ def test_unreadable_raster_raises_instead_of_rejecting(product, tmp_path, monkey
     assert is_transient(info.value)
 
 
-def test_curl_error_from_gdal_raises(product, tmp_path, monkeypatch):
+def test_curl_error_from_gdal_raises(
+    product: tuple[Path, Truth], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     copy_product(product, tmp_path / "in")
     source = only_source(tmp_path / "in")
 
-    def failing_open(path, *args, **kwargs):
+    def failing_open(path, *args, **kwargs) -> None:
         raise RasterioIOError("CURL error: Failed to connect to 127.0.0.1 port 9: Connection refused")
 
     monkeypatch.setattr("pipeline.inventory.rasterio.open", failing_open)
@@ -450,7 +478,7 @@ def test_curl_error_from_gdal_raises(product, tmp_path, monkeypatch):
         inspect_source(source, manifest())
 
 
-def test_raster_gdal_cannot_read_is_still_a_rejection(product, tmp_path):
+def test_raster_gdal_cannot_read_is_still_a_rejection(product: tuple[Path, Truth], tmp_path: Path) -> None:
     folder = copy_product(product, tmp_path / "in")
     (cloud,) = folder.glob("*-QL_QUALITY_CLOUD.TIF")
     cloud.write_bytes(b"this is not a TIFF" * 100)
@@ -458,7 +486,9 @@ def test_raster_gdal_cannot_read_is_still_a_rejection(product, tmp_path):
     assert rejection.reason.startswith("unreadable raster QL_QUALITY_CLOUD.TIF")
 
 
-def test_permission_denied_on_metadata_raises(product, tmp_path, monkeypatch):
+def test_permission_denied_on_metadata_raises(
+    product: tuple[Path, Truth], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     copy_product(product, tmp_path / "in")
     source = only_source(tmp_path / "in")
     real_open = fsspec.open
@@ -473,7 +503,7 @@ def test_permission_denied_on_metadata_raises(product, tmp_path, monkeypatch):
         inspect_source(source, manifest())
 
 
-def test_chmod_000_metadata_raises(product, tmp_path):
+def test_chmod_000_metadata_raises(product: tuple[Path, Truth], tmp_path: Path) -> None:
     folder = copy_product(product, tmp_path / "in")
     (xml,) = folder.glob("*-METADATA.XML")
     source = only_source(tmp_path / "in")
@@ -487,7 +517,9 @@ def test_chmod_000_metadata_raises(product, tmp_path):
         xml.chmod(0o644)
 
 
-def test_unlistable_input_raises(product, tmp_path, monkeypatch):
+def test_unlistable_input_raises(
+    product: tuple[Path, Truth], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     copy_product(product, tmp_path / "in")
     real_scandir = os.scandir
 
@@ -501,13 +533,15 @@ def test_unlistable_input_raises(product, tmp_path, monkeypatch):
         discover([str(tmp_path / "in")])
 
 
-def test_connection_refused_opening_a_zip_raises(product, tmp_path, monkeypatch):
+def test_connection_refused_opening_a_zip_raises(
+    product: tuple[Path, Truth], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = copy_product(product, tmp_path / "work")
     (tmp_path / "in").mkdir()
     zip_folder(folder, tmp_path / "in" / f"{folder.name}.ZIP")
     source = only_source(tmp_path / "in")
 
-    def refused(*args, **kwargs):
+    def refused(*args, **kwargs) -> None:
         raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
 
     monkeypatch.setattr(product_module.fsspec, "open", refused)
@@ -518,7 +552,7 @@ def test_connection_refused_opening_a_zip_raises(product, tmp_path, monkeypatch)
 class _ResetAfter(io.RawIOBase):
     """A file whose connection resets after `limit` bytes."""
 
-    def __init__(self, data: bytes, limit: int):
+    def __init__(self, data: bytes, limit: int) -> None:
         self._data, self._limit, self._pos = data, limit, 0
 
     def readable(self) -> bool:
@@ -533,7 +567,9 @@ class _ResetAfter(io.RawIOBase):
         return len(chunk)
 
 
-def test_connection_reset_while_streaming_a_tar_raises(product, tmp_path, monkeypatch):
+def test_connection_reset_while_streaming_a_tar_raises(
+    product: tuple[Path, Truth], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = copy_product(product, tmp_path / "work")
     inner = zip_folder(folder, tmp_path / "work" / f"{folder.name}.ZIP")
     (tmp_path / "in").mkdir()
@@ -542,13 +578,13 @@ def test_connection_reset_while_streaming_a_tar_raises(product, tmp_path, monkey
     data = delivery.read_bytes()
 
     class Opener:
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, **kwargs) -> None:
             self.handle = io.BufferedReader(_ResetAfter(data, len(data) // 2))
 
         def __enter__(self):
             return self.handle
 
-        def __exit__(self, *exc):
+        def __exit__(self, *exc) -> None:
             self.handle.close()
 
     monkeypatch.setattr(product_module.fsspec, "open", Opener)
@@ -556,7 +592,7 @@ def test_connection_reset_while_streaming_a_tar_raises(product, tmp_path, monkey
         inspect_source(source, manifest())
 
 
-def test_truncated_tar_is_still_a_rejection(product, tmp_path):
+def test_truncated_tar_is_still_a_rejection(product: tuple[Path, Truth], tmp_path: Path) -> None:
     folder = copy_product(product, tmp_path / "work")
     inner = zip_folder(folder, tmp_path / "work" / f"{folder.name}.ZIP")
     (tmp_path / "in").mkdir()
@@ -566,7 +602,7 @@ def test_truncated_tar_is_still_a_rejection(product, tmp_path):
     assert rejection.reason.startswith("corrupt archive:")
 
 
-def test_corrupt_zip_is_still_a_rejection(product, tmp_path):
+def test_corrupt_zip_is_still_a_rejection(product: tuple[Path, Truth], tmp_path: Path) -> None:
     (p,) = product[1].products
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / f"{p.scene_id}.ZIP").write_bytes(b"PK\x03\x04" + bytes(range(256)) * 40)
