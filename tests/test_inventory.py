@@ -29,7 +29,7 @@ SYNC = Scheduler("synchronous", progress=False)
 
 
 @pytest.fixture(scope="session")
-def small_products(tmp_path_factory) -> tuple[Path, Truth]:
+def small_products(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Truth]:
     """Three dates of one site as folders (GeoTIFF): two stay good, the third is the victim."""
     out = tmp_path_factory.mktemp("small-products")
     config = SynthConfig(
@@ -47,7 +47,7 @@ def small_products(tmp_path_factory) -> tuple[Path, Truth]:
 
 
 @pytest.fixture(scope="session")
-def mixed_products(tmp_path_factory) -> tuple[Path, Truth]:
+def mixed_products(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Truth]:
     """Every packaging and format, with overlapping tiles and a reprocessed version."""
     out = tmp_path_factory.mktemp("mixed-products")
     config = SynthConfig(
@@ -81,7 +81,9 @@ def with_victim(small_products, tmp_path: Path) -> tuple[Path, list[str], Path]:
     return inputs, good, victim
 
 
-def test_every_packaging_and_format_is_accepted(mixed_products, tmp_path, manifest):
+def test_every_packaging_and_format_is_accepted(
+    mixed_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     out, truth = mixed_products
     result, scenes, rejected = inventory([out], tmp_path / "build", manifest)
     assert rejected == []
@@ -107,7 +109,9 @@ def test_every_packaging_and_format_is_accepted(mixed_products, tmp_path, manife
     assert result.counts["datatakes"] == len({p.datatake for p in truth.products})
 
 
-def test_scenes_table_is_geoparquet(mixed_products, tmp_path, manifest):
+def test_scenes_table_is_geoparquet(
+    mixed_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     import geopandas
 
     out, truth = mixed_products
@@ -126,7 +130,9 @@ def test_scenes_table_is_geoparquet(mixed_products, tmp_path, manifest):
     )
 
 
-def test_rerun_with_nothing_changed_does_no_work(mixed_products, tmp_path, manifest):
+def test_rerun_with_nothing_changed_does_no_work(
+    mixed_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     out, _ = mixed_products
     first, _, _ = inventory([out], tmp_path / "build", manifest)
     before = (tmp_path / "build" / SCENES_TABLE).stat().st_mtime_ns
@@ -135,7 +141,7 @@ def test_rerun_with_nothing_changed_does_no_work(mixed_products, tmp_path, manif
     assert (tmp_path / "build" / SCENES_TABLE).stat().st_mtime_ns == before
 
 
-def test_filters_reject_with_reason(small_products, tmp_path):
+def test_filters_reject_with_reason(small_products: tuple[Path, Truth], tmp_path: Path) -> None:
     out, truth = small_products
     latest = max(p.date for p in truth.products)
     manifest = Manifest.from_dict({"name": "f", "filters": {"end_date": min(p.date for p in truth.products)}})
@@ -146,7 +152,7 @@ def test_filters_reject_with_reason(small_products, tmp_path):
     assert any(latest in r["reason"] for r in rejected)
 
 
-def assert_only_victim_rejected(scenes, rejected, good, reason_part, victim_id=None):
+def assert_only_victim_rejected(scenes, rejected, good, reason_part, victim_id=None) -> None:
     assert sorted(s.scene_id for s in scenes) == sorted(good)
     assert len(rejected) == 1, rejected
     (row,) = rejected
@@ -157,7 +163,7 @@ def assert_only_victim_rejected(scenes, rejected, good, reason_part, victim_id=N
         assert row["scene_id"] == victim_id
 
 
-def test_truncated_tiff(small_products, tmp_path, manifest):
+def test_truncated_tiff(small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     (cube,) = victim.glob("*-SPECTRAL_IMAGE.TIF")
     data = cube.read_bytes()
@@ -167,7 +173,13 @@ def test_truncated_tiff(small_products, tmp_path, manifest):
 
 
 @pytest.mark.parametrize("fmt", ["GTiff", "ENVI"])
-def test_truncated_cube_inside_a_deflated_zip(small_products, mixed_products, tmp_path, manifest, fmt):
+def test_truncated_cube_inside_a_deflated_zip(
+    small_products: tuple[Path, Truth],
+    mixed_products: tuple[Path, Truth],
+    tmp_path: Path,
+    manifest: Manifest,
+    fmt: str,
+) -> None:
     """Inside a ZIP the last pixel is not read (that would inflate the whole member): the member must
     still hold every byte the raster's header places its data in."""
     inputs, good, victim = with_victim(small_products, tmp_path)
@@ -189,7 +201,7 @@ def test_truncated_cube_inside_a_deflated_zip(small_products, mixed_products, tm
     assert rejected[0]["reason"].startswith("unreadable raster SPECTRAL_IMAGE")
 
 
-def test_malformed_xml(small_products, tmp_path, manifest):
+def test_malformed_xml(small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     (xml,) = victim.glob("*-METADATA.XML")
     xml.write_bytes(xml.read_bytes()[:5000])
@@ -197,7 +209,9 @@ def test_malformed_xml(small_products, tmp_path, manifest):
     assert_only_victim_rejected(scenes, rejected, good, "not well-formed", victim.name)
 
 
-def test_xml_missing_required_element(small_products, tmp_path, manifest):
+def test_xml_missing_required_element(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     (xml,) = victim.glob("*-METADATA.XML")
     text = xml.read_text()
@@ -209,7 +223,9 @@ def test_xml_missing_required_element(small_products, tmp_path, manifest):
     )
 
 
-def test_xml_with_external_entity(small_products, tmp_path, manifest):
+def test_xml_with_external_entity(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     (xml,) = victim.glob("*-METADATA.XML")
     text = xml.read_text()
@@ -220,7 +236,9 @@ def test_xml_with_external_entity(small_products, tmp_path, manifest):
     assert_only_victim_rejected(scenes, rejected, good, "refused", victim.name)
 
 
-def test_band_count_disagrees_with_metadata(small_products, tmp_path, manifest):
+def test_band_count_disagrees_with_metadata(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     (xml,) = victim.glob("*-METADATA.XML")
     text = xml.read_text()
@@ -234,7 +252,9 @@ def test_band_count_disagrees_with_metadata(small_products, tmp_path, manifest):
     )
 
 
-def test_crs_disagrees_with_metadata(small_products, tmp_path, manifest):
+def test_crs_disagrees_with_metadata(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     (xml,) = victim.glob("*-METADATA.XML")
     text = xml.read_text()
@@ -246,7 +266,7 @@ def test_crs_disagrees_with_metadata(small_products, tmp_path, manifest):
     )
 
 
-def test_missing_listed_file(small_products, tmp_path, manifest):
+def test_missing_listed_file(small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     (cloud,) = victim.glob("*-QL_QUALITY_CLOUD.TIF")
     cloud.unlink()
@@ -254,7 +274,7 @@ def test_missing_listed_file(small_products, tmp_path, manifest):
     assert_only_victim_rejected(scenes, rejected, good, "missing file listed in METADATA.XML", victim.name)
 
 
-def test_corrupt_zip(small_products, tmp_path, manifest):
+def test_corrupt_zip(small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     shutil.rmtree(victim)
     broken = inputs / f"{victim.name}.ZIP"
@@ -293,8 +313,8 @@ def _escaping_entry(kind: str) -> tuple[tarfile.TarInfo, bytes]:
 
 @pytest.mark.parametrize("kind", ["path", "symlink", "hardlink"])
 def test_archive_entry_escaping_the_folder_rejects_the_archive_whole(
-    small_products, tmp_path, manifest, kind
-):
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest, kind: str
+) -> None:
     """A tar.gz delivery with an entry that leaves the extraction folder (a path, a symlink or a hard
     link) is not a genuine delivery: the whole archive is rejected with one line, its product too
     (although it was read before the entry), and nothing is written outside."""
@@ -314,7 +334,9 @@ def test_archive_entry_escaping_the_folder_rejects_the_archive_whole(
     assert not (tmp_path / "escaped.txt").exists() and not (inputs.parent.parent / "escaped.txt").exists()
 
 
-def test_archive_symlink_inside_its_folder_is_harmless(small_products, tmp_path, manifest):
+def test_archive_symlink_inside_its_folder_is_harmless(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     product_zip = tmp_path / f"{victim.name}.ZIP"
     _zip_folder(victim, product_zip)
@@ -327,7 +349,9 @@ def test_archive_symlink_inside_its_folder_is_harmless(small_products, tmp_path,
     assert sorted(s.scene_id for s in scenes) == sorted([*good, victim.name]) and rejected == []
 
 
-def test_zip_entry_escaping_the_folder_rejects_the_zip_whole(small_products, tmp_path, manifest):
+def test_zip_entry_escaping_the_folder_rejects_the_zip_whole(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     product_zip = inputs / f"{victim.name}.ZIP"
     _zip_folder(victim, product_zip, extra={"../../evil.sh": b"#!/bin/sh\n"})
@@ -339,7 +363,9 @@ def test_zip_entry_escaping_the_folder_rejects_the_zip_whole(small_products, tmp
     assert row["reason"] == "archive rejected whole: entry '../../evil.sh' escapes its folder"
 
 
-def test_corrupt_zip_inside_tar(small_products, tmp_path, manifest):
+def test_corrupt_zip_inside_tar(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     shutil.rmtree(victim)
     delivery = inputs / "dims_op_oc_oc-en_000000002_1.tar.gz"
@@ -352,7 +378,7 @@ def test_corrupt_zip_inside_tar(small_products, tmp_path, manifest):
     assert_only_victim_rejected(scenes, rejected, good, "corrupt ZIP")
 
 
-def test_empty_input(tmp_path, manifest):
+def test_empty_input(tmp_path: Path, manifest: Manifest) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     result, scenes, rejected = inventory([empty], tmp_path / "build", manifest)
@@ -367,7 +393,7 @@ def test_empty_input(tmp_path, manifest):
     ]
 
 
-def test_empty_input_cli_is_one_line_error(tmp_path):
+def test_empty_input_cli_is_one_line_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     runner = CliRunner()
@@ -390,13 +416,13 @@ def test_empty_input_cli_is_one_line_error(tmp_path):
     assert len(error_lines) == 1 and "no product accepted" in error_lines[0]
 
 
-def test_missing_input_path(tmp_path, manifest):
+def test_missing_input_path(tmp_path: Path, manifest: Manifest) -> None:
     _, scenes, rejected = inventory([tmp_path / "nowhere"], tmp_path / "build", manifest)
     assert scenes == []
     assert rejected[0]["reason"] == f"input does not exist: {tmp_path / 'nowhere'}"
 
 
-def test_scene_list_file(small_products, tmp_path, manifest):
+def test_scene_list_file(small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest) -> None:
     out, truth = small_products
     listing = tmp_path / "scenes.txt"
     listing.write_text("# two of three\n" + "\n".join(str(out / p.path) for p in truth.products[:2]) + "\n")
@@ -405,7 +431,9 @@ def test_scene_list_file(small_products, tmp_path, manifest):
     assert rejected == []
 
 
-def test_same_product_twice_is_kept_once(small_products, tmp_path, manifest):
+def test_same_product_twice_is_kept_once(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     out, truth = small_products
     first = truth.products[0]
     copy = tmp_path / "copy"
@@ -416,7 +444,7 @@ def test_same_product_twice_is_kept_once(small_products, tmp_path, manifest):
     assert row["scene_id"] == first.scene_id and "same product already found" in row["reason"]
 
 
-def test_unknown_manifest_key_is_one_line_cli_error(tmp_path):
+def test_unknown_manifest_key_is_one_line_cli_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nfilters:\n  max_clouds: 3\n")
     result = CliRunner().invoke(
@@ -430,7 +458,7 @@ def test_unknown_manifest_key_is_one_line_cli_error(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ard_spellings(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Truth]]:
+def ard_spellings(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[Path, Truth]]:
     """One small ARD product per delivered spelling of its rasters and metadata."""
     made = {}
     for raster, metadata in [("TIF", "XML.XML"), ("tiff", "XML.XML"), ("TIF", "xml"), ("tiff", "XML")]:
@@ -455,7 +483,13 @@ def ard_spellings(tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Truth]]
     "spelling", [("TIF", "XML.XML"), ("tiff", "XML.XML"), ("TIF", "xml"), ("tiff", "XML")]
 )
 @pytest.mark.parametrize("packaging", ["folder", "zip"])
-def test_ard_spellings_are_read_like_the_others(ard_spellings, tmp_path, manifest, spelling, packaging):
+def test_ard_spellings_are_read_like_the_others(
+    ard_spellings: dict[tuple[str, str], tuple[Path, Truth]],
+    tmp_path: Path,
+    manifest: Manifest,
+    spelling,
+    packaging: str,
+) -> None:
     """SPEC Input: every raster `-<LAYER>_COG.TIF` or `_COG.tiff`, the metadata `-METADATA.XML`,
     `.xml` or `.XML.XML` (DLR's portal): found, resolved from the listing and accepted."""
     out, truth = ard_spellings[spelling]
@@ -477,7 +511,9 @@ def test_ard_spellings_are_read_like_the_others(ard_spellings, tmp_path, manifes
     assert (scene.width, scene.height, scene.band_count) == (83, 71, 224)
 
 
-def test_synth_default_ard_spelling_is_unchanged(ard_spellings):
+def test_synth_default_ard_spelling_is_unchanged(
+    ard_spellings: dict[tuple[str, str], tuple[Path, Truth]],
+) -> None:
     """The ARD options default to the spelling the generator always wrote (other tests rely on it)."""
     config = SynthConfig()
     assert (config.ard_raster_extension, config.ard_metadata_extension) == ("tiff", "xml")
@@ -486,7 +522,9 @@ def test_synth_default_ard_spelling_is_unchanged(ard_spellings):
 # Symlinks in local inputs ------------------------------------------------------------------------------
 
 
-def test_symlinked_product_folders_inside_the_input_are_followed(small_products, tmp_path, manifest):
+def test_symlinked_product_folders_inside_the_input_are_followed(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     """A link to a product folder, a link to a folder of products, and a product whose cube is a link
     to a file elsewhere in the input: every product is found once, nothing is rejected."""
     out, truth = small_products
@@ -514,7 +552,9 @@ def test_symlinked_product_folders_inside_the_input_are_followed(small_products,
     assert by_id[third.scene_id].container_uri in (str(linked), str(blobs))
 
 
-def test_symlink_leaving_the_input_is_reported(small_products, tmp_path, manifest):
+def test_symlink_leaving_the_input_is_reported(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     out, truth = small_products
     links = tmp_path / "links"
     links.mkdir()
@@ -529,7 +569,9 @@ def test_symlink_leaving_the_input_is_reported(small_products, tmp_path, manifes
         assert f"is outside {links}" in reason
 
 
-def test_symlink_loops_and_broken_links_do_not_hang(small_products, tmp_path, manifest):
+def test_symlink_loops_and_broken_links_do_not_hang(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     out, truth = small_products
     root = tmp_path / "root"
     shutil.copytree(out / truth.products[0].path, root / truth.products[0].path)
@@ -564,7 +606,9 @@ def _set_times(xml: Path, start: datetime) -> None:
     _set_element(xml, "stopTime", (start + timedelta(seconds=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
 
 
-def test_start_time_disagreeing_with_the_name_is_rejected(small_products, tmp_path, manifest):
+def test_start_time_disagreeing_with_the_name_is_rejected(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     (xml,) = victim.glob("*-METADATA.XML")
     _set_start_time(xml, "1900-01-01T00:00:00.000000Z")
@@ -579,7 +623,9 @@ def test_start_time_disagreeing_with_the_name_is_rejected(small_products, tmp_pa
 
 
 @pytest.mark.parametrize("offset_s", [0.0, 0.999999])
-def test_start_time_within_the_second_the_name_truncates_to(small_products, tmp_path, manifest, offset_s):
+def test_start_time_within_the_second_the_name_truncates_to(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest, offset_s: float
+) -> None:
     """The name truncates the start to whole seconds (the real sample: 10:20:20 in the name,
     10:20:20.999936 in METADATA.XML): within 1 s they agree."""
     inputs, good, victim = with_victim(small_products, tmp_path)
@@ -591,7 +637,9 @@ def test_start_time_within_the_second_the_name_truncates_to(small_products, tmp_
 
 
 @pytest.mark.parametrize("offset_s", [-1.5, 2.0, 3600.0])
-def test_start_time_more_than_a_second_off_is_rejected(small_products, tmp_path, manifest, offset_s):
+def test_start_time_more_than_a_second_off_is_rejected(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest, offset_s: float
+) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     (xml,) = victim.glob("*-METADATA.XML")
     start = ProductName.parse(victim.name).start + timedelta(seconds=offset_s)
@@ -602,7 +650,9 @@ def test_start_time_more_than_a_second_off_is_rejected(small_products, tmp_path,
     )
 
 
-def test_negative_fwhm_rejects_its_product_only(small_products, tmp_path, manifest):
+def test_negative_fwhm_rejects_its_product_only(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     inputs, good, victim = with_victim(small_products, tmp_path)
     (xml,) = victim.glob("*-METADATA.XML")
     text = xml.read_text()
@@ -616,7 +666,9 @@ def test_negative_fwhm_rejects_its_product_only(small_products, tmp_path, manife
     )
 
 
-def test_portal_renamed_files_are_matched_to_the_metadata_file_list(small_products, tmp_path, manifest):
+def test_portal_renamed_files_are_matched_to_the_metadata_file_list(
+    small_products: tuple[Path, Truth], tmp_path: Path, manifest: Manifest
+) -> None:
     """A portal download renames files after the product was made (`-METADATA.XML.XML`, a lower-case
     extension) while METADATA.XML still lists the original names: the files are matched by layer."""
     inputs, good, victim = with_victim(small_products, tmp_path)
