@@ -9,13 +9,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("name", ["spectralearth", "demo"])
-def test_shipped_manifests_validate(name):
+def test_shipped_manifests_validate(name: str) -> None:
     manifest = Manifest.from_yaml(REPO / "manifests" / f"{name}.yaml")
     assert manifest.name == name
     assert manifest.bands.expected_count == 224
 
 
-def test_spectralearth_band_policy_keeps_202_bands():
+def test_spectralearth_band_policy_keeps_202_bands() -> None:
     import csv
 
     table = REPO / "pipeline" / "enmap" / "data" / "v010303_bands.csv"
@@ -31,7 +31,7 @@ def test_spectralearth_band_policy_keeps_202_bands():
     assert by_wavelength.kept_bands(wavelengths) == kept
 
 
-def test_band_policy_rejects_other_band_counts():
+def test_band_policy_rejects_other_band_counts() -> None:
     policy = BandPolicy(expected_count=224, drop_bands=((127, 141),))
     assert policy.check(tuple(range(400, 618))) == "has 218 bands; the manifest's band policy expects 224"
     assert policy.check(tuple(float(w) for w in range(400, 624))) is None
@@ -54,19 +54,19 @@ def test_band_policy_rejects_other_band_counts():
         ([1, 2], "must be a YAML mapping"),
     ],
 )
-def test_invalid_manifests_name_the_key(raw, message):
+def test_invalid_manifests_name_the_key(raw, message: str) -> None:
     with pytest.raises(ManifestError, match=message):
         Manifest.from_dict(raw, source="test.yaml")
 
 
-def test_manifest_error_names_the_file(tmp_path):
+def test_manifest_error_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text("name: x\nfilters:\n  cloud: 3\n")
     with pytest.raises(ManifestError, match=rf"{path}: unknown key 'filters.cloud'"):
         Manifest.from_yaml(path)
 
 
-def test_config_hash_is_stable_and_sensitive():
+def test_config_hash_is_stable_and_sensitive() -> None:
     a = Manifest.from_dict({"name": "a", "filters": {"max_cloud_cover": 10}})
     b = Manifest.from_dict({"name": "b", "filters": {"max_cloud_cover": 10}})
     c = Manifest.from_dict({"name": "a", "filters": {"max_cloud_cover": 20}})
@@ -77,7 +77,7 @@ def test_config_hash_is_stable_and_sensitive():
     hash(a)  # frozen, so usable as a Dask task argument and a dict key
 
 
-def test_filters():
+def test_filters() -> None:
     filters = Manifest.from_dict(
         {
             "name": "f",
@@ -134,12 +134,12 @@ NAN, INF = float("nan"), float("inf")
         ({"write": {"compression_level": 10}}, "'write.compression_level' must be 1-9"),
     ],
 )
-def test_numbers_are_finite_and_in_range(raw, message):
+def test_numbers_are_finite_and_in_range(raw, message: str) -> None:
     with pytest.raises(ManifestError, match=message):
         Manifest.from_dict({"name": "x", **raw}, source="m.yaml")
 
 
-def test_nan_read_from_yaml_is_an_error_not_no_limit(tmp_path):
+def test_nan_read_from_yaml_is_an_error_not_no_limit(tmp_path: Path) -> None:
     # YAML's .nan and .inf are how such values really arrive
     path = tmp_path / "m.yaml"
     path.write_text("name: x\nquality:\n  max_fraction:\n    cloud: .nan\nfilters:\n  max_cloud_cover: 10\n")
@@ -153,7 +153,7 @@ def test_nan_read_from_yaml_is_an_error_not_no_limit(tmp_path):
 
 
 @pytest.mark.parametrize("size", [7, 0, -128, 8, 24, 32, 40, 1000, 1040, 2048, True, 128.0, "128"])
-def test_patch_size_outside_the_grid_rule_is_refused_with_the_rule(size):
+def test_patch_size_outside_the_grid_rule_is_refused_with_the_rule(size) -> None:
     with pytest.raises(ManifestError) as caught:
         Manifest.from_dict({"name": "x", "grid": {"patch_size": size}})
     message = str(caught.value)
@@ -162,7 +162,7 @@ def test_patch_size_outside_the_grid_rule_is_refused_with_the_rule(size):
     assert "wider than 1000 m" in message and f"got {size!r}" in message
 
 
-def test_patch_size_rule_accepts_what_the_grid_allows():
+def test_patch_size_rule_accepts_what_the_grid_allows() -> None:
     from pipeline.grid import LOCATION_ID_MAX_INDEX, GridSpec
 
     allowed = []
@@ -186,7 +186,7 @@ def test_patch_size_rule_accepts_what_the_grid_allows():
     assert {s for s, p in allowed if p == 62.6} == set(range(16, 1025, 16))
 
 
-def test_shard_too_large_for_the_memory_budget_is_refused_with_its_size():
+def test_shard_too_large_for_the_memory_budget_is_refused_with_its_size() -> None:
     with pytest.raises(ManifestError) as caught:
         Manifest.from_dict({"name": "x", "write": {"patches_per_shard": 1_000_000_000}}, source="m.yaml")
     message = str(caught.value)
@@ -210,7 +210,9 @@ def test_shard_too_large_for_the_memory_budget_is_refused_with_its_size():
         (101, 128, 100, 100 * 100 * 128**2 * 2, False),
     ],
 )
-def test_shard_budget_matches_its_formula(per_shard, patch, bands, memory, fits):
+def test_shard_budget_matches_its_formula(
+    per_shard: int, patch: int, bands: int | None, memory, fits: bool
+) -> None:
     raw = {
         "name": "x",
         "write": {"patches_per_shard": per_shard},
@@ -226,7 +228,7 @@ def test_shard_budget_matches_its_formula(per_shard, patch, bands, memory, fits)
             Manifest.from_dict(raw)
 
 
-def test_input_with_credentials_is_refused_without_echoing_them():
+def test_input_with_credentials_is_refused_without_echoing_them() -> None:
     with pytest.raises(ManifestError) as caught:
         Manifest.from_dict(
             {"name": "x", "inputs": ["/data", "s3://KEYID7Q:Wq9/xTopsecretVALUE@bucket/x"]}, source="m.yaml"
