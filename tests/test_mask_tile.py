@@ -37,7 +37,7 @@ def manifest() -> Manifest:
     return Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
 
 
-def test_empty_kept_band_is_reported_and_drops_the_scene(tmp_path, manifest):
+def test_empty_kept_band_is_reported_and_drops_the_scene(tmp_path: Path, manifest: Manifest) -> None:
     # Band 10 (~470 nm) is kept by the SpectralEarth policy; here it holds no data at all.
     config = SynthConfig(
         seed=2,
@@ -68,7 +68,7 @@ def _shift_rasters(folder: Path, dx: float) -> None:
             dst.transform = rasterio.Affine(t.a, t.b, t.c + dx, t.d, t.e, t.f)
 
 
-def test_off_lattice_scene_is_rejected_or_snapped(tmp_path, manifest):
+def test_off_lattice_scene_is_rejected_or_snapped(tmp_path: Path, manifest: Manifest) -> None:
     config = SynthConfig(
         seed=4,
         sites=1,
@@ -113,14 +113,14 @@ def test_off_lattice_scene_is_rejected_or_snapped(tmp_path, manifest):
     assert moved["kept"].any()
 
 
-def test_snap_to_lattice_moves_at_most_half_a_pixel():
+def test_snap_to_lattice_moves_at_most_half_a_pixel() -> None:
     spec = GridSpec()
     assert snap_to_lattice((30, 0, 628790.0, 0, -30, 5294284.0), spec)[2:6:3] == (628785.0, 5294295.0)
     assert snap_to_lattice((30, 0, 628799.0, 0, -30, 5294265.0), spec)[2] == 628785.0
     assert snap_to_lattice((30, 0, 628801.0, 0, -30, 5294265.0), spec)[2] == 628815.0
 
 
-def test_decide_cells_reasons_and_fractions():
+def test_decide_cells_reasons_and_fractions() -> None:
     spec = GridSpec(patch_size=4, pixel_size=30, offset=15)
     transform = (30.0, 0.0, 15.0, 0.0, -30.0, 15.0 + 30 * 12)  # 12 x 12 px raster: 3 x 3 cells
     bits = np.zeros((12, 12), dtype=np.uint16)
@@ -162,7 +162,7 @@ def _store_members(archive: Path) -> None:
             target.writestr(name, data)
 
 
-def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path, manifest):
+def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path: Path, manifest: Manifest) -> None:
     """The reading pass encodes exactly the cells tile keeps, each decoding to an independent rasterio
     read of its source (big-endian ENVI, BIL, GeoTIFF, ZIP), its quality chunk to the mask, with the
     patch's exact sums; a scene with an empty kept band has nothing cut."""
@@ -237,7 +237,7 @@ def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path, manifest):
                 assert list(cell.sums.maximum) == values.max(axis=1).tolist()
 
 
-def test_a_scene_with_an_empty_kept_band_has_nothing_cut(tmp_path, manifest):
+def test_a_scene_with_an_empty_kept_band_has_nothing_cut(tmp_path: Path, manifest: Manifest) -> None:
     from pipeline.inventory import read_scenes
     from pipeline.mask import read_cut_index, scene_key
 
@@ -269,7 +269,7 @@ def test_a_scene_with_an_empty_kept_band_has_nothing_cut(tmp_path, manifest):
     st.integers(0, 2**32 - 1),
     st.sampled_from(["random", "extremes", "with-nodata"]),
 )
-def test_cut_patch_sums_equal_the_reference_sums(bands, size, seed, kind):
+def test_cut_patch_sums_equal_the_reference_sums(bands, size, seed, kind) -> None:
     """The reading pass's fast sums of a cut patch are `CellSums.of_patch`'s exactly."""
     from pipeline.cell_moments import CellSums
     from pipeline.mask import clean_patch_sums
@@ -285,7 +285,7 @@ def test_cut_patch_sums_equal_the_reference_sums(bands, size, seed, kind):
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 1400), st.sampled_from([48, 64, 128, 256, 512]), st.integers(0, 511), st.data())
-def test_blocks_hold_whole_cell_rows(height, size, first, data):
+def test_blocks_hold_whole_cell_rows(height, size, first, data) -> None:
     """Every cell row is read as exactly one block (of any patch size, above or below BLOCK_ROWS), the
     blocks cover the scene's rows once, and the other blocks stay within BLOCK_ROWS."""
     from pipeline.mask import BLOCK_ROWS, block_edges
