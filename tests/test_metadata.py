@@ -1,6 +1,7 @@
 """METADATA.XML parsing, against the real pre-launch L2A sample and against broken documents."""
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -9,11 +10,11 @@ from tests.conftest import REAL_SCENE
 
 
 @pytest.fixture(scope="module")
-def real(real_metadata_bytes):
+def real(real_metadata_bytes: bytes):
     return SceneMetadata.from_xml(real_metadata_bytes)
 
 
-def test_real_sample_identity(real):
+def test_real_sample_identity(real) -> None:
     assert real.scene_id == REAL_SCENE
     assert real.schema == "metadata_Lx_00-02-00.xsd"
     assert real.processing_level == "L2A"
@@ -23,13 +24,13 @@ def test_real_sample_identity(real):
     assert real.orbit_direction == "DESCENDING"
 
 
-def test_real_sample_times(real):
+def test_real_sample_times(real) -> None:
     assert real.start_time == datetime(2017, 6, 26, 10, 20, 20, 999936, tzinfo=UTC)
     assert real.stop_time == datetime(2017, 6, 26, 10, 20, 25, 545157, tzinfo=UTC)
     assert real.datatake_start == datetime(2017, 6, 26, 10, 20, 20, 999936, tzinfo=UTC)
 
 
-def test_real_sample_bands(real):
+def test_real_sample_bands(real) -> None:
     assert real.band_count == 218
     assert [b.number for b in real.bands] == list(range(1, 219))
     assert sum(b.detector == "VNIR" for b in real.bands) == 88
@@ -45,7 +46,7 @@ def test_real_sample_bands(real):
     assert real.no_data_bands == ()
 
 
-def test_real_sample_grid_and_crs(real):
+def test_real_sample_grid_and_crs(real) -> None:
     assert (real.width, real.height) == (1128, 1212)
     assert real.projection == "UTM_Zone32_North"
     assert real.epsg == 32632
@@ -53,7 +54,7 @@ def test_real_sample_grid_and_crs(real):
     assert real.background_value == 0
 
 
-def test_real_sample_footprint(real):
+def test_real_sample_footprint(real) -> None:
     assert len(real.footprint) == 6
     assert [p.frame for p in real.footprint] == [
         "upper_left",
@@ -69,7 +70,7 @@ def test_real_sample_footprint(real):
     assert (real.centre.latitude, real.centre.longitude) == (47.6216059, 10.9392424)
 
 
-def test_real_sample_quality_and_angles(real):
+def test_real_sample_quality_and_angles(real) -> None:
     q = real.quality
     assert (q.cloud, q.cloud_shadow, q.haze, q.cirrus, q.snow, q.water) == (0, 8, 0, 0, 0, 2)
     a = real.angles
@@ -78,7 +79,7 @@ def test_real_sample_quality_and_angles(real):
     assert a.scene_azimuth == 14.2528346203
 
 
-def test_real_sample_file_list(real):
+def test_real_sample_file_list(real) -> None:
     suffixes = sorted(name.removeprefix(REAL_SCENE + "-") for name in real.file_names)
     assert suffixes == sorted(
         ["METADATA.XML", "SPECTRAL_IMAGE.TIF", "QL_PIXELMASK.TIF", "QL_SWIR.TIF", "QL_VNIR.TIF"]
@@ -93,17 +94,17 @@ def test_real_sample_file_list(real):
     ("projection", "epsg"),
     [("UTM_Zone32_North", 32632), ("UTM_Zone1_North", 32601), ("UTM_Zone19_South", 32719)],
 )
-def test_epsg_from_projection(projection, epsg):
+def test_epsg_from_projection(projection: str, epsg: int) -> None:
     assert epsg_from_projection(projection) == epsg
 
 
 @pytest.mark.parametrize("projection", ["UTM_Zone61_North", "Geographic_Lat_Lon", "UTM_Zone32"])
-def test_bad_projection(projection):
+def test_bad_projection(projection: str) -> None:
     with pytest.raises(MetadataError, match="projection|zone"):
         epsg_from_projection(projection)
 
 
-def test_malformed_xml_is_one_line_reason(real_metadata_bytes):
+def test_malformed_xml_is_one_line_reason(real_metadata_bytes: bytes) -> None:
     with pytest.raises(MetadataError, match="not well-formed") as info:
         SceneMetadata.from_xml(real_metadata_bytes[: len(real_metadata_bytes) // 2])
     assert "\n" not in str(info.value)
@@ -118,14 +119,14 @@ def test_malformed_xml_is_one_line_reason(real_metadata_bytes):
         ("<startTime>2017-06-26T10:20:20.999936Z</startTime>", "base/temporalCoverage/startTime"),
     ],
 )
-def test_missing_element_is_named(real_metadata_bytes, element, path):
+def test_missing_element_is_named(real_metadata_bytes: bytes, element: str, path: str) -> None:
     broken = real_metadata_bytes.replace(element.encode(), b"", 1)
     assert broken != real_metadata_bytes
     with pytest.raises(MetadataError, match=path):
         SceneMetadata.from_xml(broken)
 
 
-def test_external_entity_is_refused(real_metadata_bytes, tmp_path):
+def test_external_entity_is_refused(real_metadata_bytes: bytes, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("do-not-read")
     header = f'<?xml version="1.0"?>\n<!DOCTYPE level_X [<!ENTITY xxe SYSTEM "file://{secret}">]>\n'.encode()
@@ -134,7 +135,7 @@ def test_external_entity_is_refused(real_metadata_bytes, tmp_path):
         SceneMetadata.from_xml(header + body)
 
 
-def test_entity_expansion_is_refused():
+def test_entity_expansion_is_refused() -> None:
     bomb = (
         b'<?xml version="1.0"?><!DOCTYPE level_X [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]>'
         b"<level_X>&b;</level_X>"
@@ -143,12 +144,12 @@ def test_entity_expansion_is_refused():
         SceneMetadata.from_xml(bomb)
 
 
-def test_wrong_root():
+def test_wrong_root() -> None:
     with pytest.raises(MetadataError, match="root"):
         SceneMetadata.from_xml(b"<metadata/>")
 
 
-def test_size_mismatch_inside_metadata(real_metadata_bytes):
+def test_size_mismatch_inside_metadata(real_metadata_bytes: bytes) -> None:
     broken = real_metadata_bytes.replace(b"<columns>1128</columns>", b"<columns>1127</columns>")
     with pytest.raises(MetadataError, match="raster size disagrees"):
         SceneMetadata.from_xml(broken)
@@ -175,7 +176,7 @@ def _first_band_value(document: bytes, tag: str, value: str) -> bytes:
         ("GainOfBand", "nan"),
     ],
 )
-def test_band_values_must_be_finite_and_positive(real_metadata_bytes, tag, value):
+def test_band_values_must_be_finite_and_positive(real_metadata_bytes: bytes, tag: str, value: str) -> None:
     """A negative FWHM in one product used to crash `catalog` for the whole build: it is a property
     of that product, refused at parse time with the band and the value."""
     broken = _first_band_value(real_metadata_bytes, tag, value)
@@ -186,14 +187,14 @@ def test_band_values_must_be_finite_and_positive(real_metadata_bytes, tag, value
     assert "\n" not in str(info.value)
 
 
-def test_xml_over_the_limit_is_refused_unparsed(real_metadata_bytes, real):
+def test_xml_over_the_limit_is_refused_unparsed(real_metadata_bytes: bytes, real) -> None:
     limit = len(real_metadata_bytes) - 1
     with pytest.raises(MetadataError, match=f"holds {len(real_metadata_bytes)} bytes, over the {limit}"):
         SceneMetadata.from_xml(real_metadata_bytes, max_bytes=limit)
     assert SceneMetadata.from_xml(real_metadata_bytes, max_bytes=limit + 1) == real
 
 
-def test_portal_metadata_name_gives_the_scene_id(real_metadata_bytes, real):
+def test_portal_metadata_name_gives_the_scene_id(real_metadata_bytes: bytes, real) -> None:
     """A portal download names the file `-METADATA.XML.XML`; `metadata/name` may say so too."""
     name = f"{real.scene_id}-METADATA.XML".encode()
     doubled = real_metadata_bytes.replace(b">" + name + b"<", b">" + name + b".XML<", 1)
