@@ -103,27 +103,66 @@ class ChildMemorySampler:
 
 
 # Subprocess steps -------------------------------------------------------------------------------------
-def run_step(script: str, args: list[str], timeout: float | None = None) -> dict[str, Any]:
+class StepTimedOut(RuntimeError):
+    """A step ran past its time limit and was stopped (its whole process group)."""
+
+    def __init__(self, script: str, seconds: float) -> None:
+        super().__init__(f"{script} stopped after {seconds:.0f} s")
+        self.seconds = seconds
+
+
+def run_step(
+    script: str,
+    args: list[str],
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run `python bench/<script> <args> --result FILE` and return the JSON it wrote; the step's own
-    ru_maxrss (RUSAGE_SELF, measured in the child) is in the result, so each step's peak is its own."""
+    ru_maxrss (RUSAGE_SELF, measured in the child) is in the result, so each step's peak is its own.
+    The step runs in its own session: past `timeout` its whole process group (the step and the
+    LocalCluster workers it started) is stopped and StepTimedOut raised."""
+    import signal
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_path = Path(handle.name)
-    try:
-        command = [sys.executable, str(BENCH / script), *args, "--result", str(result_path)]
-        start = time.perf_counter()
-        completed = subprocess.run(command, cwd=REPO, timeout=timeout, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if completed.returncode != 0:
-            raise RuntimeError(
-                f"{script} {' '.join(args)} failed ({completed.returncode}):\n{completed.stderr[-4000:]}"
+    with tempfile.TemporaryFile("w+") as stderr:
+        try:
+            command = [sys.executable, str(BENCH / script), *args, "--result", str(result_path)]
+            start = time.perf_counter()
+            child = subprocess.Popen(
+                command,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
             )
-        result = json.loads(result_path.read_text())
-        result["subprocess_wall_s"] = round(wall, 3)
-        return result
-    finally:
-        result_path.unlink(missing_ok=True)
+            try:
+                returncode = child.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+                    try:
+                        os.killpg(child.pid, sig)
+                    except ProcessLookupError:
+                        break
+                    try:
+                        child.wait(timeout=grace)
+                        time.sleep(1.0)  # let the workers of the group go too
+                    except subprocess.TimeoutExpired:
+                        continue
+                raise StepTimedOut(script, time.perf_counter() - start) from None
+            wall = time.perf_counter() - start
+            if returncode != 0:
+                stderr.seek(0)
+                raise RuntimeError(
+                    f"{script} {' '.join(args)} failed ({returncode}):\n{stderr.read()[-4000:]}"
+                )
+            result = json.loads(result_path.read_text())
+            result["subprocess_wall_s"] = round(wall, 3)
+            return result
+        finally:
+            result_path.unlink(missing_ok=True)
 
 
 def write_result(path: str | os.PathLike[str], result: dict[str, Any]) -> None:

@@ -7,18 +7,24 @@ Product files are located from the generator's truth.json, not through the pipel
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
 import shutil
+import tarfile
 import time
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from common import MB, ChildMemorySampler, folder_bytes
-from products import spectral_path
+from isal import isal_zlib
+from products import BenchProduct, inner_zip, spectral_header, spectral_member, spectral_path
+
+from pipeline.fetch import FileSlice
 
 STAGES = ("inventory", "mask", "tile", "dedup", "write", "catalog")
 PATCH = 128
@@ -28,13 +34,16 @@ NODATA = -32768
 # End to end -------------------------------------------------------------------------------------------
 def run_build(
     manifest_path: Path,
-    scene_list: Path,
+    inputs: list[str],
     build_dir: Path,
     sampler: ChildMemorySampler,
     tag: str,
     scheduler: str = "local",
+    progress: Path | None = None,
 ) -> dict[str, Any]:
-    """Every stage of a fresh build with the given scheduler; wall time, record timings, worker peaks."""
+    """Every stage of a fresh build with the given scheduler; wall time, record timings, worker peaks.
+    With `progress`, the result so far is written there after each stage (and the stage being run
+    before it starts), so a build stopped by a time limit still says where it was."""
     from pipeline.manifest import Manifest
     from pipeline.stages import BuildContext
 
@@ -43,11 +52,19 @@ def run_build(
     context = BuildContext.create(manifest, str(build_dir), scheduler, None, False)
     stages: dict[str, Any] = {}
     start = time.perf_counter()
+
+    def report(running: str | None) -> None:
+        if progress is not None:
+            elapsed = round(time.perf_counter() - start, 3)
+            state = {"stages": stages, "running": running, "elapsed_s": elapsed}
+            progress.write_text(json.dumps(state, default=str))
+
     for name in STAGES:
         label = f"{tag}:{name}"
         sampler.label = label
+        report(name)
         began = time.perf_counter()
-        context.run(name, inputs=[str(scene_list)] if name == "inventory" else None)
+        context.run(name, inputs=inputs if name == "inventory" else None)
         wall = time.perf_counter() - began
         record = json.loads((build_dir / "_stages" / f"{name}.json").read_text())
         stages[name] = {
@@ -58,6 +75,7 @@ def run_build(
             "worker_processes_seen": sampler.workers_seen(label),
         }
     total = time.perf_counter() - start
+    report(None)
     sampler.label = "idle"
     peaks = [s["peak_worker_rss_mb"] for s in stages.values()]
     return {
@@ -66,6 +84,7 @@ def run_build(
         "peak_worker_rss_mb": max(peaks, default=0.0),
         "build_bytes": folder_bytes(build_dir),
         "dataset_bytes": folder_bytes(build_dir / "dataset.zarr"),
+        "cut_bytes": folder_bytes(build_dir / "cut"),
     }
 
 
@@ -84,92 +103,95 @@ def kept_bands(manifest_path: Path) -> list[int]:
 
 
 # The floor --------------------------------------------------------------------------------------------
-def _inflated(path: str) -> tuple[list[Any], str, float]:
-    """A `/vsizip/` spectral image inflated once into memory (with its .HDR sidecar), served to GDAL
-    from /vsimem/: reading a band-interleaved raster through /vsizip/ seeks backwards in the deflate
-    stream for every strip (minutes per cube), so a fast reader inflates the member once. The fastest
-    inflate at hand (ISA-L, one call per member) and no scratch file, so the floor is not slower than
-    the pipeline's own reader. Returns the memory files (kept open by the caller), the path, seconds."""
-    import zipfile
-
-    from isal import isal_zlib
-    from rasterio.io import MemoryFile
-
-    if not path.startswith("/vsizip/"):
-        return [], path, 0.0
+def _cube_bytes(product: BenchProduct) -> tuple[Any, bytes | None, dict[str, float]]:
+    """The spectral image's bytes as the fastest reader the pipeline has takes them, and its ENVI header:
+    a folder file in place, a stored ZIP member in place (a byte range of the ZIP), a deflated member
+    inflated once into memory with ISA-L (the pipeline's inflater), a tar.gz delivery's inner ZIP read
+    once from the gzip stream into memory (then its member as above)."""
+    times: dict[str, float] = {}
+    member = spectral_member(product.truth)
+    header_name = spectral_header(product.truth)
+    packaging = product.truth.packaging
+    if packaging == "folder":
+        header = (product.container / header_name).read_bytes() if header_name else None
+        return str(product.container / member), header, times
     start = time.perf_counter()
-    container, member = path[len("/vsizip/") :].split(".ZIP/", 1)
-    container += ".ZIP"
-    files, folder = [], f"floor-{os.getpid()}-{time.monotonic_ns()}"
-    with zipfile.ZipFile(container) as archive, open(container, "rb") as raw:
-        stem = member.rsplit(".", 1)[0]
-        for info in archive.infolist():
-            if info.filename != member and not info.filename.startswith(stem + "."):
-                continue
-            raw.seek(info.header_offset + 26)
-            skip = int.from_bytes(raw.read(2), "little") + int.from_bytes(raw.read(2), "little")
-            raw.seek(skip, 1)
-            data = raw.read(info.compress_size)
-            if info.compress_type == zipfile.ZIP_DEFLATED:
-                data = isal_zlib.decompressobj(-15).decompress(data)
-            files.append(MemoryFile(data, dirname=folder, filename=Path(info.filename).name))
-    return files, f"/vsimem/{folder}/{Path(member).name}", time.perf_counter() - start
+    if packaging == "targz":
+        with tarfile.open(product.container, mode="r|gz") as tar:
+            for info in tar:
+                if info.name == product.truth.member:
+                    stream = tar.extractfile(info)
+                    assert stream is not None
+                    zip_bytes: bytes | Path = stream.read()
+                    break
+            else:
+                raise FileNotFoundError(product.truth.member)
+        times["untar_s"] = time.perf_counter() - start
+    else:
+        zip_bytes = product.container
+    start = time.perf_counter()
+    opener = io.BytesIO(zip_bytes) if isinstance(zip_bytes, bytes) else open(zip_bytes, "rb")
+    with opener as raw, zipfile.ZipFile(raw) as archive:
+        info = archive.getinfo(f"{product.scene_id}/{member}")
+        header = archive.read(f"{product.scene_id}/{header_name}") if header_name else None
+        raw.seek(info.header_offset + 26)
+        skip = int.from_bytes(raw.read(2), "little") + int.from_bytes(raw.read(2), "little")
+        offset = info.header_offset + 30 + skip
+        if info.compress_type == zipfile.ZIP_STORED:
+            if isinstance(zip_bytes, bytes):
+                return memoryview(zip_bytes)[offset : offset + info.file_size], header, times
+            return FileSlice(str(zip_bytes), offset, info.file_size), header, times
+        raw.seek(offset)
+        data = isal_zlib.decompressobj(-15).decompress(raw.read(info.compress_size))
+    times["inflate_s"] = time.perf_counter() - start
+    return data, header, times
 
 
 def _floor_task(job: dict[str, Any]) -> dict[str, Any]:
-    """Read one scene's kept bands once (band by band: sequential in a band-interleaved file), encode
-    its patches with the same codec, inner chunks and shard size as dataset.zarr."""
+    """One scene: read its kept bands once (whole cube, `raw_reader`, GDAL only where it cannot), then
+    encode each of its stored patches once into the bytes of one inner chunk with the dataset's codec
+    (reflectance and quality, `pipeline.zarr_chunks.encode_chunk`)."""
+    import numcodecs.blosc
     import rasterio
-    import zarr
-    from zarr.codecs import BloscCodec, BloscShuffle
 
+    from pipeline.enmap import raw_reader
+    from pipeline.zarr_chunks import encode_chunk
+
+    numcodecs.blosc.use_threads = False  # one thread per process, as in a worker task
+    product: BenchProduct = job["product"]
     bands: list[int] = job["bands"]
-    windows: list[tuple[int, int]] = job["windows"]
     times: dict[str, float] = {}
     start = time.perf_counter()
-    files, path, times["unzip_s"] = _inflated(job["path"])
-    with rasterio.Env(GDAL_CACHEMAX=256 * MB, GDAL_NUM_THREADS="1"), rasterio.open(path) as src:
-        cube = np.empty((len(bands), src.height, src.width), dtype=np.int16)
-        for k, band in enumerate(bands):
-            src.read(band, out=cube[k])
-        spectral_bytes = len(bands) * src.width * src.height * 2
-    for file in files:
-        file.close()
+    source, header, times = _cube_bytes(product)
+    layout = raw_reader.layout_of(source, header)
+    if layout is not None:
+        reader = "raw_reader"
+        cube = raw_reader.read(source, layout=layout, bands=[b - 1 for b in bands])
+    else:  # compressed: GDAL (not the case for the bench set, which is uncompressed like L2A deliveries)
+        reader = "rasterio"
+        with rasterio.open(spectral_path(product.folder, product.truth)) as src:
+            cube = src.read(bands)
+    del source
+    times["read_s"] = time.perf_counter() - start
     with rasterio.open(job["mask"]) as mask_src:
         mask = mask_src.read(1)
-    times["read_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    patches = np.stack([cube[:, r : r + PATCH, c : c + PATCH] for r, c in windows])
-    bits = np.stack([mask[r : r + PATCH, c : c + PATCH] for r, c in windows])
-    del cube
-    codec = BloscCodec(cname="zstd", clevel=job["level"], shuffle=BloscShuffle.bitshuffle)
-    group = zarr.open_group(job["store"], mode="w", zarr_format=3)
-    per_shard = job["per_shard"]
-    reflectance = group.create_array(
-        "reflectance",
-        shape=patches.shape,
-        chunks=(1, *patches.shape[1:]),
-        shards=(per_shard, *patches.shape[1:]),
-        dtype="int16",
-        fill_value=NODATA,
-        compressors=codec,
-    )
-    quality = group.create_array(
-        "quality",
-        shape=bits.shape,
-        chunks=(1, *bits.shape[1:]),
-        shards=(per_shard, *bits.shape[1:]),
-        dtype="uint16",
-        fill_value=0,
-        compressors=codec,
-    )
-    reflectance[:] = patches
-    quality[:] = bits
+    stored = 0
+    for r, c in job["windows"]:
+        for codec, values in (
+            (job["reflectance"], cube[:, r : r + PATCH, c : c + PATCH]),
+            (job["quality"], mask[r : r + PATCH, c : c + PATCH]),
+        ):
+            payload = encode_chunk(codec, values)
+            stored += len(payload) if payload is not None else 0
     times["encode_s"] = time.perf_counter() - start
     return {
-        "scene_id": job["scene_id"],
-        "patches": len(windows),
-        "input_bytes": spectral_bytes,
+        "scene_id": product.scene_id,
+        "kind": product.kind,
+        "reader": reader,
+        "patches": len(job["windows"]),
+        "input_bytes": int(cube.nbytes),
+        "encoded_bytes": stored,
         **{k: round(v, 3) for k, v in times.items()},
     }
 
@@ -177,58 +199,57 @@ def _floor_task(job: dict[str, Any]) -> dict[str, Any]:
 def run_floor(
     manifest_path: Path,
     build_dir: Path,
-    product_folder: Path,
-    products: list[Any],
+    products: list[BenchProduct],
     bands: list[int],
-    workdir: Path,
     workers: int,
 ) -> dict[str, Any]:
-    """The floor: read the kept bands of every scene once (whole cube, same files, as delivered) and
-    encode the same patches with the same codec, with no pipeline around it; as many processes as the
-    pipeline has workers, one task per scene (the write stage's tasks are per group of shards)."""
+    """The floor (SPEC Performance): each cube read once with the fastest reader the pipeline has, plus
+    each stored patch encoded once with the dataset's codec, no pipeline around it; as many processes
+    as the build has workers, one task per scene, longest first."""
     from pipeline.manifest import Manifest
+    from pipeline.zarr_chunks import quality_codec, reflectance_codec
 
     manifest = Manifest.from_yaml(manifest_path)
     index = index_frame(build_dir)
     by_id = {p.scene_id: p for p in products}
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    reflectance = reflectance_codec(manifest, len(bands))
+    quality = quality_codec(manifest)
     jobs: list[dict[str, Any]] = []
     for scene_id, group in index.groupby("scene_id", sort=True):
         jobs.append(
             {
-                "scene_id": scene_id,
-                "path": spectral_path(product_folder, by_id[scene_id]),
+                "product": by_id[scene_id],
                 "mask": str(build_dir / "mask" / f"{scene_id}.tif"),
                 "bands": bands,
                 "windows": [
                     (int(r), int(c)) for r, c in zip(group["row_off"], group["col_off"], strict=True)
                 ],
-                "store": str(workdir / f"{len(jobs):03d}.zarr"),
-                "level": manifest.write.compression_level,
-                "per_shard": manifest.write.patches_per_shard,
+                "reflectance": reflectance,
+                "quality": quality,
             }
         )
-    jobs.sort(key=lambda j: -len(j["windows"]))  # longest first: the same greedy order a scheduler takes
+    jobs.sort(key=lambda j: -j["product"].truth.width * j["product"].truth.height)
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(_floor_task, jobs))
     wall = time.perf_counter() - start
-    # The same reads and encodes, one after the other in this process: the single-core floor.
     read_total = sum(r["read_s"] for r in results)
     encode_total = sum(r["encode_s"] for r in results)
-    out = {
+    return {
         "workers": workers,
         "wall_s": round(wall, 3),
+        "codec": {
+            "cname": reflectance.cname,
+            "clevel": reflectance.clevel,
+            "blocksize": reflectance.blocksize,
+        },
         "serial_read_s": round(read_total, 3),
         "serial_encode_s": round(encode_total, 3),
         "serial_total_s": round(read_total + encode_total, 3),
-        "encoded_bytes": folder_bytes(workdir),
+        "encoded_bytes": int(sum(r["encoded_bytes"] for r in results)),
         "patches": int(sum(r["patches"] for r in results)),
         "per_scene": results,
     }
-    shutil.rmtree(workdir, ignore_errors=True)
-    return out
 
 
 def raw_read_throughput(paths: list[Path]) -> dict[str, Any]:
@@ -246,8 +267,7 @@ def raw_read_throughput(paths: list[Path]) -> dict[str, Any]:
 # The naive way -------------------------------------------------------------------------------------------
 def run_naive(
     build_dir: Path,
-    product_folder: Path,
-    products: list[Any],
+    products: list[BenchProduct],
     bands: list[int],
     out_dir: Path,
     max_seconds: float,
@@ -255,7 +275,9 @@ def run_naive(
 ) -> dict[str, Any]:
     """SPEC's naive way, one process: for each kept patch, open the product as delivered (a folder file or
     `/vsizip/` into the ZIP), a windowed read of the kept bands, an uncompressed GeoTIFF in the
-    SpectralEarth release layout (`enmap/<7-digit location>/<5-digit scene>.tif`).
+    SpectralEarth release layout (`enmap/<7-digit location>/<5-digit scene>.tif`). GDAL cannot open a
+    ZIP inside a tar.gz in place, so for a tar.gz delivery the naive way unpacks its ZIP once first
+    (timed with that scene).
 
     Stratified by scene: each scene's patches in a seeded random order, each scene getting an equal
     share of `max_seconds` (at least one patch). The total is sum over scenes of (mean time per patch x
@@ -277,10 +299,15 @@ def run_naive(
     with rasterio.Env(GDAL_NUM_THREADS="1"):
         for scene_id, positions in groups.items():
             product = by_id[scene_id]
-            source = spectral_path(product_folder, product)
             rng.shuffle(positions)
             done = 0
             start = time.perf_counter()
+            if product.truth.packaging == "targz":
+                unpacked = inner_zip(product, out_dir.parent / f"{scene_id}.ZIP")
+                member = f"{scene_id}/{spectral_member(product.truth)}"
+                source = f"/vsizip/{unpacked}/{member}"
+            else:
+                source = spectral_path(product.folder, product.truth)
             for position in positions:
                 row = index.iloc[position]
                 with rasterio.open(source) as src:
@@ -308,10 +335,12 @@ def run_naive(
                 if time.perf_counter() - start > share:
                     break
             seconds = time.perf_counter() - start
+            if product.truth.packaging == "targz":
+                (out_dir.parent / f"{scene_id}.ZIP").unlink(missing_ok=True)
             per_scene.append(
                 {
                     "scene_id": scene_id,
-                    "kind": f"{product.packaging}/{product.format}",
+                    "kind": product.kind,
                     "patches": len(positions),
                     "done": done,
                     "measured_s": round(seconds, 3),

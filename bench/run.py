@@ -1,30 +1,35 @@
-"""`make bench`: the SPEC's performance goals, measured as ratios in one run; writes bench/results.json.
+"""`make bench`: the SPEC's performance goals, measured as ratios in one run; writes build/bench/results.json.
 
-    .venv/bin/python bench/run.py            # full size (~15 min; +2 min the first time for the products)
-    .venv/bin/python bench/run.py --quick    # tiny sizes, ~1-2 min (the smoke test runs this)
+    .venv/bin/python bench/run.py            # full size (~12 min on 2 cores; +2 min the first time)
+    .venv/bin/python bench/run.py --quick    # tiny products, ~2 min (the smoke test runs this)
 
 Cases (every time and ratio comes from this one run, on this machine):
- 1. products: synthetic EnMAP L2A products (8 x 1250 x 1250 x 224 px; folder and ZIP, GeoTIFF and ENVI
-    BSQ), generated once into bench/cache/products-<config hash>/ and reused; subsets of 2, 4, 8 scenes
-    are scene-list files naming the same products (the inventory reads lists).
+ 1. products: four synthetic EnMAP L2A products, one per packaging (folder GeoTIFF, deflated ZIP with
+    ENVI BSQ, stored ZIP with GeoTIFF, DLR tar.gz with ENVI BIL; 1250 x 1250 x 224 px), generated once
+    into bench/cache/ and reused; builds of 2 and 4 scenes read scene-list files naming them.
  2. end to end: each subset built from scratch through every stage with the default scheduler
-    (`local`: a dask.distributed LocalCluster, one single-threaded worker process per core), each
-    build in its own process; patches/s, input MB/s, per-stage times (`_stages/<stage>.json`).
- 3. floor: read the kept bands of the same files once + encode the same patches with the same codec,
-    chunks and shard size, same number of processes, no pipeline; write / floor and build / floor.
+    (`local`: a dask.distributed LocalCluster, one single-threaded worker process per core), each build
+    in its own process; per-stage times (`_stages/<stage>.json`), peak RSS of each worker.
+ 3. floor: each cube read once with the fastest reader the pipeline has (`raw_reader` at byte offsets;
+    a deflated member inflated once with ISA-L; a tar.gz's ZIP read once from the gzip stream) + each
+    stored patch encoded once into one inner chunk with the dataset's codec (`zarr_chunks.encode_chunk`,
+    reflectance and quality), as many processes as workers; build / floor and write / floor.
  4. naive (SPEC): one process, per kept patch a windowed rasterio read of the kept bands from the
-    product as delivered + an uncompressed GeoTIFF (release layout); naive / build.
- 5. memory: peak RSS per worker process for 2, 4 and 8 scenes (psutil sampling of the cluster's
-    worker processes), plus ru_maxrss of synchronous-scheduler builds as a second view; time per scene.
- 6. read side: random single-patch reads from dataset.zarr vs one GeoTIFF per patch; bytes on disk.
- 7. metadata at full scale (bench/archive.py): 11,636 scene footprints, ~540,000 patches; dedup,
-    catalog geoparquet, query latency vs a naive scan; time and peak memory per step.
-Page cache: every product file is read once before the first measurement, so all cases read warm.
+    product as delivered + an uncompressed GeoTIFF (release layout); time-boxed, extrapolated per scene.
+ 5. S3 (bench/s3_case.py): the products on moto's S3 server; each product fetched once with
+    `pipeline.fetch` (large ranged GETs), then the same build from `s3://`; GETs per product counted in
+    the server's request log; the S3 build's dataset compared with the local build's, byte for byte.
+ 6. profile: the largest build once more with the synchronous scheduler under cProfile (top costs).
+ 7. codecs (bench/codec_bench.py): encode/decode MB/s and ratio of the Blosc choices on realistic spectra.
+ 8. metadata at full scale (bench/archive.py): 11,636 scene footprints, ~540,000 patches; dedup,
+    catalog geoparquet, query latency vs a naive scan.
+Page cache: every product file is read once before the first measurement, so all local cases read warm.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -34,32 +39,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BENCH, MB, REPO, folder_bytes, run_step, table
-from pipeline_cases import kept_bands, raw_read_throughput, run_floor, run_naive, run_read_side
+import codec_bench
+from common import BENCH, MB, REPO, run_step, table
+from pipeline_cases import kept_bands, run_floor, run_naive, run_read_side
 from products import (
     container_files,
-    ensure_products,
-    full_config,
-    pick_subsets,
-    quick_config,
+    ensure_bench_set,
     spectral_bytes_on_disk,
     warm_page_cache,
     write_subset_lists,
 )
+from s3_case import GETS_EXTRA, run_s3_case
 
 MANIFEST = REPO / "manifests" / "spectralearth.yaml"
 SPECTRALEARTH_SCENES = 11636
 GOALS = {
-    "write_over_floor": 1.2,
-    "build_over_floor": 1.5,
+    "build_over_floor": 1.2,
+    "write_over_floor": 0.15,
     "naive_over_build": 3.0,
-    "memory_growth": 1.25,  # peak per worker at the largest / smallest build: "flat"
-    "time_per_scene_growth": 1.25,
+    "s3_local_factor": 1.5,  # S3 build <= fetch once + 1.5 x local build
+    "gets_extra": GETS_EXTRA,  # GETs per product <= bytes / 8 MiB + objects + this
+    "worker_peak_mb": 1536.0,
+    "memory_growth": 1.25,  # peak per worker at 4 scenes / 2 scenes: "flat"
     "query_s": 0.5,  # "well under a second"
-    "zarr_patch_read_ms": 50.0,  # "readable from Zarr in milliseconds"
+    "zarr_patch_read_ms": 50.0,
 }
-
-
 LOAD: list[dict[str, Any]] = []  # the machine's 1-minute load average at each step (other work skews times)
 
 
@@ -73,43 +77,57 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("inf")
 
 
-def _naive_if_folders(naive: dict[str, Any]) -> float | None:
-    folder = [s["measured_s"] / s["done"] for s in naive["per_scene"] if s["kind"].startswith("folder/")]
-    return round(sum(folder) / len(folder) * naive["patches_total"], 1) if folder else None
+def dataset_digest(build_dir: Path) -> dict[str, str]:
+    """SHA-256 over the shard files of each array of dataset.zarr (names and bytes, sorted)."""
+    out = {}
+    root = build_dir / "dataset.zarr"
+    for array in ("reflectance", "quality"):
+        digest = hashlib.sha256()
+        for path in sorted((root / array).rglob("*")):
+            if path.is_file() and path.name != "zarr.json":
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(path.read_bytes())
+        out[array] = digest.hexdigest()
+    return out
+
+
+def build(
+    args: argparse.Namespace, inputs: list[str], build_dir: Path, tag: str, **extra: Any
+) -> dict[str, Any]:
+    command = ["--manifest", str(MANIFEST), "--build", str(build_dir), "--tag", tag]
+    command += [item for i in inputs for item in ("--input", i)]
+    command += ["--scheduler", extra.get("scheduler", "local")]
+    if extra.get("profile"):
+        command += ["--profile", str(extra["profile"])]
+    return run_step("build_step.py", command)
 
 
 def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    config = quick_config() if args.quick else full_config()
-    sizes = [1, 2] if args.quick else [2, 4, 8]
-    sync_sizes = sizes if args.quick else sizes[:2]
-    log(f"products: {config.sites * config.revisits} x {config.width} x {config.height} x {config.bands}")
-    products = ensure_products(args.cache, config)
-    subsets = pick_subsets(products.products, sizes)
+    log(f"products: {'quick' if args.quick else 'full-size'} bench set")
+    products, generated = ensure_bench_set(args.cache, args.quick)
+    sizes = [2, len(products)]
+    largest = sizes[-1]
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
-    lists = write_subset_lists(products.folder, subsets, work / "lists")
-    largest = max(subsets)
-    files = sorted({f for p in subsets[largest] for f in container_files(products.folder, p)})
+    lists = write_subset_lists(products, sizes, work / "lists")
+    files = sorted({f for p in products for f in container_files(p)})
     warmed = warm_page_cache(files)
     per_product = {
         p.scene_id: {
-            "packaging": p.packaging,
-            "format": p.format,
-            "width": p.width,
-            "height": p.height,
-            "bands": p.bands,
-            "spectral_bytes": p.width * p.height * p.bands * 2,
-            "spectral_bytes_on_disk": spectral_bytes_on_disk(products.folder, p),
-            "cells_inside_footprint": len(p.cells),
+            "kind": p.kind,
+            "width": p.truth.width,
+            "height": p.truth.height,
+            "bands": p.truth.bands,
+            "spectral_bytes": p.truth.width * p.truth.height * p.truth.bands * 2,
+            "spectral_bytes_on_disk": spectral_bytes_on_disk(p),
+            "container_bytes": sum(f.stat().st_size for f in container_files(p)),
         }
-        for p in products.products
+        for p in products
     }
     results["products"] = {
-        "folder": str(products.folder),
-        "config": config.to_dict(),
-        "generated_s": None if products.generated_seconds is None else round(products.generated_seconds, 1),
-        "reused_from_cache": products.generated_seconds is None,
-        "subsets": {str(n): [p.scene_id for p in subset] for n, subset in subsets.items()},
+        "generated_s": round(generated, 1),
+        "reused_from_cache": generated == 0,
+        "subsets": {str(n): [p.scene_id for p in products[:n]] for n in sizes},
         "product_files_bytes": sum(f.stat().st_size for f in files),
         "page_cache_warmed_bytes": warmed,
         "per_product": per_product,
@@ -117,77 +135,37 @@ def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
     builds: dict[str, Any] = {}
     for n in sizes:
-        log(f"build: {n} scene(s), scheduler local")
-        result = run_step(
-            "build_step.py",
-            ["--manifest", str(MANIFEST), "--scenes", str(lists[n]), "--build", str(work / f"build-{n}")]
-            + ["--scheduler", "local", "--tag", f"local-{n}"],
-        )
-        scene_ids = [p.scene_id for p in subsets[n]]
-        spectral = sum(per_product[s]["spectral_bytes"] for s in scene_ids)
+        log(f"build: {n} scenes, scheduler local")
+        result = build(args, [str(lists[n])], work / f"build-{n}", f"local-{n}")
         patches = result["stages"]["write"]["counts"].get("patches", 0)
+        spectral = sum(per_product[p.scene_id]["spectral_bytes"] for p in products[:n])
         result["throughput"] = {
             "patches": patches,
             "patches_per_s": round(patches / result["wall_s"], 3),
-            "input_spectral_bytes": spectral,
             "input_MBps": round(spectral / MB / result["wall_s"], 1),
             "s_per_scene": round(result["wall_s"] / n, 3),
-            "s_per_patch": round(result["wall_s"] / max(patches, 1), 3),
         }
         builds[str(n)] = result
         if n != largest:
             shutil.rmtree(work / f"build-{n}", ignore_errors=True)
     results["builds"] = builds
-
-    sync: dict[str, Any] = {}
-    if not args.no_sync_view:
-        for n in sync_sizes:
-            log(f"build: {n} scene(s), scheduler synchronous (memory view: ru_maxrss of the process)")
-            result = run_step(
-                "build_step.py",
-                ["--manifest", str(MANIFEST), "--scenes", str(lists[n]), "--build", str(work / f"sync-{n}")]
-                + ["--scheduler", "synchronous", "--tag", f"sync-{n}"],
-            )
-            shutil.rmtree(work / f"sync-{n}", ignore_errors=True)
-            sync[str(n)] = {
-                "wall_s": result["wall_s"],
-                "s_per_scene": round(result["wall_s"] / n, 3),
-                "driver_maxrss_mb": result["driver_maxrss_mb"],
-                "driver_baseline_rss_mb": result["driver_baseline_rss_mb"],
-                "stage_wall_s": {k: v["wall_s"] for k, v in result["stages"].items()},
-            }
-    results["builds_synchronous"] = sync
-
     build_dir = work / f"build-{largest}"
+    local_digest = dataset_digest(build_dir)
+
     bands = kept_bands(MANIFEST)
     workers = os.cpu_count() or 1
     log(f"floor: {largest} scenes, {workers} processes")
-    floor = run_floor(MANIFEST, build_dir, products.folder, products.products, bands, work / "floor", workers)
-    spectral_files = sorted(
-        f
-        for p in subsets[largest]
-        for f in container_files(products.folder, p)
-        if "-SPECTRAL_IMAGE" in f.name or f.suffix.upper() == ".ZIP"
-    )
-    floor["raw_file_read"] = raw_read_throughput(spectral_files)
+    floor = run_floor(MANIFEST, build_dir, products, bands, workers)
     results["floor"] = floor
 
     log(f"naive: {largest} scenes, one process, budget {args.naive_seconds:.0f} s")
-    naive = run_naive(
-        build_dir, products.folder, products.products, bands, work / "naive", args.naive_seconds
-    )
-    files = naive.pop("files")
+    naive = run_naive(build_dir, products, bands, work / "naive", args.naive_seconds)
+    geotiffs = naive.pop("files")
     results["naive"] = naive
-
     log("read side: random single-patch reads")
-    results["read_side"] = run_read_side(build_dir, files, 40 if args.quick else 200)
-    results["read_side"]["geotiff_files_measured"] = len(files)
-    results["read_side"]["naive_release_bytes_written"] = folder_bytes(work / "naive")
-    if not args.keep:
-        shutil.rmtree(work / "naive", ignore_errors=True)
-        shutil.rmtree(build_dir, ignore_errors=True)
+    results["read_side"] = run_read_side(build_dir, geotiffs, 40 if args.quick else 200)
+    shutil.rmtree(work / "naive", ignore_errors=True)
 
-    # ratios of the largest build
     big = builds[str(largest)]
     write_s = big["stages"]["write"]["wall_s"]
     results["ratios"] = {
@@ -195,26 +173,17 @@ def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "build_s": big["wall_s"],
         "write_s": write_s,
         "floor_s": floor["wall_s"],
-        "write_over_floor": _ratio(write_s, floor["wall_s"]),
         "build_over_floor": _ratio(big["wall_s"], floor["wall_s"]),
+        "write_over_floor": _ratio(write_s, floor["wall_s"]),
         "naive_s": naive["estimated_total_s"],
         "naive_extrapolated": naive["extrapolated"],
         "naive_over_build": _ratio(naive["estimated_total_s"], big["wall_s"]),
-        "naive_over_write": _ratio(naive["estimated_total_s"], write_s),
-        "write_read_tasks": big["stages"]["write"]["counts"].get("read_tasks"),
-        "write_stitched_shards": big["stages"]["write"]["counts"].get("stitched_shards"),
-        "write_shards": big["stages"]["write"]["counts"].get("shards"),
         "workers": workers,
-        # what the naive way would take if every product were an unpacked folder (its per-patch time
-        # on the folder products of this run, times all patches): the ZIPs make most of the naive time
-        "naive_if_all_folders_s": _naive_if_folders(naive),
     }
     first, last = str(sizes[0]), str(largest)
     results["memory"] = {
         "what": "peak RSS of any one dask worker process while the build ran (psutil, every 0.1 s); the "
-        "pipeline keeps its LocalCluster for every stage of a build, so a stage's figure includes what a "
-        "worker still holds from earlier stages. Synchronous view: ru_maxrss of the single build process "
-        "(every task runs in it).",
+        "LocalCluster lives for the whole build, so a stage's figure includes what a worker still holds.",
         "peak_worker_rss_mb": {n: b["peak_worker_rss_mb"] for n, b in builds.items()},
         "peak_worker_rss_mb_by_stage": {
             n: {s: v["peak_worker_rss_mb"] for s, v in b["stages"].items()} for n, b in builds.items()
@@ -222,12 +191,41 @@ def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "growth_largest_over_smallest": _ratio(
             builds[last]["peak_worker_rss_mb"], builds[first]["peak_worker_rss_mb"]
         ),
-        "synchronous_maxrss_mb": {n: s["driver_maxrss_mb"] for n, s in sync.items()},
         "s_per_scene": {n: b["throughput"]["s_per_scene"] for n, b in builds.items()},
-        "time_per_scene_growth": _ratio(
-            builds[last]["throughput"]["s_per_scene"], builds[first]["throughput"]["s_per_scene"]
-        ),
     }
+
+    if not args.skip_s3:
+        log(f"S3: {largest} products on moto, fetch once, then the build from s3://")
+        local_s = big["wall_s"]
+        s3 = run_s3_case(products, MANIFEST, work / "s3", local_s, args.s3_timeout)
+        bound = s3["fetch_once_s"] + GOALS["s3_local_factor"] * local_s
+        s3["goal_bound_s"] = round(bound, 3)
+        s3["local_build_s"] = local_s
+        if s3["finished"]:
+            s3["build_s"] = s3["build"]["wall_s"]
+            s3["same_dataset_as_local"] = dataset_digest(Path(s3["build_dir"])) == local_digest
+        shutil.rmtree(work / "s3", ignore_errors=True)
+        results["s3"] = s3
+
+    if not args.no_profile:
+        log(f"profile: {largest} scenes, synchronous scheduler, cProfile")
+        profiled = build(
+            args, [str(lists[largest])], work / "profiled", "profile", scheduler="synchronous", profile=25
+        )
+        results["profile"] = {
+            "wall_s": profiled["wall_s"],
+            "stage_wall_s": {k: v["wall_s"] for k, v in profiled["stages"].items()},
+            **profiled["profile"],
+        }
+        shutil.rmtree(work / "profiled", ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(build_dir, ignore_errors=True)
+
+
+def codec_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    log("codecs: Blosc choices on realistic spectra, one thread")
+    patches, source = codec_bench.realistic_patches(args.cache, args.quick)
+    results["codecs"] = codec_bench.measure(patches, repeats=2 if args.quick else 3) | {"source": source}
 
 
 def archive_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -267,30 +265,24 @@ def summary_rows(results: dict[str, Any], quick: bool) -> list[tuple[str, str, s
     r = results.get("ratios", {})
     if r:
         n = r["scenes"]
-        big = results["builds"][str(n)]["throughput"]
+        big = results["builds"][str(n)]
+        stages = big["stages"]
         rows.append(
             (
-                f"throughput, {n} scenes",
-                f"{big['patches_per_s']:.2f} patches/s, {big['input_MBps']:.0f} MB/s in",
+                f"local build, {n} scenes ({big['throughput']['patches']} patches)",
+                f"{r['build_s']:.1f} s: " + ", ".join(f"{k} {v['wall_s']:.1f}" for k, v in stages.items()),
                 "-",
                 status(None),
             )
         )
-        stages = results["builds"][str(n)]["stages"]
+        f = results["floor"]
         rows.append(
             (
-                f"stage wall s, {n} scenes",
-                " / ".join(f"{name} {v['wall_s']:.1f}" for name, v in stages.items()),
+                "floor (read once + encode once)",
+                f"{f['wall_s']:.1f} s on {f['workers']} processes (serial: read {f['serial_read_s']:.1f} + "
+                f"encode {f['serial_encode_s']:.1f} s)",
                 "-",
                 status(None),
-            )
-        )
-        rows.append(
-            (
-                "write / floor",
-                f"{r['write_over_floor']:.2f}x ({r['write_s']:.1f} s / {r['floor_s']:.1f} s)",
-                f"<= {GOALS['write_over_floor']}x",
-                status(r["write_over_floor"] <= GOALS["write_over_floor"]),
             )
         )
         rows.append(
@@ -301,72 +293,94 @@ def summary_rows(results: dict[str, Any], quick: bool) -> list[tuple[str, str, s
                 status(r["build_over_floor"] <= GOALS["build_over_floor"]),
             )
         )
+        rows.append(
+            (
+                "write / floor",
+                f"{r['write_over_floor']:.2f}x ({r['write_s']:.1f} s / {r['floor_s']:.1f} s)",
+                f"<= {GOALS['write_over_floor']}x",
+                status(r["write_over_floor"] <= GOALS["write_over_floor"]),
+            )
+        )
         label = "naive / whole build" + (" (naive extrapolated)" if r["naive_extrapolated"] else "")
         rows.append(
             (
                 label,
-                f"{r['naive_over_build']:.2f}x ({r['naive_s']:.0f} s / {r['build_s']:.1f} s)",
+                f"{r['naive_over_build']:.1f}x ({r['naive_s']:.0f} s / {r['build_s']:.1f} s)",
                 f">= {GOALS['naive_over_build']}x",
                 status(r["naive_over_build"] >= GOALS["naive_over_build"]),
             )
         )
-        if r.get("naive_if_all_folders_s") is not None:
-            by_kind = results["naive"]["s_per_patch_by_kind"]
-            rows.append(
-                (
-                    "naive s per patch by packaging/format",
-                    ", ".join(f"{k} {v:.2f}" for k, v in by_kind.items()),
-                    "-",
-                    status(None),
-                )
-            )
-            rows.append(
-                (
-                    "naive / build if all were folders (est.)",
-                    f"{r['naive_if_all_folders_s'] / r['build_s']:.2f}x",
-                    "-",
-                    status(None),
-                )
-            )
         m = results["memory"]
-        peaks = ", ".join(f"{k}: {v:.0f}" for k, v in m["peak_worker_rss_mb"].items())
+        peaks = ", ".join(f"{k} scenes {v:.0f}" for k, v in m["peak_worker_rss_mb"].items())
+        worst = max(m["peak_worker_rss_mb"].values())
         rows.append(
             (
-                "peak MB per worker (scenes: MB)",
-                f"{peaks} -> {m['growth_largest_over_smallest']:.2f}x",
-                f"flat (<= {GOALS['memory_growth']}x)",
-                status(m["growth_largest_over_smallest"] <= GOALS["memory_growth"]),
-            )
-        )
-        if m["synchronous_maxrss_mb"]:
-            sync = ", ".join(f"{k}: {v:.0f}" for k, v in m["synchronous_maxrss_mb"].items())
-            rows.append(("maxrss MB, synchronous (scenes: MB)", sync, "flat", status(None)))
-        per = ", ".join(f"{k}: {v:.1f}" for k, v in m["s_per_scene"].items())
-        rows.append(
-            (
-                "s per scene (scenes: s)",
-                f"{per} -> {m['time_per_scene_growth']:.2f}x",
-                f"flat (<= {GOALS['time_per_scene_growth']}x)",
-                status(m["time_per_scene_growth"] <= GOALS["time_per_scene_growth"]),
+                "peak MB per worker",
+                f"{peaks} ({m['growth_largest_over_smallest']:.2f}x)",
+                f"<= {GOALS['worker_peak_mb']:.0f} MB, flat (<= {GOALS['memory_growth']}x)",
+                status(
+                    worst <= GOALS["worker_peak_mb"]
+                    and m["growth_largest_over_smallest"] <= GOALS["memory_growth"]
+                ),
             )
         )
         rs = results["read_side"]
         rows.append(
             (
                 "patch read: zarr vs GeoTIFF",
-                f"{rs['zarr_ms_per_patch']:.1f} ms vs {rs['geotiff_ms_per_patch']:.1f} ms per patch",
-                f"ms (< {GOALS['zarr_patch_read_ms']:.0f} ms)",
+                f"{rs['zarr_ms_per_patch']:.1f} ms vs {rs['geotiff_ms_per_patch']:.1f} ms per patch; "
+                f"{rs['zarr_bytes_per_patch'] / MB:.2f} vs {rs['geotiff_bytes_per_patch'] / MB:.2f} MB",
+                f"< {GOALS['zarr_patch_read_ms']:.0f} ms",
                 status(rs["zarr_ms_per_patch"] < GOALS["zarr_patch_read_ms"]),
             )
         )
+    s3 = results.get("s3")
+    if s3:
+        if s3["finished"]:
+            measured = (
+                f"{s3['build_s']:.1f} s vs fetch {s3['fetch_once_s']:.1f} + 1.5 x local "
+                f"{s3['local_build_s']:.1f} = {s3['goal_bound_s']:.1f} s"
+                + ("" if s3["same_dataset_as_local"] else "; DATASET DIFFERS from local")
+            )
+            ok = s3["build_s"] <= s3["goal_bound_s"] and s3["same_dataset_as_local"]
+        else:
+            how = f"failed ({s3['error']})" if "error" in s3 else "stopped"
+            measured = (
+                f"{how} after {s3['stopped_after_s']:.0f} s in {s3['build']['running']} "
+                f"(bound fetch {s3['fetch_once_s']:.1f} + 1.5 x local {s3['local_build_s']:.1f} = "
+                f"{s3['goal_bound_s']:.1f} s)"
+            )
+            ok = False
+        rows.append(
+            ("S3 build (moto) vs fetch + 1.5 x local", measured, "<= bound, same dataset", status(ok))
+        )
+        gets = s3["per_product"]
+        over = [k for k, v in gets.items() if "gets_bound" in v and v["build_gets"] > v["gets_bound"]]
         rows.append(
             (
-                "bytes per patch: zarr vs GeoTIFF",
-                f"{rs['zarr_bytes_per_patch'] / MB:.2f} MB vs {rs['geotiff_bytes_per_patch'] / MB:.2f} MB",
-                "-",
-                status(None),
+                "GETs per product in the S3 build (fetch once)",
+                "; ".join(
+                    f"{v['kind']} {v['bytes'] / MB:.0f} MB: {v.get('build_gets', '?')} ({v['fetch_gets']})"
+                    for v in gets.values()
+                    if "kind" in v
+                ),
+                f"<= MB / 8 + objects + {GOALS['gets_extra']}",
+                status(not over and s3["finished"]),
             )
         )
+    c = results.get("codecs")
+    if c:
+        for label in ("zstd-5", "zstd-1/1m", "lz4"):
+            v = c["codecs"][label]
+            rows.append(
+                (
+                    f"codec {label} + bitshuffle, 1 thread",
+                    f"encode {v['encode_mb_s']:.0f} MB/s, decode {v['decode_mb_s']:.0f} MB/s, "
+                    f"ratio {v['ratio']:.3f}",
+                    "-",
+                    status(None),
+                )
+            )
     a = results.get("archive")
     if a:
         q = a["steps"]["query"]
@@ -382,16 +396,6 @@ def summary_rows(results: dict[str, Any], quick: bool) -> list[tuple[str, str, s
                 status(None),
             )
         )
-        for step in ("dedup", "catalog"):
-            s = a["per_step"][step]
-            rows.append(
-                (
-                    f"archive {step}",
-                    f"{s['seconds']:.1f} s, peak {s['peak_rss_mb']:.0f} MB",
-                    "-",
-                    status(None),
-                )
-            )
         worst = max(q["median_ms"]["bbox_datetime_cloud"], q["median_ms"]["id_lookup"]) / 1000
         rows.append(
             (
@@ -409,20 +413,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test), ~1-2 minutes")
-    parser.add_argument("--out", type=Path, default=BENCH / "results.json")
+    parser.add_argument("--quick", action="store_true", help="tiny products (smoke test), ~2 minutes")
+    parser.add_argument("--out", type=Path, default=REPO / "build" / "bench" / "results.json")
     parser.add_argument("--cache", type=Path, default=BENCH / "cache", help="synthetic products cache")
     parser.add_argument("--work", type=Path, default=None, help="scratch builds (default: <cache>/work)")
     parser.add_argument("--naive-seconds", type=float, default=None, help="time budget of the naive case")
+    parser.add_argument("--s3-timeout", type=float, default=None, help="stop the S3 build after this at most")
     parser.add_argument("--archive-scenes", type=int, default=None, help="scenes of the metadata archive")
-    parser.add_argument("--skip-pixels", action="store_true", help="only the metadata archive")
-    parser.add_argument("--skip-archive", action="store_true", help="only the pixel cases")
-    parser.add_argument("--no-sync-view", action="store_true", help="skip the synchronous-scheduler builds")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch builds")
+    parser.add_argument("--skip-pixels", action="store_true", help="no builds (codecs and archive only)")
+    parser.add_argument("--skip-archive", action="store_true", help="no metadata archive")
+    parser.add_argument("--skip-s3", action="store_true", help="no S3 case")
+    parser.add_argument("--no-profile", action="store_true", help="no profiled build")
+    parser.add_argument("--keep", action="store_true", help="keep the largest local build")
     args = parser.parse_args()
     args.work = args.work or args.cache / ("work-quick" if args.quick else "work")
     if args.naive_seconds is None:
-        args.naive_seconds = 20.0 if args.quick else 90.0
+        args.naive_seconds = 10.0 if args.quick else 60.0
+    if args.s3_timeout is None:
+        args.s3_timeout = 600.0
     start = time.perf_counter()
     results: dict[str, Any] = {
         "meta": {
@@ -437,18 +445,10 @@ def main() -> None:
             "manifest": str(MANIFEST.relative_to(REPO)),
             "goals": GOALS,
         },
-        "products": {},
-        "builds": {},
-        "builds_synchronous": {},
-        "floor": {},
-        "naive": {},
-        "read_side": {},
-        "ratios": {},
-        "memory": {},
-        "archive": {},
     }
     if not args.skip_pixels:
         pixel_cases(args, results)
+    codec_cases(args, results)
     if not args.skip_archive:
         archive_cases(args, results)
     log("done")
@@ -469,6 +469,9 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print()
     print(table(rows))
+    if "codecs" in results:
+        print()
+        print(codec_bench.format_table(results["codecs"]))
     print(f"\n{results['elapsed_s']:.0f} s; results in {args.out}")
 
 
