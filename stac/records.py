@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import tables
 from pipeline.quality import FLAG_NAMES
 
 BBox = tuple[float, float, float, float]
@@ -312,7 +313,7 @@ def parse_patches(frame: Any, pixel_size: float = 30.0) -> list[PatchRecord]:
     """`index/patches.parquet` as records (GeoDataFrame in EPSG:4326; geometry column `geometry`).
 
     Column-wise: half a million rows at archive scale."""
-    _require(frame, PATCH_COLUMNS, "index/patches.parquet")
+    _require(frame, PATCH_COLUMNS, tables.INDEX_PATCHES)
     flags = flags_of(frame.columns)
     out: list[PatchRecord] = []
     for start in range(0, len(frame), _CHUNK):  # chunks bound the column lists held at once
@@ -389,7 +390,7 @@ def _product_files(raw: dict[str, Any]) -> ProductFiles | None:
 
 def parse_scenes(frame: Any) -> list[SceneRow]:
     """`inventory/scenes.parquet` as records (GeoDataFrame; the footprint is its active geometry)."""
-    _require(frame, SCENE_COLUMNS, "inventory/scenes.parquet")
+    _require(frame, SCENE_COLUMNS, tables.SCENES)
     shapes = geojson_many(frame.geometry.values)
     starts = iso_utc_many(frame["start_time"])
     ends = iso_utc_many(frame["stop_time"])

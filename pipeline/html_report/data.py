@@ -12,6 +12,7 @@ import zarr
 from numpy.typing import NDArray
 
 from pipeline import tables
+from pipeline.stages import ORDER
 from pipeline.stats import BandMoments
 from pipeline.storage import BuildStore
 from pipeline.write import REFLECTANCE_SCALE, zarr_store
@@ -23,7 +24,7 @@ MAX_STATS_SAMPLE = 16  # patches read for the spectrum when stats/statistics.jso
 MAX_REJECTED_ROWS = 100
 MAX_FUNNEL_REASONS = 12
 MAX_MAP_POLYGONS = 3_000
-STAGE_ORDER = ("inventory", "mask", "tile", "dedup", "write", "catalog")
+STAGE_ORDER = ORDER  # the report lists the stages in build order
 REJECTION_TABLES = tuple(tables.REJECTED_BY_STAGE.values())
 
 FloatArray = NDArray[np.float64]
