@@ -1,12 +1,14 @@
 """The real QL_QUALITY_CLASSES sample, read through the same path the pipeline uses."""
 
+from pathlib import Path
+
 import numpy as np
 import rasterio
 
 from tests.conftest import REAL_SCENE
 
 
-def test_real_quality_classes_counts_and_grid(samples):
+def test_real_quality_classes_counts_and_grid(samples: Path) -> None:
     path = samples / f"{REAL_SCENE}-QL_QUALITY_CLASSES.TIF"
     with rasterio.open(path) as src:
         assert (src.count, src.width, src.height, src.dtypes[0]) == (1, 1128, 1212, "uint8")
