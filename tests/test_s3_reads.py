@@ -12,6 +12,8 @@ by s3fs and read from the local copy), so the build runs in this process with th
 from __future__ import annotations
 
 import math
+import os
+import posixpath
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +24,10 @@ import yaml
 import zarr
 
 from pipeline import stages
+from pipeline.enmap.product import Rejection, discover
 from pipeline.enmap.synth import SynthConfig, generate
+from pipeline.errors import is_transient
+from pipeline.inventory import inspect_source
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
 from pipeline.write import zarr_store
@@ -192,4 +197,66 @@ def test_s3_build_fetches_each_product_in_few_large_gets(s3, products, tmp_path)
     assert got.num_rows == len(truths)
     assert remote.store.read_table("mask/rejected.parquet").num_rows == 0
     # Scratch is cleaned.
-    assert list(Path(__import__("os").environ["SPECTRALEARTH_SCRATCH"]).iterdir()) == []
+    assert list(Path(os.environ["SPECTRALEARTH_SCRATCH"]).iterdir()) == []
+
+
+def run_stages(context: BuildContext, names: tuple[str, ...], inputs: list[str]) -> None:
+    for name in names:
+        context.run(name, inputs=inputs)
+
+
+def test_products_over_the_memory_budget_stream_to_scratch(s3, products, tmp_path):
+    """With a memory budget smaller than any product, every product is fetched into scratch (still in
+    large GETs) and read from there: the same masks as the local build; scratch is empty after."""
+    proxy, _ = s3
+    root, truths = products
+    raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+    raw["storage"] = {"fetch_part_bytes": PART_BYTES}
+    raw["grid"]["patch_size"] = 48
+    raw["write"]["patches_per_shard"] = 2
+    raw["limits"] = {"memory_bytes": 4 * MiB, "xml_bytes": MiB}
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(raw))
+    small = Manifest.from_yaml(tmp_path / "small.yaml")
+    assert all(size > small.limits.memory_bytes for size in product_sizes(s3[1], truths))
+    proxy.clear_counts()
+    remote = BuildContext.create(small, str(tmp_path / "remote"), scheduler="synchronous", progress=False)
+    run_stages(remote, ("inventory", "mask"), ["s3://enmap-products/"])
+    local = BuildContext.create(small, str(tmp_path / "local"), scheduler="synchronous", progress=False)
+    run_stages(local, ("inventory", "mask"), [str(root)])
+    got, want = remote.store.read_table("mask/masks.parquet"), local.store.read_table("mask/masks.parquet")
+    assert got.num_rows == len(truths)
+    assert got.drop_columns(["fingerprint"]).equals(want.drop_columns(["fingerprint"]))
+    total = sum(product_sizes(s3[1], truths))
+    assert proxy.count("GET", "/enmap-products/") <= 2 * (total // PART_BYTES + len(truths) * SMALL_CONSTANT)
+    assert list(Path(os.environ["SPECTRALEARTH_SCRATCH"]).iterdir()) == []
+
+
+def product_sizes(fs: s3fs.S3FileSystem, truths: list) -> list[int]:
+    return [sum(product_objects(fs, set_name, truth.path).values()) for set_name, truth in truths]
+
+
+def test_a_fault_while_fetching_is_transient_and_a_truncated_archive_is_rejected(s3, products, tmp_path):
+    proxy, fs = s3
+    root, truths = products
+    built = manifest(tmp_path)
+    options = built.storage.fsspec_options()
+    archive = next(t for s, t in truths if s == "stored" and t.packaging == "zip")
+    data = (root / "stored" / archive.path).read_bytes()
+    fs.mkdir("enmap-broken")
+    fs.pipe(f"enmap-broken/{posixpath.basename(archive.path)}", data[: len(data) // 2])
+    (broken,), _ = discover(["s3://enmap-broken/"], options, built.limits)
+    (result,) = inspect_source(broken, built, options)
+    assert isinstance(result, Rejection)
+    assert "corrupt ZIP" in result.reason and "\n" not in result.reason
+
+    (source,), _ = discover([f"s3://enmap-products/stored/{archive.path}"], options, built.limits)
+    proxy.refuse()
+    try:
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - whatever it is, it must be transient
+            inspect_source(source, built, options)
+    finally:
+        proxy.heal()
+    assert is_transient(raised.value), raised.value
+    assert list(Path(os.environ["SPECTRALEARTH_SCRATCH"]).iterdir()) == []
+    (healed,) = inspect_source(source, built, options)
+    assert healed.scene_id == archive.scene_id and not isinstance(healed, Rejection)

@@ -2,7 +2,11 @@
 
 Packagings: a product folder (also the ARD variant, `-SPECTRAL_IMAGE_COG.tiff` + `-METADATA.xml`), a
 `<name>.ZIP` holding `<name>/`, and a DLR delivery `.tar.gz` with the ZIP somewhere inside. Inputs are
-local paths or `s3://` URIs (through fsspec); rasters are opened by GDAL path (`/vsizip/`, `/vsis3/`).
+local paths or `s3://` URIs (through fsspec); rasters are opened by GDAL path (`/vsizip/`, `/vsimem/`).
+The stages hand `open_product`/`iter_products` a `Fetcher` (`pipeline.fetch.ProductFetcher`): a remote
+product is then brought here once, whole (a folder's files, its ZIP, its tar.gz), in a few large ranged
+GETs, into memory (GDAL serves it from `/vsimem/`) or, past `limits.memory_bytes`, into scratch, and
+read from there; GDAL's `/vsis3/` would cost a request per strip or block.
 
 A product's files are resolved from the listing of its container, by product name and layer suffix,
 never by guessing sibling names. GDAL cannot open a ZIP inside a tar.gz in place, so that ZIP is
@@ -1031,17 +1035,28 @@ def _unpack_deflated(
         infos = _zip_listing(handle, location.source_uri)
         # One in-memory folder per opened product, so an ENVI header lands beside its data file.
         folder = f"spectralearth-{os.getpid()}-{id(opened):x}"
-        for info in infos:
+        # Stored members are read in place (GDAL seeks straight to their bytes); only deflated ones
+        # (and the header beside a deflated data file) are unpacked.
+        unpacked = [
+            info
+            for info in infos
+            if posixpath.splitext(info.filename)[0] in stems
+            and not _unsafe_member(info.filename)
+            and not (info.compress_type == zipfile.ZIP_STORED and info.filename in wanted)
+        ]
+        # A data file too large for memory goes to scratch, and its header with it: GDAL looks for the
+        # header beside the data file.
+        to_scratch = {
+            posixpath.splitext(info.filename)[0]
+            for info in unpacked
+            if info.file_size > opened.limits.memory_bytes
+            or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+        }
+        for info in unpacked:
             stem = posixpath.splitext(info.filename)[0]
-            if stem not in stems or _unsafe_member(info.filename):
-                continue
-            # Stored members are read in place (GDAL seeks straight to their bytes); only deflated ones
-            # (and the header beside a deflated data file) are unpacked.
-            if info.compress_type == zipfile.ZIP_STORED and info.filename in wanted:
-                continue
             name = posixpath.basename(info.filename)
             standard = info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-            if standard and info.file_size <= opened.limits.memory_bytes:
+            if stem not in to_scratch:
                 # MemoryFile serves the bytes object in place: no copy.
                 data = _member_bytes(handle, info, opened.limits.memory_bytes)
                 memory = stack.enter_context(MemoryFile(data, dirname=folder, filename=name))
