@@ -146,7 +146,7 @@ def rasters(draw):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rasters())
-def test_fast_read_equals_rasterio(case):
+def test_fast_read_equals_rasterio(case) -> None:
     cube, kind, strip_rows, variant, band_subset, rows, cols, source_kind = case
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -175,7 +175,7 @@ def test_fast_read_equals_rasterio(case):
         np.testing.assert_array_equal(both, rasterio_read(path, bands=band_subset, rows=rows, cols=cols))
 
 
-def test_a_layout_is_reused_across_reads(tmp_path):
+def test_a_layout_is_reused_across_reads(tmp_path: Path) -> None:
     cube = np.arange(3 * 41 * 37, dtype=np.int16).reshape(3, 41, 37)
     path = write_raster(tmp_path, cube, ("GTiff", "band", False), 5)
     layout = raw_reader.layout_of(path)
@@ -198,7 +198,7 @@ def test_a_layout_is_reused_across_reads(tmp_path):
         {"compress": "deflate", "tiled": True, "blockxsize": 16, "blockysize": 16},
     ],
 )
-def test_compressed_tiffs_are_left_to_gdal(tmp_path, options):
+def test_compressed_tiffs_are_left_to_gdal(tmp_path: Path, options) -> None:
     path = tmp_path / "c.tif"
     cube = np.ones((2, 20, 21), dtype=np.int16)
     with rasterio.open(
@@ -211,7 +211,7 @@ def test_compressed_tiffs_are_left_to_gdal(tmp_path, options):
         raw_reader.read(path)
 
 
-def test_unsupported_sample_types_are_left_to_gdal(tmp_path):
+def test_unsupported_sample_types_are_left_to_gdal(tmp_path: Path) -> None:
     path = tmp_path / "complex.tif"
     with rasterio.open(path, "w", driver="GTiff", width=5, height=4, count=1, dtype="complex64", **GEO) as d:
         d.write(np.ones((1, 4, 5), dtype=np.complex64))
@@ -228,7 +228,7 @@ def test_unsupported_sample_types_are_left_to_gdal(tmp_path):
     assert not raw_reader.can_read_fast(envi)
 
 
-def test_truncated_rasters_are_product_errors(tmp_path):
+def test_truncated_rasters_are_product_errors(tmp_path: Path) -> None:
     cube = np.arange(2 * 30 * 31, dtype=np.int16).reshape(2, 30, 31)
     path = write_raster(tmp_path, cube, ("GTiff", "pixel", False), 7)
     data = path.read_bytes()
@@ -250,7 +250,7 @@ def test_truncated_rasters_are_product_errors(tmp_path):
         raw_reader.layout_of(envi, header.replace(b"samples", b"sample"))
 
 
-def test_windows_outside_the_raster_are_refused(tmp_path):
+def test_windows_outside_the_raster_are_refused(tmp_path: Path) -> None:
     cube = np.zeros((2, 10, 11), dtype=np.uint8)
     path = write_raster(tmp_path, cube, ("GTiff", "band", True), 3)
     for kwargs in ({"bands": [2]}, {"bands": [-1]}, {"rows": (5, 11)}, {"cols": (3, 3)}, {"bands": []}):
@@ -262,7 +262,7 @@ def test_windows_outside_the_raster_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def synthetic_products(tmp_path_factory):
+def synthetic_products(tmp_path_factory: pytest.TempPathFactory):
     from pipeline.enmap.synth import SynthConfig, generate
 
     out = {}
@@ -297,7 +297,7 @@ def _layers(names: list[str], scene_id: str) -> dict[str, str]:
     return layers
 
 
-def test_synthetic_folder_products_every_format(synthetic_products):
+def test_synthetic_folder_products_every_format(synthetic_products) -> None:
     folder, truth = synthetic_products["folder"]
     formats = set()
     for product in truth.products:
@@ -318,7 +318,7 @@ def test_synthetic_folder_products_every_format(synthetic_products):
     assert formats == {"GTiff", "BSQ", "BIL", "BIP"}
 
 
-def test_synthetic_zip_products_read_from_stored_members(synthetic_products):
+def test_synthetic_zip_products_read_from_stored_members(synthetic_products) -> None:
     folder, truth = synthetic_products["zip"]
     formats = set()
     for product in truth.products:
@@ -348,7 +348,7 @@ def test_synthetic_zip_products_read_from_stored_members(synthetic_products):
     assert formats == {"GTiff", "BSQ", "BIL", "BIP"}
 
 
-def test_deflated_members_are_not_served_as_stored(tmp_path):
+def test_deflated_members_are_not_served_as_stored(tmp_path: Path) -> None:
     archive_path = tmp_path / "x.zip"
     with zipfile.ZipFile(archive_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("a.bin", bytes(1000))
