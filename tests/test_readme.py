@@ -438,29 +438,35 @@ def test_make_vars_override_the_blocks_own(tmp_path: Path) -> None:
     assert done.stdout.strip() == "small"
 
 
+def skip_without_requirement(plan: Plan) -> None:
+    if plan.requires and importlib.util.find_spec(plan.requires) is None:
+        pytest.skip(f"{plan.block.describe()}: needs {plan.requires} (an optional extra), not installed")
+
+
 PLANS, _ = readme_plans()
 
 
 @pytest.mark.parametrize(
     "plan",
+    [pytest.param(p, id=f"line{p.block.line}-yaml") for p in PLANS if p.action == "yaml"],
+)
+def test_readme_yaml_block(plan: Plan) -> None:
+    skip_without_requirement(plan)
+    check_yaml(plan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "plan",
     [
-        pytest.param(
-            plan,
-            id=f"line{plan.block.line}-{plan.block.language}",
-            marks=[] if plan.action == "yaml" else [pytest.mark.slow],
-        )
-        for plan in PLANS
-        if plan.runs
+        pytest.param(p, id=f"line{p.block.line}-{p.block.language}")
+        for p in PLANS
+        if p.action in ("python", "shell")
     ],
 )
-def test_readme_block(plan: Plan, request: pytest.FixtureRequest) -> None:
-    if plan.requires and importlib.util.find_spec(plan.requires) is None:
-        pytest.skip(f"{plan.block.describe()}: needs {plan.requires} (an optional extra), not installed")
-    if plan.action == "yaml":
-        check_yaml(plan)
-        return
-    cwd = request.getfixturevalue("workspace")
+def test_readme_block(plan: Plan, workspace: Path) -> None:
+    skip_without_requirement(plan)
     if plan.action == "python":
-        run_python(plan, cwd)
+        run_python(plan, workspace)
     else:
-        run_shell(plan, cwd)
+        run_shell(plan, workspace)
