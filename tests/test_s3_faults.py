@@ -41,7 +41,7 @@ OUTAGE_AT = {
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
+def s3(tmp_path_factory: pytest.TempPathFactory):
     from pipeline.run import _close_local_clusters
 
     products = write_few_products(tmp_path_factory.mktemp("s3-fault-products"))
@@ -93,7 +93,9 @@ def reference(s3):
 
 
 @pytest.mark.parametrize("stage", list(OUTAGE_AT))
-def test_s3_unreachable_during_a_stage_heals_to_the_same_build(stage, s3, reference, tmp_path, monkeypatch):
+def test_s3_unreachable_during_a_stage_heals_to_the_same_build(
+    stage, s3, reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     proxy, fs = s3
     module_name, attribute = OUTAGE_AT[stage].split(":")
     owner: object = importlib.import_module(module_name)
