@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def upstream():
 
 
 @pytest.fixture
-def aws_env(monkeypatch):
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing-key",
         "AWS_SECRET_ACCESS_KEY": "testing-secret",
@@ -101,7 +102,7 @@ def _stream() -> tuple[bytes, list[Request]]:
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 2000), max_size=12))
-def test_parser_counts_requests_whatever_the_packet_boundaries(cuts):
+def test_parser_counts_requests_whatever_the_packet_boundaries(cuts) -> None:
     stream, expected = _stream()
     parser = RequestParser()
     seen: list[Request] = []
@@ -114,7 +115,7 @@ def test_parser_counts_requests_whatever_the_packet_boundaries(cuts):
 # Through the proxy -------------------------------------------------------------------------------
 
 
-def test_s3fs_requests_reach_moto_and_are_counted(proxy, stored):
+def test_s3fs_requests_reach_moto_and_are_counted(proxy, stored) -> None:
     key, data = stored
     fs = filesystem(proxy)
     ranges = [(0, 1000), (5, 6), (2_000_000, 3_000_017), (1_048_576, 2_097_152)]
@@ -166,7 +167,7 @@ print(json.dumps({"same": same, "stats": stats}))
 """
 
 
-def test_gdal_reads_are_counted_as_gdal_counts_them(proxy, tmp_path):
+def test_gdal_reads_are_counted_as_gdal_counts_them(proxy, tmp_path: Path) -> None:
     """GDAL's own per-file request counts (CPL_VSIL_NETWORK_STATS_ENABLED, read from rasterio's libgdal)
     are an oracle for the proxy's counts that does not go through the proxy."""
     cube = np.random.default_rng(4).integers(0, 10_000, (3, 300, 310), dtype=np.int16)
@@ -212,7 +213,7 @@ def _failure(fs: s3fs.S3FileSystem, key: str) -> BaseException:
     return caught.value
 
 
-def test_refuse_fails_transiently_and_heal_restores(proxy, stored):
+def test_refuse_fails_transiently_and_heal_restores(proxy, stored) -> None:
     key, data = stored
     fs = filesystem(proxy, attempts=1)
     assert fs.cat_file(key, start=0, end=100) == data[:100]  # a pooled keep-alive connection now exists
@@ -227,7 +228,7 @@ def test_refuse_fails_transiently_and_heal_restores(proxy, stored):
     assert proxy.count("GET", "/" + key) == 2
 
 
-def test_reset_fails_transiently_and_heal_restores(proxy, stored):
+def test_reset_fails_transiently_and_heal_restores(proxy, stored) -> None:
     key, data = stored
     fs = filesystem(proxy, attempts=1)
     assert fs.cat_file(key, start=0, end=100) == data[:100]
@@ -239,7 +240,7 @@ def test_reset_fails_transiently_and_heal_restores(proxy, stored):
     assert fs.cat_file(key) == data
 
 
-def test_gdal_sees_a_refused_server_as_transient(proxy, stored):
+def test_gdal_sees_a_refused_server_as_transient(proxy, stored) -> None:
     key, _ = stored
     proxy.refuse()
     # The pipeline's GDAL settings (applied process-wide by earlier builds in this session) allow only
@@ -256,7 +257,7 @@ def test_gdal_sees_a_refused_server_as_transient(proxy, stored):
     assert is_transient(caught.value), str(caught.value)
 
 
-def test_fail_for_heals_by_itself_and_retries_get_through(proxy, stored):
+def test_fail_for_heals_by_itself_and_retries_get_through(proxy, stored) -> None:
     key, data = stored
     fs = filesystem(proxy)  # botocore's and s3fs's default retries, with backoff
     started = time.monotonic()
@@ -269,7 +270,7 @@ def test_fail_for_heals_by_itself_and_retries_get_through(proxy, stored):
     assert filesystem(proxy, attempts=1).cat_file(key, start=5, end=10) == data[5:10]
 
 
-def test_stop_joins_every_thread_even_while_failing(upstream, aws_env):
+def test_stop_joins_every_thread_even_while_failing(upstream, aws_env) -> None:
     proxy = S3Proxy(*upstream).start()
     fs = filesystem(proxy)
     fs.ls("/")
