@@ -25,7 +25,7 @@ def combine(item: tuple[int, ...], folder: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["synchronous", "threads", pytest.param("local", marks=pytest.mark.slow)])
-def test_then_tasks_wait_for_their_first_tasks(name, tmp_path):
+def test_then_tasks_wait_for_their_first_tasks(name: str, tmp_path: Path) -> None:
     scheduler = Scheduler(name, workers=2, progress=False)
     firsts = [0, 1, 2, 3]
     thens = [(0, 1), (3,), (1, 2, 3), ()]
@@ -37,7 +37,7 @@ def test_then_tasks_wait_for_their_first_tasks(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["synchronous", pytest.param("local", marks=pytest.mark.slow)])
-def test_a_failed_first_task_stops_the_stage_and_its_dependents(name, tmp_path):
+def test_a_failed_first_task_stops_the_stage_and_its_dependents(name: str, tmp_path: Path) -> None:
     scheduler = Scheduler(name, workers=2, progress=False)
     with pytest.raises(TaskFailed, match="bad item -1"):
         scheduler.map_then(make, [0, -1], combine, [(0, -1)], [[0, 1]], str(tmp_path))
