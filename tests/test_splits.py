@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from pathlib import Path
 
 import geopandas
 import numpy as np
@@ -77,7 +78,7 @@ def location_sets(draw: st.DrawFn) -> tuple[list[str], dict[str, list[str]], dic
     st.integers(0, 2**32),
     st.sampled_from(FRACTION_CHOICES),
 )
-def test_blocked_split_never_puts_neighbours_in_two_splits(sets, block_cells, seed, fractions):
+def test_blocked_split_never_puts_neighbours_in_two_splits(sets, block_cells, seed, fractions) -> None:
     ids, links, contacts = sets
     got = blocked_split(ids, fractions, seed, block_cells, links=links, contacts=contacts)
     assert sorted(got) == ids and set(got.values()) <= {*SPLITS, BUFFER}
@@ -104,20 +105,20 @@ def test_blocked_split_never_puts_neighbours_in_two_splits(sets, block_cells, se
     assert blocked_split(shuffled, fractions, seed, block_cells, links=links, contacts=contacts) == got
 
 
-def test_linked_locations_share_a_block_group():
+def test_linked_locations_share_a_block_group() -> None:
     a, b = _lid(32632, 100, 5), _lid(32633, 3, 5)
     for seed in range(20):
         got = blocked_split([a, b], (0.34, 0.33, 0.33), seed, 4, links={a: [b]})
         assert got[a] == got[b] != BUFFER
 
 
-def test_leaks_finds_a_leaking_assignment():
+def test_leaks_finds_a_leaking_assignment() -> None:
     a, b, c = _lid(32632, 1, 1), _lid(32632, 2, 2), _lid(32632, 9, 9)
     assert leaks({a: "train", b: "test", c: "validation"}) == [(a, b)]
     assert leaks({a: "train", b: BUFFER, c: "validation"}) == []
 
 
-def test_bad_parameters():
+def test_bad_parameters() -> None:
     with pytest.raises(ValueError, match="sum to 1"):
         blocked_split([_lid(32632, 1, 1)], (0.8, 0.1, 0.2), 0, 8)
     with pytest.raises(ValueError, match="block_cells"):
@@ -137,7 +138,7 @@ def _scattered(n: int, seed: int, epsg: int = 32632, side: int = 400) -> list[st
     return [_lid(epsg, int(k) // side, int(k) % side) for k in flat]
 
 
-def test_blocked_fractions_on_5000_locations():
+def test_blocked_fractions_on_5000_locations() -> None:
     ids = _scattered(5000, seed=1)
     got = blocked_split(ids, (0.8, 0.1, 0.1), seed=7, block_cells=8)
     kept = [s for s in got.values() if s != BUFFER]
@@ -150,7 +151,7 @@ def test_blocked_fractions_on_5000_locations():
     assert leaks(got) == []
 
 
-def test_blocked_split_of_dense_coverage_keeps_most_locations():
+def test_blocked_split_of_dense_coverage_keeps_most_locations() -> None:
     # 5120 locations in five fully covered 32 x 32 squares: the buffer is the rim between blocks.
     ids = [_lid(32632, 100 * s + i, j) for s in range(5) for i in range(32) for j in range(32)]
     got = blocked_split(ids, (0.8, 0.1, 0.1), seed=3, block_cells=8)
@@ -160,7 +161,7 @@ def test_blocked_split_of_dense_coverage_keeps_most_locations():
     assert blocked_split(ids, (1.0, 0.0, 0.0), seed=3, block_cells=8) == dict.fromkeys(ids, "train")
 
 
-def test_seeds_and_growth():
+def test_seeds_and_growth() -> None:
     ids = _scattered(5000, seed=2)
     first = blocked_split(ids, (0.8, 0.1, 0.1), seed=0, block_cells=8)
     assert blocked_split(ids, (0.8, 0.1, 0.1), seed=0, block_cells=8) == first
@@ -172,7 +173,7 @@ def test_seeds_and_growth():
     assert {k: grown[k] for k in ids} == first
 
 
-def test_random_split_fractions_and_seeds():
+def test_random_split_fractions_and_seeds() -> None:
     ids = [f"{_lid(32632, k % 9000, k // 9000)}_20230501_DT{k:010d}" for k in range(20000)]
     got = random_split(ids, (0.8, 0.1, 0.1), seed=0)
     values = list(got.values())
@@ -246,7 +247,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> BuildStore:
     return built
 
 
-def test_cross_zone_contacts_follow_the_footprints(store):
+def test_cross_zone_contacts_follow_the_footprints(store: BuildStore) -> None:
     locations = store.read_geodataframe("index/locations.parquet")
     ids = list(locations["location_id"])
     got = cross_zone_contacts(ids, locations["epsg"].to_numpy(), locations.geometry.to_numpy())
@@ -262,7 +263,7 @@ def test_cross_zone_contacts_follow_the_footprints(store):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_make_blocked_split_on_a_build(store, seed):
+def test_make_blocked_split_on_a_build(store: BuildStore, seed) -> None:
     summary = make_split(
         store, f"blocked-{seed}", kind="blocked", fractions=(0.34, 0.33, 0.33), seed=seed, block_cells=2
     )
@@ -292,7 +293,7 @@ def test_make_blocked_split_on_a_build(store, seed):
     assert record["patches"] == summary.patches and len(record["index_sha256"]) == 64
 
 
-def test_make_split_files_are_stable_and_usable_as_filters(store):
+def test_make_split_files_are_stable_and_usable_as_filters(store: BuildStore) -> None:
     summary = make_split(store, "paper", kind="random", seed=11)
     first = store.read_bytes("splits/paper.parquet"), store.read_bytes("splits/paper.json")
     assert make_split(store, "paper", kind="random", seed=11) == summary
@@ -312,7 +313,7 @@ def test_make_split_files_are_stable_and_usable_as_filters(store):
     assert other != assignment or len(assignment) < 5
 
 
-def test_make_split_rejects_bad_input(store, tmp_path):
+def test_make_split_rejects_bad_input(store: BuildStore, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="split name"):
         make_split(store, "../escape")
     with pytest.raises(ValueError, match="kind"):
