@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -437,7 +438,7 @@ def _stored_in_memory(
     reads an inflated copy), with its ENVI header."""
     if not read_in_place:
         return None
-    handle = BufferFile(zip_bytes)
+    handle = io.BufferedReader(BufferFile(zip_bytes))
     with zipfile.ZipFile(handle) as archive:
         info = archive.getinfo(member)
         if info.compress_type != zipfile.ZIP_STORED:

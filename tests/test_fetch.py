@@ -18,16 +18,19 @@ import s3fs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.cloud import StorageError, StorageSettings
 from pipeline.enmap import raw_reader
-from pipeline.enmap.product import ProductError, _member_data_offset
+from pipeline.enmap.product import ProductError, ScratchBudget, _member_data_offset
 from pipeline.errors import TransientError, is_transient
 from pipeline.fetch import (
     MIN_PART_BYTES,
     FetchSettings,
     FileSlice,
     Piece,
+    ProductFetcher,
     SizeMismatch,
     fetch,
+    fetch_product,
     fetch_product_files,
     fetch_ranges,
     list_zip,
@@ -453,3 +456,61 @@ def test_a_corrupt_remote_zip_is_a_product_error(proxy, tmp_path: Path) -> None:
     fs.pipe_file(f"{BUCKET}/bad.ZIP", b"PK\x03\x04" + bytes(5000))
     with pytest.raises(ProductError, match="corrupt ZIP"):
         list_zip(fs, f"s3://{BUCKET}/bad.ZIP")
+
+
+# Whole products (the stages' and the benchmark's entry point) ----------------------------------------
+
+
+@pytest.mark.parametrize("memory_budget", [64 * MiB, MiB])
+def test_fetch_product_brings_whole_objects_in_memory_or_scratch(
+    proxy, objects, tmp_path: Path, memory_budget: int
+) -> None:
+    """A folder product's files (sizes known: no HEAD) or an archive (one HEAD) come back whole, in one
+    GET per part; in memory within the budget, else as files named by their basename in scratch."""
+    fs_options = {"client_kwargs": {"endpoint_url": proxy.endpoint_url}, "skip_instance_cache": True}
+    names = [f"{size}.bin" for size in (100_003, 8 * MiB + 1, 37 * MiB + 123)]
+    members = [(name, len(objects[f"s3://{BUCKET}/objects/{name}"])) for name in names]
+    proxy.clear_counts()
+    got = fetch_product(
+        f"s3://{BUCKET}/objects",
+        tmp_path / "scratch",
+        storage_options=fs_options,
+        memory_budget=memory_budget,
+        members=members,
+        settings=FetchSettings(part_bytes=8 * MiB),
+    )
+    assert proxy.count("HEAD") == 0
+    for name, size in members:
+        uri = f"s3://{BUCKET}/objects/{name}"
+        copy = got[uri]
+        if memory_budget >= sum(s for _, s in members):
+            assert isinstance(copy, bytes) and copy == objects[uri]
+        else:
+            assert copy == str(tmp_path / "scratch" / name)
+            assert Path(copy).read_bytes() == objects[uri]
+        assert gets(proxy, uri) == math.ceil(size / (8 * MiB))
+    # An archive: the whole object, its size from one HEAD.
+    proxy.clear_counts()
+    uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
+    (copy,) = fetch_product(
+        uri, tmp_path / "archive", storage_options=fs_options, memory_budget=memory_budget
+    ).values()
+    data = copy if isinstance(copy, bytes) else Path(copy).read_bytes()
+    assert data == objects[uri]
+    assert proxy.count("HEAD") <= 1 and gets(proxy, uri) == math.ceil(len(data) / (16 * MiB))
+
+
+def test_a_product_over_the_scratch_budget_is_refused_before_any_get(proxy, objects, tmp_path) -> None:
+    uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
+    fetcher = ProductFetcher({"client_kwargs": {"endpoint_url": proxy.endpoint_url}}, memory_budget=MiB)
+    proxy.clear_counts()
+    with pytest.raises(ProductError, match="scratch budget"):
+        fetcher([(uri, len(objects[uri]))], str(tmp_path), ScratchBudget(8 * MiB))
+    assert proxy.count("GET") == 0 and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", [MiB, 8 * MiB - 1, 0, True, "16MiB"])
+def test_manifest_fetch_parts_below_8_mib_are_refused(value) -> None:
+    with pytest.raises(StorageError, match="fetch_part_bytes"):
+        StorageSettings.from_dict({"fetch_part_bytes": value}, environ={})
+    assert StorageSettings.from_dict({"fetch_part_bytes": 8 * MiB}, environ={}).fetch_part_bytes == 8 * MiB
