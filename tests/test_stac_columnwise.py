@@ -22,7 +22,7 @@ MOMENTS = st.datetimes(min_value=datetime(1700, 1, 1), max_value=datetime(2200, 
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(MOMENTS, min_size=1, max_size=20), st.sampled_from(["ns", "us", "ms", "s"]))
-def test_iso_utc_many_matches_iso_utc(moments, unit):
+def test_iso_utc_many_matches_iso_utc(moments, unit) -> None:
     naive = pd.Series(pd.DatetimeIndex(moments).as_unit(unit))
     for series in (
         naive,
@@ -32,12 +32,12 @@ def test_iso_utc_many_matches_iso_utc(moments, unit):
         assert iso_utc_many(series) == [iso_utc(value) for value in series.tolist()]
 
 
-def test_iso_utc_many_refuses_missing_times():
+def test_iso_utc_many_refuses_missing_times() -> None:
     with pytest.raises(ValueError, match="missing time"):
         iso_utc_many(pd.Series(pd.to_datetime(["2023-01-01", None], utc=True)))
 
 
-def test_geojson_many_matches_geojson():
+def test_geojson_many_matches_geojson() -> None:
     clockwise = Polygon([(0, 0), (0, 1), (1, 1), (1, 0)])
     holed = Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (1, 2), (2, 2), (2, 1)]])
     polygons = [clockwise, holed, box(10, 47, 10.5, 47.5)] * 3
@@ -46,7 +46,7 @@ def test_geojson_many_matches_geojson():
     assert geojson_many(mixed) == [geojson(p) for p in mixed]
 
 
-def test_wkb_matches_shape_by_shape():
+def test_wkb_matches_shape_by_shape() -> None:
     polygons = [Polygon([(0, 0), (0, 1), (1, 1), (1, 0)]), box(10, 47, 10.5, 47.5)]
     polygons.append(Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (1, 2), (2, 2), (2, 1)]]))
     geometries = [geometry for geometry, _ in geojson_many(polygons)]
@@ -56,7 +56,7 @@ def test_wkb_matches_shape_by_shape():
     assert _wkb([unclosed]) == [shapely.to_wkb(shape(unclosed), flavor="iso")]
 
 
-def test_id_statistics_prune_row_groups():
+def test_id_statistics_prune_row_groups() -> None:
     stats = {"id": ("EPSG32632-0100-0100_a", "EPSG32632-0163-0163_z")}
     assert not _prune(stats, None, None, None, None, ["EPSG32632-0120-0100_x"])
     assert _prune(stats, None, None, None, None, ["EPSG32631-0120-0100_x", "EPSG32633-0001-0001_x"])
