@@ -17,7 +17,7 @@ int16 = st.one_of(st.just(NODATA_VALUE), st.integers(-32767, 32767), st.sampled_
 @given(
     arrays(np.int16, st.tuples(st.integers(1, 4), st.integers(1, 3), st.just(3), st.just(5)), elements=int16)
 )
-def test_block_moments_equal_exact_arithmetic(cubes):
+def test_block_moments_equal_exact_arithmetic(cubes) -> None:
     moments = BandMoments.of_block(cubes)
     split = BandMoments.of_block(cubes[:1]).merge(BandMoments.of_block(cubes[1:]))
     for band in range(cubes.shape[1]):
@@ -36,7 +36,7 @@ def test_block_moments_equal_exact_arithmetic(cubes):
         assert np.isclose(split.m2[band], float(m2), rtol=1e-9, atol=1e-6)
 
 
-def test_full_size_patch_sums_do_not_overflow():
+def test_full_size_patch_sums_do_not_overflow() -> None:
     cube = np.full((1, 2, 128, 128), 32767, np.int16)
     cube[0, 1, ::2] = -32767
     moments = BandMoments.of_block(np.concatenate([cube] * 40))
