@@ -39,7 +39,7 @@ def small_manifest() -> Manifest:
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory) -> Path:
+def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A whole small build: 3 scenes (one reprocessed), patches kept, dropped and deduplicated."""
     root = tmp_path_factory.mktemp("tables")
     config = SynthConfig(
@@ -65,7 +65,7 @@ def build(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def damaged(build, tmp_path) -> BuildStore:
+def damaged(build: Path, tmp_path: Path) -> BuildStore:
     """A copy of the build that a test may damage."""
     target = tmp_path / "build"
     shutil.copytree(build, target)
@@ -76,7 +76,7 @@ GEO_TABLES = [path for path, schema in tables.TABLES.items() if schema.geometry]
 PLAIN_TABLES = [path for path, schema in tables.TABLES.items() if not schema.geometry]
 
 
-def test_every_declared_table_of_a_real_build_validates(build):
+def test_every_declared_table_of_a_real_build_validates(build: Path) -> None:
     store = BuildStore(str(build))
     assert len(store.read_table(tables.INDEX_PATCHES)) > 0, "the build keeps patches"
     for path in GEO_TABLES:
@@ -87,7 +87,7 @@ def test_every_declared_table_of_a_real_build_validates(build):
         assert tables.read_table_checked(store, path).equals(store.read_table(path))
 
 
-def test_declarations_name_every_column_the_writers_write(build):
+def test_declarations_name_every_column_the_writers_write(build: Path) -> None:
     # A writer that adds, drops or renames a column must update its declaration (the STAC items table
     # is stac-geoparquet's, of which the declaration names only what search reads).
     store = BuildStore(str(build))
@@ -99,7 +99,7 @@ def test_declarations_name_every_column_the_writers_write(build):
             assert sorted(written) == sorted(schema.names), path
 
 
-def test_json_records_of_a_real_build_validate(build):
+def test_json_records_of_a_real_build_validate(build: Path) -> None:
     store = BuildStore(str(build))
     for stage in ORDER:
         record = tables.read_json_checked(store, tables.stage_record(stage))
@@ -118,7 +118,7 @@ def test_json_records_of_a_real_build_validate(build):
 
 
 @pytest.mark.parametrize("path", list(tables.TABLES))
-def test_truncated_table_is_corrupt(damaged, path):
+def test_truncated_table_is_corrupt(damaged: BuildStore, path) -> None:
     data = damaged.read_bytes(path)
     damaged.write_bytes(path, data[: len(data) // 2])
     with pytest.raises(CorruptOutput) as caught:
@@ -129,7 +129,7 @@ def test_truncated_table_is_corrupt(damaged, path):
 
 
 @pytest.mark.parametrize("path", list(tables.TABLES))
-def test_random_bytes_are_corrupt(damaged, path):
+def test_random_bytes_are_corrupt(damaged: BuildStore, path) -> None:
     size = len(damaged.read_bytes(path))
     damaged.write_bytes(path, np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes())
     with pytest.raises(CorruptOutput, match=rf"^{path} is corrupt \(not a parquet file\): rerun "):
@@ -137,7 +137,7 @@ def test_random_bytes_are_corrupt(damaged, path):
 
 
 @pytest.mark.parametrize("path", list(tables.TABLES))
-def test_a_missing_column_is_corrupt(damaged, path):
+def test_a_missing_column_is_corrupt(damaged: BuildStore, path) -> None:
     table = pq.read_table(io.BytesIO(damaged.read_bytes(path)))
     dropped = tables.TABLES[path].names[1]
     damaged.write_table(path, table.drop_columns([dropped]))
@@ -147,7 +147,7 @@ def test_a_missing_column_is_corrupt(damaged, path):
     assert str(caught.value) == f"{path} is corrupt (missing column(s) {dropped}): rerun {caught.value.stage}"
 
 
-def test_a_column_of_another_type_is_corrupt(damaged):
+def test_a_column_of_another_type_is_corrupt(damaged: BuildStore) -> None:
     table = pq.read_table(io.BytesIO(damaged.read_bytes(tables.INDEX_PATCHES)))
     position = table.column_names.index("row")
     as_text = pa.array([str(v) for v in table.column("row").to_pylist()])
@@ -159,7 +159,7 @@ def test_a_column_of_another_type_is_corrupt(damaged):
         tables.read_geodataframe_checked(damaged, tables.INDEX_PATCHES)
 
 
-def test_parquet_without_geoparquet_metadata_is_corrupt_for_a_geo_reader(damaged):
+def test_parquet_without_geoparquet_metadata_is_corrupt_for_a_geo_reader(damaged: BuildStore) -> None:
     table = pq.read_table(io.BytesIO(damaged.read_bytes(tables.SCENES)))
     damaged.write_table(tables.SCENES, table.replace_schema_metadata(None))
     tables.read_table_checked(damaged, tables.SCENES)  # the columns are all there
@@ -167,7 +167,7 @@ def test_parquet_without_geoparquet_metadata_is_corrupt_for_a_geo_reader(damaged
         tables.read_geodataframe_checked(damaged, tables.SCENES)
 
 
-def test_a_missing_output_names_the_stage_to_run(damaged):
+def test_a_missing_output_names_the_stage_to_run(damaged: BuildStore) -> None:
     damaged.fs.rm(damaged.path(tables.INDEX_LOCATIONS))
     with pytest.raises(MissingOutput) as caught:
         tables.read_geodataframe_checked(damaged, tables.INDEX_LOCATIONS)
@@ -175,7 +175,7 @@ def test_a_missing_output_names_the_stage_to_run(damaged):
     assert isinstance(caught.value, CorruptOutput) and isinstance(caught.value, ValueError)
 
 
-def test_io_errors_are_not_taken_for_corruption(build):
+def test_io_errors_are_not_taken_for_corruption(build: Path) -> None:
     # A permission or network error says nothing about the file: it must reach the retry logic as it is.
     class Unreadable(BuildStore):
         def read_bytes(self, relative: str) -> bytes:
@@ -187,7 +187,7 @@ def test_io_errors_are_not_taken_for_corruption(build):
         tables.read_json_checked(Unreadable(str(build)), tables.stage_record("mask"))
 
 
-def test_damaged_json_records_are_corrupt(damaged, build):
+def test_damaged_json_records_are_corrupt(damaged: BuildStore, build: Path) -> None:
     record = tables.stage_record("write")
     damaged.write_bytes(record, damaged.read_bytes(record)[:40])
     with pytest.raises(
@@ -231,7 +231,7 @@ def test_damaged_json_records_are_corrupt(damaged, build):
         tables.read_json_checked(damaged, tables.stage_record("tile"))
 
 
-def test_corrupt_output_crosses_process_boundaries_intact():
+def test_corrupt_output_crosses_process_boundaries_intact() -> None:
     error = CorruptOutput(tables.INDEX_PATCHES, "truncated parquet file")
     again = pickle.loads(pickle.dumps(error))
     assert type(again) is CorruptOutput and str(again) == str(error) and again.stage == "dedup"
@@ -239,7 +239,7 @@ def test_corrupt_output_crosses_process_boundaries_intact():
     assert str(missing) == "write/shards.parquet is missing: run write"
 
 
-def test_paths_and_their_producers():
+def test_paths_and_their_producers() -> None:
     assert tables.mask_raster("S1") == "mask/S1.tif"
     assert tables.shard_record(12) == "write/shards/000012.json"
     assert tables.shard_object("reflectance", 3, 4) == "dataset.zarr/reflectance/c/3/0/0/0"
@@ -262,7 +262,7 @@ def test_paths_and_their_producers():
     assert set(tables.REJECTED_BY_STAGE) == {"inventory", "mask", "tile"}
 
 
-def test_empty_tables_have_the_declared_types():
+def test_empty_tables_have_the_declared_types() -> None:
     for path in GEO_TABLES:
         schema = tables.TABLES[path]
         frame = tables.empty_geodataframe(schema)
@@ -299,7 +299,7 @@ _FAMILIES = {
     st.booleans(),
     st.booleans(),
 )
-def test_compatible_is_same_family_elementwise(a, b, i, j, list_a, list_b):
+def test_compatible_is_same_family_elementwise(a, b, i, j, list_a, list_b) -> None:
     # Oracle: two types are compatible exactly when both are lists or both are not, and their
     # (element) types are of the same family.
     actual = _FAMILIES[a][i % len(_FAMILIES[a])]
@@ -311,7 +311,7 @@ def test_compatible_is_same_family_elementwise(a, b, i, j, list_a, list_b):
     assert tables.compatible(actual, declared) == (a == b and list_a == list_b)
 
 
-def test_empty_lists_and_all_null_columns():
+def test_empty_lists_and_all_null_columns() -> None:
     assert tables.compatible(pa.list_(pa.null()), pa.list_(pa.string()))
     schema = tables.TableSchema(
         "x.parquet", (tables.Column("a", pa.int64()), tables.Column("b", pa.string(), nullable=True))
@@ -322,7 +322,7 @@ def test_empty_lists_and_all_null_columns():
     assert tables.schema_problem(rows, schema) == "column a is null, expected int64"
 
 
-def test_readers_of_a_damaged_build_answer_in_one_line(damaged):
+def test_readers_of_a_damaged_build_answer_in_one_line(damaged: BuildStore) -> None:
     def fails_with(*args: str) -> str:
         result = CliRunner().invoke(main, list(args))
         assert result.exit_code != 0 and "Traceback" not in result.output
