@@ -53,7 +53,7 @@ def records_for(frame, per_shard, fingerprints):
     return records
 
 
-def check_partition(frame, per_shard, jobs, reused):
+def check_partition(frame, per_shard, jobs, reused) -> None:
     """Every shard is either reused or written by exactly one job that covers each of its rows once."""
     shards = (len(frame) + per_shard - 1) // per_shard
     assert sorted([j.shard for j in jobs] + list(reused)) == list(range(shards))
@@ -71,7 +71,7 @@ def check_partition(frame, per_shard, jobs, reused):
 
 @settings(max_examples=200, deadline=None)
 @given(index_rows(), st.integers(2, 5))
-def test_a_fresh_write_takes_every_active_row_from_the_cut(frame, per_shard):
+def test_a_fresh_write_takes_every_active_row_from_the_cut(frame, per_shard) -> None:
     fingerprints = {s: f"fp-{s}" for s in frame["scene_id"]}
     jobs, reused = plan_jobs(frame, per_shard, fingerprints, {}, LAYOUT, False, set())
     check_partition(frame, per_shard, jobs, reused)
@@ -85,7 +85,7 @@ def test_a_fresh_write_takes_every_active_row_from_the_cut(frame, per_shard):
 
 @settings(max_examples=200, deadline=None)
 @given(index_rows(), st.integers(2, 5), st.data())
-def test_only_changed_rows_come_from_the_cut(frame, per_shard, data):
+def test_only_changed_rows_come_from_the_cut(frame, per_shard, data) -> None:
     fingerprints = {s: f"fp-{s}" for s in frame["scene_id"]}
     records = records_for(frame, per_shard, fingerprints)
     shards = set(records)
@@ -110,7 +110,7 @@ def test_only_changed_rows_come_from_the_cut(frame, per_shard, data):
         assert job.sums_sha256 == (records[job.shard]["sums_sha256"] if copied_active else "")
 
 
-def test_a_partly_changed_shard_copies_its_unchanged_rows_and_names_their_sums():
+def test_a_partly_changed_shard_copies_its_unchanged_rows_and_names_their_sums() -> None:
     frame = pd.DataFrame(
         {
             "patch_id": ["a", "b", "c"],
@@ -149,7 +149,7 @@ def test_a_partly_changed_shard_copies_its_unchanged_rows_and_names_their_sums()
     )
 
 
-def test_a_failed_shard_task_is_named_by_its_shard():
+def test_a_failed_shard_task_is_named_by_its_shard() -> None:
     """Messages about a write task name its shard (the payload is (ShardJob, cut keys)); a ShardJob has
     `scenes`, which an older label of read tasks mistook for a read task and crashed on."""
     from pipeline.engine import TaskError, describe, with_retries
@@ -158,7 +158,7 @@ def test_a_failed_shard_task_is_named_by_its_shard():
     job = ShardJob(3, 6, 8, (PatchRef(6, "S1", "EPSG32632-0001-0002"),), (), (6,), ("k",))
     assert describe((job, {"S1": "key"})) == "shard 3"
 
-    def fails(payload, *args):
+    def fails(payload, *args) -> None:
         raise ValueError("bad bytes")
 
     failed = with_retries(fails, None, (job, {}))
