@@ -23,7 +23,7 @@ SYNC = Scheduler("synchronous", progress=False)
 
 
 @pytest.fixture(scope="module")
-def zipped(tmp_path_factory):
+def zipped(tmp_path_factory: pytest.TempPathFactory):
     """Two deflated product ZIPs: one ENVI BSQ, one GeoTIFF."""
     out = tmp_path_factory.mktemp("zipped")
     config = SynthConfig(
@@ -56,7 +56,7 @@ def reference_cube(container: Path, tmp_path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("where", ["memory", "scratch"])
-def test_inflated_members_read_bit_for_bit(zipped, tmp_path, where):
+def test_inflated_members_read_bit_for_bit(zipped, tmp_path: Path, where: str) -> None:
     out, truth = zipped
     manifest = Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
     store = BuildStore(str(tmp_path / "build"))
@@ -78,7 +78,7 @@ def test_inflated_members_read_bit_for_bit(zipped, tmp_path, where):
             assert not Path(path).exists(), "scratch is removed when the product is closed"
 
 
-def test_corrupt_member_rejects_its_scene_in_mask_only(zipped, tmp_path):
+def test_corrupt_member_rejects_its_scene_in_mask_only(zipped, tmp_path: Path) -> None:
     out, truth = zipped
     inputs = tmp_path / "inputs"
     inputs.mkdir()
