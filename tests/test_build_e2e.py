@@ -27,13 +27,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def build(demo_products, demo_build, demo_manifest) -> tuple[Path, Truth, BuildStore, Manifest]:
+def build(
+    demo_products: tuple[Path, Truth], demo_build: BuildStore, demo_manifest: Manifest
+) -> tuple[Path, Truth, BuildStore, Manifest]:
     """The session's demo build (inventory to catalog on two threads; read-only: copy it to change it)."""
     products, truth = demo_products
     return products, truth, demo_build, demo_manifest
 
 
-def test_build_matches_truth(build):
+def test_build_matches_truth(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     _, truth, store, manifest = build
     rows = compare(expected_from_truth(truth, manifest), observed(store))
     assert all(ok for *_, ok in rows), rows
@@ -42,7 +44,7 @@ def test_build_matches_truth(build):
     assert got.duplicates >= 1 and got.multi_date_locations >= 1
 
 
-def test_mask_bits_follow_the_quality_layers(build):
+def test_mask_bits_follow_the_quality_layers(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     products, truth, store, _ = build
     from pipeline.mask import read_mask
 
@@ -65,7 +67,7 @@ def test_mask_bits_follow_the_quality_layers(build):
         assert np.array_equal((bits & NODATA) != 0, classes == 3)
 
 
-def test_kept_patches_respect_the_rules(build):
+def test_kept_patches_respect_the_rules(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     products, truth, store, manifest = build
     plan = store.read_geodataframe("plan/patches.parquet")
     kept = plan[plan["kept"]]
@@ -77,7 +79,7 @@ def test_kept_patches_respect_the_rules(build):
     assert set(dropped["reason"].str.split(":").str[0]) <= {*limits, "empty kept band"}
 
 
-def test_same_location_same_grid_on_every_date(build):
+def test_same_location_same_grid_on_every_date(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     _, _, store, _ = build
     patches = store.read_geodataframe("index/patches.parquet")
     for _, group in patches.groupby("location_id"):
@@ -88,7 +90,7 @@ def test_same_location_same_grid_on_every_date(build):
     assert len(multi) >= 2
 
 
-def test_patch_ids_and_duplicates(build):
+def test_patch_ids_and_duplicates(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     _, truth, store, _ = build
     patches = store.read_geodataframe("index/patches.parquet")
     assert patches["patch_id"].is_unique
@@ -104,7 +106,7 @@ def test_patch_ids_and_duplicates(build):
     assert not superseded & set(patches["scene_id"])
 
 
-def test_locations_table(build):
+def test_locations_table(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     _, _, store, _ = build
     locations = store.read_geodataframe("index/locations.parquet")
     patches = store.read_geodataframe("index/patches.parquet")
@@ -115,7 +117,9 @@ def test_locations_table(build):
         assert row.n_dates == mine["acquisition_date"].nunique()
 
 
-def test_every_stored_patch_equals_the_source(build, tmp_path):
+def test_every_stored_patch_equals_the_source(
+    build: tuple[Path, Truth, BuildStore, Manifest], tmp_path: Path
+) -> None:
     """Bit-exactness: each patch read back from dataset.zarr equals the kept bands of its source
     product at the window computed here from epsg, x_ul and y_ul alone (rasterio, not pipeline code)."""
     products, truth, store, _ = build
@@ -144,7 +148,7 @@ def test_every_stored_patch_equals_the_source(build, tmp_path):
         assert np.array_equal(quality[row], bits)
 
 
-def test_zarr_layout(build):
+def test_zarr_layout(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     _, _, store, manifest = build
     root = Path(store.root) / "dataset.zarr"
     meta = json.loads((root / "reflectance" / "zarr.json").read_text())
@@ -163,7 +167,7 @@ def test_zarr_layout(build):
     assert quality_meta["data_type"] == "uint16" and quality_meta["dimension_names"] == ["patch", "y", "x"]
 
 
-def test_xarray_opens_one_dataset(build):
+def test_xarray_opens_one_dataset(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     import xarray as xr
 
     _, _, store, _ = build
@@ -179,7 +183,9 @@ def test_xarray_opens_one_dataset(build):
     assert np.allclose(ds["reflectance"].isel(patch=0).values, stored * 0.0001)
 
 
-def test_write_opens_no_product_and_assembles_the_shards_zarr_writes(build, tmp_path, monkeypatch):
+def test_write_opens_no_product_and_assembles_the_shards_zarr_writes(
+    build: tuple[Path, Truth, BuildStore, Manifest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`write` assembles every shard from the chunks encoded when the cube was read: it opens no
     product, and each shard object is byte-identical to the one zarr-python writes for the same rows
     into an identically created array; zarr-python and TensorStore read the dataset back."""
@@ -199,7 +205,7 @@ def test_write_opens_no_product_and_assembles_the_shards_zarr_writes(build, tmp_
     # Two patches per shard: many shards, each a mix of scenes, the last one partial when odd.
     small = dataclasses.replace(manifest, write=dataclasses.replace(manifest.write, patches_per_shard=2))
 
-    def no_product(*args, **kwargs):
+    def no_product(*args, **kwargs) -> None:
         raise AssertionError("write opened a source product")
 
     monkeypatch.setattr(pipeline.enmap.product, "open_product", no_product)
@@ -239,7 +245,9 @@ def test_write_opens_no_product_and_assembles_the_shards_zarr_writes(build, tmp_
         assert np.array_equal(ts.open(spec, read=True).result().read().result(), values[name])
 
 
-def test_mask_reads_every_cube_row_once(build, tmp_path, monkeypatch):
+def test_mask_reads_every_cube_row_once(
+    build: tuple[Path, Truth, BuildStore, Manifest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The build's one read of a cube: the mask pass reads each row of the kept bands exactly once."""
     import pipeline.inventory
     import pipeline.mask
@@ -278,7 +286,9 @@ def test_mask_reads_every_cube_row_once(build, tmp_path, monkeypatch):
         )
 
 
-def test_band_statistics_equal_numpy_over_the_whole_array(build):
+def test_band_statistics_equal_numpy_over_the_whole_array(
+    build: tuple[Path, Truth, BuildStore, Manifest],
+) -> None:
     _, _, store, _ = build
     group = zarr.open_group(str(Path(store.root) / "dataset.zarr"), mode="r")
     cube = group["reflectance"][:].astype(np.float64)
@@ -297,7 +307,7 @@ def test_band_statistics_equal_numpy_over_the_whole_array(build):
     assert np.allclose(group["reflectance"].attrs["band_statistics"]["mean"], mean)
 
 
-def test_moment_merge_is_exact_and_order_independent():
+def test_moment_merge_is_exact_and_order_independent() -> None:
     from pipeline.stats import BandMoments
 
     rng = np.random.default_rng(0)
@@ -320,7 +330,9 @@ def test_moment_merge_is_exact_and_order_independent():
 # Catalog and query on the built dataset ---------------------------------------------------------------
 
 
-def test_catalog_validates_offline(build, monkeypatch):
+def test_catalog_validates_offline(
+    build: tuple[Path, Truth, BuildStore, Manifest], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.stac_helpers import SCHEMAS, block_network, json_files, offline_validator, validate
 
     if not SCHEMAS.is_dir():
@@ -344,7 +356,9 @@ def test_catalog_validates_offline(build, monkeypatch):
         assert any(link["rel"] == "derived_from" for link in item["links"])
 
 
-def test_query_matches_brute_force_and_exports(build, tmp_path):
+def test_query_matches_brute_force_and_exports(
+    build: tuple[Path, Truth, BuildStore, Manifest], tmp_path: Path
+) -> None:
     import xarray as xr
     from shapely.geometry import box, shape
 
@@ -391,7 +405,7 @@ def test_query_matches_brute_force_and_exports(build, tmp_path):
             assert np.array_equal(src.read(), stored)
 
 
-def test_query_cli(build, tmp_path):
+def test_query_cli(build: tuple[Path, Truth, BuildStore, Manifest], tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from pipeline.cli import main
@@ -417,7 +431,9 @@ def test_query_cli(build, tmp_path):
     assert bad.exit_code == 0 and "0 patch(es)" in bad.output
 
 
-def test_report_split_and_query_by_split_cli(build, tmp_path):
+def test_report_split_and_query_by_split_cli(
+    build: tuple[Path, Truth, BuildStore, Manifest], tmp_path: Path
+) -> None:
     from click.testing import CliRunner
 
     from pipeline.cli import main
