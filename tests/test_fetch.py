@@ -500,7 +500,7 @@ def test_fetch_product_brings_whole_objects_in_memory_or_scratch(
     assert proxy.count("HEAD") <= 1 and gets(proxy, uri) == math.ceil(len(data) / (16 * MiB))
 
 
-def test_a_product_over_the_scratch_budget_is_refused_before_any_get(proxy, objects, tmp_path) -> None:
+def test_a_product_over_the_scratch_budget_is_refused_before_any_get(proxy, objects, tmp_path: Path) -> None:
     uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
     fetcher = ProductFetcher({"client_kwargs": {"endpoint_url": proxy.endpoint_url}}, memory_budget=MiB)
     proxy.clear_counts()
