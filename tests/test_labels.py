@@ -199,7 +199,9 @@ def _locations(build: dict) -> dict[tuple, list[int]]:
     ("name", "source", "factor"),
     [("crops", "crops_aea30", 1), ("crops_mode", "crops_aea30", 3), ("landcover", "landcover_laea100", 1)],
 )
-def test_raster_labels_equal_the_oracle_pixel_for_pixel(build, name, source, factor):
+def test_raster_labels_equal_the_oracle_pixel_for_pixel(
+    build: dict, name: str, source: str, factor: int
+) -> None:
     truth = build["truth"][source]
     labels = _labels(build, name)
     assert label_array(build["store"], name).attrs["samples_per_pixel_side"] == factor
@@ -213,7 +215,7 @@ def test_raster_labels_equal_the_oracle_pixel_for_pixel(build, name, source, fac
     assert (labels == 0).any()
 
 
-def test_mode_differs_from_nearest_where_speckle_is_outvoted(build):
+def test_mode_differs_from_nearest_where_speckle_is_outvoted(build: dict) -> None:
     nearest, mode = _labels(build, "crops"), _labels(build, "crops_mode")
     differ = (nearest != mode).mean()
     assert 0.02 < differ < 0.6
@@ -223,7 +225,9 @@ def test_mode_differs_from_nearest_where_speckle_is_outvoted(build):
     ("name", "path", "factor", "remap"),
     [("parcels", "parcels.parquet", 1, PARCEL_REMAP), ("parcels_mode", "parcels.gpkg", 5, None)],
 )
-def test_polygon_labels_equal_the_oracle_pixel_for_pixel(build, name, path, factor, remap):
+def test_polygon_labels_equal_the_oracle_pixel_for_pixel(
+    build: dict, name: str, path: str, factor: int, remap
+) -> None:
     import geopandas
 
     frame = geopandas.read_parquet(build["sources"] / "parcels.parquet")
@@ -236,7 +240,7 @@ def test_polygon_labels_equal_the_oracle_pixel_for_pixel(build, name, path, fact
     assert set(np.unique(labels).tolist()) <= ({0, 1, 2, 3} if remap else {0, 11, 12, 21, 33, 41, 51})
 
 
-def test_array_layout_dtype_and_attributes(build):
+def test_array_layout_dtype_and_attributes(build: dict) -> None:
     store = build["store"]
     group = zarr.open_group(store.path("dataset.zarr"), mode="r")
     quality = group["quality"]
@@ -273,7 +277,7 @@ def test_array_layout_dtype_and_attributes(build):
     }
 
 
-def test_table_histograms_fractions_and_inclusion(build):
+def test_table_histograms_fractions_and_inclusion(build: dict) -> None:
     store = build["store"]
     labels = _labels(build, "parcels")
     table = read_label_table(store, "parcels").set_index("patch_id")
@@ -289,7 +293,7 @@ def test_table_histograms_fractions_and_inclusion(build):
     assert sorted(table.index[table["included"]]) == included_patches(store, "parcels")
 
 
-def test_multilabel_table_marks_classes_over_the_threshold(build):
+def test_multilabel_table_marks_classes_over_the_threshold(build: dict) -> None:
     store = build["store"]
     labels = _labels(build, "landcover")
     classes = label_array(store, "landcover").attrs["class_codes"]
@@ -305,7 +309,7 @@ def test_multilabel_table_marks_classes_over_the_threshold(build):
     assert single["multi_hot"].isna().all()
 
 
-def test_patches_outside_the_source_are_excluded_with_the_reason(build, tmp_path):
+def test_patches_outside_the_source_are_excluded_with_the_reason(build: dict, tmp_path: Path) -> None:
     index = build["index"]
     zone = int(index["epsg"].iloc[0])
     one_site = regions_of(
@@ -328,7 +332,7 @@ def test_patches_outside_the_source_are_excluded_with_the_reason(build, tmp_path
 # Reruns and changes -------------------------------------------------------------------------------
 
 
-def test_rerun_is_a_no_op(build):
+def test_rerun_is_a_no_op(build: dict) -> None:
     store = build["store"]
     before = store.read_stage_record("labels-crops")
     chunk_file = Path(store.path("dataset.zarr/labels/crops/c/0/0/0"))
@@ -339,7 +343,7 @@ def test_rerun_is_a_no_op(build):
     assert chunk_file.stat().st_mtime_ns == stamp
 
 
-def test_changed_source_relabels(build, tmp_path):
+def test_changed_source_relabels(build: dict, tmp_path: Path) -> None:
     sources = tmp_path / "v1"
     shutil.copytree(build["sources"], sources)
     raw = dict(build["raw"]) | {"labels": {"moving": {"source": str(sources / "crops_aea30.tif")}}}
@@ -365,7 +369,7 @@ def test_changed_source_relabels(build, tmp_path):
     assert run_labels(changed, build["store"], build["scheduler"])[0].skipped
 
 
-def test_retired_rows_stay_unlabelled_and_other_shards_are_reused(build, tmp_path):
+def test_retired_rows_stay_unlabelled_and_other_shards_are_reused(build: dict, tmp_path: Path) -> None:
     """A row marked inactive (superseded) is zeroed and leaves the table; only its shard is labelled
     again, the other shards' labels stay as stored."""
     copy = tmp_path / "build"
@@ -396,7 +400,7 @@ def test_retired_rows_stay_unlabelled_and_other_shards_are_reused(build, tmp_pat
     assert run_labels(build["manifest"], store, build["scheduler"], name="crops")[0].skipped
 
 
-def test_write_growing_the_dataset_grows_the_labels(build, tmp_path):
+def test_write_growing_the_dataset_grows_the_labels(build: dict, tmp_path: Path) -> None:
     """When `write` extends the dataset (an incremental build appends rows), every labels array grows
     with it: stored labels stay as they are and the new rows read 0 until the labels stage runs."""
     from pipeline.write import ensure_arrays
@@ -425,7 +429,7 @@ def test_write_growing_the_dataset_grows_the_labels(build, tmp_path):
 # Bad sources and settings -------------------------------------------------------------------------
 
 
-def test_bad_sources_fail_with_one_line(build, tmp_path):
+def test_bad_sources_fail_with_one_line(build: dict, tmp_path: Path) -> None:
     broken = tmp_path / "broken.tif"
     broken.write_bytes(b"II*\x00 not a tiff")
     cases = {
@@ -457,13 +461,13 @@ def test_bad_sources_fail_with_one_line(build, tmp_path):
         ({"a b": {"source": "a.tif"}}, "labels"),
     ],
 )
-def test_manifest_errors_name_the_key(labels, fragment):
+def test_manifest_errors_name_the_key(labels, fragment: str) -> None:
     with pytest.raises(ManifestError) as caught:
         Manifest.from_dict({"name": "x", "labels": labels})
     assert fragment in str(caught.value) and "secret" not in str(caught.value)
 
 
-def test_labels_section_changes_no_other_stage_hash():
+def test_labels_section_changes_no_other_stage_hash() -> None:
     base = Manifest.from_dict({"name": "x"})
     with_labels = Manifest.from_dict({"name": "x", "labels": {"cdl": {"source": "a.tif"}}})
     for stage in stages.ORDER:
@@ -481,7 +485,7 @@ def test_labels_section_changes_no_other_stage_hash():
     st.integers(0, 2**32 - 1),
     st.lists(st.integers(0, 300), min_size=1, max_size=4, unique=True),
 )
-def test_mode_reduce_against_brute_force(factor, height, width, seed, codes):
+def test_mode_reduce_against_brute_force(factor, height, width, seed, codes) -> None:
     rng = np.random.default_rng(seed)
     samples = np.asarray(codes)[rng.integers(len(codes), size=(height * factor, width * factor))]
     got = mode_reduce(samples, factor)
@@ -494,13 +498,13 @@ def test_mode_reduce_against_brute_force(factor, height, width, seed, codes):
             assert got[i, j] == min(c for c, n in counts.items() if n == top)
 
 
-def test_mode_ties_go_to_the_smallest_code_including_no_label():
+def test_mode_ties_go_to_the_smallest_code_including_no_label() -> None:
     samples = np.array([[5, 3], [3, 5]])
     assert mode_reduce(samples, 2).tolist() == [[3]]
     assert mode_reduce(np.array([[0, 7], [7, 0]]), 2).tolist() == [[0]]
 
 
-def test_remap_codes():
+def test_remap_codes() -> None:
     values = np.array([[1, 5, 24], [0, 99, 5]])
     assert remap_codes(values, ((1, 10), (5, 20), (24, 0))).tolist() == [[10, 20, 0], [0, 0, 20]]
     assert remap_codes(values, ()).tolist() == values.tolist()
@@ -513,7 +517,9 @@ def test_remap_codes():
 # Sources on S3 ------------------------------------------------------------------------------------
 
 
-def test_sources_on_s3_give_the_same_labels(build, s3_server, monkeypatch, capsys):
+def test_sources_on_s3_give_the_same_labels(
+    build: dict, s3_server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import s3fs
 
     from pipeline.stages import BuildContext
