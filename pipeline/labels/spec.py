@@ -11,6 +11,7 @@ from typing import Any
 from pipeline.cloud import StorageError, refuse_credentials
 from pipeline.errors import redact
 from pipeline.manifest import Manifest, ManifestError
+from pipeline.sections import check_keys
 from pipeline.storage import is_remote
 
 LABELS_DIR = "labels"
@@ -112,11 +113,7 @@ class LabelSpec:
             )
         if not isinstance(raw, Mapping):
             raise ManifestError(f"'{where}' must be a mapping with at least 'source'")
-        unknown = sorted(set(raw) - cls.KEYS)
-        if unknown:
-            raise ManifestError(
-                f"unknown key '{where}.{unknown[0]}' (known keys: {', '.join(sorted(cls.KEYS))})"
-            )
+        check_keys(raw, cls.KEYS, where)
         source = _source(raw.get("source"), where)
         kind, attribute = _kind_and_attribute(raw.get("kind", "raster"), raw.get("attribute"), where)
         resampling = raw.get("resampling", "nearest")
