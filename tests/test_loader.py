@@ -55,7 +55,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 # Items against dataset.zarr -----------------------------------------------------------------------
 
 
-def test_items_equal_the_zarr_arrays(store, raw, index):
+def test_items_equal_the_zarr_arrays(store: BuildStore, raw: zarr.Group, index) -> None:
     floats = PatchDataset(store)
     stored = PatchDataset(store.uri, dtype="int16")
     assert len(floats) == len(stored) == raw["reflectance"].shape[0] == len(index)
@@ -78,7 +78,7 @@ def test_items_equal_the_zarr_arrays(store, raw, index):
         assert np.array_equal(sample.wavelengths, wavelength)
 
 
-def test_float_reflectance_matches_xarray_decoding(store):
+def test_float_reflectance_matches_xarray_decoding(store: BuildStore) -> None:
     import xarray as xr
 
     ds = xr.open_zarr(store.path("dataset.zarr"))
@@ -89,7 +89,7 @@ def test_float_reflectance_matches_xarray_decoding(store):
         assert loader[k].time == ds.time.values[k].astype("datetime64[us]")
 
 
-def test_subset_in_the_order_given(store, raw):
+def test_subset_in_the_order_given(store: BuildStore, raw: zarr.Group) -> None:
     ids = [str(x) for x in raw["patch_id"][:]]
     chosen = ids[::-2]
     ds = PatchDataset(store, patch_ids=chosen)
@@ -105,7 +105,7 @@ def test_subset_in_the_order_given(store, raw):
     assert len(PatchDataset(store, patch_ids=[])) == 0
 
 
-def test_band_subsets_by_index_and_by_number(store, raw):
+def test_band_subsets_by_index_and_by_number(store: BuildStore, raw: zarr.Group) -> None:
     numbers = np.asarray(raw["band"][:])
     full = PatchDataset(store, dtype="int16")[0]
     by_index = PatchDataset(store, bands=[0, 50, 201], dtype="int16")
@@ -123,7 +123,7 @@ def test_band_subsets_by_index_and_by_number(store, raw):
         PatchDataset(store, bands=[202])
 
 
-def test_band_positions_pure():
+def test_band_positions_pure() -> None:
     numbers = np.array([1, 2, 5, 9])
     assert band_positions(numbers, None, "index") is None
     assert list(band_positions(numbers, [3, 0], "index")) == [3, 0]
@@ -137,7 +137,7 @@ def test_band_positions_pure():
 # Units and nodata ---------------------------------------------------------------------------------
 
 
-def test_to_reflectance_scales_and_masks_the_fill():
+def test_to_reflectance_scales_and_masks_the_fill() -> None:
     stored = np.array([[[0, 1, 10000, -32768], [32767, -1, -32768, 1234]]], dtype=np.int16)
     got = to_reflectance(stored)
     assert got.dtype == np.float32 and got.shape == stored.shape
@@ -153,7 +153,7 @@ def test_to_reflectance_scales_and_masks_the_fill():
         to_reflectance(stored.astype(np.float32))
 
 
-def test_nodata_becomes_nan_through_the_loader(store, tmp_path):
+def test_nodata_becomes_nan_through_the_loader(store: BuildStore, tmp_path: Path) -> None:
     copy = BuildStore(str(tmp_path / "build"))
     shutil.copytree(store.path("dataset.zarr"), copy.path("dataset.zarr"))
     array = zarr.open_array(copy.path("dataset.zarr/reflectance"), mode="r+")
@@ -163,7 +163,7 @@ def test_nodata_becomes_nan_through_the_loader(store, tmp_path):
     assert np.isnan(floats).sum() == 1
 
 
-def test_decode_time():
+def test_decode_time() -> None:
     got = decode_time(np.array([0, 1_500_000]), "microseconds since 1970-01-01T00:00:00")
     assert list(got) == [
         np.datetime64("1970-01-01T00:00:00", "us"),
@@ -179,7 +179,7 @@ def test_decode_time():
 # Two views ----------------------------------------------------------------------------------------
 
 
-def test_two_views_are_one_location_on_two_dates(store):
+def test_two_views_are_one_location_on_two_dates(store: BuildStore) -> None:
     locations = store.read_geodataframe("index/locations.parquet")
     multi = sorted(locations.loc[locations["n_dates"] >= 2, "location_id"])
     ds = PatchDataset(store, two_views=True, seed=3)
@@ -193,7 +193,7 @@ def test_two_views_are_one_location_on_two_dates(store):
             assert first.time != second.time
 
 
-def test_two_views_deterministic_per_seed_and_epoch(store):
+def test_two_views_deterministic_per_seed_and_epoch(store: BuildStore) -> None:
     def pairs(seed: int, epoch: int) -> list[tuple[str, str]]:
         ds = PatchDataset(store, two_views=True, seed=seed)
         ds.set_epoch(epoch)
@@ -204,7 +204,7 @@ def test_two_views_deterministic_per_seed_and_epoch(store):
     assert len({tuple(pairs(0, e)) for e in range(10)}) > 1
 
 
-def test_two_views_of_a_subset_use_only_its_patches(store):
+def test_two_views_of_a_subset_use_only_its_patches(store: BuildStore) -> None:
     all_ids = PatchDataset(store).patch_ids
     ds = PatchDataset(store, two_views=True)
     first, _ = ds[0]
@@ -218,7 +218,7 @@ def test_two_views_of_a_subset_use_only_its_patches(store):
         ds.set_epoch(-1)
 
 
-def test_pick_two_dates_pure():
+def test_pick_two_dates_pure() -> None:
     dates = np.array([20230101, 20230101, 20230301, 20230401, 20230501])
     seen = set()
     for index in range(50):
@@ -239,7 +239,7 @@ def test_pick_two_dates_pure():
 # Pickling and worker processes --------------------------------------------------------------------
 
 
-def test_pickles_without_handles_and_gives_the_same_items(store):
+def test_pickles_without_handles_and_gives_the_same_items(store: BuildStore) -> None:
     ds = PatchDataset(store, two_views=True, seed=4, bands=[3, 4])
     ds.set_epoch(2)
     before = ds[1]  # opens the arrays in this process
@@ -264,7 +264,7 @@ def _checksum(args: tuple[PatchDataset, int]) -> tuple[str, float]:
 
 
 @pytest.mark.parametrize("method", ["spawn", "fork"])
-def test_worker_processes_read_the_same_items(store, method):
+def test_worker_processes_read_the_same_items(store: BuildStore, method: str) -> None:
     if method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"no {method} start method here")
     ds = PatchDataset(store)
@@ -277,7 +277,7 @@ def test_worker_processes_read_the_same_items(store, method):
 # Normalize ----------------------------------------------------------------------------------------
 
 
-def test_normalize_against_numpy():
+def test_normalize_against_numpy() -> None:
     rng = np.random.default_rng(0)
     stored = rng.integers(-100, 5000, size=(3, 4, 5)).astype(np.int16)
     stored[1, 2, 3] = NODATA
@@ -302,14 +302,14 @@ def test_normalize_against_numpy():
     assert np.array_equal(by_stored.select([2, 0]).mean, mean[[2, 0]])
 
 
-def test_normalize_from_the_statistics_the_write_stage_wrote(store):
+def test_normalize_from_the_statistics_the_write_stage_wrote(store: BuildStore) -> None:
     normalize = Normalize.from_build(store)
     assert normalize.units == "reflectance" and normalize.mean.shape == (202,)
     sample = PatchDataset(store, transform=normalize)[0]
     assert sample.units == "normalized" and np.isfinite(sample.reflectance).all()
 
 
-def test_normalize_from_build_and_as_transform(store, tmp_path):
+def test_normalize_from_build_and_as_transform(store: BuildStore, tmp_path: Path) -> None:
     copy = BuildStore(str(tmp_path / "build"))
     shutil.copytree(store.path("dataset.zarr"), copy.path("dataset.zarr"))
     with pytest.raises(FileNotFoundError, match="stats/mean.npy"):
@@ -347,12 +347,12 @@ def test_normalize_from_build_and_as_transform(store, tmp_path):
 # PyTorch ------------------------------------------------------------------------------------------
 
 
-def test_loader_imports_without_torch():
+def test_loader_imports_without_torch() -> None:
     code = "import sys, pipeline.loader; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-def test_torch_adapter_explains_a_missing_torch(store, monkeypatch):
+def test_torch_adapter_explains_a_missing_torch(store: BuildStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(ImportError, match="install torch"):
         TorchPatchDataset(PatchDataset(store))
@@ -360,7 +360,7 @@ def test_torch_adapter_explains_a_missing_torch(store, monkeypatch):
         as_torch(PatchDataset(store))
 
 
-def test_torch_adapter_gives_tensors(store):
+def test_torch_adapter_gives_tensors(store: BuildStore) -> None:
     torch = pytest.importorskip("torch")
     base = PatchDataset(store)
     ds = as_torch(base)
@@ -377,7 +377,7 @@ def test_torch_adapter_gives_tensors(store):
     assert raw["reflectance"].dtype == torch.int16
 
 
-def test_torch_dataloader_batches_and_pairs(store):
+def test_torch_dataloader_batches_and_pairs(store: BuildStore) -> None:
     torch = pytest.importorskip("torch")
     from torch.utils.data import DataLoader
 
