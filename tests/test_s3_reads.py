@@ -71,7 +71,7 @@ STORED = SynthConfig(
 
 
 @pytest.fixture(scope="module")
-def products(tmp_path_factory):
+def products(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("s3-read-products")
     truths = []
     for name, config in (("deflated", DEFLATED), ("stored", STORED)):
@@ -81,7 +81,7 @@ def products(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3(products, tmp_path_factory):
+def s3(products, tmp_path_factory: pytest.TempPathFactory):
     root, _ = products
     with (
         moto_server() as upstream,
@@ -127,7 +127,7 @@ def read_arrays(group) -> dict[str, np.ndarray]:
     return {name: np.asarray(group[name][:]) for name in group.array_keys()}
 
 
-def test_s3_build_fetches_each_product_in_few_large_gets(s3, products, tmp_path):
+def test_s3_build_fetches_each_product_in_few_large_gets(s3, products, tmp_path: Path) -> None:
     proxy, fs = s3
     root, truths = products
     built = manifest(tmp_path)
@@ -205,7 +205,7 @@ def run_stages(context: BuildContext, names: tuple[str, ...], inputs: list[str])
         context.run(name, inputs=inputs)
 
 
-def test_products_over_the_memory_budget_stream_to_scratch(s3, products, tmp_path):
+def test_products_over_the_memory_budget_stream_to_scratch(s3, products, tmp_path: Path) -> None:
     """With a memory budget smaller than any product, every product is fetched into scratch (still in
     large GETs) and read from there: the same masks as the local build; scratch is empty after."""
     proxy, _ = s3
@@ -235,7 +235,9 @@ def product_sizes(fs: s3fs.S3FileSystem, truths: list) -> list[int]:
     return [sum(product_objects(fs, set_name, truth.path).values()) for set_name, truth in truths]
 
 
-def test_a_fault_while_fetching_is_transient_and_a_truncated_archive_is_rejected(s3, products, tmp_path):
+def test_a_fault_while_fetching_is_transient_and_a_truncated_archive_is_rejected(
+    s3, products, tmp_path: Path
+) -> None:
     proxy, fs = s3
     root, truths = products
     built = manifest(tmp_path)
