@@ -7,7 +7,6 @@ GeoTIFF per patch in the SpectralEarth release layout `enmap/<location number>/<
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.dataset_arrays import REFLECTANCE_SCALE, quiet_zarr, zarr_store
 from pipeline.dedup import INDEX_PATCHES
 from pipeline.quality import NODATA_VALUE
 from pipeline.storage import BuildStore
-from pipeline.write import REFLECTANCE_SCALE, zarr_store
 
 
 class SelectionError(ValueError):
@@ -137,8 +136,7 @@ def export_zarr(
                 attributes=attributes,
             )
             new[:] = values
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+    with quiet_zarr():
         zarr.consolidate_metadata(target_store)
     return n
 

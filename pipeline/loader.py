@@ -25,9 +25,7 @@ from __future__ import annotations
 import io
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Literal
@@ -35,9 +33,9 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline import tables
+from pipeline.dataset_arrays import DATASET, REFLECTANCE_SCALE, quiet_zarr, zarr_store
 from pipeline.quality import NODATA_VALUE
 from pipeline.storage import BuildStore
-from pipeline.write import DATASET, REFLECTANCE_SCALE
 
 STATS_MEAN = tables.STATS_MEAN
 STATS_STD = tables.STATS_STD
@@ -193,18 +191,6 @@ class _Handles:
     label: Any = None  # labels/<name> when the dataset was asked for labels
 
 
-@contextmanager
-def _quiet_zarr() -> Iterator[None]:
-    """zarr 3.1 warns on consolidated v3 metadata and on its variable-length string dtype; both are
-    how this dataset is written on purpose. Only those two warnings are silenced."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        warnings.filterwarnings(
-            "ignore", message=r"The data type \(.*\) does not have a Zarr V3 specification"
-        )
-        yield
-
-
 def _array(group: Any, name: str) -> Any:
     import zarr
 
@@ -217,11 +203,9 @@ def _array(group: Any, name: str) -> Any:
 def _open(store: BuildStore, labels: str | None = None) -> _Handles:
     import zarr
 
-    from pipeline.write import zarr_store
-
     if not store.exists(f"{DATASET}/zarr.json"):
         raise FileNotFoundError(f"{store.uri_of(DATASET)} is missing: run the write stage first")
-    with _quiet_zarr():
+    with quiet_zarr():
         group = zarr.open_group(zarr_store(store), mode="r")
 
         def one_d(name: str, dtype: Any = None) -> np.ndarray:
@@ -428,7 +412,7 @@ class PatchDataset:
     def read_row(self, row: int) -> PatchSample:
         """The patch at `row` of dataset.zarr: one chunk of each cube array."""
         h = self._opened()
-        with _quiet_zarr():
+        with quiet_zarr():
             stored = np.asarray(h.reflectance[row])
             quality = np.asarray(h.quality[row])
             label = np.asarray(h.label[row]) if h.label is not None else None
@@ -572,9 +556,7 @@ class Normalize:
 def _band_numbers(store: BuildStore) -> np.ndarray:
     import zarr
 
-    from pipeline.write import zarr_store
-
-    with _quiet_zarr():
+    with quiet_zarr():
         group = zarr.open_group(zarr_store(store), mode="r")
         return np.asarray(_array(group, "band")[:], dtype=np.int64)
 

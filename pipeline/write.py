@@ -1,9 +1,9 @@
 """Stage 5, `write`: copy the kept patches into `dataset.zarr` (Zarr format 3), bit-exact.
 
-Layout (SPEC): `reflectance` int16 (patch, band, y, x), one patch per inner chunk, several patches per
-shard (sharding codec, Blosc zstd + bitshuffle, fill -32768, CF scale/fill attributes); `quality`
-uint16 (patch, y, x), same chunking; 1-D arrays over patch and band. The driver preallocates the
-arrays (the template) and writes the small 1-D arrays; each task then fills whole shards by region.
+Layout (SPEC): declared in `pipeline.dataset_arrays` (sharded `reflectance` and `quality`, one patch per
+inner chunk; 1-D arrays over patch and band). `run_write` reads the plan first (rows, band axis, which
+shards to write and which to reuse), preallocates the arrays (the template) and writes the small 1-D
+arrays; each task then fills one whole shard; the driver then merges the statistics and records.
 
 `write` opens no product. The reading pass (`pipeline.mask`) encoded every kept candidate once into
 the bytes of one inner chunk per array and recorded its exact per-band sums (`cut/`); here every shard
@@ -23,7 +23,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,8 +31,16 @@ import pyarrow as pa
 
 from pipeline import tables
 from pipeline.cell_moments import CellSums, shard_moments
+from pipeline.dataset_arrays import (
+    DATASET,
+    consolidate,
+    ensure_arrays,
+    layout_key,
+    write_row_arrays,
+    zarr_store,
+)
 from pipeline.engine import StageResult, TaskError, up_to_date, with_retries
-from pipeline.errors import BuildFault, StageFailed, is_transient, one_line
+from pipeline.errors import BuildFault, StageFailed, one_line
 from pipeline.inventory import SceneRecord, read_scenes
 from pipeline.manifest import Manifest
 from pipeline.mask import (
@@ -45,7 +53,6 @@ from pipeline.mask import (
     scene_key,
     summaries_from_table,
 )
-from pipeline.quality import CF_FLAG_MASKS, CF_FLAG_MEANINGS, NODATA_VALUE
 from pipeline.stats import BandMoments, npy_bytes
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json
 from pipeline.tables import (
@@ -65,212 +72,9 @@ from pipeline.zarr_chunks import (
 )
 
 STAGE = "write"
-DATASET = tables.DATASET
 SHARDS_TABLE = tables.SHARDS
 SHARD_RECORDS = tables.SHARD_RECORDS
 SHARD_SUMS = "write/sums"  # per shard: the CellSums of its active rows (JSON), named by its record
-REFLECTANCE_SCALE = 0.0001
-
-
-def dataset_attrs(manifest: Manifest, n_patches: int) -> dict[str, Any]:
-    return {
-        "title": f"{manifest.name}: EnMAP L2A patches",
-        "patch_size": manifest.grid.patch_size,
-        "pixel_size_m": manifest.grid.pixel_size,
-        "patches_per_shard": manifest.write.patches_per_shard,
-        "n_patches": n_patches,
-        "Conventions": "CF-1.10",
-    }
-
-
-def layout_key(manifest: Manifest, bands: Sequence[tuple[int, float, float]], lineage: str) -> str:
-    """What makes stored shards reusable: the band axis, patch size, shard size, codec, index lineage."""
-    payload = {
-        "bands": [list(b) for b in bands],
-        "patch_size": manifest.grid.patch_size,
-        "patches_per_shard": manifest.write.patches_per_shard,
-        "codec": asdict(manifest.write.codec),
-        "lineage": lineage,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _grow_labels(group: Any, rows: int) -> None:
-    """Benchmark labels (`labels/<name>`, made by the labels stage) follow the dataset's rows: grown
-    with it, the new rows hold 0 ("no label") until the labels stage labels them."""
-    import zarr
-
-    if "labels" not in group.group_keys():
-        return
-    for _, array in group["labels"].arrays():
-        assert isinstance(array, zarr.Array)
-        if array.shape[0] < rows:
-            array.resize((rows, *array.shape[1:]))
-
-
-def ensure_arrays(
-    store: BuildStore, manifest: Manifest, rows: int, bands: Sequence[tuple[int, float, float]], layout: str
-) -> bool:
-    """Preallocate `reflectance` and `quality` for `rows` patches, reusing the existing arrays (grown
-    if needed) when their layout matches. Returns True when the existing arrays were kept."""
-    import zarr
-    from zarr.codecs import BloscCname, BloscCodec, BloscShuffle
-
-    size = manifest.grid.patch_size
-    per_shard = manifest.write.patches_per_shard
-    # A chunk dimension must be at least 1, even along an axis of length 0 (a build that kept no patch,
-    # or has no band axis at all, still gets well-formed empty arrays).
-    band_chunk = max(1, len(bands))
-    try:
-        group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3, use_consolidated=False)
-        kept = group.attrs.get("layout_key") == layout and {"reflectance", "quality"} <= set(
-            group.array_keys()
-        )
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        kept = False
-    except Exception as exc:
-        if is_transient(exc):
-            raise
-        # Metadata that does not parse is not trusted: the arrays are made afresh (every shard rewritten).
-        print(f"write: dataset.zarr's metadata is unreadable ({type(exc).__name__}); writing it afresh")
-        kept = False
-    if kept:
-        for name in ("reflectance", "quality"):
-            array = group[name]
-            assert isinstance(array, zarr.Array)
-            if array.shape[0] != rows:
-                array.resize((rows, *array.shape[1:]))
-        _grow_labels(group, rows)
-        group.attrs.update(dataset_attrs(manifest, rows) | {"layout_key": layout})
-        return True
-    settings = manifest.write.codec
-    # The codec `pipeline.zarr_chunks.reflectance_codec` / `quality_codec` encode with: the reading
-    # pass encodes candidates with those, and shards are assembled from them by byte copy.
-    codec = BloscCodec(
-        cname=BloscCname(settings.cname),
-        clevel=settings.clevel,
-        shuffle=BloscShuffle.bitshuffle,
-        blocksize=settings.blocksize,
-    )
-    group = zarr.open_group(zarr_store(store), mode="w", zarr_format=3)
-    group.attrs.update(dataset_attrs(manifest, rows) | {"layout_key": layout})
-    group.create_array(
-        "reflectance",
-        shape=(rows, len(bands), size, size),
-        chunks=(1, band_chunk, size, size),
-        shards=(per_shard, band_chunk, size, size),
-        dtype="int16",
-        fill_value=NODATA_VALUE,
-        compressors=codec,
-        dimension_names=("patch", "band", "y", "x"),
-        attributes={
-            "long_name": "surface reflectance",
-            "units": "1",
-            "scale_factor": REFLECTANCE_SCALE,
-            "add_offset": 0.0,
-            "_FillValue": NODATA_VALUE,
-            "coordinates": "patch_id location_id scene_id time epsg x_ul y_ul active band wavelength fwhm",
-        },
-    )
-    group.create_array(
-        "quality",
-        shape=(rows, size, size),
-        chunks=(1, size, size),
-        shards=(per_shard, size, size),
-        dtype="uint16",
-        fill_value=0,
-        compressors=codec,
-        dimension_names=("patch", "y", "x"),
-        attributes={
-            "long_name": "quality mask bit flags",
-            "flag_masks": list(CF_FLAG_MASKS),
-            "flag_meanings": CF_FLAG_MEANINGS,
-            "coordinates": "patch_id location_id scene_id time epsg x_ul y_ul active",
-        },
-    )
-    return False
-
-
-def write_row_arrays(store: BuildStore, rows: Any, bands: Sequence[tuple[int, float, float]]) -> None:
-    """The 1-D arrays over patch (from every row: index patches and retired rows) and over band.
-
-    Small, so rewritten whole on every run. `active` is 1 for rows listed in the index and 0 for rows
-    that hold a superseded or dropped patch (kept in place so that no shard has to be rewritten).
-    """
-    import zarr
-
-    group = zarr.open_group(zarr_store(store), mode="r+", zarr_format=3, use_consolidated=False)
-    one_d: dict[str, tuple[np.ndarray, str, dict[str, Any]]] = {
-        "patch_id": (rows["patch_id"].to_numpy(dtype=str), "patch", {}),
-        "location_id": (rows["location_id"].to_numpy(dtype=str), "patch", {}),
-        "scene_id": (rows["scene_id"].to_numpy(dtype=str), "patch", {}),
-        "time": (
-            _epoch_microseconds(rows["start_time"]),
-            "patch",
-            {
-                "units": "microseconds since 1970-01-01T00:00:00",
-                "calendar": "proleptic_gregorian",
-                "standard_name": "time",
-            },
-        ),
-        "epsg": (
-            rows["epsg"].to_numpy(dtype="int32"),
-            "patch",
-            {"long_name": "EPSG code of the patch's UTM CRS"},
-        ),
-        "x_ul": (
-            rows["x_ul"].to_numpy(dtype="float64"),
-            "patch",
-            {"units": "m", "long_name": "upper-left x"},
-        ),
-        "y_ul": (
-            rows["y_ul"].to_numpy(dtype="float64"),
-            "patch",
-            {"units": "m", "long_name": "upper-left y"},
-        ),
-        "active": (
-            rows["active"].to_numpy(dtype="uint8"),
-            "patch",
-            {"long_name": "1: in the index; 0: superseded or dropped, hidden from catalog and queries"},
-        ),
-        "band": (
-            np.array([b[0] for b in bands], dtype="int16"),
-            "band",
-            {"long_name": "band number in the product"},
-        ),
-        "wavelength": (np.array([b[1] for b in bands], dtype="float64"), "band", {"units": "nm"}),
-        "fwhm": (np.array([b[2] for b in bands], dtype="float64"), "band", {"units": "nm"}),
-    }
-    for name, (values, dimension, attributes) in one_d.items():
-        array = group.create_array(
-            name,
-            shape=values.shape,
-            chunks=(max(1, len(values)),),
-            dtype=values.dtype if values.dtype.kind != "U" else str,
-            dimension_names=(dimension,),
-            attributes=attributes,
-            overwrite=True,
-        )
-        if len(values):
-            array[:] = values
-
-
-def _epoch_microseconds(times: Any) -> np.ndarray:
-    import pandas as pd
-
-    stamps = pd.to_datetime(times, utc=True)
-    return np.asarray(
-        (stamps - pd.Timestamp("1970-01-01", tz="UTC")) // pd.Timedelta(microseconds=1), dtype="int64"
-    )
-
-
-def zarr_store(store: BuildStore) -> Any:
-    """The zarr store of `dataset.zarr`: a local path, or an fsspec store for object storage."""
-    if store.is_local:
-        return store.path(DATASET)
-    from zarr.storage import FsspecStore
-
-    return FsspecStore.from_url(store.uri_of(DATASET), storage_options=dict(store.storage_options))
 
 
 def shard_key(array: str, shard: int, ndim: int) -> str:
@@ -587,6 +391,172 @@ def index_rows(store: BuildStore) -> Any:
     return rows
 
 
+@dataclass(frozen=True, slots=True)
+class Template:
+    """The dataset's rows and band axis, with its arrays made (or kept) for them."""
+
+    rows: Any  # every row (pandas): index patches (active) and retired rows, by row
+    records: dict[str, SceneRecord]  # every inventoried scene, by id
+    bands: list[tuple[int, float, float]]
+    layout: str
+    arrays_kept: bool  # the stored arrays had this layout (their shards may be reused)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    """The shards to write (one task each, with the cut key of every scene its rows come from) and the
+    stored shards reused as they are."""
+
+    jobs: list[ShardJob]
+    pairs: list[tuple[ShardJob, dict[str, str]]]
+    reusable: dict[int, dict[str, Any]]
+    codecs: ShardCodecs
+
+
+def _input_fingerprint(store: BuildStore) -> tuple[str, dict[str, str]]:
+    """The write's input fingerprint (index, retired rows, masks) and each scene's mask checksum."""
+    digest = hashlib.sha256(store.read_bytes(INDEX_PATCHES))
+    digest.update(store.read_bytes(INDEX_RETIRED))
+    # The masks are part of every row's content: a scene masked again (other quality bits) must be
+    # written again even when its patch ids, scene and product are unchanged.
+    mask_sha = {
+        s.scene_id: s.mask_sha256 for s in summaries_from_table(read_table_checked(store, MASKS_TABLE))
+    }
+    digest.update(canonical_json(sorted(mask_sha.items())).encode())
+    return digest.hexdigest()[:16], mask_sha
+
+
+def _prepare_template(manifest: Manifest, store: BuildStore, force: bool) -> Template:
+    """Read the rows and the band axis, make (or keep and grow) the arrays, write the 1-D arrays."""
+    rows = index_rows(store)
+    records = {r.scene_id: r for r in read_scenes(store)}
+    active = rows[rows["active"]]
+    bands = kept_band_axis(
+        manifest, [records[s] for s in sorted(set(active["scene_id"]))], fallback=list(records.values())
+    )
+    lineage = store.read_json(INDEX_LINEAGE)["lineage"] if store.exists(INDEX_LINEAGE) else "none"
+    layout = layout_key(manifest, bands, lineage)
+    arrays_kept = ensure_arrays(store, manifest, len(rows), bands, layout) and not force
+    write_row_arrays(store, rows, bands)
+    return Template(rows, records, bands, layout, arrays_kept)
+
+
+def _plan_shards(
+    manifest: Manifest,
+    store: BuildStore,
+    template: Template,
+    shard_records: dict[int, dict[str, Any]],
+    mask_sha: dict[str, str],
+    verify: bool,
+) -> ShardPlan:
+    """Which shards to write and which to reuse; fails before any task when the cut cannot serve."""
+    records, bands = template.records, template.bands
+    valid = check_shards(store, shard_records, checksums=verify) if template.arrays_kept else set()
+    fingerprints = {sid: f"{r.fingerprint}|{mask_sha.get(sid, '')}" for sid, r in records.items()}
+    per_shard = manifest.write.patches_per_shard
+    jobs, reusable = plan_jobs(
+        template.rows, per_shard, fingerprints, shard_records, template.layout, template.arrays_kept, valid
+    )
+    codecs = array_codecs(store, len(bands), per_shard)
+    if codecs.reflectance.key() != reflectance_codec(manifest, len(bands)).key():
+        # The arrays were kept, so their codec is the manifest's: a mismatch is a bug, never patched over.
+        raise ValueError("dataset.zarr's codec differs from the manifest's write.codec")
+    for sid in sorted({p.scene_id for job in jobs for p in job.source}):
+        if sid in records and len(manifest.bands.kept_bands(records[sid].wavelengths_nm)) != len(bands):
+            # Its cut holds chunks of another shape: re-reading it would not help.
+            raise BuildFault(
+                f"write: {sid} keeps another number of bands than the dataset's {len(bands)}: the scenes "
+                f"of one build must share the band axis (check bands in the manifest)"
+            )
+    keys = {sid: scene_key(r, manifest) for sid, r in records.items()}
+    pairs = [(job, {sid: keys[sid] for sid in job.scenes if sid in keys}) for job in jobs]
+    return ShardPlan(jobs, pairs, reusable, codecs)
+
+
+def _run_shard_tasks(
+    plan: ShardPlan, store: BuildStore, scheduler: Any, layout: str, storage_options: dict | None
+) -> list[Any]:
+    """Every planned shard written by its own task: records, MissingCut answers (a failed task fails)."""
+    # Each shard task rides out transient faults of the store with the engine's backoff.
+    task = functools.partial(with_retries, write_shard_task, scheduler.retry)
+    results = scheduler.map(task, plan.pairs, store.uri, plan.codecs, layout, storage_options, label="write")
+    failed = [r for r in results if isinstance(r, TaskError)]
+    if failed:
+        raise StageFailed(f"write: {len(failed)} shard task(s) failed: {failed[0].label}: {failed[0].reason}")
+    return list(results)
+
+
+def _fail_on_missing_cuts(
+    store: BuildStore, manifest: Manifest, records: dict[str, SceneRecord], results: list[Any]
+) -> None:
+    """Shards that needed absent or damaged chunks: their scenes' mask checkpoints are forgotten (so
+    the mask stage reads them again) and the stage fails with one line."""
+    missing = [r for r in results if isinstance(r, MissingCut)]
+    if not missing:
+        return
+    scenes = sorted({sid for m in missing for sid in m.scenes})
+    gone = [sid for sid in scenes if sid not in records]
+    forget_scenes(store, manifest, [records[sid] for sid in scenes if sid in records])
+    if gone:
+        # Only a retired row of a product no longer inventoried can get here (its stored shard is
+        # damaged): nothing can read it again, and no fill patch is written in its place.
+        more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+        raise BuildFault(
+            f"write: {gone[0]}{more} is no longer inventoried and its stored rows are damaged: "
+            f"restore its product to the inputs and rerun, or rebuild the index"
+        )
+    raise BuildFault(
+        f"write: {len(missing)} shard(s) need encoded chunks that are absent or damaged "
+        f"({missing[0].reason}); the other shards are written: "
+        f"rerun mask (or run) to re-read {len(scenes)} scene(s)"
+    )
+
+
+def _remove_stale_records(
+    store: BuildStore, shard_records: dict[int, dict[str, Any]], shard_count: int
+) -> None:
+    """Records (and sums) of shards past the end of the arrays: left by a longer earlier write."""
+    for stale in [s for s in shard_records if s >= shard_count]:
+        store.fs.rm(store.path(shard_record_path(stale)))
+        if store.exists(shard_sums_path(stale)):
+            store.fs.rm(store.path(shard_sums_path(stale)))
+
+
+def _finish(
+    manifest: Manifest,
+    store: BuildStore,
+    template: Template,
+    plan: ShardPlan,
+    shard_records: dict[int, dict[str, Any]],
+    results: list[Any],
+) -> dict[str, int]:
+    """The shard table, statistics and consolidated metadata; the cut removed unless kept. The counts."""
+    rows, bands, jobs = template.rows, template.bands, plan.jobs
+    per_shard = manifest.write.patches_per_shard
+    shard_count = (len(rows) + per_shard - 1) // per_shard
+    _remove_stale_records(store, shard_records, shard_count)
+    final = {**plan.reusable, **{r["shard"]: r for r in results if isinstance(r, dict)}}
+    ordered = [final[s] for s in range(shard_count)]
+    store.write_table(SHARDS_TABLE, shards_table(ordered))
+    write_statistics(store, [BandMoments.from_json(r["moments"]) for r in ordered], bands)
+    consolidate(store)
+    if not manifest.write.keep_cut:
+        # Every shard is written: the encoded candidates are no longer needed (a later write that
+        # needs one has its scene read again).
+        remove_cut(store)
+    return {
+        "patches": len(rows[rows["active"]]),
+        "rows": len(rows),
+        "bands": len(bands),
+        "shards": shard_count,
+        "shards_written": len(jobs),
+        "rows_from_cut": sum(len(j.source) for j in jobs),
+        "rows_copied": sum(len(j.copy) for j in jobs),
+        "active_rows_copied": sum(len({p.row for p in j.copy} & set(j.active)) for j in jobs),
+        "dataset_bytes": _dataset_bytes(store),
+    }
+
+
 def run_write(
     manifest: Manifest,
     store: BuildStore,
@@ -601,15 +571,7 @@ def run_write(
     `verify`); every other shard is written whole by exactly one task, from encoded chunks.
     """
     watch = Stopwatch()
-    digest = hashlib.sha256(store.read_bytes(INDEX_PATCHES))
-    digest.update(store.read_bytes(INDEX_RETIRED))
-    # The masks are part of every row's content: a scene masked again (other quality bits) must be
-    # written again even when its patch ids, scene and product are unchanged.
-    mask_sha = {
-        s.scene_id: s.mask_sha256 for s in summaries_from_table(read_table_checked(store, MASKS_TABLE))
-    }
-    digest.update(canonical_json(sorted(mask_sha.items())).encode())
-    input_fingerprint = digest.hexdigest()[:16]
+    input_fingerprint, mask_sha = _input_fingerprint(store)
     config_hash = manifest.stage_hash(STAGE)
     shard_records = read_shard_records(store)
     done = up_to_date(
@@ -622,84 +584,13 @@ def run_write(
     )
     if done:
         return done
-    rows = index_rows(store)
-    records = {r.scene_id: r for r in read_scenes(store)}
-    active = rows[rows["active"]]
-    bands = kept_band_axis(
-        manifest, [records[s] for s in sorted(set(active["scene_id"]))], fallback=list(records.values())
-    )
-    lineage = store.read_json(INDEX_LINEAGE)["lineage"] if store.exists(INDEX_LINEAGE) else "none"
-    layout = layout_key(manifest, bands, lineage)
-    arrays_kept = ensure_arrays(store, manifest, len(rows), bands, layout) and not force
-    write_row_arrays(store, rows, bands)
+    template = _prepare_template(manifest, store, force)
     watch.lap("template")
-    valid = check_shards(store, shard_records, checksums=verify) if arrays_kept else set()
-    fingerprints = {sid: f"{r.fingerprint}|{mask_sha.get(sid, '')}" for sid, r in records.items()}
-    per_shard = manifest.write.patches_per_shard
-    jobs, reusable = plan_jobs(rows, per_shard, fingerprints, shard_records, layout, arrays_kept, valid)
-    codecs = array_codecs(store, len(bands), per_shard)
-    if codecs.reflectance.key() != reflectance_codec(manifest, len(bands)).key():
-        # The arrays were kept, so their codec is the manifest's: a mismatch is a bug, never patched over.
-        raise ValueError("dataset.zarr's codec differs from the manifest's write.codec")
-    for sid in sorted({p.scene_id for job in jobs for p in job.source}):
-        if sid in records and len(manifest.bands.kept_bands(records[sid].wavelengths_nm)) != len(bands):
-            # Its cut holds chunks of another shape: re-reading it would not help.
-            raise BuildFault(
-                f"write: {sid} keeps another number of bands than the dataset's {len(bands)}: the scenes "
-                f"of one build must share the band axis (check bands in the manifest)"
-            )
-    keys = {sid: scene_key(r, manifest) for sid, r in records.items()}
-    pairs = [(job, {sid: keys[sid] for sid in job.scenes if sid in keys}) for job in jobs]
-    # Each shard task rides out transient faults of the store with the engine's backoff.
-    task = functools.partial(with_retries, write_shard_task, scheduler.retry)
-    results = scheduler.map(task, pairs, store.uri, codecs, layout, storage_options, label="write")
-    failed = [r for r in results if isinstance(r, TaskError)]
-    if failed:
-        raise StageFailed(f"write: {len(failed)} shard task(s) failed: {failed[0].label}: {failed[0].reason}")
+    plan = _plan_shards(manifest, store, template, shard_records, mask_sha, verify)
+    results = _run_shard_tasks(plan, store, scheduler, template.layout, storage_options)
     watch.lap("write")
-    missing = [r for r in results if isinstance(r, MissingCut)]
-    if missing:
-        scenes = sorted({sid for m in missing for sid in m.scenes})
-        gone = [sid for sid in scenes if sid not in records]
-        forget_scenes(store, manifest, [records[sid] for sid in scenes if sid in records])
-        if gone:
-            # Only a retired row of a product no longer inventoried can get here (its stored shard is
-            # damaged): nothing can read it again, and no fill patch is written in its place.
-            more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
-            raise BuildFault(
-                f"write: {gone[0]}{more} is no longer inventoried and its stored rows are damaged: "
-                f"restore its product to the inputs and rerun, or rebuild the index"
-            )
-        raise BuildFault(
-            f"write: {len(missing)} shard(s) need encoded chunks that are absent or damaged "
-            f"({missing[0].reason}); the other shards are written: "
-            f"rerun mask (or run) to re-read {len(scenes)} scene(s)"
-        )
-    shard_count = (len(rows) + per_shard - 1) // per_shard
-    for stale in [s for s in shard_records if s >= shard_count]:
-        store.fs.rm(store.path(shard_record_path(stale)))
-        if store.exists(shard_sums_path(stale)):
-            store.fs.rm(store.path(shard_sums_path(stale)))
-    final = {**reusable, **{r["shard"]: r for r in results if isinstance(r, dict)}}
-    ordered = [final[s] for s in range(shard_count)]
-    store.write_table(SHARDS_TABLE, shards_table(ordered))
-    write_statistics(store, [BandMoments.from_json(r["moments"]) for r in ordered], bands)
-    _consolidate(store)
-    if not manifest.write.keep_cut:
-        # Every shard is written: the encoded candidates are no longer needed (a later write that
-        # needs one has its scene read again).
-        remove_cut(store)
-    counts = {
-        "patches": len(active),
-        "rows": len(rows),
-        "bands": len(bands),
-        "shards": shard_count,
-        "shards_written": len(jobs),
-        "rows_from_cut": sum(len(j.source) for j in jobs),
-        "rows_copied": sum(len(j.copy) for j in jobs),
-        "active_rows_copied": sum(len({p.row for p in j.copy} & set(j.active)) for j in jobs),
-        "dataset_bytes": _dataset_bytes(store),
-    }
+    _fail_on_missing_cuts(store, manifest, template.records, results)
+    counts = _finish(manifest, store, template, plan, shard_records, results)
     watch.lap("finish")
     store.write_stage_record(StageRecord(STAGE, config_hash, input_fingerprint, counts, watch.timings))
     return StageResult(counts, skipped=False)
@@ -782,17 +673,6 @@ def write_statistics(
 def _finite(values: np.ndarray) -> list[float | None]:
     """JSON-safe: a band without valid pixels has no mean, std, min or max (null, not NaN/Infinity)."""
     return [float(v) if np.isfinite(v) else None for v in values]
-
-
-def _consolidate(store: BuildStore) -> None:
-    import warnings
-
-    import zarr
-
-    with warnings.catch_warnings():
-        # zarr 3.1 warns that consolidated metadata is not yet in the v3 spec; xarray relies on it.
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        zarr.consolidate_metadata(zarr_store(store))
 
 
 def _dataset_bytes(store: BuildStore) -> int:

@@ -2,7 +2,7 @@
 
 The reading pass encodes each kept patch once into the bytes of one inner chunk (`encode_chunk`); the
 `write` stage then builds every shard by byte copy (`assemble_shard`), with no decode or re-encode.
-Both reproduce zarr-python 3.1 exactly for the arrays `pipeline.write.ensure_arrays` creates:
+Both reproduce zarr-python 3.1 exactly for the arrays `pipeline.dataset_arrays.ensure_arrays` creates:
 
 - inner chunk: the `bytes` codec (little-endian, C order) then Blosc with the array's cname, clevel,
   shuffle, typesize and blocksize (numcodecs' Blosc, the library zarr's own BloscCodec calls);
@@ -39,11 +39,11 @@ from numcodecs.blosc import compress, decompress
 from pipeline.manifest import Manifest
 from pipeline.quality import NODATA_VALUE
 
-# As `pipeline.write._open_arrays` sets it: every in-bounds chunk is stored, even an all-fill one.
+# As `pipeline.dataset_arrays.ensure_arrays` sets it: every in-bounds chunk is stored, even an all-fill one.
 WRITE_EMPTY_CHUNKS = True
 ABSENT = 2**64 - 1  # offset and nbytes of an absent chunk in a shard index (sharding codec spec)
 INDEX_CHECKSUM_BYTES = 4  # the crc32c index codec appends a uint32
-CNAME = "zstd"  # the compressor `pipeline.write.ensure_arrays` configures
+CNAME = "zstd"  # the compressor `pipeline.dataset_arrays.ensure_arrays` configures
 SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}  # Blosc's codes for the v3 names
 
 
@@ -114,7 +114,7 @@ class ChunkCodec:
 def reflectance_codec(
     manifest: Manifest, band_count: int, write_empty_chunks: bool = WRITE_EMPTY_CHUNKS
 ) -> ChunkCodec:
-    """The inner-chunk codec of `reflectance` as `pipeline.write.ensure_arrays` creates it: one
+    """The inner-chunk codec of `reflectance` as `pipeline.dataset_arrays.ensure_arrays` creates it: one
     (1, B, P, P) int16 patch per chunk, fill -32768, Blosc with the manifest's `write.codec`, bitshuffle."""
     size = manifest.grid.patch_size
     return ChunkCodec(

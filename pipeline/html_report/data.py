@@ -12,10 +12,10 @@ import zarr
 from numpy.typing import NDArray
 
 from pipeline import tables
+from pipeline.dataset_arrays import REFLECTANCE_SCALE, zarr_store
 from pipeline.stages import ORDER
 from pipeline.stats import BandMoments
 from pipeline.storage import BuildStore
-from pipeline.write import REFLECTANCE_SCALE, zarr_store
 
 REPORT_PATH = tables.REPORT
 RGB_WAVELENGTHS_NM = (650.0, 550.0, 460.0)

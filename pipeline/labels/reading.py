@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import zarr
 
+from pipeline.dataset_arrays import DATASET, quiet_zarr, zarr_store
 from pipeline.labels.spec import LABELS_DIR
 from pipeline.storage import BuildStore
-from pipeline.write import DATASET, zarr_store
-
-
-@contextmanager
-def quiet_zarr() -> Iterator[None]:
-    """zarr 3.1 warns on consolidated v3 metadata and variable-length strings, both used on purpose."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        warnings.filterwarnings(
-            "ignore", message=r"The data type \(.*\) does not have a Zarr V3 specification"
-        )
-        yield
-
 
 # Reading a benchmark ------------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ import pyarrow as pa
 import zarr
 from rasterio.warp import transform_bounds
 
-from pipeline.labels.reading import label_array, quiet_zarr, read_label_table
+from pipeline.dataset_arrays import DATASET, quiet_zarr, zarr_store
+from pipeline.labels.reading import label_array, read_label_table
 from pipeline.labels.sampling import (
     PatchLabels,
     exclusion_reason,
@@ -25,7 +26,6 @@ from pipeline.labels.sources import RasterSource, VectorSource, largest_code, so
 from pipeline.labels.spec import LABELS_DIR, LabelSpec, spec_named
 from pipeline.manifest import Manifest
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of
-from pipeline.write import DATASET, zarr_store
 
 # The stage ----------------------------------------------------------------------------------------
 
