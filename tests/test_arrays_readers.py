@@ -28,7 +28,7 @@ import tensorstore as ts
 import xarray as xr
 import zarr
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.loader import NODATA, PatchDataset, as_torch, to_reflectance
 from pipeline.manifest import Manifest
@@ -123,7 +123,7 @@ def build_with_every_int16(tmp_path_factory: pytest.TempPathFactory) -> BuildSto
 @pytest.fixture(scope="module")
 def active_rows(build_with_every_int16: BuildStore) -> list[int]:
     """The rows the index lists, from index/patches.parquet, in row order."""
-    index = pq.read_table(build_with_every_int16.path("index/patches.parquet"), columns=["row"])
+    index = pq.read_table(build_with_every_int16.path(tables.INDEX_PATCHES), columns=["row"])
     return sorted(int(r) for r in index.column("row").to_pylist())
 
 
@@ -151,7 +151,7 @@ def test_query_to_xarray_gives_float32_bit_for_bit(
     result = query(build_with_every_int16.uri)
     ds = result.to_xarray()
     assert ds["reflectance"].dtype == np.float32
-    index = build_with_every_int16.read_geodataframe("index/patches.parquet").set_index("patch_id")
+    index = build_with_every_int16.read_geodataframe(tables.INDEX_PATCHES).set_index("patch_id")
     rows = [int(index.loc[p, "row"]) for p in result.ids]
     assert sorted(rows) == active_rows
     assert _same_bits(ds["reflectance"].values, _expected_float32(stored[rows]))
@@ -180,8 +180,8 @@ def test_patch_dataset_gives_float32_bit_for_bit(
 def test_patch_dataset_picks_the_active_row_of_a_superseded_id(
     build_with_every_int16: BuildStore, active_rows: list[int]
 ) -> None:
-    index = pq.read_table(build_with_every_int16.path("index/patches.parquet"), columns=["row", "patch_id"])
-    retired = pq.read_table(build_with_every_int16.path("index/retired.parquet"), columns=["patch_id"])
+    index = pq.read_table(build_with_every_int16.path(tables.INDEX_PATCHES), columns=["row", "patch_id"])
+    retired = pq.read_table(build_with_every_int16.path(tables.INDEX_RETIRED), columns=["patch_id"])
     row_of = dict(zip(index.column("patch_id").to_pylist(), index.column("row").to_pylist(), strict=True))
     superseded = [p for p in retired.column("patch_id").to_pylist() if p in row_of]
     assert superseded, "the grown build holds a patch id in an active and a retired row"
@@ -282,6 +282,6 @@ def test_readme_tensorstore_recipe_gives_the_zarr_ids(
     assert namespace["row"] in active_rows
     assert _same_bits(np.asarray(namespace["cube"]), stored[namespace["row"]])
     # the index file is what `spectralearth query` searches: the ids agree with it too
-    index = pq.read_table(build_with_every_int16.path("index/patches.parquet"), columns=["row", "patch_id"])
+    index = pq.read_table(build_with_every_int16.path(tables.INDEX_PATCHES), columns=["row", "patch_id"])
     listed = index.to_pydict()
     assert [zarr_ids["patch_id"][row] for row in listed["row"]] == listed["patch_id"] != []

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.benchmark import BenchmarkError, export_benchmark, paper_random_split
 from pipeline.cli import main
 from pipeline.enmap.synth import SynthConfig, generate
@@ -54,7 +54,7 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     manifest = Manifest.from_dict({k: v for k, v in raw.items() if k != "labels"})
     for name in stages.ORDER:
         stages.run_stage(name, manifest, store, scheduler, inputs=[str(root / "products")])
-    index = store.read_geodataframe("index/patches.parquet")
+    index = store.read_geodataframe(tables.INDEX_PATCHES)
     write_label_sources(
         root / "sources", regions_of([list(g.exterior.coords) for g in index.geometry]), seed=4
     )

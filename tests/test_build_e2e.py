@@ -12,7 +12,7 @@ import rasterio
 import zarr
 from rasterio.windows import Window
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.demo import compare, expected_from_truth, observed
 from pipeline.enmap.synth import Truth
 from pipeline.manifest import Manifest
@@ -69,7 +69,7 @@ def test_mask_bits_follow_the_quality_layers(build: tuple[Path, Truth, BuildStor
 
 def test_kept_patches_respect_the_rules(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     products, truth, store, manifest = build
-    plan = store.read_geodataframe("plan/patches.parquet")
+    plan = store.read_geodataframe(tables.PLAN_PATCHES)
     kept = plan[plan["kept"]]
     limits = manifest.quality.limits()
     for flag, limit in limits.items():
@@ -81,7 +81,7 @@ def test_kept_patches_respect_the_rules(build: tuple[Path, Truth, BuildStore, Ma
 
 def test_same_location_same_grid_on_every_date(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     _, _, store, _ = build
-    patches = store.read_geodataframe("index/patches.parquet")
+    patches = store.read_geodataframe(tables.INDEX_PATCHES)
     for _, group in patches.groupby("location_id"):
         assert group["x_ul"].nunique() == 1 and group["y_ul"].nunique() == 1
         assert group["epsg"].nunique() == 1
@@ -92,7 +92,7 @@ def test_same_location_same_grid_on_every_date(build: tuple[Path, Truth, BuildSt
 
 def test_patch_ids_and_duplicates(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     _, truth, store, _ = build
-    patches = store.read_geodataframe("index/patches.parquet")
+    patches = store.read_geodataframe(tables.INDEX_PATCHES)
     assert patches["patch_id"].is_unique
     assert list(patches["row"]) == list(range(len(patches)))
     groups = [set(d["scene_ids"]) for d in truth.duplicates]
@@ -108,8 +108,8 @@ def test_patch_ids_and_duplicates(build: tuple[Path, Truth, BuildStore, Manifest
 
 def test_locations_table(build: tuple[Path, Truth, BuildStore, Manifest]) -> None:
     _, _, store, _ = build
-    locations = store.read_geodataframe("index/locations.parquet")
-    patches = store.read_geodataframe("index/patches.parquet")
+    locations = store.read_geodataframe(tables.INDEX_LOCATIONS)
+    patches = store.read_geodataframe(tables.INDEX_PATCHES)
     assert sorted(locations["location_id"]) == sorted(set(patches["location_id"]))
     for row in locations.itertuples():
         mine = patches[patches["location_id"] == row.location_id]
@@ -215,7 +215,7 @@ def test_write_opens_no_product_and_assembles_the_shards_zarr_writes(
     result = stages.run_stage("write", small, copied, Scheduler("synchronous", progress=False), force=True)
     monkeypatch.undo()
 
-    index = copied.read_geodataframe("index/patches.parquet")
+    index = copied.read_geodataframe(tables.INDEX_PATCHES)
     shards = (len(index) + 1) // 2
     assert result.counts["shards"] == result.counts["shards_written"] == shards > 2
     assert result.counts["rows_from_cut"] == len(index) and result.counts["rows_copied"] == 0
@@ -274,7 +274,7 @@ def test_mask_reads_every_cube_row_once(
         assert len(rows) == len(set(rows)), "a cube row was read twice"
         assert sorted(rows) == list(range(len(rows))) and len(rows) in heights
     # The candidates it encoded are those tile keeps, and they equal the original build's cut.
-    plan = store.read_geodataframe("plan/patches.parquet")
+    plan = store.read_geodataframe(tables.PLAN_PATCHES)
     for record in scenes:
         key = pipeline.mask.scene_key(record, manifest)
         cut = pipeline.mask.read_cut_index(fresh, record.scene_id, key)
@@ -341,7 +341,7 @@ def test_catalog_validates_offline(
     _, _, store, _ = build
     validator = offline_validator(SCHEMAS)
     files = list(json_files(Path(store.root) / "stac"))
-    patches = store.read_geodataframe("index/patches.parquet")
+    patches = store.read_geodataframe(tables.INDEX_PATCHES)
     items = [json.loads(f.read_text()) for f in files if f.name.startswith("EPSG")]
     assert sorted(i["id"] for i in items) == sorted(patches["patch_id"])
     for path in files:
@@ -365,7 +365,7 @@ def test_query_matches_brute_force_and_exports(
     from pipeline.query import query
 
     _, _, store, _ = build
-    patches = store.read_geodataframe("index/patches.parquet")
+    patches = store.read_geodataframe(tables.INDEX_PATCHES)
     west, south, east, north = patches.total_bounds
     half = box(west, south, (west + east) / 2, north)
     result = query(store.uri, bbox=half.bounds)

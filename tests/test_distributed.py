@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.enmap.synth import Truth
 from pipeline.manifest import Manifest
 from pipeline.run import Scheduler
@@ -72,7 +72,7 @@ def test_local_cluster_equals_synchronous_and_survives_a_dead_worker(
     got, want = arrays(target), arrays(synchronous_build)
     for name in want:
         assert np.array_equal(got[name], want[name]), name
-    for table in ("inventory/scenes.parquet", "plan/patches.parquet", "index/patches.parquet"):
+    for table in (tables.SCENES, tables.PLAN_PATCHES, tables.INDEX_PATCHES):
         assert pq.read_table(target / table).equals(pq.read_table(synchronous_build / table)), table
     # Workers (the restarted one too) run without distributed's malloc trim setting and profiler.
     with faulty.client() as client:

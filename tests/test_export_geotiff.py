@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rasterio.windows import Window
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.cli import main
 from pipeline.enmap.synth import SynthConfig, Truth, generate
 from pipeline.export import (
@@ -77,7 +77,7 @@ def exports(
 ) -> dict[str, list[Path]]:
     """Every patch exported plain and as COG, each into a folder of its own."""
     _, _, store = build
-    ids = list(store.read_geodataframe("index/patches.parquet")["patch_id"])
+    ids = list(store.read_geodataframe(tables.INDEX_PATCHES)["patch_id"])
     assert len(ids) >= 2
     root = tmp_path_factory.mktemp("exports")
     return {

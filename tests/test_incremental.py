@@ -14,7 +14,7 @@ import pytest
 import yaml
 import zarr
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.enmap.synth import Truth
 from pipeline.manifest import Manifest
 from pipeline.run import Scheduler
@@ -46,7 +46,7 @@ def build_all(manifest: Manifest, store: BuildStore, inputs: Path) -> dict:
 
 def pixels_by_patch(build: Path) -> dict[str, np.ndarray]:
     store = BuildStore(str(build))
-    index = store.read_geodataframe("index/patches.parquet")
+    index = store.read_geodataframe(tables.INDEX_PATCHES)
     reflectance = zarr.open_group(str(build / "dataset.zarr"), mode="r")["reflectance"]
     return {
         pid: np.asarray(reflectance[int(row)])
@@ -79,7 +79,7 @@ def test_adding_products_appends_and_supersedes(
     build = tmp_path / "build"
     store = BuildStore(str(build))
     build_all(manifest, store, inputs)
-    before_index = store.read_geodataframe("index/patches.parquet")
+    before_index = store.read_geodataframe(tables.INDEX_PATCHES)
     old_rows = int(json.loads((build / "index" / "lineage.json").read_text())["rows"])
     shard_files = {
         p: p.read_bytes() for p in (build / "dataset.zarr" / "reflectance" / "c").rglob("*") if p.is_file()
@@ -105,8 +105,8 @@ def test_adding_products_appends_and_supersedes(
     assert write["active_rows_copied"] > 0
     assert (build / "cut").exists() == keep_cut
 
-    after_index = store.read_geodataframe("index/patches.parquet")
-    retired = store.read_geodataframe("index/retired.parquet")
+    after_index = store.read_geodataframe(tables.INDEX_PATCHES)
+    retired = store.read_geodataframe(tables.INDEX_RETIRED)
     superseded = {p.scene_id for p in truth.products if p.superseded_by}
     assert set(retired["scene_id"]) <= superseded and len(retired) > 0
     assert not superseded & set(after_index["scene_id"])

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pyproj import CRS, Transformer
 from rasterio.windows import Window
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.enmap.synth.labels import regions_of, write_label_sources
 from pipeline.labels import (
@@ -66,7 +66,7 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     manifest = Manifest.from_dict(raw)
     for name in ("inventory", "mask", "tile", "dedup", "write"):
         stages.run_stage(name, manifest, store, scheduler, inputs=[str(root / "products")])
-    index = store.read_geodataframe("index/patches.parquet")
+    index = store.read_geodataframe(tables.INDEX_PATCHES)
     regions = regions_of([list(g.exterior.coords) for g in index.geometry])
     assert len(regions) == 2
     sources = root / "sources"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.cli import main
 from pipeline.lock import (
     LOCK_NAME,
@@ -227,7 +227,7 @@ def test_two_runs_at_once_one_builds_the_other_is_refused_naming_it(raced) -> No
     for name in stages.ORDER:
         record = store.read_stage_record(name)
         assert record is not None, name
-    assert store.read_table("index/patches.parquet").num_rows > 0
+    assert store.read_table(tables.INDEX_PATCHES).num_rows > 0
     result = verify_build(store)
     assert result.shards > 0 and result.bad == () and result.unrecorded == ()
     assert not lock_exists(build)

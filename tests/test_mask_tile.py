@@ -11,7 +11,7 @@ import rasterio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.grid import GridSpec, snap_to_lattice
 from pipeline.manifest import Manifest, QualityPolicy
@@ -56,7 +56,7 @@ def test_empty_kept_band_is_reported_and_drops_the_scene(tmp_path: Path, manifes
     store = build_through_tile(tmp_path / "products", tmp_path / "build", manifest)
     (summary,) = summaries_from_table(store.read_table(MASKS_TABLE))
     assert summary.empty_kept_bands == (10,)
-    plan = store.read_geodataframe("plan/patches.parquet")
+    plan = store.read_geodataframe(tables.PLAN_PATCHES)
     assert len(plan) > 0 and not plan["kept"].any()
     assert plan["reason"].str.startswith("empty kept band: band(s) 10 hold no data").all()
 
@@ -89,13 +89,13 @@ def test_off_lattice_scene_is_rejected_or_snapped(tmp_path: Path, manifest: Mani
     (row,) = store.read_table("plan/rejected.parquet").to_pylist()
     assert row["scene_id"] == shifted.scene_id and row["stage"] == "tile"
     assert row["reason"].startswith("off the grid lattice: origin x")
-    plan = store.read_geodataframe("plan/patches.parquet")
+    plan = store.read_geodataframe(tables.PLAN_PATCHES)
     assert set(plan["scene_id"]) == {truth.products[0].scene_id}
 
     snapping = dataclasses.replace(manifest, grid=dataclasses.replace(manifest.grid, off_lattice="nearest"))
     store = build_through_tile(tmp_path / "products", tmp_path / "snap", snapping)
     assert store.read_table("plan/rejected.parquet").num_rows == 0
-    plan = store.read_geodataframe("plan/patches.parquet")
+    plan = store.read_geodataframe(tables.PLAN_PATCHES)
     moved = plan[plan["scene_id"] == shifted.scene_id]
     assert len(moved) > 0
     # Snapped by -10 m (nearest lattice point), so its cells are the lattice's own.
@@ -189,7 +189,7 @@ def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path: Path, manifest: Mani
     stored = next(p for p in truth.products if p.packaging == "zip")
     _store_members(tmp_path / "products" / stored.path)
     store = build_through_tile(tmp_path / "products", tmp_path / "build", manifest)
-    plan = store.read_geodataframe("plan/patches.parquet")
+    plan = store.read_geodataframe(tables.PLAN_PATCHES)
     kept_plan = plan[plan["kept"]]
     assert len(kept_plan) > 0 and big.scene_id in set(kept_plan["scene_id"])
     records = read_scenes(store)
@@ -259,7 +259,7 @@ def test_a_scene_with_an_empty_kept_band_has_nothing_cut(tmp_path: Path, manifes
     (record,) = read_scenes(store)
     cut = read_cut_index(store, record.scene_id, scene_key(record, manifest))
     assert cut is not None and cut.cells == {} and cut.bin_bytes >= 0
-    assert not store.read_geodataframe("plan/patches.parquet")["kept"].any()
+    assert not store.read_geodataframe(tables.PLAN_PATCHES)["kept"].any()
 
 
 @settings(max_examples=200, deadline=None)

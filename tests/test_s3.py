@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
 from tests.helpers import write_few_products
@@ -78,13 +78,13 @@ def test_build_on_s3_equals_the_local_build(s3_env, few_products, tmp_path, caps
     for name in local_arrays:
         assert np.array_equal(remote_arrays[name], local_arrays[name]), name
     for table in (
-        "index/patches.parquet",
-        "index/locations.parquet",
-        "plan/patches.parquet",
+        tables.INDEX_PATCHES,
+        tables.INDEX_LOCATIONS,
+        tables.PLAN_PATCHES,
         "write/shards.parquet",
     ):
         assert remote.store.read_table(table).equals(local.store.read_table(table)), table
-    remote_scenes = remote.store.read_table("inventory/scenes.parquet")
+    remote_scenes = remote.store.read_table(tables.SCENES)
     assert all(
         uri.startswith("s3://enmap-products/") for uri in remote_scenes.column("source_uri").to_pylist()
     )
@@ -95,7 +95,7 @@ def test_build_on_s3_equals_the_local_build(s3_env, few_products, tmp_path, caps
     from pipeline.query import query
 
     result = query("s3://spectralearth-builds/demo")
-    assert len(result) == remote.store.read_table("index/patches.parquet").num_rows > 0
+    assert len(result) == remote.store.read_table(tables.INDEX_PATCHES).num_rows > 0
     assert result.to_xarray()["reflectance"].shape[1] == 202
 
     # Nothing of the build exists locally, scratch was cleaned, and no secret was printed or stored.

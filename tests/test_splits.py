@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pyproj import Transformer
 from shapely.geometry import Polygon
 
+from pipeline import tables
 from pipeline.dedup import neighbour_overlaps
 from pipeline.grid import Cell, GridSpec, cell_bounds, cell_of_point
 from pipeline.splits import (
@@ -242,13 +243,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> BuildStore:
                 "geometry": geometry,
             }
         )
-    built.write_geodataframe("index/patches.parquet", geopandas.GeoDataFrame(patches, crs="EPSG:4326"))
-    built.write_geodataframe("index/locations.parquet", geopandas.GeoDataFrame(locations, crs="EPSG:4326"))
+    built.write_geodataframe(tables.INDEX_PATCHES, geopandas.GeoDataFrame(patches, crs="EPSG:4326"))
+    built.write_geodataframe(tables.INDEX_LOCATIONS, geopandas.GeoDataFrame(locations, crs="EPSG:4326"))
     return built
 
 
 def test_cross_zone_contacts_follow_the_footprints(store: BuildStore) -> None:
-    locations = store.read_geodataframe("index/locations.parquet")
+    locations = store.read_geodataframe(tables.INDEX_LOCATIONS)
     ids = list(locations["location_id"])
     got = cross_zone_contacts(ids, locations["epsg"].to_numpy(), locations.geometry.to_numpy())
     geoms = dict(zip(ids, locations.geometry, strict=True))
@@ -267,8 +268,8 @@ def test_make_blocked_split_on_a_build(store: BuildStore, seed) -> None:
     summary = make_split(
         store, f"blocked-{seed}", kind="blocked", fractions=(0.34, 0.33, 0.33), seed=seed, block_cells=2
     )
-    patches = store.read_geodataframe("index/patches.parquet")
-    locations = store.read_geodataframe("index/locations.parquet")
+    patches = store.read_geodataframe(tables.INDEX_PATCHES)
+    locations = store.read_geodataframe(tables.INDEX_LOCATIONS)
     table = store.read_table(f"splits/blocked-{seed}.parquet")
     assert table.column_names == ["patch_id", "location_id", "split"]
     assert sorted(table.column("patch_id").to_pylist()) == sorted(patches["patch_id"])
