@@ -11,7 +11,9 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import yaml
+import zarr
 
 from pipeline.enmap.synth import ProductTruth, SynthConfig, generate
 
@@ -60,9 +62,9 @@ def spectral_gdal_path(products_dir: Path, product: ProductTruth, scratch: Path)
     if product.packaging == "targz":
         local_zip = scratch / f"{product.scene_id}.ZIP"
         if not local_zip.exists():
+            assert product.member is not None, "a tar.gz delivery names its ZIP member"
             with tarfile.open(container) as tar:
-                member = tar.getmember(product.member)
-                stream = tar.extractfile(member)
+                stream = tar.extractfile(tar.getmember(product.member))
                 assert stream is not None
                 local_zip.write_bytes(stream.read())
         container = local_zip
@@ -71,3 +73,15 @@ def spectral_gdal_path(products_dir: Path, product: ProductTruth, scratch: Path)
             n for n in archive.namelist() if "-SPECTRAL_IMAGE" in n and not n.upper().endswith(".HDR")
         ]
     return f"/vsizip/{os.path.abspath(container)}/{member}"
+
+
+def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
+    """The member `name` of `group`, which the test knows is an array (zarr types members as either)."""
+    array = group[name]
+    assert isinstance(array, zarr.Array), f"{name} is not an array"
+    return array
+
+
+def read_array(group: zarr.Group, name: str) -> np.ndarray:
+    """Every value of the array `name` of `group`."""
+    return np.asarray(zarr_array(group, name)[:])
