@@ -110,9 +110,9 @@ def build_with_every_int16(tmp_path_factory: pytest.TempPathFactory) -> BuildSto
     scheduler = Scheduler("synchronous", progress=False)
     for chosen in ([p for p in truth.products if not p.supersedes], newer):
         _copy_products(products, chosen, inputs)
-        for name in ("inventory", "mask", "tile", "dedup", "write", "catalog"):
+        for name in stages.ORDER:
             stages.run_stage(name, manifest, store, scheduler, inputs=[str(inputs)])
-    group = zarr.open_group(store.path("dataset.zarr"), mode="r+", use_consolidated=False)
+    group = zarr.open_group(store.path(tables.DATASET), mode="r+", use_consolidated=False)
     active = np.asarray(group["active"][:])
     assert 0 < (active == 0).sum() < len(active), "the grown build retired some rows, not all"
     reflectance = group["reflectance"]

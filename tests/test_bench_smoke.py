@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.stages import ORDER
+
 REPO = Path(__file__).resolve().parent.parent
-STAGES = {"inventory", "mask", "tile", "dedup", "write", "catalog"}
+STAGES = set(ORDER)
 KINDS = {"folder/GTiff", "zip-deflated/BSQ", "zip-stored/GTiff", "targz/BIL"}
 
 
