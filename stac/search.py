@@ -33,8 +33,10 @@ called. Measured on a synthetic 540,000-item file (30 MB, 66 row groups): 20-200
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import numbers
+import operator
 import os
 import posixpath
 import re
@@ -215,9 +217,6 @@ def _geojson_type(value: Mapping[str, Any], where: str) -> str:
 def _from_geojson(value: Any, where: str) -> Any:
     """A shapely geometry from a GeoJSON geometry, Feature or FeatureCollection, checked first so that
     a malformed document gives a one-line reason instead of an error from deep inside shapely."""
-    import shapely
-    from shapely.geometry import shape
-
     if not isinstance(value, Mapping):
         raise QueryError(f"{where} must be a GeoJSON object, got {value!r}")
     kind = _geojson_type(value, where)
@@ -227,33 +226,51 @@ def _from_geojson(value: Any, where: str) -> Any:
             raise QueryError(f"{where}: the Feature has no geometry")
         return _from_geojson(geometry, f"{where} geometry")
     if kind == "FeatureCollection":
-        features = value.get("features")
-        if not isinstance(features, list):
-            raise QueryError(f"{where}: the FeatureCollection has no 'features' list")
-        parts = []
-        for index, feature in enumerate(features):
-            inner = f"{where} features[{index}]"
-            if not isinstance(feature, Mapping) or _geojson_type(feature, inner) != "Feature":
-                raise QueryError(f"{inner} is not a Feature")
-            if feature.get("geometry") is not None:  # GeoJSON allows unlocated features: they add nothing
-                parts.append(_from_geojson(feature, inner))
-        if not parts:
-            raise QueryError(f"{where}: the FeatureCollection has no feature with a geometry")
-        return shapely.union_all(parts)
+        return _from_feature_collection(value, where)
     if kind == "GeometryCollection":
-        members = value.get("geometries")
-        if not isinstance(members, list):
-            raise QueryError(f"{where}: the GeometryCollection has no 'geometries' list")
-        parts = []
-        for index, member in enumerate(members):
-            inner = f"{where} geometries[{index}]"
-            if isinstance(member, Mapping) and _geojson_type(member, inner) in (
-                "Feature",
-                "FeatureCollection",
-            ):
-                raise QueryError(f"{inner} must be a geometry, not a {member['type']}")
-            parts.append(_from_geojson(member, inner))
-        return shapely.GeometryCollection(parts)
+        return _from_geometry_collection(value, where)
+    return _from_coordinates(value, kind, where)
+
+
+def _from_feature_collection(value: Mapping[str, Any], where: str) -> Any:
+    """The union of the features' geometries."""
+    import shapely
+
+    features = value.get("features")
+    if not isinstance(features, list):
+        raise QueryError(f"{where}: the FeatureCollection has no 'features' list")
+    parts = []
+    for index, feature in enumerate(features):
+        inner = f"{where} features[{index}]"
+        if not isinstance(feature, Mapping) or _geojson_type(feature, inner) != "Feature":
+            raise QueryError(f"{inner} is not a Feature")
+        if feature.get("geometry") is not None:  # GeoJSON allows unlocated features: they add nothing
+            parts.append(_from_geojson(feature, inner))
+    if not parts:
+        raise QueryError(f"{where}: the FeatureCollection has no feature with a geometry")
+    return shapely.union_all(parts)
+
+
+def _from_geometry_collection(value: Mapping[str, Any], where: str) -> Any:
+    import shapely
+
+    members = value.get("geometries")
+    if not isinstance(members, list):
+        raise QueryError(f"{where}: the GeometryCollection has no 'geometries' list")
+    parts = []
+    for index, member in enumerate(members):
+        inner = f"{where} geometries[{index}]"
+        if isinstance(member, Mapping) and _geojson_type(member, inner) in ("Feature", "FeatureCollection"):
+            raise QueryError(f"{inner} must be a geometry, not a {member['type']}")
+        parts.append(_from_geojson(member, inner))
+    return shapely.GeometryCollection(parts)
+
+
+def _from_coordinates(value: Mapping[str, Any], kind: str, where: str) -> Any:
+    """A Point .. MultiPolygon, its coordinates checked first, repaired when invalid."""
+    import shapely
+    from shapely.geometry import shape
+
     if "coordinates" not in value:
         raise QueryError(f"{where}: the {kind} has no 'coordinates'")
     _check_coordinates(value["coordinates"], _DEPTH[kind], f"{where} coordinates")
@@ -542,67 +559,82 @@ class SearchCriteria(TypedDict, total=False):
     limit: int | None
 
 
-def search(
-    items_parquet: Any, *, relative: str = DEFAULT_RELATIVE, **criteria: Unpack[SearchCriteria]
-) -> SearchResult:
-    """Search the items of a stac-geoparquet file (a path, an `s3://` URI, or a `BuildStore` whose
-    `relative` file is read). See the module docstring for the semantics of each criterion."""
-    unknown = sorted(set(criteria) - set(SearchCriteria.__annotations__))
-    if unknown:
-        raise TypeError(f"search() got an unexpected keyword argument {unknown[0]!r}")
-    bbox = criteria.get("bbox")
-    intersects = criteria.get("intersects")
-    datetime = criteria.get("datetime")
-    max_cloud = criteria.get("max_cloud")
-    min_dates = criteria.get("min_dates")
-    ids = criteria.get("ids")
-    limit = criteria.get("limit")
-    import numpy as np
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """`search`'s criteria parsed and checked (each one-line `QueryError` raised here, before any read)."""
+
+    boxes: list[BBox] | None  # the bbox (two boxes across the antimeridian), or the bounds of `geometry`
+    geometry: Any  # the exact spatial test (shapely), None without bbox or intersects
+    window: TimeWindow | None
+    max_cloud: float | None
+    min_dates: int | None
+    ids: list[str] | None  # sorted, distinct
+    limit: int | None
+
+    @classmethod
+    def parse(cls, criteria: SearchCriteria) -> SearchQuery:
+        unknown = sorted(set(criteria) - set(SearchCriteria.__annotations__))
+        if unknown:
+            raise TypeError(f"search() got an unexpected keyword argument {unknown[0]!r}")
+        bbox, intersects = criteria.get("bbox"), criteria.get("intersects")
+        if bbox is not None and intersects is not None:
+            raise QueryError("give bbox or intersects, not both (STAC API)")
+        limit = _count(criteria.get("limit"), "limit", 0, MAX_LIMIT)
+        min_dates = _count(criteria.get("min_dates"), "min_dates", 1, MAX_MIN_DATES)
+        max_cloud = _max_cloud(criteria.get("max_cloud"))
+        window = parse_datetime(criteria.get("datetime"))
+        boxes, geometry = _spatial(bbox, intersects)
+        ids = criteria.get("ids")
+        wanted = None if ids is None else sorted({str(i) for i in ([ids] if isinstance(ids, str) else ids)})
+        return cls(boxes, geometry, window, max_cloud, min_dates, wanted, limit)
+
+    def expression(self) -> pc.Expression | None:
+        """The plain filters on the small columns (None: every row passes)."""
+        expression: pc.Expression | None = None
+        if self.boxes is not None:
+            expression = functools.reduce(operator.or_, [_bbox_filter(box) for box in self.boxes])
+        if self.window is not None:
+            stamp = pa.timestamp("us", tz="UTC")
+            if self.window.start is not None:
+                expression = _and(
+                    expression, pc.field("datetime") >= pa.scalar(self.window.start, type=stamp)
+                )
+            if self.window.end is not None:
+                expression = _and(expression, pc.field("datetime") <= pa.scalar(self.window.end, type=stamp))
+        if self.max_cloud is not None:
+            expression = _and(expression, pc.field("eo:cloud_cover") <= float(self.max_cloud))
+        if self.min_dates is not None:
+            expression = _and(expression, pc.field("spectralearth:n_dates") >= int(self.min_dates))
+        if self.ids is not None:
+            expression = _and(expression, pc.field("id").isin(pa.array(self.ids, pa.string())))
+        return expression
+
+
+def _spatial(bbox: Sequence[float] | None, intersects: Any) -> tuple[list[BBox] | None, Any]:
+    """(the boxes the row-group statistics and the bbox columns are tested against, the exact geometry)."""
     import shapely
 
-    if bbox is not None and intersects is not None:
-        raise QueryError("give bbox or intersects, not both (STAC API)")
-    limit = _count(limit, "limit", 0, MAX_LIMIT)
-    min_dates = _count(min_dates, "min_dates", 1, MAX_MIN_DATES)
-    max_cloud = _max_cloud(max_cloud)
-    window = parse_datetime(datetime)
-    index = _Index(items_parquet, relative)
-
-    expression: pc.Expression | None = None
-    query_geometry = None
-    boxes: list[BBox] | None = None
     if bbox is not None:
         boxes = _boxes(bbox)
-        query_geometry = shapely.union_all([_box_geometry(box) for box in boxes])
-    elif intersects is not None:
-        query_geometry = _geometry(intersects)
-        west, south, east, north = (float(v) for v in query_geometry.bounds)
-        boxes = [(west, south, east, north)]
-    if boxes is not None:
-        spatial = _bbox_filter(boxes[0])
-        for box in boxes[1:]:
-            spatial = spatial | _bbox_filter(box)
-        expression = spatial
-    if window is not None:
-        stamp = pa.timestamp("us", tz="UTC")
-        if window.start is not None:
-            expression = _and(expression, pc.field("datetime") >= pa.scalar(window.start, type=stamp))
-        if window.end is not None:
-            expression = _and(expression, pc.field("datetime") <= pa.scalar(window.end, type=stamp))
-    if max_cloud is not None:
-        expression = _and(expression, pc.field("eo:cloud_cover") <= float(max_cloud))
-    if min_dates is not None:
-        expression = _and(expression, pc.field("spectralearth:n_dates") >= int(min_dates))
-    wanted_ids: list[str] | None = None
-    if ids is not None:
-        wanted_ids = sorted({str(i) for i in ([ids] if isinstance(ids, str) else ids)})
-        expression = _and(expression, pc.field("id").isin(pa.array(wanted_ids, pa.string())))
+        return boxes, shapely.union_all([_box_geometry(box) for box in boxes])
+    if intersects is not None:
+        geometry = _geometry(intersects)
+        west, south, east, north = (float(v) for v in geometry.bounds)
+        return [(west, south, east, north)], geometry
+    return None, None
 
-    # 1. row groups that statistics cannot rule out; 2. plain filters on their small columns
+
+def _candidates(index: _Index, query: SearchQuery) -> pa.Table:
+    """The filter columns (and `_position`) of the rows that pass the plain filters: 1. row groups that
+    statistics cannot rule out; 2. plain filters on their small columns."""
+    import numpy as np
+
     groups = [
         group
         for group in range(len(index.starts))
-        if not _prune(index.stats(group), boxes, window, max_cloud, min_dates, wanted_ids)
+        if not _prune(
+            index.stats(group), query.boxes, query.window, query.max_cloud, query.min_dates, query.ids
+        )
     ]
     columns = [c for c in FILTER_COLUMNS if c in index.file.schema_arrow.names]
     candidates = index.read(groups, columns)
@@ -617,22 +649,39 @@ def search(
         else np.zeros(0, dtype=np.int64)
     )
     candidates = candidates.append_column("_position", pa.array(positions, pa.int64()))
-    if expression is not None:
-        candidates = candidates.filter(expression)
-    # 3. exact geometry tests on the survivors only
-    if query_geometry is not None and candidates.num_rows:
-        survivors = candidates.column("_position").to_numpy()
-        wkb = index.rows(survivors.tolist(), ["geometry"]).column("geometry")
-        geometry = shapely.from_wkb(wkb.to_numpy(zero_copy_only=False))
-        shapely.prepare(query_geometry)
-        keep = shapely.intersects(geometry, query_geometry)
-        candidates = candidates.filter(pa.array(np.asarray(keep, dtype=bool)))
+    expression = query.expression()
+    return candidates if expression is None else candidates.filter(expression)
+
+
+def _intersecting(index: _Index, candidates: pa.Table, geometry: Any) -> pa.Table:
+    """3. the exact geometry test, on the survivors' geometries only."""
+    import numpy as np
+    import shapely
+
+    if geometry is None or not candidates.num_rows:
+        return candidates
+    survivors = candidates.column("_position").to_numpy()
+    wkb = index.rows(survivors.tolist(), ["geometry"]).column("geometry")
+    shapes = shapely.from_wkb(wkb.to_numpy(zero_copy_only=False))
+    shapely.prepare(geometry)
+    keep = shapely.intersects(shapes, geometry)
+    return candidates.filter(pa.array(np.asarray(keep, dtype=bool)))
+
+
+def search(
+    items_parquet: Any, *, relative: str = DEFAULT_RELATIVE, **criteria: Unpack[SearchCriteria]
+) -> SearchResult:
+    """Search the items of a stac-geoparquet file (a path, an `s3://` URI, or a `BuildStore` whose
+    `relative` file is read). See the module docstring for the semantics of each criterion."""
+    query = SearchQuery.parse(criteria)
+    index = _Index(items_parquet, relative)
+    candidates = _intersecting(index, _candidates(index, query), query.geometry)
     ordered = candidates.select(["id", "datetime", "_position"]).sort_by(
         [("datetime", "ascending"), ("id", "ascending")]
     )
     matched = ordered.num_rows
-    if limit is not None:
-        ordered = ordered.slice(0, limit)
+    if query.limit is not None:
+        ordered = ordered.slice(0, query.limit)
     return SearchResult(
         ids=tuple(ordered.column("id").to_pylist()),
         matched=matched,
