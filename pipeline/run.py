@@ -31,6 +31,11 @@ DISTRIBUTED_LOCAL = "local"  # a LocalCluster of worker processes sized to the m
 # one thread per worker instead (see `_unpack_resources`).
 UNPACK_RESOURCE = "unpack"
 
+# What `run_items` calls as each task finishes: (item, result, None) or (item, None, error).
+Settle = Callable[[WorkItem, Any, BaseException | None], None]
+# A task's outcome: ("ok", result) or ("error", exception).
+Outcome = tuple[str, Any]
+
 
 _LOCAL_CLUSTERS: dict[tuple[int, int], Any] = {}
 
@@ -154,7 +159,7 @@ class Scheduler:
         task: Callable[..., Any],
         items: Sequence[WorkItem],
         args: tuple[Any, ...],
-        settle: Callable[[WorkItem, Any, BaseException | None], None],
+        settle: Settle,
         *,
         label: str = "",
     ) -> None:
@@ -193,7 +198,7 @@ class Scheduler:
                     label,
                 )
 
-    def _settle_futures(self, pending: dict[Any, WorkItem], settle, label: str) -> None:
+    def _settle_futures(self, pending: dict[Any, WorkItem], settle: Settle, label: str) -> None:
         bar = _progress_bar(len(pending), label, self.progress)
         while pending:
             done, _ = wait_futures(list(pending), return_when=FIRST_COMPLETED)
@@ -204,7 +209,14 @@ class Scheduler:
                 bar.update(1)
         bar.close()
 
-    def _run_items_distributed(self, task, items, args, settle, label: str) -> None:
+    def _run_items_distributed(
+        self,
+        task: Callable[..., Any],
+        items: Sequence[WorkItem],
+        args: tuple[Any, ...],
+        settle: Settle,
+        label: str,
+    ) -> None:
         from distributed import as_completed
 
         with self.client() as client:
@@ -255,7 +267,13 @@ class Scheduler:
             return self._map_distributed(function, items, args, on_error)
         return self._map_local(function, items, args, on_error)
 
-    def _map_local(self, function, items, args, on_error) -> list:
+    def _map_local(
+        self,
+        function: Callable[..., T],
+        items: Sequence[Any],
+        args: tuple[Any, ...],
+        on_error: Callable[[Any, BaseException], T] | None,
+    ) -> list[T]:
         # Ordered key names: local schedulers then run the tasks in item order (scene or shard order),
         # which keeps a resumed build's work predictable.
         tasks = [
@@ -267,14 +285,14 @@ class Scheduler:
         outcomes = self._compute_local(tasks)
         return [self._settle(item, outcome, on_error) for item, outcome in zip(items, outcomes, strict=True)]
 
-    def _compute_local(self, tasks: list[Any]) -> list[tuple[str, Any]]:
+    def _compute_local(self, tasks: list[Any]) -> list[Outcome]:
         with dask.config.set(scheduler=self.name, num_workers=self.parallelism):
             if self.progress:
                 with ProgressBar(minimum=1.0, dt=0.5):
                     return list(dask.compute(*tasks))
             return list(dask.compute(*tasks))
 
-    def _wait(self, futures: list[Any]) -> list[tuple[str, Any] | None]:
+    def _wait(self, futures: list[Any]) -> list[Outcome | None]:
         """Wait for the futures; each one's outcome, None for one that ended neither finished nor failed
         (cancelled or lost while workers restarted)."""
         from distributed import progress, wait
@@ -283,7 +301,7 @@ class Scheduler:
             progress(futures)
             print(flush=True)
         wait(futures)
-        outcomes: list[tuple[str, Any] | None] = []
+        outcomes: list[Outcome | None] = []
         for future in futures:
             if future.status == "finished":
                 outcomes.append(("ok", future.result()))
@@ -293,8 +311,14 @@ class Scheduler:
                 outcomes.append(None)
         return outcomes
 
-    def _map_distributed(self, function, items, args, on_error) -> list:
-        outcomes: dict[int, tuple[str, Any]] = {}
+    def _map_distributed(
+        self,
+        function: Callable[..., T],
+        items: Sequence[Any],
+        args: tuple[Any, ...],
+        on_error: Callable[[Any, BaseException], T] | None,
+    ) -> list[T]:
+        outcomes: dict[int, Outcome] = {}
         with self.client() as client:
             pending = list(range(len(items)))
             # A future can end neither finished nor failed (cancelled or lost while workers restart);
@@ -344,8 +368,16 @@ class Scheduler:
         results = [self._settle(item, outcome, None) for item, outcome in zip(items, outcomes, strict=True)]
         return results[: len(first_items)], results[len(first_items) :]
 
-    def _map_then_local(self, first, first_items, then, then_items, after, args) -> list:
-        def guarded_after(item: Any, rest: tuple, *needed: tuple[str, Any]) -> Any:
+    def _map_then_local(
+        self,
+        first: Callable[..., Any],
+        first_items: Sequence[Any],
+        then: Callable[..., Any],
+        then_items: Sequence[Any],
+        after: Sequence[Sequence[int]],
+        args: tuple[Any, ...],
+    ) -> list[Outcome]:
+        def guarded_after(item: Any, rest: tuple[Any, ...], *needed: Outcome) -> Any:
             failed = [value for kind, value in needed if kind == "error"]
             return ("error", failed[0]) if failed else _guarded(then, self.gdal_config, item, *rest)
 
@@ -363,7 +395,15 @@ class Scheduler:
         ]
         return self._compute_local([*firsts, *thens])
 
-    def _map_then_distributed(self, first, first_items, then, then_items, after, args) -> list:
+    def _map_then_distributed(
+        self,
+        first: Callable[..., Any],
+        first_items: Sequence[Any],
+        then: Callable[..., Any],
+        then_items: Sequence[Any],
+        after: Sequence[Sequence[int]],
+        args: tuple[Any, ...],
+    ) -> list[Outcome]:
         with self.client() as client:
             firsts = [
                 client.submit(call_with_config, first, self.gdal_config, item, *args, pure=False)
@@ -382,16 +422,17 @@ class Scheduler:
                 for j, item in enumerate(then_items)
             ]
             outcomes = self._wait([*firsts, *thens])
-        if any(outcome is None for outcome in outcomes):
+        settled = [outcome for outcome in outcomes if outcome is not None]
+        if len(settled) < len(outcomes):
             # Cancelled or lost while workers restarted: run the graph once more, in two plain rounds
             # (every task is idempotent; finished ones rewrite the same bytes).
             first_results = self.map(first, first_items, *args)
             then_results = self.map(then, then_items, *args)
             return [("ok", r) for r in [*first_results, *then_results]]
-        return outcomes
+        return settled
 
     @staticmethod
-    def _settle(item: Any, outcome: tuple[str, Any], on_error) -> Any:
+    def _settle(item: Any, outcome: Outcome, on_error: Callable[[Any, BaseException], Any] | None) -> Any:
         kind, value = outcome
         if kind == "ok":
             return value
