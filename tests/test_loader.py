@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from pipeline.loader import (
     to_reflectance,
 )
 from pipeline.storage import BuildStore
+from tests.helpers import read_array, zarr_array
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -44,8 +46,20 @@ def raw(store: BuildStore) -> zarr.Group:
 
 
 @pytest.fixture(scope="module")
-def index(store: BuildStore):
+def index(store: BuildStore) -> Any:
     return store.read_geodataframe("index/patches.parquet").set_index("patch_id")
+
+
+def one(item: PatchSample | tuple[PatchSample, PatchSample]) -> PatchSample:
+    """An item of a single-view dataset (the loader types items as a sample or a pair)."""
+    assert isinstance(item, PatchSample), "a single-view dataset yields samples"
+    return item
+
+
+def two(item: PatchSample | tuple[PatchSample, PatchSample]) -> tuple[PatchSample, PatchSample]:
+    """An item of a two-view dataset."""
+    assert isinstance(item, tuple), "a two-view dataset yields pairs"
+    return item
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -55,21 +69,21 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 # Items against dataset.zarr -----------------------------------------------------------------------
 
 
-def test_items_equal_the_zarr_arrays(store: BuildStore, raw: zarr.Group, index) -> None:
+def test_items_equal_the_zarr_arrays(store: BuildStore, raw: zarr.Group, index: Any) -> None:
     floats = PatchDataset(store)
     stored = PatchDataset(store.uri, dtype="int16")
-    assert len(floats) == len(stored) == raw["reflectance"].shape[0] == len(index)
-    wavelength = np.asarray(raw["wavelength"][:])
+    assert len(floats) == len(stored) == zarr_array(raw, "reflectance").shape[0] == len(index)
+    wavelength = read_array(raw, "wavelength")
     for k in range(len(floats)):
         sample, int_sample = floats[k], stored[k]
         assert isinstance(sample, PatchSample) and isinstance(int_sample, PatchSample)
-        cube = np.asarray(raw["reflectance"][k])
+        cube = np.asarray(zarr_array(raw, "reflectance")[k])
         assert _same(int_sample.reflectance, cube)
         assert _same(sample.reflectance, (cube * 0.0001).astype(np.float32))
         assert sample.units == "reflectance" and int_sample.units == "stored"
-        assert _same(sample.quality, np.asarray(raw["quality"][k]))
+        assert _same(sample.quality, np.asarray(zarr_array(raw, "quality")[k]))
         assert sample.reflectance.shape == (202, 128, 128) and sample.quality.dtype == np.uint16
-        assert sample.row == k and sample.patch_id == str(raw["patch_id"][k])
+        assert sample.row == k and sample.patch_id == str(zarr_array(raw, "patch_id")[k])
         meta = index.loc[sample.patch_id]
         assert (sample.location_id, sample.scene_id) == (meta["location_id"], meta["scene_id"])
         assert (sample.epsg, sample.x_ul, sample.y_ul) == (meta["epsg"], meta["x_ul"], meta["y_ul"])
@@ -85,17 +99,17 @@ def test_float_reflectance_matches_xarray_decoding(store: BuildStore) -> None:
     loader = PatchDataset(store)
     for k in (0, len(loader) - 1):
         decoded = ds.reflectance.isel(patch=k).values
-        np.testing.assert_allclose(loader[k].reflectance, decoded, rtol=1e-6, atol=0)
-        assert loader[k].time == ds.time.values[k].astype("datetime64[us]")
+        np.testing.assert_allclose(one(loader[k]).reflectance, decoded, rtol=1e-6, atol=0)
+        assert one(loader[k]).time == ds.time.values[k].astype("datetime64[us]")
 
 
 def test_subset_in_the_order_given(store: BuildStore, raw: zarr.Group) -> None:
-    ids = [str(x) for x in raw["patch_id"][:]]
+    ids = [str(x) for x in read_array(raw, "patch_id")]
     chosen = ids[::-2]
     ds = PatchDataset(store, patch_ids=chosen)
     assert len(ds) == len(chosen) and ds.patch_ids == chosen
-    assert [ds[k].patch_id for k in range(len(ds))] == chosen
-    assert ds[-1].patch_id == chosen[-1]
+    assert [one(ds[k]).patch_id for k in range(len(ds))] == chosen
+    assert one(ds[-1]).patch_id == chosen[-1]
     with pytest.raises(IndexError):
         ds[len(chosen)]
     with pytest.raises(KeyError, match="not in this build"):
@@ -106,15 +120,15 @@ def test_subset_in_the_order_given(store: BuildStore, raw: zarr.Group) -> None:
 
 
 def test_band_subsets_by_index_and_by_number(store: BuildStore, raw: zarr.Group) -> None:
-    numbers = np.asarray(raw["band"][:])
-    full = PatchDataset(store, dtype="int16")[0]
+    numbers = read_array(raw, "band")
+    full = one(PatchDataset(store, dtype="int16")[0])
     by_index = PatchDataset(store, bands=[0, 50, 201], dtype="int16")
     by_number = PatchDataset(
         store, bands=[int(numbers[0]), int(numbers[50]), int(numbers[201])], band_by="number"
     )
-    assert _same(by_index[0].reflectance, full.reflectance[[0, 50, 201]])
-    assert _same(by_number[0].reflectance, to_reflectance(full.reflectance[[0, 50, 201]]))
-    assert np.array_equal(by_number[0].wavelengths, full.wavelengths[[0, 50, 201]])
+    assert _same(one(by_index[0]).reflectance, full.reflectance[[0, 50, 201]])
+    assert _same(one(by_number[0]).reflectance, to_reflectance(full.reflectance[[0, 50, 201]]))
+    assert np.array_equal(one(by_number[0]).wavelengths, full.wavelengths[[0, 50, 201]])
     assert list(by_index.band_numbers) == [numbers[0], numbers[50], numbers[201]]
     dropped = next(b for b in range(1, 225) if b not in set(numbers.tolist()))
     with pytest.raises(ValueError, match=f"band number {dropped} is not on"):
@@ -158,7 +172,8 @@ def test_nodata_becomes_nan_through_the_loader(store: BuildStore, tmp_path: Path
     shutil.copytree(store.path("dataset.zarr"), copy.path("dataset.zarr"))
     array = zarr.open_array(copy.path("dataset.zarr/reflectance"), mode="r+")
     array[1, 7, 20, 30] = NODATA
-    floats, stored = PatchDataset(copy)[1].reflectance, PatchDataset(copy, dtype="int16")[1].reflectance
+    floats = one(PatchDataset(copy)[1]).reflectance
+    stored = one(PatchDataset(copy, dtype="int16")[1]).reflectance
     assert np.isnan(floats[7, 20, 30]) and stored[7, 20, 30] == NODATA
     assert np.isnan(floats).sum() == 1
 
@@ -187,7 +202,7 @@ def test_two_views_are_one_location_on_two_dates(store: BuildStore) -> None:
     for epoch in range(4):
         ds.set_epoch(epoch)
         for k in range(len(ds)):
-            first, second = ds[k]
+            first, second = two(ds[k])
             assert first.location_id == second.location_id == multi[k]
             assert first.patch_id.split("_")[1] != second.patch_id.split("_")[1]
             assert first.time != second.time
@@ -207,7 +222,7 @@ def test_two_views_deterministic_per_seed_and_epoch(store: BuildStore) -> None:
 def test_two_views_of_a_subset_use_only_its_patches(store: BuildStore) -> None:
     all_ids = PatchDataset(store).patch_ids
     ds = PatchDataset(store, two_views=True)
-    first, _ = ds[0]
+    first, _ = two(ds[0])
     without = [p for p in all_ids if p != first.patch_id]
     assert len(PatchDataset(store, patch_ids=without, two_views=True)) == len(ds) - 1
     with pytest.raises(TypeError):
@@ -250,7 +265,7 @@ def test_pickles_without_handles_and_gives_the_same_items(store: BuildStore) -> 
     copy = pickle.loads(payload)
     assert copy._handles is None and copy.epoch == 2
     after = copy[1]
-    for x, y in zip(before, after, strict=True):
+    for x, y in zip(two(before), two(after), strict=True):
         assert (
             x.patch_id == y.patch_id and _same(x.reflectance, y.reflectance) and _same(x.quality, y.quality)
         )
@@ -305,7 +320,7 @@ def test_normalize_against_numpy() -> None:
 def test_normalize_from_the_statistics_the_write_stage_wrote(store: BuildStore) -> None:
     normalize = Normalize.from_build(store)
     assert normalize.units == "reflectance" and normalize.mean.shape == (202,)
-    sample = PatchDataset(store, transform=normalize)[0]
+    sample = one(PatchDataset(store, transform=normalize)[0])
     assert sample.units == "normalized" and np.isfinite(sample.reflectance).all()
 
 
@@ -314,7 +329,9 @@ def test_normalize_from_build_and_as_transform(store: BuildStore, tmp_path: Path
     shutil.copytree(store.path("dataset.zarr"), copy.path("dataset.zarr"))
     with pytest.raises(FileNotFoundError, match="stats/mean.npy"):
         Normalize.from_build(copy)
-    cube = np.stack([PatchDataset(copy, dtype="int16")[k].reflectance for k in range(3)]).astype(np.float64)
+    cube = np.stack([one(PatchDataset(copy, dtype="int16")[k]).reflectance for k in range(3)]).astype(
+        np.float64
+    )
     mean, std = cube.mean(axis=(0, 2, 3)).astype(np.float32), cube.std(axis=(0, 2, 3)).astype(np.float32)
     for name, values in (("stats/mean.npy", mean), ("stats/std.npy", std)):
         import io
@@ -331,12 +348,12 @@ def test_normalize_from_build_and_as_transform(store: BuildStore, tmp_path: Path
     numbers = PatchDataset(copy).band_numbers
     subset = Normalize.from_build(copy, bands=[int(numbers[5]), int(numbers[9])], band_by="number")
     ds = PatchDataset(copy, transform=subset, bands=[5, 9])
-    sample = ds[0]
+    sample = one(ds[0])
     assert sample.units == "normalized" and sample.reflectance.dtype == np.float32
-    raw0 = PatchDataset(copy, dtype="int16")[0].reflectance[[5, 9]].astype(np.float64)
+    raw0 = one(PatchDataset(copy, dtype="int16")[0]).reflectance[[5, 9]].astype(np.float64)
     expected = (raw0 - mean[[5, 9], None, None]) / std[[5, 9], None, None]
     np.testing.assert_allclose(sample.reflectance, expected, rtol=1e-4, atol=1e-4)
-    on_stored = PatchDataset(copy, transform=stored.select([5, 9]), bands=[5, 9], dtype="int16")[0]
+    on_stored = one(PatchDataset(copy, transform=stored.select([5, 9]), bands=[5, 9], dtype="int16")[0])
     np.testing.assert_allclose(on_stored.reflectance, sample.reflectance, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="'stored' units but the sample holds 'reflectance'"):
         PatchDataset(copy, transform=stored)[0]
@@ -366,7 +383,7 @@ def test_torch_adapter_gives_tensors(store: BuildStore) -> None:
     ds = as_torch(base)
     assert len(ds) == len(base)
     item = ds[0]
-    sample = base[0]
+    sample = one(base[0])
     assert isinstance(item["reflectance"], torch.Tensor) and item["reflectance"].dtype == torch.float32
     assert np.array_equal(item["reflectance"].numpy(), sample.reflectance, equal_nan=True)
     assert item["quality"].dtype == torch.int32
