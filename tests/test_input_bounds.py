@@ -20,7 +20,9 @@ import sys
 import tarfile
 import tracemalloc
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import psutil
@@ -33,6 +35,7 @@ import pipeline.enmap.product as product_module
 from pipeline.enmap.product import (
     SCRATCH_OWNER,
     SCRATCH_PREFIX,
+    OpenedProduct,
     ProductError,
     ProductSource,
     Rejection,
@@ -45,6 +48,9 @@ from pipeline.enmap.synth import SynthConfig, Truth, generate
 from pipeline.errors import TransientError, is_transient
 from pipeline.inventory import SceneRecord, inspect_source
 from pipeline.manifest import Limits, Manifest
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024**2
@@ -84,7 +90,7 @@ def manifest(**limits: int) -> Manifest:
     return Manifest.from_dict({**raw, "limits": limits})
 
 
-def copy_product(product, target: Path) -> Path:
+def copy_product(product: tuple[Path, Truth], target: Path) -> Path:
     out, truth = product
     (p,) = truth.products
     folder = target / p.path
@@ -124,6 +130,13 @@ def only_source(inputs: Path) -> ProductSource:
     return source
 
 
+def only_opened(inputs: Path) -> OpenedProduct:
+    """The one product under `inputs`, opened (a test that expects it to open)."""
+    (opened,) = iter_products(only_source(inputs))
+    assert isinstance(opened, OpenedProduct), opened
+    return opened
+
+
 def single_rejection(results: list[SceneRecord | Rejection]) -> Rejection:
     (result,) = results
     assert isinstance(result, Rejection), result
@@ -143,7 +156,7 @@ def test_metadata_declaring_more_than_the_xml_budget_is_refused_unread(
     member = f"{folder.name}/{folder.name}-METADATA.XML"
     declare_size(container, member, 3 * GiB)
 
-    def no_read(*args, **kwargs) -> None:
+    def no_read(*args: object, **kwargs: object) -> None:
         raise AssertionError("METADATA.XML was read although its header declares more than the budget")
 
     monkeypatch.setattr(product_module, "_member_data_offset", no_read)
@@ -168,7 +181,7 @@ def test_metadata_inflating_past_its_declared_size_is_cut_off(
     with zipfile.ZipFile(container) as archive:
         declared = 2 * archive.getinfo(member).compress_size  # plausible for its compressed size
     declare_size(container, member, declared)
-    (opened,) = iter_products(only_source(tmp_path / "in"))
+    opened = only_opened(tmp_path / "in")
     tracemalloc.start()
     try:
         with pytest.raises(ProductError, match=f"holds more than {declared} bytes, {declared} declared"):
@@ -204,7 +217,7 @@ def test_members_unpacked_to_scratch_stay_within_the_scratch_budget(
     folder = copy_product(product, tmp_path / "work")
     (tmp_path / "in").mkdir()
     zip_folder(folder, tmp_path / "in" / f"{folder.name}.ZIP")
-    (opened,) = iter_products(only_source(tmp_path / "in"))
+    opened = only_opened(tmp_path / "in")
     cube = next(size for name, size in opened.location.members if name.endswith("-SPECTRAL_IMAGE.TIF"))
     over = Limits(memory_bytes=1, scratch_bytes=cube - 1)
     with pytest.raises(ProductError) as info:
@@ -224,7 +237,7 @@ def test_member_over_the_memory_budget_goes_to_scratch_not_memory(
     folder = copy_product(product, tmp_path / "work")
     (tmp_path / "in").mkdir()
     zip_folder(folder, tmp_path / "in" / f"{folder.name}.ZIP")
-    (opened,) = iter_products(only_source(tmp_path / "in"))
+    opened = only_opened(tmp_path / "in")
     with open_product(opened.location, unpack=("SPECTRAL_IMAGE",), limits=Limits(memory_bytes=MiB)) as inside:
         assert Path(inside.spectral_path).is_file()
     with open_product(
@@ -287,7 +300,7 @@ def test_open_product_of_a_corrupted_delivery_is_a_product_error(
     inner = zip_folder(folder, tmp_path / "work" / f"{folder.name}.ZIP")
     (tmp_path / "in").mkdir()
     delivery = delivery_of(inner.read_bytes(), folder.name, tmp_path / "in" / "d.tar.gz")
-    (opened,) = iter_products(only_source(tmp_path / "in"))
+    opened = only_opened(tmp_path / "in")
     delivery.write_bytes(delivery.read_bytes()[: delivery.stat().st_size // 2])
     with pytest.raises(ProductError, match="^corrupt archive: "):
         with open_product(opened.location):
@@ -413,12 +426,13 @@ def test_scratch_of_a_killed_task_is_removed_at_the_next_start(
     task = subprocess.Popen(
         [sys.executable, "-c", script, str(delivery)], stdout=subprocess.PIPE, text=True, cwd=REPO
     )
+    assert task.stdout is not None  # stdout=PIPE
     try:
-        local_zip = Path(task.stdout.readline().strip())  # type: ignore[union-attr]
+        local_zip = Path(task.stdout.readline().strip())
     finally:
         task.kill()
         task.wait()
-        task.stdout.close()  # type: ignore[union-attr]
+        task.stdout.close()
     left = local_zip.parent
     assert left.parent == private_scratch and left.name.startswith(SCRATCH_PREFIX)
     assert local_zip.stat().st_size == inner.stat().st_size, "the killed task left its unpacked ZIP"
@@ -434,9 +448,10 @@ def test_scratch_is_owned_while_open_and_gone_after(
     inner = zip_folder(folder, tmp_path / "work" / f"{folder.name}.ZIP")
     (tmp_path / "in").mkdir()
     delivery_of(inner.read_bytes(), folder.name, tmp_path / "in" / "d.tar.gz")
-    (opened,) = iter_products(only_source(tmp_path / "in"))
+    opened = only_opened(tmp_path / "in")
     with open_product(opened.location) as inside:
-        scratch = Path(inside.local_zip).parent  # type: ignore[arg-type]
+        assert inside.local_zip is not None  # a tar.gz delivery's inner ZIP is unpacked
+        scratch = Path(inside.local_zip).parent
         owner = json.loads((scratch / SCRATCH_OWNER).read_text())
         assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
         assert clean_stale_scratch() == [], "a live owner's scratch is kept"
@@ -453,7 +468,7 @@ def test_unreadable_raster_raises_instead_of_rejecting(
     source = only_source(tmp_path / "in")
     real_open = rasterio.open
 
-    def failing_open(path, *args, **kwargs):
+    def failing_open(path: str, *args: Any, **kwargs: Any) -> Any:
         if str(path).endswith("-QL_QUALITY_CLOUD.TIF"):
             raise RasterioIOError(f"{path}: Permission denied")
         return real_open(path, *args, **kwargs)
@@ -470,7 +485,7 @@ def test_curl_error_from_gdal_raises(
     copy_product(product, tmp_path / "in")
     source = only_source(tmp_path / "in")
 
-    def failing_open(path, *args, **kwargs) -> None:
+    def failing_open(path: str, *args: object, **kwargs: object) -> None:
         raise RasterioIOError("CURL error: Failed to connect to 127.0.0.1 port 9: Connection refused")
 
     monkeypatch.setattr("pipeline.inventory.rasterio.open", failing_open)
@@ -493,7 +508,7 @@ def test_permission_denied_on_metadata_raises(
     source = only_source(tmp_path / "in")
     real_open = fsspec.open
 
-    def failing_open(uri, *args, **kwargs):
+    def failing_open(uri: str, *args: Any, **kwargs: Any) -> Any:
         if str(uri).endswith("-METADATA.XML"):
             raise PermissionError(errno.EACCES, "Permission denied", str(uri))
         return real_open(uri, *args, **kwargs)
@@ -523,7 +538,7 @@ def test_unlistable_input_raises(
     copy_product(product, tmp_path / "in")
     real_scandir = os.scandir
 
-    def failing_scandir(path="."):
+    def failing_scandir(path: str = ".") -> Iterator[os.DirEntry[str]]:
         if str(path) == str(tmp_path / "in"):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_scandir(path)
@@ -541,7 +556,7 @@ def test_connection_refused_opening_a_zip_raises(
     zip_folder(folder, tmp_path / "in" / f"{folder.name}.ZIP")
     source = only_source(tmp_path / "in")
 
-    def refused(*args, **kwargs) -> None:
+    def refused(*args: object, **kwargs: object) -> None:
         raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
 
     monkeypatch.setattr(product_module.fsspec, "open", refused)
@@ -558,11 +573,12 @@ class _ResetAfter(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+    def readinto(self, buffer: WriteableBuffer) -> int:
         if self._pos >= self._limit:
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
-        chunk = self._data[self._pos : min(self._pos + len(buffer), self._limit)]
-        buffer[: len(chunk)] = chunk
+        view = memoryview(buffer).cast("B")
+        chunk = self._data[self._pos : min(self._pos + len(view), self._limit)]
+        view[: len(chunk)] = chunk
         self._pos += len(chunk)
         return len(chunk)
 
@@ -578,13 +594,13 @@ def test_connection_reset_while_streaming_a_tar_raises(
     data = delivery.read_bytes()
 
     class Opener:
-        def __init__(self, *args, **kwargs) -> None:
+        def __init__(self, *args: object, **kwargs: object) -> None:
             self.handle = io.BufferedReader(_ResetAfter(data, len(data) // 2))
 
-        def __enter__(self):
+        def __enter__(self) -> io.BufferedReader[_ResetAfter]:
             return self.handle
 
-        def __exit__(self, *exc) -> None:
+        def __exit__(self, *exc: object) -> None:
             self.handle.close()
 
     monkeypatch.setattr(product_module.fsspec, "open", Opener)
