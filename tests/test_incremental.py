@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +16,19 @@ import yaml
 import zarr
 
 from pipeline import stages, tables
-from pipeline.enmap.synth import Truth
+from pipeline.enmap.synth import ProductTruth, Truth
 from pipeline.manifest import Manifest
 from pipeline.run import Scheduler
 from pipeline.stats import BandMoments
 from pipeline.storage import BuildStore
+from tests.helpers import read_array, zarr_array
 
 REPO = Path(__file__).resolve().parent.parent
 SYNC = Scheduler("synchronous", progress=False)
 pytestmark = pytest.mark.slow
 
 
-def link_products(products: Path, truth_products, target: Path) -> None:
+def link_products(products: Path, truth_products: Iterable[ProductTruth], target: Path) -> None:
     target.mkdir(exist_ok=True)
     for product in truth_products:
         source, destination = products / product.path, target / product.path
@@ -47,7 +49,7 @@ def build_all(manifest: Manifest, store: BuildStore, inputs: Path) -> dict:
 def pixels_by_patch(build: Path) -> dict[str, np.ndarray]:
     store = BuildStore(str(build))
     index = store.read_geodataframe(tables.INDEX_PATCHES)
-    reflectance = zarr.open_group(str(build / "dataset.zarr"), mode="r")["reflectance"]
+    reflectance = zarr_array(zarr.open_group(str(build / "dataset.zarr"), mode="r"), "reflectance")
     return {
         pid: np.asarray(reflectance[int(row)])
         for pid, row in zip(index["patch_id"], index["row"], strict=True)
@@ -129,7 +131,7 @@ def test_adding_products_appends_and_supersedes(
         path = build / "dataset.zarr" / "reflectance" / "c" / str(shard) / "0" / "0" / "0"
         assert path.stat().st_mtime_ns == mtimes[path] and path.read_bytes() == shard_files[path]
     # Zarr knows which rows are hidden; the catalog lists exactly the index.
-    active = zarr.open_group(str(build / "dataset.zarr"), mode="r")["active"][:]
+    active = read_array(zarr.open_group(str(build / "dataset.zarr"), mode="r"), "active")
     assert [int(r) for r in np.flatnonzero(active == 0)] == sorted(retired_rows)
     items = {json.loads(p.read_text())["id"] for p in (build / "stac").rglob("EPSG*.json")}
     assert items == set(after_index["patch_id"])
@@ -137,12 +139,12 @@ def test_adding_products_appends_and_supersedes(
     # Statistics of the partly rewritten shards, merged from recorded and new cell sums, equal bit for
     # bit the moments of each shard's active rows computed from the stored pixels, merged in shard order.
     group = zarr.open_group(str(build / "dataset.zarr"), mode="r")
-    reflectance, active_flags = group["reflectance"], group["active"][:]
+    reflectance, active_flags = zarr_array(group, "reflectance"), read_array(group, "active")
     total = BandMoments.empty(reflectance.shape[1])
     for start in range(0, reflectance.shape[0], 2):
         rows = [r for r in range(start, min(start + 2, reflectance.shape[0])) if active_flags[r]]
         if rows:
-            total = total.merge(BandMoments.of_block(np.asarray(reflectance.oindex[rows])))
+            total = total.merge(BandMoments.of_block(np.asarray(reflectance.oindex[np.array(rows)])))
     assert np.array_equal(np.load(build / "stats" / "mean.npy"), total.valid_mean.astype(np.float32))
     assert np.array_equal(np.load(build / "stats" / "std.npy"), total.std.astype(np.float32))
     summary = json.loads((build / "stats" / "statistics.json").read_text())
