@@ -25,6 +25,7 @@ import posixpath
 import struct
 import tempfile
 import time
+import uuid
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
+from rasterio.io import MemoryFile
 
 from pipeline.enmap.product import ProductError, ScratchBudget
 from pipeline.errors import TransientError, is_transient, one_line
@@ -354,7 +357,7 @@ def _holder(piece: Piece, ranges: list[Piece]) -> Piece | None:
     )
 
 
-def _memory_sink(buffer: bytearray) -> Callable[[int, bytes], None]:
+def _memory_sink(buffer: bytearray | memoryview) -> Callable[[int, bytes], None]:
     view = memoryview(buffer)
 
     def put(offset: int, data: bytes) -> None:
@@ -520,53 +523,70 @@ def fetch_objects(
     memory_budget: int,
     scratch: ScratchBudget | None = None,
     settings: FetchSettings | None = None,
-) -> dict[str, bytes | str]:
+) -> dict[str, MemoryFile | str]:
     """Every object of `objects` ((uri, size), size None when unknown: one HEAD), whole, in large ranged
-    GETs through one pool: as bytes when they add up to at most `memory_budget`, else each in its own
-    file in `scratch_dir`, named by its basename (an ENVI header lands beside its data file), within the
-    `scratch` budget (over it: ProductError, before a byte is fetched). Objects on one store only.
-
-    Bytes, not bytearrays: GDAL's in-memory files (rasterio's MemoryFile) serve a bytes object in place;
-    the one copy from the fetch buffer is made object by object, so the transient peak is the product
-    plus its largest object."""
+    GETs through one pool. When they add up to at most `memory_budget`, each lands in a GDAL in-memory
+    file (rasterio MemoryFile, all in one in-memory folder so an ENVI header sits beside its data file;
+    the caller closes them together, after dropping any view of them: closing one removes the folder),
+    written part by part in place: the product is held once, never copied.
+    Else each lands in its own file in `scratch_dir`, named by its basename, within the `scratch` budget
+    (over it: ProductError, before a byte is fetched). Objects on one store only."""
     settings = settings or FetchSettings()
     if not objects:
         return {}
     fs = _filesystem(objects[0][0], storage_options or {})
     sized = [(uri, object_size(fs, uri) if size is None else size) for uri, size in objects]
+    names = [posixpath.basename(uri) for uri, _ in sized]
+    if len(set(names)) != len(names):
+        raise ValueError(f"objects with the same file name cannot be fetched together: {names}")
     total = sum(size for _, size in sized)
-    to_disk = total > memory_budget
-    if to_disk:
-        if scratch is not None:
-            what = sized[0][0] if len(sized) == 1 else posixpath.dirname(sized[0][0])
-            scratch.reserve(total, f"fetching {what}")
-        os.makedirs(scratch_dir, exist_ok=True)
+    if total <= memory_budget:
+        return _fetch_to_memory(fs, sized, settings)
+    if scratch is not None:
+        what = sized[0][0] if len(sized) == 1 else posixpath.dirname(sized[0][0])
+        scratch.reserve(total, f"fetching {what}")
+    os.makedirs(scratch_dir, exist_ok=True)
     pieces = [Piece(uri, 0, size) for uri, size in sized]
-    fetched = fetch_product_files(
-        fs, pieces, memory_budget=memory_budget, scratch_dir=scratch_dir, settings=settings
-    )
-    out: dict[str, bytes | str] = {}
+    fetched = fetch_product_files(fs, pieces, memory_budget=0, scratch_dir=scratch_dir, settings=settings)
+    out: dict[str, MemoryFile | str] = {}
+    for piece in pieces:
+        target = os.path.join(os.fspath(scratch_dir), posixpath.basename(piece.uri))
+        got = fetched[piece]
+        if isinstance(got, FileSlice):
+            os.replace(got.path, target)
+        else:  # an empty object
+            open(target, "wb").close()
+        out[piece.uri] = target
+    return out
+
+
+def _fetch_to_memory(
+    fs: Any, sized: list[tuple[str, int]], settings: FetchSettings
+) -> dict[str, MemoryFile | str]:
+    folder = f"spectralearth-fetch-{os.getpid()}-{uuid.uuid4().hex}"
+    read = _range_reader(fs)
+    out: dict[str, MemoryFile | str] = {}
+    jobs: list[Callable[[], None]] = []
     try:
-        for piece in pieces:
-            got = fetched[piece]
-            if isinstance(got, FileSlice):
-                target = os.path.join(os.fspath(scratch_dir), posixpath.basename(piece.uri))
-                if os.path.exists(target):
-                    raise ValueError(f"two fetched files would both be {target}")
-                os.replace(got.path, target)
-                out[piece.uri] = target
-            elif to_disk:  # an empty object among files on disk
-                target = os.path.join(os.fspath(scratch_dir), posixpath.basename(piece.uri))
-                open(target, "wb").close()
-                out[piece.uri] = target
-            else:
-                out[piece.uri] = bytes(got)
-                got.release()
+        for uri, size in sized:
+            memory = MemoryFile(dirname=folder, filename=posixpath.basename(uri))
+            out[uri] = memory
+            if size == 0:
+                continue
+            memory.seek(size - 1)
+            memory.write(b"\0")  # GDAL allocates the whole file once; parts are copied into it
+            view = np.asarray(memory.getbuffer()).data
+            whole = Piece(uri, 0, size)
+            jobs += [
+                _part_job(read, whole, s, e, _memory_sink(view), settings)
+                for s, e in split_range(0, size, settings.part)
+            ]
+        _run_parallel(jobs, settings.concurrency)
     except BaseException:
-        for value in fetched.values():
-            if isinstance(value, FileSlice):
-                with contextlib.suppress(OSError):
-                    os.remove(value.path)
+        jobs.clear()
+        for memory in out.values():
+            if isinstance(memory, MemoryFile):
+                memory.close()
         raise
     return out
 
@@ -579,7 +599,7 @@ def fetch_product(
     memory_budget: int,
     members: Sequence[tuple[str, int | None]] = (),
     settings: FetchSettings | None = None,
-) -> dict[str, bytes | str]:
+) -> dict[str, MemoryFile | str]:
     """A remote product's bytes, once, in large ranged GETs: the whole object for an archive (`uri` a
     ZIP or tar.gz), or, for a product folder, every file of `members` ((name relative to `uri`, size)).
     In memory within `memory_budget`, else in `scratch_dir`. Keys: the object URIs."""
@@ -603,7 +623,7 @@ class ProductFetcher:
 
     def __call__(
         self, objects: Sequence[tuple[str, int | None]], scratch_dir: str, scratch: ScratchBudget
-    ) -> dict[str, bytes | str]:
+    ) -> dict[str, MemoryFile | str]:
         return fetch_objects(
             objects,
             scratch_dir,

@@ -395,14 +395,15 @@ def raw_source(opened: Any, layer: str) -> tuple[raw_reader.Source, bytes | None
     location = opened.location
     member = location.member(layer)
     copy = opened.fetched.get(member)
-    if isinstance(copy, bytes):
+    if isinstance(copy, memoryview):
         names = [name for name, _ in location.members]
         header_name = _header_member(names, member)
         header = opened.fetched.get(header_name) if header_name else None
         if isinstance(header, str):
             with open(header, "rb") as handle:
                 header = handle.read(HEADER_BYTES + 1)
-        return memoryview(copy), header if header is not None and len(header) <= HEADER_BYTES else None
+        text = bytes(header) if header is not None and len(header) <= HEADER_BYTES else None
+        return copy, text
     path = opened.gdal_path(layer)
     if not path.startswith("/vsi"):
         return (path, None) if os.path.isfile(path) else None
@@ -432,7 +433,7 @@ def _zip_header(archive: zipfile.ZipFile, member: str) -> bytes | None:
 
 
 def _stored_in_memory(
-    zip_bytes: bytes, member: str, read_in_place: bool
+    zip_bytes: memoryview, member: str, read_in_place: bool
 ) -> tuple[raw_reader.Source, bytes | None] | None:
     """A stored member of a fetched ZIP as a view of its bytes (None when it is compressed, or GDAL
     reads an inflated copy), with its ENVI header."""
@@ -444,7 +445,7 @@ def _stored_in_memory(
         if info.compress_type != zipfile.ZIP_STORED:
             return None
         start = _member_data_offset(handle, info)
-        return memoryview(zip_bytes)[start : start + info.file_size], _zip_header(archive, member)
+        return zip_bytes[start : start + info.file_size], _zip_header(archive, member)
 
 
 class _CubeReader:

@@ -17,10 +17,11 @@ import rasterio
 import s3fs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rasterio.io import MemoryFile
 
 from pipeline.cloud import StorageError, StorageSettings
 from pipeline.enmap import raw_reader
-from pipeline.enmap.product import ProductError, ScratchBudget, _member_data_offset
+from pipeline.enmap.product import ProductError, ScratchBudget, _member_data_offset, in_memory_view
 from pipeline.errors import TransientError, is_transient
 from pipeline.fetch import (
     MIN_PART_BYTES,
@@ -484,18 +485,27 @@ def test_fetch_product_brings_whole_objects_in_memory_or_scratch(
         uri = f"s3://{BUCKET}/objects/{name}"
         copy = got[uri]
         if memory_budget >= sum(s for _, s in members):
-            assert isinstance(copy, bytes) and copy == objects[uri]
+            # A GDAL in-memory file (/vsimem/), written in place.
+            assert isinstance(copy, MemoryFile) and copy.name.endswith("/" + name)
+            assert bytes(in_memory_view(copy)) == objects[uri]
         else:
             assert copy == str(tmp_path / "scratch" / name)
             assert Path(copy).read_bytes() == objects[uri]
         assert gets(proxy, uri) == math.ceil(size / (8 * MiB))
+    for copy in got.values():
+        if isinstance(copy, MemoryFile):
+            copy.close()  # (closing one removes its whole in-memory folder: all at the end)
     # An archive: the whole object, its size from one HEAD.
     proxy.clear_counts()
     uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
     (copy,) = fetch_product(
         uri, tmp_path / "archive", storage_options=fs_options, memory_budget=memory_budget
     ).values()
-    data = copy if isinstance(copy, bytes) else Path(copy).read_bytes()
+    if isinstance(copy, MemoryFile):
+        data = bytes(in_memory_view(copy))
+        copy.close()
+    else:
+        data = Path(copy).read_bytes()
     assert data == objects[uri]
     assert proxy.count("HEAD") <= 1 and gets(proxy, uri) == math.ceil(len(data) / (16 * MiB))
 

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 import fsspec
+import numpy as np
 import psutil
 from isal import isal_zlib
 from rasterio.io import MemoryFile
@@ -83,7 +84,7 @@ ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, 
 # Brings remote objects here ((uri, size or None), scratch folder, scratch budget) -> uri -> the bytes, or
 # the path of a file in that scratch folder; `pipeline.fetch.ProductFetcher` is the one used (large
 # ranged GETs). Without one, remote products are read in place (GDAL's /vsis3/, fsspec).
-Fetcher = Callable[[Sequence[tuple[str, int | None]], str, "ScratchBudget"], Mapping[str, bytes | str]]
+Fetcher = Callable[[Sequence[tuple[str, int | None]], str, "ScratchBudget"], Mapping[str, MemoryFile | str]]
 
 
 class ProductError(Exception):
@@ -672,8 +673,8 @@ class OpenedProduct:
     limits: Limits = field(default_factory=Limits)
     # A fetched remote product: the ZIP's bytes (`local_zip` is then its in-memory GDAL path), or a
     # folder's files (member -> bytes, or the path of the fetched file in scratch).
-    zip_bytes: bytes | None = None
-    fetched: dict[str, bytes | str] = field(default_factory=dict)
+    zip_bytes: memoryview | None = None
+    fetched: dict[str, memoryview | str] = field(default_factory=dict)
 
     def _zip_gdal_path(self) -> str:
         return self.local_zip if self.local_zip else gdal_path(self.location.container_uri)
@@ -719,8 +720,8 @@ class OpenedProduct:
             if listed > budget:
                 raise ProductError(over_budget(f"member {member}", "holds", listed, budget, kind))
             copy = self.fetched.get(member)
-            if isinstance(copy, bytes):
-                data = copy[: budget + 1]
+            if isinstance(copy, memoryview):
+                data = bytes(copy[: budget + 1])
             else:
                 where = copy if copy is not None else join(self.location.container_uri, member)
                 with fsspec.open(where, "rb", **({} if copy else self.storage_options)) as handle:
@@ -779,9 +780,11 @@ def iter_products(
                 yield OpenedProduct(location, options, limits=limits)
         return
     if fetcher is not None and remote:
-        with _scratch_dir() as scratch:
+        with _scratch_dir() as scratch, contextlib.ExitStack() as stack:
             budget = ScratchBudget(limits.scratch_bytes)
             copy = fetcher([(source.uri, None)], os.path.join(scratch, "fetched"), budget)[source.uri]
+            if isinstance(copy, MemoryFile):
+                stack.callback(copy.close)
             if source.kind == "zip":
                 yield from _iter_zip(source, options, limits, copy)
             else:
@@ -794,32 +797,31 @@ def iter_products(
 
 
 def _iter_zip(
-    source: ProductSource, options: dict, limits: Limits, copy: bytes | str | None = None
+    source: ProductSource, options: dict, limits: Limits, copy: MemoryFile | str | None = None
 ) -> Iterator[OpenedProduct | Rejection]:
     """The products of a ZIP source, read in place or from its fetched `copy`."""
-    with contextlib.ExitStack() as stack:
-        try:
-            with _open_object(source.uri, options, copy) as handle:
-                infos = _zip_listing(handle, posixpath.basename(source.uri))
-        except ArchiveRejected:
-            raise
-        except ProductError as exc:
-            yield Rejection(source.uri, None, "inventory", str(exc))
-            return
-        products, rejections = _zip_products(infos, source.uri, "zip", None)
-        yield from rejections
-        local = _zip_copy(copy, stack)
-        for location in products:
-            opened = OpenedProduct(location, options, limits=limits)
-            opened.local_zip, opened.zip_bytes = local
-            yield opened
+    try:
+        with _open_object(source.uri, options, copy) as handle:
+            infos = _zip_listing(handle, posixpath.basename(source.uri))
+    except ArchiveRejected:
+        raise
+    except ProductError as exc:
+        yield Rejection(source.uri, None, "inventory", str(exc))
+        return
+    products, rejections = _zip_products(infos, source.uri, "zip", None)
+    yield from rejections
+    local = _zip_copy(copy)
+    for location in products:
+        opened = OpenedProduct(location, options, limits=limits)
+        opened.local_zip, opened.zip_bytes = local
+        yield opened
 
 
 @contextlib.contextmanager
-def _open_object(uri: str, options: dict, copy: bytes | str | None = None) -> Iterator[IO[bytes]]:
-    """An object as a binary file: its fetched copy (bytes or a local file), else in place."""
-    if isinstance(copy, bytes):
-        with io.BufferedReader(BufferFile(copy)) as handle:
+def _open_object(uri: str, options: dict, copy: MemoryFile | str | None = None) -> Iterator[IO[bytes]]:
+    """An object as a binary file: its fetched copy (in memory or a local file), else in place."""
+    if isinstance(copy, MemoryFile):
+        with io.BufferedReader(BufferFile(in_memory_view(copy))) as handle:
             yield handle
     elif copy is not None:
         with open(copy, "rb") as handle:
@@ -829,12 +831,19 @@ def _open_object(uri: str, options: dict, copy: bytes | str | None = None) -> It
             yield handle
 
 
-def _zip_copy(copy: bytes | str | None, stack: contextlib.ExitStack) -> tuple[str | None, bytes | None]:
-    """(local_zip, zip_bytes) of a fetched ZIP: a scratch file, or bytes served to GDAL in memory."""
+def in_memory_view(memory: MemoryFile) -> memoryview:
+    """The bytes of a GDAL in-memory file as a view (no copy); valid only while the file is open."""
+    if not memory.exists():
+        return memoryview(b"")
+    return np.asarray(memory.getbuffer()).data
+
+
+def _zip_copy(copy: MemoryFile | str | None) -> tuple[str | None, memoryview | None]:
+    """(local_zip, zip_bytes) of a fetched ZIP: a scratch file, or a GDAL in-memory file and a view of
+    its bytes (the caller closes the file)."""
     if copy is None or isinstance(copy, str):
         return copy, None
-    memory = stack.enter_context(MemoryFile(copy, filename="product.zip"))
-    return memory.name, copy
+    return copy.name, in_memory_view(copy)
 
 
 def _attach_folder(
@@ -846,16 +855,14 @@ def _attach_folder(
     uris = {join(location.container_uri, member): member for member, _ in location.members}
     wanted = [(join(location.container_uri, member), size) for member, size in location.members]
     copies = fetcher(wanted, os.path.join(scratch, "fetched"), budget)
-    folder = f"spectralearth-{os.getpid()}-{id(opened):x}"
     for uri, copy in copies.items():
         member = uris[uri]
-        opened.fetched[member] = copy
-        if isinstance(copy, bytes):
-            name = posixpath.basename(member)
-            memory = stack.enter_context(MemoryFile(copy, dirname=folder, filename=name))
-            opened.local_members[member] = memory.name
+        if isinstance(copy, MemoryFile):
+            stack.callback(copy.close)
+            opened.fetched[member], opened.local_members[member] = in_memory_view(copy), copy.name
         else:
-            opened.local_members[member] = copy
+            opened.fetched[member] = opened.local_members[member] = copy
+    stack.callback(opened.fetched.clear)  # (runs first) no view outlives its in-memory file
 
 
 def _attach_zip(
@@ -863,7 +870,10 @@ def _attach_zip(
 ) -> None:
     uri = opened.location.container_uri
     copy = fetcher([(uri, None)], os.path.join(scratch, "fetched"), budget)[uri]
-    opened.local_zip, opened.zip_bytes = _zip_copy(copy, stack)
+    if isinstance(copy, MemoryFile):
+        stack.callback(copy.close)
+    opened.local_zip, opened.zip_bytes = _zip_copy(copy)
+    stack.callback(setattr, opened, "zip_bytes", None)  # (runs first) no view outlives its file
 
 
 def _tar_corrupt(exc: BaseException) -> bool:
@@ -872,7 +882,7 @@ def _tar_corrupt(exc: BaseException) -> bool:
 
 
 def _iter_tar(
-    source: ProductSource, options: dict, limits: Limits, copy: bytes | str | None = None
+    source: ProductSource, options: dict, limits: Limits, copy: MemoryFile | str | None = None
 ) -> Iterator[OpenedProduct | Rejection]:
     found_any = False
     with _open_object(source.uri, options, copy) as raw:
@@ -980,10 +990,11 @@ def open_product(
                     copy = fetcher([(uri, None)], os.path.join(scratch, "fetched"), budget)[uri]
                 try:
                     _unpack_inner_zip(location, options, opened.local_zip, budget, copy)
-                finally:
+                finally:  # the unpacked ZIP is what is read from now on
                     if isinstance(copy, str):
-                        os.remove(copy)  # the unpacked ZIP is what is read from now on
-                    del copy
+                        os.remove(copy)
+                    elif copy is not None:
+                        copy.close()
             elif fetcher is not None and remote and location.packaging == "zip":
                 _attach_zip(opened, fetcher, scratch, stack, budget)
             elif fetcher is not None and remote:
@@ -998,7 +1009,7 @@ def _unpack_inner_zip(
     options: dict,
     target: str,
     budget: ScratchBudget,
-    copy: bytes | str | None = None,
+    copy: MemoryFile | str | None = None,
 ) -> None:
     """Stream a tar.gz delivery (in place, or its fetched `copy`) to its product ZIP and unpack that
     (within the scratch budget); a corrupt stream is a ProductError, a storage fault propagates."""
