@@ -8,6 +8,7 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ from pipeline.labels import (
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
+from tests.helpers import read_array, zarr_array
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -152,7 +154,7 @@ def raster_oracle(truth: dict, path: Path, epsg: int, x_ul: float, y_ul: float, 
 
 
 def vector_oracle(
-    frame, crs_wkt: str, epsg: int, x_ul: float, y_ul: float, factor: int, remap: dict | None
+    frame: Any, crs_wkt: str, epsg: int, x_ul: float, y_ul: float, factor: int, remap: dict[int, int] | None
 ) -> np.ndarray:
     xs, ys = _points(x_ul, y_ul, factor)
     sx, sy = Transformer.from_crs(CRS.from_epsg(epsg), CRS.from_wkt(crs_wkt), always_xy=True).transform(
@@ -226,7 +228,7 @@ def test_mode_differs_from_nearest_where_speckle_is_outvoted(build: dict) -> Non
     [("parcels", "parcels.parquet", 1, PARCEL_REMAP), ("parcels_mode", "parcels.gpkg", 5, None)],
 )
 def test_polygon_labels_equal_the_oracle_pixel_for_pixel(
-    build: dict, name: str, path: str, factor: int, remap
+    build: dict, name: str, path: str, factor: int, remap: dict[int, int] | None
 ) -> None:
     import geopandas
 
@@ -243,7 +245,7 @@ def test_polygon_labels_equal_the_oracle_pixel_for_pixel(
 def test_array_layout_dtype_and_attributes(build: dict) -> None:
     store = build["store"]
     group = zarr.open_group(store.path("dataset.zarr"), mode="r")
-    quality = group["quality"]
+    quality = zarr_array(group, "quality")
     for name, dtype in (("crops", "uint8"), ("landcover", "uint16"), ("parcels", "uint8")):
         array = label_array(store, name)
         assert array.dtype == np.dtype(dtype)
@@ -410,16 +412,18 @@ def test_write_growing_the_dataset_grows_the_labels(build: dict, tmp_path: Path)
     store = BuildStore(str(copy))
     before = {name: np.asarray(label_array(store, name)[:]) for name in ("crops", "parcels")}
     group = zarr.open_group(store.path("dataset.zarr"), mode="r")
-    rows = group["reflectance"].shape[0]
+    rows = zarr_array(group, "reflectance").shape[0]
     bands = list(
         zip(
-            np.asarray(group["band"][:]).tolist(),
-            np.asarray(group["wavelength"][:]).tolist(),
-            np.asarray(group["fwhm"][:]).tolist(),
+            read_array(group, "band").tolist(),
+            read_array(group, "wavelength").tolist(),
+            read_array(group, "fwhm").tolist(),
             strict=True,
         )
     )
-    assert ensure_arrays(store, build["manifest"], rows + 5, bands, group.attrs["layout_key"])
+    layout_key = group.attrs["layout_key"]
+    assert isinstance(layout_key, str)
+    assert ensure_arrays(store, build["manifest"], rows + 5, bands, layout_key)
     for name, labels in before.items():
         grown = np.asarray(label_array(store, name)[:])
         assert grown.shape == (rows + 5, *labels.shape[1:])
@@ -461,7 +465,7 @@ def test_bad_sources_fail_with_one_line(build: dict, tmp_path: Path) -> None:
         ({"a b": {"source": "a.tif"}}, "labels"),
     ],
 )
-def test_manifest_errors_name_the_key(labels, fragment: str) -> None:
+def test_manifest_errors_name_the_key(labels: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ManifestError) as caught:
         Manifest.from_dict({"name": "x", "labels": labels})
     assert fragment in str(caught.value) and "secret" not in str(caught.value)
@@ -485,7 +489,9 @@ def test_labels_section_changes_no_other_stage_hash() -> None:
     st.integers(0, 2**32 - 1),
     st.lists(st.integers(0, 300), min_size=1, max_size=4, unique=True),
 )
-def test_mode_reduce_against_brute_force(factor, height, width, seed, codes) -> None:
+def test_mode_reduce_against_brute_force(
+    factor: int, height: int, width: int, seed: int, codes: list[int]
+) -> None:
     rng = np.random.default_rng(seed)
     samples = np.asarray(codes)[rng.integers(len(codes), size=(height * factor, width * factor))]
     got = mode_reduce(samples, factor)
