@@ -26,7 +26,6 @@ from pipeline.errors import StageFailed
 from pipeline.manifest import Manifest
 from pipeline.run import Scheduler
 from pipeline.storage import BuildStore
-from tests.helpers import small_shards_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_RETRY = RetryPolicy((0.0, 0.0, 0.0))
@@ -103,14 +102,11 @@ def assert_same_build(build: Path, reference: Path, roots: tuple[Path | str, ...
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, demo_products):
+def reference(demo_products, small_shards_build):
+    """The uninterrupted small-shards build (the session's, shared with test_resume: read-only)."""
     products, truth = demo_products
-    folder = tmp_path_factory.mktemp("fault-reference")
-    manifest_path = small_shards_manifest(folder)
-    manifest = Manifest.from_yaml(manifest_path)
-    build = folder / "build"
-    build_all(manifest, build, products)
-    return products, truth, manifest_path, manifest, build
+    manifest_path, build = small_shards_build
+    return products, truth, manifest_path, Manifest.from_yaml(manifest_path), build
 
 
 def cli_run(manifest_path: Path, build: Path, products: Path, kill: str | None = None):

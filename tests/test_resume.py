@@ -22,7 +22,6 @@ from pipeline.run import Scheduler
 from pipeline.stages import StaleStageError
 from pipeline.storage import BuildStore
 from pipeline.write import verify_build
-from tests.helpers import small_shards_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 SYNC = Scheduler("synchronous", progress=False)
@@ -52,15 +51,12 @@ def same_tables(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, demo_products):
-    """An uninterrupted build with small shards, to compare resumed builds against."""
+def reference(demo_products, small_shards_build):
+    """An uninterrupted build with small shards, to compare resumed builds against (the session's, shared
+    with the fault suite: read-only)."""
     products, _ = demo_products
-    folder = tmp_path_factory.mktemp("reference")
-    manifest_path = small_shards_manifest(folder)
-    manifest = Manifest.from_yaml(manifest_path)
-    build = folder / "build"
-    run_all(manifest, build, products)
-    return products, manifest_path, manifest, build
+    manifest_path, build = small_shards_build
+    return products, manifest_path, Manifest.from_yaml(manifest_path), build
 
 
 def test_rerun_with_nothing_changed_does_no_work(reference):
