@@ -10,11 +10,11 @@ from tests.conftest import REAL_SCENE
 
 
 @pytest.fixture(scope="module")
-def real(real_metadata_bytes: bytes):
+def real(real_metadata_bytes: bytes) -> SceneMetadata:
     return SceneMetadata.from_xml(real_metadata_bytes)
 
 
-def test_real_sample_identity(real) -> None:
+def test_real_sample_identity(real: SceneMetadata) -> None:
     assert real.scene_id == REAL_SCENE
     assert real.schema == "metadata_Lx_00-02-00.xsd"
     assert real.processing_level == "L2A"
@@ -24,13 +24,13 @@ def test_real_sample_identity(real) -> None:
     assert real.orbit_direction == "DESCENDING"
 
 
-def test_real_sample_times(real) -> None:
+def test_real_sample_times(real: SceneMetadata) -> None:
     assert real.start_time == datetime(2017, 6, 26, 10, 20, 20, 999936, tzinfo=UTC)
     assert real.stop_time == datetime(2017, 6, 26, 10, 20, 25, 545157, tzinfo=UTC)
     assert real.datatake_start == datetime(2017, 6, 26, 10, 20, 20, 999936, tzinfo=UTC)
 
 
-def test_real_sample_bands(real) -> None:
+def test_real_sample_bands(real: SceneMetadata) -> None:
     assert real.band_count == 218
     assert [b.number for b in real.bands] == list(range(1, 219))
     assert sum(b.detector == "VNIR" for b in real.bands) == 88
@@ -46,7 +46,7 @@ def test_real_sample_bands(real) -> None:
     assert real.no_data_bands == ()
 
 
-def test_real_sample_grid_and_crs(real) -> None:
+def test_real_sample_grid_and_crs(real: SceneMetadata) -> None:
     assert (real.width, real.height) == (1128, 1212)
     assert real.projection == "UTM_Zone32_North"
     assert real.epsg == 32632
@@ -54,7 +54,7 @@ def test_real_sample_grid_and_crs(real) -> None:
     assert real.background_value == 0
 
 
-def test_real_sample_footprint(real) -> None:
+def test_real_sample_footprint(real: SceneMetadata) -> None:
     assert len(real.footprint) == 6
     assert [p.frame for p in real.footprint] == [
         "upper_left",
@@ -70,7 +70,7 @@ def test_real_sample_footprint(real) -> None:
     assert (real.centre.latitude, real.centre.longitude) == (47.6216059, 10.9392424)
 
 
-def test_real_sample_quality_and_angles(real) -> None:
+def test_real_sample_quality_and_angles(real: SceneMetadata) -> None:
     q = real.quality
     assert (q.cloud, q.cloud_shadow, q.haze, q.cirrus, q.snow, q.water) == (0, 8, 0, 0, 0, 2)
     a = real.angles
@@ -79,7 +79,7 @@ def test_real_sample_quality_and_angles(real) -> None:
     assert a.scene_azimuth == 14.2528346203
 
 
-def test_real_sample_file_list(real) -> None:
+def test_real_sample_file_list(real: SceneMetadata) -> None:
     suffixes = sorted(name.removeprefix(REAL_SCENE + "-") for name in real.file_names)
     assert suffixes == sorted(
         ["METADATA.XML", "SPECTRAL_IMAGE.TIF", "QL_PIXELMASK.TIF", "QL_SWIR.TIF", "QL_VNIR.TIF"]
@@ -187,14 +187,14 @@ def test_band_values_must_be_finite_and_positive(real_metadata_bytes: bytes, tag
     assert "\n" not in str(info.value)
 
 
-def test_xml_over_the_limit_is_refused_unparsed(real_metadata_bytes: bytes, real) -> None:
+def test_xml_over_the_limit_is_refused_unparsed(real_metadata_bytes: bytes, real: SceneMetadata) -> None:
     limit = len(real_metadata_bytes) - 1
     with pytest.raises(MetadataError, match=f"holds {len(real_metadata_bytes)} bytes, over the {limit}"):
         SceneMetadata.from_xml(real_metadata_bytes, max_bytes=limit)
     assert SceneMetadata.from_xml(real_metadata_bytes, max_bytes=limit + 1) == real
 
 
-def test_portal_metadata_name_gives_the_scene_id(real_metadata_bytes: bytes, real) -> None:
+def test_portal_metadata_name_gives_the_scene_id(real_metadata_bytes: bytes, real: SceneMetadata) -> None:
     """A portal download names the file `-METADATA.XML.XML`; `metadata/name` may say so too."""
     name = f"{real.scene_id}-METADATA.XML".encode()
     doubled = real_metadata_bytes.replace(b">" + name + b"<", b">" + name + b".XML<", 1)
