@@ -1,6 +1,9 @@
 """dedup's choice of one patch per acquisition, against a brute-force oracle (hypothesis)."""
 
+import random
+from collections.abc import Iterable
 from datetime import date, timedelta
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +17,7 @@ VERSIONS = ["V010302", "V010303", "V010400"]
 
 
 @st.composite
-def candidates(draw):
+def candidates(draw: st.DrawFn) -> Candidate:
     location = draw(st.sampled_from(LOCATIONS))
     datatake = draw(st.sampled_from(DATATAKES))
     tile = draw(st.integers(1, 3))
@@ -25,9 +28,9 @@ def candidates(draw):
     return Candidate(location, datatake, scene, day, version, draw(st.integers(0, 50)))
 
 
-def unique_scene_per_location(items):
+def unique_scene_per_location(items: list[Candidate]) -> list[Candidate]:
     # A scene holds a location at most once.
-    seen = {}
+    seen: dict[tuple[str, str], Candidate] = {}
     for c in items:
         seen.setdefault((c.scene_id, c.location_id), c)
     return list(seen.values())
@@ -36,7 +39,7 @@ def unique_scene_per_location(items):
 candidate_lists = st.lists(candidates(), max_size=25).map(unique_scene_per_location)
 
 
-def oracle(items):
+def oracle(items: list[Candidate]) -> dict[str, tuple[str, tuple[str, ...]]]:
     """Brute force: for every (location, datatake) compare every pair by the SPEC's rule."""
     out = {}
     for c in items:
@@ -64,7 +67,7 @@ def oracle(items):
 
 @settings(max_examples=300, deadline=None)
 @given(candidate_lists)
-def test_choice_matches_oracle(items) -> None:
+def test_choice_matches_oracle(items: list[Candidate]) -> None:
     chosen = choose_patches(items)
     assert {p.patch_id: (p.candidate.scene_id, p.duplicates) for p in chosen} == oracle(items)
     # Every candidate is either kept or named as a duplicate, exactly once.
@@ -74,7 +77,7 @@ def test_choice_matches_oracle(items) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(candidate_lists, st.randoms(use_true_random=False))
-def test_independent_of_input_order(items, rnd) -> None:
+def test_independent_of_input_order(items: list[Candidate], rnd: random.Random) -> None:
     shuffled = list(items)
     rnd.shuffle(shuffled)
     assert choose_patches(items) == choose_patches(shuffled)
@@ -82,7 +85,7 @@ def test_independent_of_input_order(items, rnd) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(candidate_lists)
-def test_idempotent(items) -> None:
+def test_idempotent(items: list[Candidate]) -> None:
     once = choose_patches(items)
     twice = choose_patches([p.candidate for p in once])
     assert [p.patch_id for p in twice] == [p.patch_id for p in once]
@@ -141,7 +144,7 @@ def test_neighbour_zone_overlap_found_across_the_zone_edge() -> None:
     assert neighbour_overlaps(far, spec) == {}
 
 
-def _overlaps_oracle(location_ids, spec):
+def _overlaps_oracle(location_ids: Iterable[str], spec: GridSpec) -> dict[str, tuple[str, ...]]:
     """One cell at a time: each cell whose centre lies within half a degree of its zone's edge, its
     outline (9 points a side) projected into each neighbouring zone and compared exactly with every cell
     there that its bounds reach."""
@@ -155,7 +158,7 @@ def _overlaps_oracle(location_ids, spec):
 
     cells = {Cell.parse(lid) for lid in location_ids}
     zones = {c.epsg for c in cells}
-    found = defaultdict(set)
+    found: defaultdict[str, set[str]] = defaultdict(set)
     t = np.linspace(0.0, 1.0, 9)
     for cell in cells:
         for other in neighbour_zones(cell.epsg):
@@ -185,14 +188,16 @@ def _overlaps_oracle(location_ids, spec):
     st.sampled_from([(32632, 47.5), (32610, 40.0), (32760, -33.0), (32601, 62.0)]),
     st.lists(st.tuples(st.floats(-0.45, 0.45), st.floats(-0.5, 0.5)), min_size=1, max_size=30),
 )
-def test_neighbour_overlaps_match_cell_by_cell_oracle(zone_and_lat, offsets) -> None:
+def test_neighbour_overlaps_match_cell_by_cell_oracle(
+    zone_and_lat: tuple[int, float], offsets: list[tuple[float, float]]
+) -> None:
     from pyproj import Transformer
 
     spec = GridSpec()
     west, lat0 = zone_and_lat
     east = neighbour_zones(west)[1]
     edge = -180.0 + 6 * (west % 100)
-    ids = set()
+    ids: set[str] = set()
     for dlon, dlat in offsets:
         for epsg in (west, east):
             x, y = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True).transform(
@@ -203,7 +208,7 @@ def test_neighbour_overlaps_match_cell_by_cell_oracle(zone_and_lat, offsets) -> 
     assert neighbour_overlaps(sorted(ids), spec) == _overlaps_oracle(ids, spec)
 
 
-def _plan(rows):
+def _plan(rows: list[tuple[Any, ...]]) -> Any:
     import geopandas
     from shapely.geometry import box
 
