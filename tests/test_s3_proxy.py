@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ BUCKET = "proxy-tests"
 
 
 @pytest.fixture(scope="module")
-def upstream():
+def upstream() -> Iterator[tuple[str, int]]:
     with moto_server() as address:
         yield address
 
@@ -45,7 +46,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def proxy(upstream, aws_env):
+def proxy(upstream: tuple[str, int], aws_env: None) -> Iterator[S3Proxy]:
     with S3Proxy(*upstream).running() as running:
         yield running
     assert not [t for t in threading.enumerate() if t.name.startswith("s3-proxy")]
@@ -63,7 +64,7 @@ def filesystem(proxy: S3Proxy, attempts: int | None = None) -> s3fs.S3FileSystem
 
 
 @pytest.fixture
-def stored(proxy):
+def stored(proxy: S3Proxy) -> tuple[str, bytes]:
     """An object of 3 MB (random bytes) in the bucket."""
     fs = filesystem(proxy)
     if not fs.exists(BUCKET):
@@ -102,7 +103,7 @@ def _stream() -> tuple[bytes, list[Request]]:
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 2000), max_size=12))
-def test_parser_counts_requests_whatever_the_packet_boundaries(cuts) -> None:
+def test_parser_counts_requests_whatever_the_packet_boundaries(cuts: list[int]) -> None:
     stream, expected = _stream()
     parser = RequestParser()
     seen: list[Request] = []
@@ -115,7 +116,7 @@ def test_parser_counts_requests_whatever_the_packet_boundaries(cuts) -> None:
 # Through the proxy -------------------------------------------------------------------------------
 
 
-def test_s3fs_requests_reach_moto_and_are_counted(proxy, stored) -> None:
+def test_s3fs_requests_reach_moto_and_are_counted(proxy: S3Proxy, stored: tuple[str, bytes]) -> None:
     key, data = stored
     fs = filesystem(proxy)
     ranges = [(0, 1000), (5, 6), (2_000_000, 3_000_017), (1_048_576, 2_097_152)]
@@ -167,7 +168,7 @@ print(json.dumps({"same": same, "stats": stats}))
 """
 
 
-def test_gdal_reads_are_counted_as_gdal_counts_them(proxy, tmp_path: Path) -> None:
+def test_gdal_reads_are_counted_as_gdal_counts_them(proxy: S3Proxy, tmp_path: Path) -> None:
     """GDAL's own per-file request counts (CPL_VSIL_NETWORK_STATS_ENABLED, read from rasterio's libgdal)
     are an oracle for the proxy's counts that does not go through the proxy."""
     cube = np.random.default_rng(4).integers(0, 10_000, (3, 300, 310), dtype=np.int16)
@@ -213,7 +214,7 @@ def _failure(fs: s3fs.S3FileSystem, key: str) -> BaseException:
     return caught.value
 
 
-def test_refuse_fails_transiently_and_heal_restores(proxy, stored) -> None:
+def test_refuse_fails_transiently_and_heal_restores(proxy: S3Proxy, stored: tuple[str, bytes]) -> None:
     key, data = stored
     fs = filesystem(proxy, attempts=1)
     assert fs.cat_file(key, start=0, end=100) == data[:100]  # a pooled keep-alive connection now exists
@@ -228,7 +229,7 @@ def test_refuse_fails_transiently_and_heal_restores(proxy, stored) -> None:
     assert proxy.count("GET", "/" + key) == 2
 
 
-def test_reset_fails_transiently_and_heal_restores(proxy, stored) -> None:
+def test_reset_fails_transiently_and_heal_restores(proxy: S3Proxy, stored: tuple[str, bytes]) -> None:
     key, data = stored
     fs = filesystem(proxy, attempts=1)
     assert fs.cat_file(key, start=0, end=100) == data[:100]
@@ -240,7 +241,7 @@ def test_reset_fails_transiently_and_heal_restores(proxy, stored) -> None:
     assert fs.cat_file(key) == data
 
 
-def test_gdal_sees_a_refused_server_as_transient(proxy, stored) -> None:
+def test_gdal_sees_a_refused_server_as_transient(proxy: S3Proxy, stored: tuple[str, bytes]) -> None:
     key, _ = stored
     proxy.refuse()
     # The pipeline's GDAL settings (applied process-wide by earlier builds in this session) allow only
@@ -257,7 +258,7 @@ def test_gdal_sees_a_refused_server_as_transient(proxy, stored) -> None:
     assert is_transient(caught.value), str(caught.value)
 
 
-def test_fail_for_heals_by_itself_and_retries_get_through(proxy, stored) -> None:
+def test_fail_for_heals_by_itself_and_retries_get_through(proxy: S3Proxy, stored: tuple[str, bytes]) -> None:
     key, data = stored
     fs = filesystem(proxy)  # botocore's and s3fs's default retries, with backoff
     started = time.monotonic()
@@ -270,7 +271,7 @@ def test_fail_for_heals_by_itself_and_retries_get_through(proxy, stored) -> None
     assert filesystem(proxy, attempts=1).cat_file(key, start=5, end=10) == data[5:10]
 
 
-def test_stop_joins_every_thread_even_while_failing(upstream, aws_env) -> None:
+def test_stop_joins_every_thread_even_while_failing(upstream: tuple[str, int], aws_env: None) -> None:
     proxy = S3Proxy(*upstream).start()
     fs = filesystem(proxy)
     fs.ls("/")
