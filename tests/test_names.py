@@ -27,7 +27,7 @@ def test_format_round_trips() -> None:
     "bad",
     [REAL + ".ZIP", REAL.replace("L2A", "L1B"), REAL.replace("_001_", "_1_"), "", REAL[:-1]],
 )
-def test_rejects_non_names(bad) -> None:
+def test_rejects_non_names(bad: str) -> None:
     with pytest.raises(ProductNameError):
         ProductName.parse(bad)
 
@@ -39,7 +39,8 @@ def test_file_names_and_ard_layers() -> None:
     assert cog and cog.layer == "SPECTRAL_IMAGE" and cog.extension == "tiff"
     header = parse_file_name(f"{REAL}-SPECTRAL_IMAGE.HDR")
     assert header and header.is_sidecar and not header.is_raster
-    assert parse_file_name(f"{REAL}-METADATA.xml").layer == "METADATA"
+    metadata = parse_file_name(f"{REAL}-METADATA.xml")
+    assert metadata and metadata.layer == "METADATA"
     assert parse_file_name("README.txt") is None
     assert find_product_names(f"dims/ENMAP.HSI.L2A/{REAL}.ZIP") == [REAL]
 
