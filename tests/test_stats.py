@@ -17,7 +17,7 @@ int16 = st.one_of(st.just(NODATA_VALUE), st.integers(-32767, 32767), st.sampled_
 @given(
     arrays(np.int16, st.tuples(st.integers(1, 4), st.integers(1, 3), st.just(3), st.just(5)), elements=int16)
 )
-def test_block_moments_equal_exact_arithmetic(cubes) -> None:
+def test_block_moments_equal_exact_arithmetic(cubes: np.ndarray) -> None:
     moments = BandMoments.of_block(cubes)
     split = BandMoments.of_block(cubes[:1]).merge(BandMoments.of_block(cubes[1:]))
     for band in range(cubes.shape[1]):
