@@ -22,7 +22,7 @@ MOMENTS = st.datetimes(min_value=datetime(1700, 1, 1), max_value=datetime(2200, 
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(MOMENTS, min_size=1, max_size=20), st.sampled_from(["ns", "us", "ms", "s"]))
-def test_iso_utc_many_matches_iso_utc(moments, unit) -> None:
+def test_iso_utc_many_matches_iso_utc(moments: list[datetime], unit: str) -> None:
     naive = pd.Series(pd.DatetimeIndex(moments).as_unit(unit))
     for series in (
         naive,
