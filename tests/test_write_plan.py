@@ -1,6 +1,8 @@
 """Planning of the write stage (pure): every shard written whole by one job, each row's chunks taken
 from the cut exactly when its stored bytes cannot be reused, every other row copied from its shard."""
 
+from typing import Any
+
 import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +13,7 @@ LAYOUT = "layout"
 
 
 @st.composite
-def index_rows(draw):
+def index_rows(draw: st.DrawFn) -> pd.DataFrame:
     """Index rows 0..N-1 in dedup's order (by scene), some retired (inactive)."""
     rows = []
     for scene in range(draw(st.integers(1, 5))):
@@ -29,9 +31,11 @@ def index_rows(draw):
     return frame
 
 
-def records_for(frame, per_shard, fingerprints):
+def records_for(
+    frame: pd.DataFrame, per_shard: int, fingerprints: dict[str, str]
+) -> dict[int, dict[str, Any]]:
     """The shard records a previous write of these rows left (naming its per-row sums)."""
-    records = {}
+    records: dict[int, dict[str, Any]] = {}
     for shard, start in enumerate(range(0, len(frame), per_shard)):
         part = frame.iloc[start : start + per_shard]
         keys = [
@@ -53,7 +57,9 @@ def records_for(frame, per_shard, fingerprints):
     return records
 
 
-def check_partition(frame, per_shard, jobs, reused) -> None:
+def check_partition(
+    frame: pd.DataFrame, per_shard: int, jobs: list[ShardJob], reused: dict[int, dict[str, Any]]
+) -> None:
     """Every shard is either reused or written by exactly one job that covers each of its rows once."""
     shards = (len(frame) + per_shard - 1) // per_shard
     assert sorted([j.shard for j in jobs] + list(reused)) == list(range(shards))
@@ -71,7 +77,7 @@ def check_partition(frame, per_shard, jobs, reused) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(index_rows(), st.integers(2, 5))
-def test_a_fresh_write_takes_every_active_row_from_the_cut(frame, per_shard) -> None:
+def test_a_fresh_write_takes_every_active_row_from_the_cut(frame: pd.DataFrame, per_shard: int) -> None:
     fingerprints = {s: f"fp-{s}" for s in frame["scene_id"]}
     jobs, reused = plan_jobs(frame, per_shard, fingerprints, {}, LAYOUT, False, set())
     check_partition(frame, per_shard, jobs, reused)
@@ -85,7 +91,9 @@ def test_a_fresh_write_takes_every_active_row_from_the_cut(frame, per_shard) -> 
 
 @settings(max_examples=200, deadline=None)
 @given(index_rows(), st.integers(2, 5), st.data())
-def test_only_changed_rows_come_from_the_cut(frame, per_shard, data) -> None:
+def test_only_changed_rows_come_from_the_cut(
+    frame: pd.DataFrame, per_shard: int, data: st.DataObject
+) -> None:
     fingerprints = {s: f"fp-{s}" for s in frame["scene_id"]}
     records = records_for(frame, per_shard, fingerprints)
     shards = set(records)
@@ -152,14 +160,14 @@ def test_a_partly_changed_shard_copies_its_unchanged_rows_and_names_their_sums()
 def test_a_failed_shard_task_is_named_by_its_shard() -> None:
     """Messages about a write task name its shard (the payload is (ShardJob, cut keys)); a ShardJob has
     `scenes`, which an older label of read tasks mistook for a read task and crashed on."""
-    from pipeline.engine import TaskError, describe, with_retries
+    from pipeline.engine import DEFAULT_RETRY, TaskError, describe, with_retries
     from pipeline.write_plan import PatchRef, ShardJob
 
     job = ShardJob(3, 6, 8, (PatchRef(6, "S1", "EPSG32632-0001-0002"),), (), (6,), ("k",))
     assert describe((job, {"S1": "key"})) == "shard 3"
 
-    def fails(payload, *args) -> None:
+    def fails(payload: object, *args: object) -> None:
         raise ValueError("bad bytes")
 
-    failed = with_retries(fails, None, (job, {}))
+    failed = with_retries(fails, DEFAULT_RETRY, (job, {}))
     assert failed == TaskError("shard 3", "ValueError: bad bytes")
