@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from rasterio.windows import Window
 
 from pipeline.enmap import raw_reader
 from pipeline.enmap.product import ProductError
+from pipeline.enmap.synth import Truth
 from pipeline.fetch import FileSlice
 
 GTIFF_KINDS = [
@@ -91,7 +94,12 @@ def write_raster(
     return path
 
 
-def rasterio_read(path, bands=None, rows=None, cols=None) -> np.ndarray:
+def rasterio_read(
+    path: str | Path,
+    bands: Sequence[int] | None = None,
+    rows: tuple[int, int] | None = None,
+    cols: tuple[int, int] | None = None,
+) -> np.ndarray:
     with rasterio.open(path) as src:
         window = None
         if rows or cols:
@@ -117,14 +125,21 @@ def as_source(path: Path, kind: str, folder: Path) -> tuple[raw_reader.Source, b
     return FileSlice(str(container), 1001, len(data)), header
 
 
+# A drawn case: cube, kind, strip rows, writer variant, band subset, rows, cols, source kind.
+RasterCase = tuple[
+    np.ndarray, tuple[str, str, bool], int, dict[str, Any], list[int], tuple[int, int], tuple[int, int], str
+]
+
+
 @st.composite
-def rasters(draw):
+def rasters(draw: st.DrawFn) -> RasterCase:
     height = draw(st.integers(1, 70).filter(_not_multiple_of_16))
     width = draw(st.integers(1, 70).filter(_not_multiple_of_16))
     bands = draw(st.integers(1, 7))
-    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    dtype_name = draw(st.sampled_from(DTYPES))
+    dtype = np.dtype(dtype_name)
     seed = draw(st.integers(0, 2**32 - 1))
-    info = np.iinfo(dtype)
+    info = np.iinfo(dtype_name)
     cube = np.random.default_rng(seed).integers(
         info.min, info.max, size=(bands, height, width), dtype=dtype, endpoint=True
     )
@@ -146,7 +161,7 @@ def rasters(draw):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rasters())
-def test_fast_read_equals_rasterio(case) -> None:
+def test_fast_read_equals_rasterio(case: RasterCase) -> None:
     cube, kind, strip_rows, variant, band_subset, rows, cols, source_kind = case
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -198,7 +213,7 @@ def test_a_layout_is_reused_across_reads(tmp_path: Path) -> None:
         {"compress": "deflate", "tiled": True, "blockxsize": 16, "blockysize": 16},
     ],
 )
-def test_compressed_tiffs_are_left_to_gdal(tmp_path: Path, options) -> None:
+def test_compressed_tiffs_are_left_to_gdal(tmp_path: Path, options: dict[str, Any]) -> None:
     path = tmp_path / "c.tif"
     cube = np.ones((2, 20, 21), dtype=np.int16)
     with rasterio.open(
@@ -253,6 +268,7 @@ def test_truncated_rasters_are_product_errors(tmp_path: Path) -> None:
 def test_windows_outside_the_raster_are_refused(tmp_path: Path) -> None:
     cube = np.zeros((2, 10, 11), dtype=np.uint8)
     path = write_raster(tmp_path, cube, ("GTiff", "band", True), 3)
+    kwargs: dict[str, Any]
     for kwargs in ({"bands": [2]}, {"bands": [-1]}, {"rows": (5, 11)}, {"cols": (3, 3)}, {"bands": []}):
         with pytest.raises(ValueError):
             raw_reader.read(path, **kwargs)
@@ -262,7 +278,7 @@ def test_windows_outside_the_raster_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def synthetic_products(tmp_path_factory: pytest.TempPathFactory):
+def synthetic_products(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Truth]]:
     from pipeline.enmap.synth import SynthConfig, generate
 
     out = {}
@@ -297,7 +313,7 @@ def _layers(names: list[str], scene_id: str) -> dict[str, str]:
     return layers
 
 
-def test_synthetic_folder_products_every_format(synthetic_products) -> None:
+def test_synthetic_folder_products_every_format(synthetic_products: dict[str, tuple[Path, Truth]]) -> None:
     folder, truth = synthetic_products["folder"]
     formats = set()
     for product in truth.products:
@@ -318,7 +334,9 @@ def test_synthetic_folder_products_every_format(synthetic_products) -> None:
     assert formats == {"GTiff", "BSQ", "BIL", "BIP"}
 
 
-def test_synthetic_zip_products_read_from_stored_members(synthetic_products) -> None:
+def test_synthetic_zip_products_read_from_stored_members(
+    synthetic_products: dict[str, tuple[Path, Truth]],
+) -> None:
     folder, truth = synthetic_products["zip"]
     formats = set()
     for product in truth.products:
