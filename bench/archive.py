@@ -4,7 +4,8 @@ Steps (each run in its own process by bench/run.py, so each reports its own time
   generate  the tables the `tile` stage would write (plan/patches.parquet, with geometry) and the
             `inventory` scenes table, from a seeded model (below);
   dedup     `pipeline.dedup.build_index` on that plan (index patches and locations);
-  catalog   `stac.records.parse_*` + `stac.catalog.plan_catalog` + `stac.geoparquet.write_items_parquet`
+  catalog   `stac.records.parse_*` + `stac.catalog_writer.plan_catalog` +
+            `stac.geoparquet.write_items_parquet`
             (stac/items.parquet), and per-item JSON serialisation on a sample (extrapolated);
   query     `stac.search.search` latency (bbox + datetime + cloud; an id lookup) against a naive scan
             (geopandas over every row with exact geometry tests).
@@ -369,7 +370,7 @@ def step_catalog(work: Path, json_sample: int) -> dict[str, Any]:
     from pipeline.enmap.synth import load_band_table
     from pipeline.manifest import Manifest
     from pipeline.storage import BuildStore
-    from stac.catalog import catalog_documents, parquet_items, plan_catalog, serialise
+    from stac.catalog_writer import catalog_documents, parquet_items, plan_catalog, serialise
     from stac.geoparquet import write_items_parquet
     from stac.records import flags_of, parse_patches, parse_scenes
     from stac.settings import CatalogSettings
@@ -402,7 +403,7 @@ def step_catalog(work: Path, json_sample: int) -> dict[str, Any]:
     write_items_parquet(store, "stac/items.parquet", parquet_items(plan), plan.flags, collection=collection)
     times["items_parquet_s"] = time.perf_counter() - start
     # per-item JSON files: serialised for a sample only (the same item builder), extrapolated
-    from stac.catalog import patch_item_documents
+    from stac.catalog_writer import patch_item_documents
 
     sample = min(json_sample, len(plan.patches))
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Stage 6, `catalog`: the STAC catalog of the build (thin I/O around `stac.catalog.build_catalog`)."""
+"""Stage 6, `catalog`: the STAC catalog of the build (thin I/O around `stac.catalog_writer.build_catalog`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pipeline.tables import (
     read_table_checked,
 )
 from pipeline.write import SHARDS_TABLE, kept_band_axis
-from stac.catalog import build_catalog
+from stac.catalog_writer import build_catalog
 
 STAGE = "catalog"
 

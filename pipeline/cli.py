@@ -14,15 +14,15 @@ from typing import Any
 
 import click
 
-from pipeline.cloud import StorageError, refuse_credentials
 from pipeline.enmap.metadata import MetadataError
 from pipeline.enmap.product import ProductError
 from pipeline.errors import BuildFault, StageFailed, TransientError, one_line, redact
 from pipeline.export import SelectionError
 from pipeline.lock import BuildLock, LockError
 from pipeline.manifest import Manifest, ManifestError
-from pipeline.run import SchedulerError, TaskFailed
+from pipeline.scheduler import SchedulerError, TaskFailed
 from pipeline.stages import StaleStageError
+from pipeline.storage_settings import StorageError, refuse_credentials
 
 EXPECTED_ERRORS = (
     BuildFault,
@@ -219,7 +219,7 @@ def inventory(
     force: bool,
 ) -> None:
     """Find, check and filter EnMAP L2A products: inventory/scenes.parquet and rejected.parquet."""
-    from pipeline.report import print_stage_summary
+    from pipeline.summaries import print_stage_summary
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     all_inputs = _all_inputs(context, inputs)
@@ -238,7 +238,7 @@ def _stage_command(name: str, doc: str) -> Callable[..., Any]:
     def command(
         manifest_path: str, build: str, scheduler: str, workers: int | None, no_progress: bool, force: bool
     ) -> None:
-        from pipeline.report import print_stage_summary
+        from pipeline.summaries import print_stage_summary
 
         context = _context(manifest_path, build, scheduler, workers, no_progress)
         with _locked(context.store, name):
@@ -324,8 +324,8 @@ def run_all(
     force: bool,
 ) -> None:
     """All stages in order: inventory, mask, tile, dedup, write, catalog (each skips what is up to date)."""
-    from pipeline.report import print_stage_summary
     from pipeline.stages import ORDER
+    from pipeline.summaries import print_stage_summary
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     all_inputs = _all_inputs(context, inputs)

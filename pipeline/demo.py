@@ -16,9 +16,9 @@ from pipeline.benchmark import demo_benchmarks
 from pipeline.enmap.synth import SynthConfig, Truth, generate
 from pipeline.manifest import Manifest
 from pipeline.query import query
-from pipeline.report import print_stage_summary
 from pipeline.stages import ORDER
 from pipeline.storage import BuildStore
+from pipeline.summaries import print_stage_summary
 from pipeline.tables import INDEX_LOCATIONS, INDEX_PATCHES
 
 # Three sites seen on two dates each, one datatake in two overlapping tiles, one reprocessed product,

@@ -12,7 +12,7 @@ depends on (`WorkItem.key`), and a task function. The engine owns what every sta
   that is not transient, or a product that kills its worker on every try, becomes a rejection too, since a
   retry would repeat it;
 - records: the stage's summary record once its outputs are written.
-The Dask wiring (futures, retries, worker resources) stays in `pipeline.run.Scheduler`.
+The Dask wiring (futures, retries, worker resources) stays in `pipeline.scheduler.Scheduler`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.cloud import clear_gdal_network_cache
 from pipeline.errors import (
     BuildFault,
     InternalError,
@@ -36,6 +35,7 @@ from pipeline.errors import (
     one_line,
 )
 from pipeline.storage import BuildStore, canonical_json
+from pipeline.storage_settings import clear_gdal_network_cache
 
 WORK_DIR = "_work"
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from pipeline.cloud import StorageError, StorageSettings, refuse_credentials
 from pipeline.grid import DEFAULT_OFFSET, DEFAULT_PATCH_SIZE, DEFAULT_PIXEL_SIZE, GridSpec
 from pipeline.quality import FLAG_NAMES
 from pipeline.sections import ManifestError, check_keys
 from pipeline.storage import canonical_json
+from pipeline.storage_settings import StorageError, StorageSettings, refuse_credentials
 from stac.settings import CatalogSettings
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Unpack
 
 from pipeline import tables
-from pipeline.cloud import StorageSettings, refuse_credentials, storage_options_for
 from pipeline.storage import BuildStore
+from pipeline.storage_settings import StorageSettings, refuse_credentials, storage_options_for
 from stac.search import QueryError, SearchCriteria, search
 
 ITEMS_PARQUET = tables.STAC_ITEMS

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.cloud import apply_gdal_config, storage_options_for
 from pipeline.manifest import Manifest
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
+from pipeline.storage_settings import apply_gdal_config, storage_options_for
 
 ORDER = ("inventory", "mask", "tile", "dedup", "write", "catalog")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from stac.build import join_uri
+from stac.builders import join_uri
 
 ROW_GROUP_SIZE = 8192
 

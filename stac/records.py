@@ -1,7 +1,7 @@
 """Parse the build's tables into frozen records: the only place that knows the table columns.
 
 `index/patches.parquet` rows become `PatchRecord`s, `inventory/scenes.parquet` rows `SceneRow`s; the
-item builders in `stac.build` only see these records. Values are normalised here once: times to RFC 3339
+item builders in `stac.builders` only see these records. Values are normalised here once: times to RFC 3339
 UTC strings, geometries to GeoJSON dicts (exterior rings counter-clockwise, RFC 7946), missing or
 non-finite numbers to None (the builders then leave the field out rather than write NaN).
 """

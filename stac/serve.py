@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stac.build import absolute_hrefs
-from stac.catalog import ITEMS_PARQUET, ROOT, STAC_DIR, stac_root_of
+from stac.builders import absolute_hrefs
+from stac.catalog_writer import ITEMS_PARQUET, ROOT, STAC_DIR, stac_root_of
 from stac.geoparquet import rebase_href, written_build_root
 
 DEFAULT_HOST = "127.0.0.1"

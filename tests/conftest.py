@@ -13,7 +13,7 @@ from pipeline import stages
 from pipeline.demo import DEMO_CONFIG
 from pipeline.enmap.synth import Truth, generate
 from pipeline.manifest import Manifest
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 from tests.helpers import small_shards_manifest
 from tests.s3_proxy import moto_server

@@ -33,7 +33,7 @@ from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.loader import NODATA, PatchDataset, as_torch, to_reflectance
 from pipeline.manifest import Manifest
 from pipeline.query import query
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 from tests.helpers import REPO, small_shards_manifest
 

@@ -24,7 +24,7 @@ from pipeline.enmap.synth.labels import regions_of, write_label_sources
 from pipeline.labels import included_patches, label_array, read_label_table, run_labels
 from pipeline.loader import PatchDataset
 from pipeline.manifest import Manifest
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from pipeline.demo import compare, expected_from_truth, observed
 from pipeline.enmap.synth import Truth
 from pipeline.manifest import Manifest
 from pipeline.quality import BACKGROUND, CLOUD, CLOUD_SHADOW, NODATA, WATER
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 from tests.conftest import copy_build
 from tests.helpers import read_array, spectral_gdal_path, zarr_array

@@ -24,7 +24,7 @@ from pipeline import cli
 from pipeline.cli import join_bbox_words, main
 from pipeline.query import QueryError, query
 from pipeline.storage import BuildStore
-from stac.catalog import build_catalog
+from stac.catalog_writer import build_catalog
 from stac.settings import CatalogSettings
 from tests.stac_helpers import make_tables, write_tables
 

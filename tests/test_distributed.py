@@ -16,7 +16,7 @@ import zarr
 from pipeline import stages, tables
 from pipeline.enmap.synth import Truth
 from pipeline.manifest import Manifest
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 from tests.faults import KillOnTask
 

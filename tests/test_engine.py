@@ -19,7 +19,7 @@ from pipeline.engine import (
     with_retries,
 )
 from pipeline.errors import InternalError, StageFailed
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 
 NO_WAIT = RetryPolicy(delays=())

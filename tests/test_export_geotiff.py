@@ -30,7 +30,7 @@ from pipeline.export import (
 )
 from pipeline.manifest import Manifest
 from pipeline.query import query
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 from tests.helpers import spectral_gdal_path
 

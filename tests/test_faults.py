@@ -24,7 +24,7 @@ from pipeline import stages
 from pipeline.engine import RetryPolicy
 from pipeline.errors import StageFailed
 from pipeline.manifest import Manifest
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ KILLS = {
     "tile": ("pipeline.tile:plan_scene", "SceneRecord(scene_id='ENMAP01-____L2A-DT0000001913"),
     "dedup": ("pipeline.dedup:build_index", ""),
     "write": ("pipeline.write:write_shard_task", "ShardJob(shard=1,"),
-    "catalog": ("stac.catalog:build_catalog", ""),
+    "catalog": ("stac.catalog_writer:build_catalog", ""),
 }
 
 

@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.io import MemoryFile
 
-from pipeline.cloud import StorageError, StorageSettings
 from pipeline.enmap import raw_reader
 from pipeline.enmap.product import ProductError, ScratchBudget, _member_data_offset, in_memory_view
 from pipeline.errors import TransientError, is_transient
@@ -39,6 +38,7 @@ from pipeline.fetch import (
     merge_pieces,
     split_range,
 )
+from pipeline.storage_settings import StorageError, StorageSettings
 from tests.s3_proxy import S3Proxy, moto_server
 
 MiB = 1024 * 1024

@@ -18,7 +18,7 @@ import zarr
 from pipeline import stages, tables
 from pipeline.enmap.synth import ProductTruth, Truth
 from pipeline.manifest import Manifest
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.stats import BandMoments
 from pipeline.storage import BuildStore
 from tests.helpers import read_array, zarr_array

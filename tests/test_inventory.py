@@ -21,7 +21,7 @@ from pipeline.enmap.names import ProductName
 from pipeline.enmap.synth import SynthConfig, Truth, generate
 from pipeline.inventory import REJECTED_TABLE, SCENES_TABLE, records_from_frame, run_inventory
 from pipeline.manifest import Manifest
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 
 REPO = Path(__file__).resolve().parent.parent

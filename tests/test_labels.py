@@ -34,7 +34,7 @@ from pipeline.labels import (
     run_labels,
 )
 from pipeline.manifest import Manifest, ManifestError
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 from tests.helpers import read_array, zarr_array
 

@@ -17,7 +17,7 @@ from pipeline.grid import GridSpec, snap_to_lattice
 from pipeline.manifest import Manifest, QualityPolicy
 from pipeline.mask import MASKS_TABLE, summaries_from_table
 from pipeline.quality import BACKGROUND, CLOUD, NODATA
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 from pipeline.tile import decide_cells
 

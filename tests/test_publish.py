@@ -28,7 +28,7 @@ pytest.importorskip("pypgstac", reason="pypgstac is not installed (pip install '
 
 from pipeline.query import query  # noqa: E402
 from pipeline.storage import BuildStore  # noqa: E402
-from stac.catalog import build_catalog  # noqa: E402
+from stac.catalog_writer import build_catalog  # noqa: E402
 from stac.settings import CatalogSettings  # noqa: E402
 from tests.stac_helpers import default_scenes, make_tables, many_scene_specs, write_tables  # noqa: E402
 

@@ -33,7 +33,7 @@ from pipeline.html_report.figures import MASK_CATEGORIES, mask_categories, stret
 from pipeline.html_report.page import render_report, write_report
 from pipeline.manifest import Manifest
 from pipeline.quality import CLOUD, NODATA, NODATA_VALUE, WATER
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 from tests.report_browser import find_chromium, screenshot
 

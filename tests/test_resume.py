@@ -18,7 +18,7 @@ import zarr
 
 from pipeline import stages
 from pipeline.manifest import Manifest
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.stages import StaleStageError
 from pipeline.storage import BuildStore
 from pipeline.write import verify_build

@@ -31,18 +31,18 @@ pytestmark = pytest.mark.slow
 # Per stage, a function of the driver that runs while the stage talks to S3: the outage starts at its
 # first call (for the per-item stages, when their tasks are handed to the workers).
 OUTAGE_AT = {
-    "inventory": "pipeline.run:Scheduler.run_items",
-    "mask": "pipeline.run:Scheduler.run_items",
-    "tile": "pipeline.run:Scheduler.run_items",
+    "inventory": "pipeline.scheduler:Scheduler.run_items",
+    "mask": "pipeline.scheduler:Scheduler.run_items",
+    "tile": "pipeline.scheduler:Scheduler.run_items",
     "dedup": "pipeline.dedup:build_index",
-    "write": "pipeline.run:Scheduler.map",
-    "catalog": "stac.catalog:build_catalog",
+    "write": "pipeline.scheduler:Scheduler.map",
+    "catalog": "stac.catalog_writer:build_catalog",
 }
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory):
-    from pipeline.run import _close_local_clusters
+    from pipeline.scheduler import _close_local_clusters
 
     products = write_few_products(tmp_path_factory.mktemp("s3-fault-products"))
     with (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run import Scheduler, TaskFailed
+from pipeline.scheduler import Scheduler, TaskFailed
 
 
 def make(item: int, folder: str) -> int:

@@ -31,7 +31,7 @@ from pystac_client import Client  # noqa: E402
 
 from pipeline.query import query  # noqa: E402
 from pipeline.storage import BuildStore  # noqa: E402
-from stac.catalog import build_catalog  # noqa: E402
+from stac.catalog_writer import build_catalog  # noqa: E402
 from stac.schema import SPECTRALEARTH_SCHEMA_URI, spectralearth_schema  # noqa: E402
 from stac.serve import QUERYABLES, SCHEMA_ROUTE, ServeError, create_app, load_catalog, running  # noqa: E402
 from stac.settings import CatalogSettings  # noqa: E402

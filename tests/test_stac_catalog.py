@@ -18,9 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.storage import BuildStore
-from stac.build import ProductFiles, product_assets, signed_zero_free
-from stac.build import catalog as catalog_document
-from stac.catalog import CatalogSummary, build_catalog, serialise
+from stac.builders import ProductFiles, product_assets, signed_zero_free
+from stac.builders import catalog as catalog_document
+from stac.catalog_writer import CatalogSummary, build_catalog, serialise
 from stac.geoparquet import rebase_href, written_build_root
 from stac.partition import max_links, partition, patch_key
 from stac.schema import SPECTRALEARTH_SCHEMA_URI, spectralearth_schema
@@ -497,7 +497,7 @@ def test_a_full_leaf_catalog_stays_under_1mb() -> None:
 def test_items_parquet_round_trips(built: tuple[Path, Any]) -> None:
     from stac_geoparquet.arrow import stac_table_to_items
 
-    from stac.build import absolute_hrefs
+    from stac.builders import absolute_hrefs
     from stac.records import iso_utc
 
     root, _ = built

@@ -18,7 +18,7 @@ from shapely.ops import unary_union
 
 from pipeline.storage import BuildStore
 from stac import geoparquet
-from stac.catalog import build_catalog
+from stac.catalog_writer import build_catalog
 from stac.search import QueryError, TimeWindow, parse_datetime, search
 from stac.settings import CatalogSettings
 from tests.stac_helpers import block_network, json_files, make_tables, many_scene_specs, write_tables

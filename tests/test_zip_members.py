@@ -15,7 +15,7 @@ from pipeline.enmap.product import open_product
 from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.inventory import read_scenes
 from pipeline.manifest import Limits, Manifest
-from pipeline.run import Scheduler
+from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,11 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.cloud import StorageError, refuse_credentials
 from pipeline.errors import redact
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.sections import check_keys
 from pipeline.storage import is_remote
+from pipeline.storage_settings import StorageError, refuse_credentials
 
 LABELS_DIR = "labels"
 STAGE_PREFIX = "labels-"

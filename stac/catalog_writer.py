@@ -1,4 +1,6 @@
-"""The `catalog` stage: the build's tables in, a self-contained STAC 1.1 catalog under `<build>/stac/` out.
+"""Writes a build's STAC catalog: its tables in, a self-contained STAC 1.1 catalog under `<build>/stac/`
+out (the `catalog` stage, `pipeline.catalog`, calls `build_catalog`; the documents come from the pure
+builders in `stac.builders`).
 
 Layout (every href of the JSON tree relative, so the build folder can be moved, copied to S3 or served
 as is; the two parquet files hold absolute hrefs, see `stac.geoparquet`)::
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import tables
-from stac import build
+from stac import builders
 from stac.geoparquet import write_inferred_items_parquet, write_items_parquet
 from stac.partition import BLOCK_CELLS, Node, max_links, partition, patch_key, scene_key
 from stac.records import Band, PatchRecord, SceneRow, flags_of, parse_bands, parse_patches, parse_scenes
@@ -185,7 +187,7 @@ def _tree_documents(
         title = _title(node.path)
         yield (
             path,
-            build.catalog(
+            builders.catalog(
                 f"{collection_id}-{node.path.replace('/', '-')}",
                 title,
                 f"{node.count()} {noun} of {collection_id}: {title}.",
@@ -202,10 +204,10 @@ def catalog_documents(plan: CatalogPlan) -> Iterator[tuple[str, dict[str, Any]]]
     """Root, collections and sub-catalogs, as (path relative to stac/, dict)."""
     settings = plan.settings
     scenes_by_id = {s.scene_id: s for s in plan.scenes}
-    summary = build.summarise(plan.patches, scenes_by_id)
+    summary = builders.summarise(plan.patches, scenes_by_id)
     yield (
         ROOT,
-        build.root_catalog(
+        builders.root_catalog(
             settings,
             ROOT,
             [(plan.patch_collection, settings.title), (plan.scene_collection, "EnMAP L2A scenes")],
@@ -213,10 +215,10 @@ def catalog_documents(plan: CatalogPlan) -> Iterator[tuple[str, dict[str, Any]]]
     )
     yield (
         plan.patch_collection,
-        build.patch_collection(
+        builders.patch_collection(
             summary,
             plan.bands,
-            build.CollectionPaths(plan.patch_collection, ROOT, plan.dataset, ITEMS_PARQUET),
+            builders.CollectionPaths(plan.patch_collection, ROOT, plan.dataset, ITEMS_PARQUET),
             [(plan.node_file(settings.collection_id, c), _title(c.path)) for c in plan.patch_tree.children],
             settings,
         ),
@@ -226,7 +228,7 @@ def catalog_documents(plan: CatalogPlan) -> Iterator[tuple[str, dict[str, Any]]]
     )
     yield (
         plan.scene_collection,
-        build.scene_collection(
+        builders.scene_collection(
             plan.scenes,
             plan.scene_collection,
             ROOT,
@@ -253,7 +255,7 @@ def patch_item_documents(plan: CatalogPlan) -> Iterator[tuple[str, dict[str, Any
         for index in leaf.items:
             patch = plan.patches[index]
             path = plan.item_file(settings.collection_id, leaf, patch.patch_id)
-            paths = build.PatchPaths(
+            paths = builders.PatchPaths(
                 item=path,
                 root=ROOT,
                 parent=parent,
@@ -261,7 +263,10 @@ def patch_item_documents(plan: CatalogPlan) -> Iterator[tuple[str, dict[str, Any
                 scene_item=scene_files[patch.scene_id],
                 dataset=plan.dataset,
             )
-            yield path, build.patch_item(patch, scenes_by_id[patch.scene_id], paths, settings.collection_id)
+            yield (
+                path,
+                builders.patch_item(patch, scenes_by_id[patch.scene_id], paths, settings.collection_id),
+            )
 
 
 def scene_item_documents(plan: CatalogPlan) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -274,10 +279,12 @@ def scene_item_documents(plan: CatalogPlan) -> Iterator[tuple[str, dict[str, Any
         for index in leaf.items:
             scene = plan.scenes[index]
             path = plan.item_file(settings.scene_collection_id, leaf, scene.scene_id)
-            paths = build.ScenePaths(item=path, root=ROOT, parent=parent, collection=plan.scene_collection)
+            paths = builders.ScenePaths(item=path, root=ROOT, parent=parent, collection=plan.scene_collection)
             yield (
                 path,
-                build.scene_item(scene, paths, settings.scene_collection_id, counts.get(scene.scene_id, 0)),
+                builders.scene_item(
+                    scene, paths, settings.scene_collection_id, counts.get(scene.scene_id, 0)
+                ),
             )
 
 
@@ -294,9 +301,9 @@ def parquet_items(plan: CatalogPlan, stac_root: str | None = None) -> Iterator[d
     the parquet file."""
     for path, item in patch_item_documents(plan):
         if stac_root is None:
-            yield build.rebase_hrefs(item, path, ITEMS_PARQUET)
+            yield builders.rebase_hrefs(item, path, ITEMS_PARQUET)
         else:
-            yield build.absolute_hrefs(item, path, stac_root)
+            yield builders.absolute_hrefs(item, path, stac_root)
 
 
 def stac_root_of(store: Any) -> str:
@@ -404,21 +411,21 @@ def write_catalog(store: Any, plan: CatalogPlan, *, workers: int = 8) -> Catalog
             writer.write(relative, document)
         for relative, document in scene_item_documents(plan):
             writer.write(relative, document)
-            scene_rows.append(build.absolute_hrefs(document, relative, stac_root))
+            scene_rows.append(builders.absolute_hrefs(document, relative, stac_root))
 
         def patch_items_for_parquet() -> Iterator[dict[str, Any]]:
             # one pass over the patch items: each is written as JSON (relative hrefs) and handed on to
             # the parquet (absolute hrefs: rows are read without the tree, by DuckDB, servers, xpystac)
             for relative, item in patch_item_documents(plan):
                 writer.write(relative, item)
-                yield build.absolute_hrefs(item, relative, stac_root)
+                yield builders.absolute_hrefs(item, relative, stac_root)
 
         write_items_parquet(
             store,
             f"{STAC_DIR}/{ITEMS_PARQUET}",
             patch_items_for_parquet(),
             plan.flags,
-            collection=build.absolute_hrefs(collection, plan.patch_collection, stac_root),
+            collection=builders.absolute_hrefs(collection, plan.patch_collection, stac_root),
         )
     written = writer.written | {f"{STAC_DIR}/{ITEMS_PARQUET}"}
     if scene_rows:  # a few thousand scenes at archive scale: their column types are inferred
@@ -426,7 +433,7 @@ def write_catalog(store: Any, plan: CatalogPlan, *, workers: int = 8) -> Catalog
             store,
             f"{STAC_DIR}/{SCENES_PARQUET}",
             scene_rows,
-            build.absolute_hrefs(collections[plan.scene_collection], plan.scene_collection, stac_root),
+            builders.absolute_hrefs(collections[plan.scene_collection], plan.scene_collection, stac_root),
         )
         written.add(f"{STAC_DIR}/{SCENES_PARQUET}")
     largest = writer.largest

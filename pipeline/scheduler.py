@@ -20,8 +20,8 @@ import dask
 from dask.diagnostics import ProgressBar
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.cloud import GDAL_DEFAULTS, apply_gdal_config
 from pipeline.engine import DEFAULT_RETRY, RetryPolicy, WorkItem, describe
+from pipeline.storage_settings import GDAL_DEFAULTS, apply_gdal_config
 
 T = TypeVar("T")
 LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")
