@@ -1,5 +1,6 @@
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,7 +93,9 @@ def test_filters() -> None:
     assert filters.start_date == date(2023, 1, 1)
     t = datetime(2023, 6, 1, 10, tzinfo=UTC)
     assert filters.reject_reason(t, 5, "V010303") is None
-    assert "before start_date" in (filters.reject_reason(datetime(2022, 6, 1, tzinfo=UTC), 5, "V010303") or "")
+    assert "before start_date" in (
+        filters.reject_reason(datetime(2022, 6, 1, tzinfo=UTC), 5, "V010303") or ""
+    )
     assert "after end_date" in (filters.reject_reason(datetime(2024, 1, 1, tzinfo=UTC), 5, "V010303") or "")
     assert "cloud cover 11 %" in (filters.reject_reason(t, 11, "V010303") or "")
     assert "not in [V010303]" in (filters.reject_reason(t, 5, "V010400") or "")
