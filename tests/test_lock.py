@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -155,7 +156,7 @@ def local_env(scratch: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def s3_vars(s3_server: str) -> dict[str, str]:
+def s3_vars(s3_server: str) -> Iterator[dict[str, str]]:
     import s3fs
 
     variables = {
@@ -190,7 +191,9 @@ def lock_exists(build: str) -> bool:
 
 # Two `spectralearth run` at once ------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def raced(products: Path, scratch: Path, tmp_path_factory: pytest.TempPathFactory):
+def raced(
+    products: Path, scratch: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, list[tuple[int, int, str, str]]]:
     """Two `spectralearth run` processes on one build started at the same moment."""
     build = str(tmp_path_factory.mktemp("raced") / "build")
     env = {**os.environ, "SPECTRALEARTH_SCRATCH": str(scratch)}
@@ -209,7 +212,9 @@ def raced(products: Path, scratch: Path, tmp_path_factory: pytest.TempPathFactor
     return build, [(run.pid, run.returncode, out, err) for run, (out, err) in zip(runs, outputs, strict=True)]
 
 
-def test_two_runs_at_once_one_builds_the_other_is_refused_naming_it(raced) -> None:
+def test_two_runs_at_once_one_builds_the_other_is_refused_naming_it(
+    raced: tuple[str, list[tuple[int, int, str, str]]],
+) -> None:
     build, runs = raced
     assert sorted(code for _, code, _, _ in runs) == [0, 2], [err for *_, err in runs]
     (winner_pid, _, _, _) = next(run for run in runs if run[1] == 0)
@@ -233,7 +238,9 @@ def test_two_runs_at_once_one_builds_the_other_is_refused_naming_it(raced) -> No
     assert not lock_exists(build)
 
 
-def test_read_only_commands_do_not_lock_and_writing_ones_are_refused(raced) -> None:
+def test_read_only_commands_do_not_lock_and_writing_ones_are_refused(
+    raced: tuple[str, list[tuple[int, int, str, str]]],
+) -> None:
     build, _ = raced
     store = BuildStore(build)
     runner = CliRunner()
