@@ -118,9 +118,9 @@ def _cube_bytes(product: BenchProduct) -> tuple[Any, bytes | None, dict[str, flo
     start = time.perf_counter()
     if packaging == "targz":
         with tarfile.open(product.container, mode="r|gz") as tar:
-            for info in tar:
-                if info.name == product.truth.member:
-                    stream = tar.extractfile(info)
+            for entry in tar:
+                if entry.name == product.truth.member:
+                    stream = tar.extractfile(entry)
                     assert stream is not None
                     zip_bytes: bytes | Path = stream.read()
                     break
