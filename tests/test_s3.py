@@ -14,7 +14,7 @@ import zarr
 from pipeline import stages, tables
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
-from tests.helpers import write_few_products
+from tests.helpers import read_array, write_few_products
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-never-logged"
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def s3_env(s3_server, monkeypatch, tmp_path):
+def s3_env(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing-key",
         "AWS_SECRET_ACCESS_KEY": SECRET,
@@ -43,16 +43,22 @@ def upload(local: Path, bucket: str, endpoint: str) -> None:
     fs.put(str(local) + "/", f"{bucket}/", recursive=True)
 
 
-def read_arrays(group) -> dict[str, np.ndarray]:
-    return {name: np.asarray(group[name][:]) for name in group.array_keys()}
+def read_arrays(group: zarr.Group) -> dict[str, np.ndarray]:
+    return {name: read_array(group, name) for name in group.array_keys()}
 
 
 @pytest.fixture(scope="module")
-def few_products(tmp_path_factory):
+def few_products(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_few_products(tmp_path_factory.mktemp("s3-products"))
 
 
-def test_build_on_s3_equals_the_local_build(s3_env, few_products, tmp_path, capsys, monkeypatch):
+def test_build_on_s3_equals_the_local_build(
+    s3_env: str,
+    few_products: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     products = few_products
     upload(products, "enmap-products", s3_env)
     import s3fs
