@@ -118,7 +118,7 @@ def test_json_records_of_a_real_build_validate(build: Path) -> None:
 
 
 @pytest.mark.parametrize("path", list(tables.TABLES))
-def test_truncated_table_is_corrupt(damaged: BuildStore, path) -> None:
+def test_truncated_table_is_corrupt(damaged: BuildStore, path: str) -> None:
     data = damaged.read_bytes(path)
     damaged.write_bytes(path, data[: len(data) // 2])
     with pytest.raises(CorruptOutput) as caught:
@@ -129,7 +129,7 @@ def test_truncated_table_is_corrupt(damaged: BuildStore, path) -> None:
 
 
 @pytest.mark.parametrize("path", list(tables.TABLES))
-def test_random_bytes_are_corrupt(damaged: BuildStore, path) -> None:
+def test_random_bytes_are_corrupt(damaged: BuildStore, path: str) -> None:
     size = len(damaged.read_bytes(path))
     damaged.write_bytes(path, np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes())
     with pytest.raises(CorruptOutput, match=rf"^{path} is corrupt \(not a parquet file\): rerun "):
@@ -137,7 +137,7 @@ def test_random_bytes_are_corrupt(damaged: BuildStore, path) -> None:
 
 
 @pytest.mark.parametrize("path", list(tables.TABLES))
-def test_a_missing_column_is_corrupt(damaged: BuildStore, path) -> None:
+def test_a_missing_column_is_corrupt(damaged: BuildStore, path: str) -> None:
     table = pq.read_table(io.BytesIO(damaged.read_bytes(path)))
     dropped = tables.TABLES[path].names[1]
     damaged.write_table(path, table.drop_columns([dropped]))
@@ -299,7 +299,9 @@ _FAMILIES = {
     st.booleans(),
     st.booleans(),
 )
-def test_compatible_is_same_family_elementwise(a, b, i, j, list_a, list_b) -> None:
+def test_compatible_is_same_family_elementwise(
+    a: str, b: str, i: int, j: int, list_a: bool, list_b: bool
+) -> None:
     # Oracle: two types are compatible exactly when both are lists or both are not, and their
     # (element) types are of the same family.
     actual = _FAMILIES[a][i % len(_FAMILIES[a])]
