@@ -8,6 +8,7 @@ import itertools
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import geopandas
 import numpy as np
@@ -79,7 +80,12 @@ def location_sets(draw: st.DrawFn) -> tuple[list[str], dict[str, list[str]], dic
     st.integers(0, 2**32),
     st.sampled_from(FRACTION_CHOICES),
 )
-def test_blocked_split_never_puts_neighbours_in_two_splits(sets, block_cells, seed, fractions) -> None:
+def test_blocked_split_never_puts_neighbours_in_two_splits(
+    sets: tuple[list[str], dict[str, list[str]], dict[str, list[str]]],
+    block_cells: int,
+    seed: int,
+    fractions: tuple[float, float, float],
+) -> None:
     ids, links, contacts = sets
     got = blocked_split(ids, fractions, seed, block_cells, links=links, contacts=contacts)
     assert sorted(got) == ids and set(got.values()) <= {*SPLITS, BUFFER}
@@ -222,7 +228,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> BuildStore:
     ids = [c.location_id for c in cells]
     overlaps = neighbour_overlaps(ids, SPEC)
     assert overlaps, "the fixture should straddle the zone edge"
-    patches, locations = [], []
+    patches: list[dict[str, Any]] = []
+    locations: list[dict[str, Any]] = []
     for k, cell in enumerate(cells):
         dates = ["20230501", "20230611"] if k % 3 == 0 else ["20230501"]
         pids = [f"{cell.location_id}_{d}_DT{1000 + n:010d}" for n, d in enumerate(dates)]
@@ -264,7 +271,7 @@ def test_cross_zone_contacts_follow_the_footprints(store: BuildStore) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_make_blocked_split_on_a_build(store: BuildStore, seed) -> None:
+def test_make_blocked_split_on_a_build(store: BuildStore, seed: int) -> None:
     summary = make_split(
         store, f"blocked-{seed}", kind="blocked", fractions=(0.34, 0.33, 0.33), seed=seed, block_cells=2
     )
