@@ -15,6 +15,7 @@ import math
 import os
 import posixpath
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,13 @@ import zarr
 
 from pipeline import stages
 from pipeline.enmap.product import Rejection, discover
-from pipeline.enmap.synth import SynthConfig, generate
+from pipeline.enmap.synth import ProductTruth, SynthConfig, generate
 from pipeline.errors import is_transient
 from pipeline.inventory import inspect_source
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
 from pipeline.write import zarr_store
+from tests.helpers import read_array
 from tests.s3_proxy import S3Proxy, moto_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,10 +72,16 @@ STORED = SynthConfig(
 )
 
 
+# The products' root folder and each product's truth with the name of its set (deflated or stored).
+Products = tuple[Path, list[tuple[str, ProductTruth]]]
+# The proxy in front of moto and an s3fs filesystem on it.
+Moto = tuple[S3Proxy, s3fs.S3FileSystem]
+
+
 @pytest.fixture(scope="module")
-def products(tmp_path_factory: pytest.TempPathFactory):
+def products(tmp_path_factory: pytest.TempPathFactory) -> Products:
     root = tmp_path_factory.mktemp("s3-read-products")
-    truths = []
+    truths: list[tuple[str, ProductTruth]] = []
     for name, config in (("deflated", DEFLATED), ("stored", STORED)):
         truths += [(name, truth) for truth in generate(root / name, config).products]
         (root / name / "truth.json").unlink()
@@ -81,7 +89,7 @@ def products(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def s3(products, tmp_path_factory: pytest.TempPathFactory):
+def s3(products: Products, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
     root, _ = products
     with (
         moto_server() as upstream,
@@ -123,11 +131,13 @@ def product_objects(fs: s3fs.S3FileSystem, set_name: str, path: str) -> dict[str
     return {f"/{name}": int(info["size"]) for name, info in found.items()}
 
 
-def read_arrays(group) -> dict[str, np.ndarray]:
-    return {name: np.asarray(group[name][:]) for name in group.array_keys()}
+def read_arrays(group: zarr.Group) -> dict[str, np.ndarray]:
+    return {name: read_array(group, name) for name in group.array_keys()}
 
 
-def test_s3_build_fetches_each_product_in_few_large_gets(s3, products, tmp_path: Path) -> None:
+def test_s3_build_fetches_each_product_in_few_large_gets(
+    s3: Moto, products: Products, tmp_path: Path
+) -> None:
     proxy, fs = s3
     root, truths = products
     built = manifest(tmp_path)
@@ -205,7 +215,9 @@ def run_stages(context: BuildContext, names: tuple[str, ...], inputs: list[str])
         context.run(name, inputs=inputs)
 
 
-def test_products_over_the_memory_budget_stream_to_scratch(s3, products, tmp_path: Path) -> None:
+def test_products_over_the_memory_budget_stream_to_scratch(
+    s3: Moto, products: Products, tmp_path: Path
+) -> None:
     """With a memory budget smaller than any product, every product is fetched into scratch (still in
     large GETs) and read from there: the same masks as the local build; scratch is empty after."""
     proxy, _ = s3
@@ -231,12 +243,12 @@ def test_products_over_the_memory_budget_stream_to_scratch(s3, products, tmp_pat
     assert list(Path(os.environ["SPECTRALEARTH_SCRATCH"]).iterdir()) == []
 
 
-def product_sizes(fs: s3fs.S3FileSystem, truths: list) -> list[int]:
+def product_sizes(fs: s3fs.S3FileSystem, truths: list[tuple[str, ProductTruth]]) -> list[int]:
     return [sum(product_objects(fs, set_name, truth.path).values()) for set_name, truth in truths]
 
 
 def test_a_fault_while_fetching_is_transient_and_a_truncated_archive_is_rejected(
-    s3, products, tmp_path: Path
+    s3: Moto, products: Products, tmp_path: Path
 ) -> None:
     proxy, fs = s3
     root, truths = products
