@@ -13,7 +13,9 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,10 +24,12 @@ import zarr
 
 from pipeline import stages
 from pipeline.engine import RetryPolicy
+from pipeline.enmap.synth import Truth
 from pipeline.errors import StageFailed
 from pipeline.manifest import Manifest
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
+from tests.helpers import read_array
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_RETRY = RetryPolicy((0.0, 0.0, 0.0))
@@ -45,7 +49,7 @@ def build_all(manifest: Manifest, build: Path, products: Path, scheduler: Schedu
     }
 
 
-def _without_volatile(value):
+def _without_volatile(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_volatile(v) for k, v in value.items() if k not in VOLATILE_JSON_KEYS}
     if isinstance(value, list):
@@ -53,7 +57,7 @@ def _without_volatile(value):
     return value
 
 
-def _relative(value, roots: tuple[Path | str, ...]):
+def _relative(value: Any, roots: tuple[Path | str, ...]) -> Any:
     """`value` with the builds' absolute locations replaced by a placeholder, created/updated dropped."""
     if isinstance(value, dict):
         return {k: _relative(v, roots) for k, v in value.items() if k not in VOLATILE_JSON_KEYS}
@@ -78,7 +82,7 @@ def assert_same_build(build: Path, reference: Path, roots: tuple[Path | str, ...
     want = zarr.open_group(str(reference / "dataset.zarr"), mode="r")
     assert sorted(got.array_keys()) == sorted(want.array_keys())
     for name in want.array_keys():
-        assert np.array_equal(np.asarray(got[name][:]), np.asarray(want[name][:])), name
+        assert np.array_equal(read_array(got, name), read_array(want, name)), name
     tables = sorted(p.relative_to(reference) for p in reference.rglob("*.parquet"))
     assert tables == sorted(p.relative_to(build) for p in build.rglob("*.parquet"))
     for table in tables:
@@ -101,15 +105,21 @@ def assert_same_build(build: Path, reference: Path, roots: tuple[Path | str, ...
         assert left == _without_volatile(json.loads((reference / path).read_text())), path
 
 
+# The reference build: products, their truth, its manifest (path and parsed) and its build folder.
+Reference = tuple[Path, Truth, Path, Manifest, Path]
+
+
 @pytest.fixture(scope="module")
-def reference(demo_products, small_shards_build):
+def reference(demo_products: tuple[Path, Truth], small_shards_build: tuple[Path, Path]) -> Reference:
     """The uninterrupted small-shards build (the session's, shared with test_resume: read-only)."""
     products, truth = demo_products
     manifest_path, build = small_shards_build
     return products, truth, manifest_path, Manifest.from_yaml(manifest_path), build
 
 
-def cli_run(manifest_path: Path, build: Path, products: Path, kill: str | None = None):
+def cli_run(
+    manifest_path: Path, build: Path, products: Path, kill: str | None = None
+) -> subprocess.CompletedProcess[str]:
     arguments = [
         "run",
         "--manifest",
@@ -142,7 +152,9 @@ KILLS = {
 
 
 @pytest.mark.parametrize("stage", list(KILLS))
-def test_sigkill_during_a_stage_resumes_to_the_same_result(stage, reference, tmp_path):
+def test_sigkill_during_a_stage_resumes_to_the_same_result(
+    stage: str, reference: Reference, tmp_path: Path
+) -> None:
     products, _, manifest_path, _, reference_build = reference
     build = tmp_path / "build"
     target, text = KILLS[stage]
@@ -166,11 +178,13 @@ def test_sigkill_during_a_stage_resumes_to_the_same_result(stage, reference, tmp
 class Flaky:
     """Wraps a function: raises `error` on the first `times` calls whose arguments mention `text`."""
 
-    def __init__(self, function, error: BaseException, times: int, text: str = "") -> None:
+    def __init__(
+        self, function: Callable[..., Any], error: BaseException, times: int, text: str = ""
+    ) -> None:
         self.function, self.error, self.left, self.text = function, error, times, text
         self.raised = 0
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.left > 0 and self.text in repr(args):
             self.left -= 1
             self.raised += 1
@@ -188,8 +202,8 @@ class Flaky:
     ids=["permission", "disk-full", "connection-reset"],
 )
 def test_a_transient_error_that_clears_is_retried_and_rejects_nothing(
-    error, reference, tmp_path, monkeypatch
-):
+    error: BaseException, reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pipeline.mask
 
     products, _, _, manifest, reference_build = reference
@@ -201,7 +215,9 @@ def test_a_transient_error_that_clears_is_retried_and_rejects_nothing(
     assert_same_build(tmp_path / "build", reference_build)
 
 
-def test_a_persistent_transient_error_fails_the_stage_and_a_rerun_heals(reference, tmp_path, monkeypatch):
+def test_a_persistent_transient_error_fails_the_stage_and_a_rerun_heals(
+    reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pipeline.mask
 
     products, _, _, manifest, reference_build = reference
@@ -225,7 +241,9 @@ def test_a_persistent_transient_error_fails_the_stage_and_a_rerun_heals(referenc
     assert_same_build(build, reference_build)
 
 
-def test_unreadable_metadata_for_one_run_is_not_a_rejection(reference, tmp_path, monkeypatch):
+def test_unreadable_metadata_for_one_run_is_not_a_rejection(
+    reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Once rejected for a permission error, a product stayed rejected ("inventory: up to date")."""
     from pipeline.enmap import product
 
@@ -242,7 +260,9 @@ def test_unreadable_metadata_for_one_run_is_not_a_rejection(reference, tmp_path,
     assert_same_build(build, reference_build)
 
 
-def test_a_full_disk_while_saving_outputs_is_retried(reference, tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_outputs_is_retried(
+    reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeline import storage
 
     products, _, _, manifest, reference_build = reference
@@ -287,7 +307,9 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
-def test_a_corrupt_output_is_redone_by_its_stage(corruption, reference, tmp_path):
+def test_a_corrupt_output_is_redone_by_its_stage(
+    corruption: str, reference: Reference, tmp_path: Path
+) -> None:
     products, _, manifest_path, _, reference_build = reference
     build = tmp_path / "build"
     shutil.copytree(reference_build, build)
@@ -303,7 +325,7 @@ def test_a_corrupt_output_is_redone_by_its_stage(corruption, reference, tmp_path
     assert_same_build(build, reference_build)
 
 
-def test_a_corrupt_index_gives_one_line_to_a_downstream_stage(reference, tmp_path):
+def test_a_corrupt_index_gives_one_line_to_a_downstream_stage(reference: Reference, tmp_path: Path) -> None:
     """`write` alone on a truncated index: a one-line error naming the stage to rerun, no traceback."""
     _, _, manifest_path, _, reference_build = reference
     build = tmp_path / "build"
@@ -336,7 +358,9 @@ def test_a_corrupt_index_gives_one_line_to_a_downstream_stage(reference, tmp_pat
         )
 
 
-def test_a_scene_masked_again_reaches_the_dataset(reference, tmp_path, monkeypatch):
+def test_a_scene_masked_again_reaches_the_dataset(
+    reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A wrong mask (left by a fault) redone with `mask --force` must reach every stored row: rows are
     keyed by their scene's mask too, never only by patch, scene and product fingerprint."""
     import pipeline.mask
@@ -345,13 +369,13 @@ def test_a_scene_masked_again_reaches_the_dataset(reference, tmp_path, monkeypat
     build = tmp_path / "build"
     original = pipeline.mask.quality_bits
 
-    def with_water(*args, **kwargs):
+    def with_water(*args: Any, **kwargs: Any) -> np.ndarray:
         # The water bit limits nothing in the demo manifest: the same patches are kept, with other bits.
         return original(*args, **kwargs) | np.uint16(512)
 
     monkeypatch.setattr(pipeline.mask, "quality_bits", with_water)
     build_all(manifest, build, products)
-    quality = np.asarray(zarr.open_group(str(build / "dataset.zarr"), mode="r")["quality"][:])
+    quality = read_array(zarr.open_group(str(build / "dataset.zarr"), mode="r"), "quality")
     assert quality.size and np.all(quality & 512), "the wrong masks were written"
     monkeypatch.setattr(pipeline.mask, "quality_bits", original)
     store = BuildStore(str(build))
@@ -360,7 +384,9 @@ def test_a_scene_masked_again_reaches_the_dataset(reference, tmp_path, monkeypat
     assert_same_build(build, reference_build)
 
 
-def test_an_up_to_date_mask_stage_reads_no_mask(reference, tmp_path, monkeypatch):
+def test_an_up_to_date_mask_stage_reads_no_mask(
+    reference: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Checking that the masks are as the stage left them costs one listing, not a read of every mask
     (gigabytes at archive scale); a mask rewritten behind its back is still found."""
     from pipeline import storage
@@ -372,7 +398,7 @@ def test_an_up_to_date_mask_stage_reads_no_mask(reference, tmp_path, monkeypatch
     for name in ("read_bytes", "cat_many"):
         original = getattr(storage.BuildStore, name)
 
-        def spy(self, what, _original=original):
+        def spy(self: BuildStore, what: str | Iterable[str], _original: Callable[..., Any] = original) -> Any:
             read.extend([what] if isinstance(what, str) else list(what))
             return _original(self, what)
 
