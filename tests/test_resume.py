@@ -17,6 +17,7 @@ import yaml
 import zarr
 
 from pipeline import stages
+from pipeline.enmap.synth import Truth
 from pipeline.manifest import Manifest
 from pipeline.scheduler import Scheduler
 from pipeline.stages import StaleStageError
@@ -51,7 +52,7 @@ def same_tables(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(demo_products, small_shards_build):
+def reference(demo_products: tuple[Path, Truth], small_shards_build: tuple[Path, Path]):
     """An uninterrupted build with small shards, to compare resumed builds against (the session's, shared
     with the fault suite: read-only)."""
     products, _ = demo_products
@@ -59,7 +60,7 @@ def reference(demo_products, small_shards_build):
     return products, manifest_path, Manifest.from_yaml(manifest_path), build
 
 
-def test_rerun_with_nothing_changed_does_no_work(reference):
+def test_rerun_with_nothing_changed_does_no_work(reference) -> None:
     products, _, manifest, build = reference
     before = {p: p.stat().st_mtime_ns for p in build.rglob("*") if p.is_file()}
     results = run_all(manifest, build, products)
@@ -68,7 +69,7 @@ def test_rerun_with_nothing_changed_does_no_work(reference):
     assert after == before
 
 
-def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_path):
+def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_path: Path) -> None:
     products, manifest_path, manifest, reference_build = reference
     build = tmp_path / "build"
     run_all(manifest, build, products, names=("inventory", "mask", "tile", "dedup"))
@@ -114,7 +115,7 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
     )
 
 
-def test_corrupted_shard_is_found_and_rewritten(reference, tmp_path):
+def test_corrupted_shard_is_found_and_rewritten(reference, tmp_path: Path) -> None:
     products, _, manifest, reference_build = reference
     build = tmp_path / "build"
     shutil.copytree(reference_build, build)
@@ -137,8 +138,8 @@ def test_corrupted_shard_is_found_and_rewritten(reference, tmp_path):
 
 
 def test_removed_cut_is_not_missing_until_a_shard_needs_it_then_its_scenes_are_read_again(
-    reference, tmp_path
-):
+    reference, tmp_path: Path
+) -> None:
     from pipeline.errors import BuildFault
 
     products, manifest_path, manifest, reference_build = reference
@@ -180,7 +181,7 @@ def test_removed_cut_is_not_missing_until_a_shard_needs_it_then_its_scenes_are_r
         assert np.array_equal(dataset(build)[name], values), name
 
 
-def test_verify_cli_names_the_bad_shard(reference, tmp_path):
+def test_verify_cli_names_the_bad_shard(reference, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from pipeline.cli import main
@@ -195,7 +196,7 @@ def test_verify_cli_names_the_bad_shard(reference, tmp_path):
     assert "shard 0: stored bytes do not match" in result.output
 
 
-def test_changed_manifest_never_mixes_configurations(reference, tmp_path):
+def test_changed_manifest_never_mixes_configurations(reference, tmp_path: Path) -> None:
     products, _, manifest, reference_build = reference
     build = tmp_path / "build"
     shutil.copytree(reference_build, build)
