@@ -106,94 +106,120 @@ def make_tables(specs: list[SceneSpec] | None = None, seed: int = 7) -> tuple[An
     rng = np.random.default_rng(seed)
     scene_rows = []
     candidates: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for spec in specs:
-        scene_id = _scene_id(spec)
-        imin = min(i for i, _ in spec.cells)
-        imax = max(i for i, _ in spec.cells)
-        jmin = min(j for _, j in spec.cells)
-        jmax = max(j for _, j in spec.cells)
-        x0 = 15 + imin * CELL - 33 * 30
-        y0 = 15 + (jmax + 1) * CELL + 91 * 30
-        width = int((imax - imin + 1) * CELL / 30) + 66
-        height = int((jmax - jmin + 1) * CELL / 30) + 182
-        footprint = _lonlat_polygon(
-            spec.epsg, x0 + 500, y0 - height * 30 + 500, x0 + width * 30 - 500, y0 - 500
+    for spec in specs:  # the draws from rng keep their order: the scene, then its cells
+        scene_rows.append(_scene_row(spec, rng))
+        _add_cell_candidates(spec, rng, candidates)
+    patch_rows = _index_rows(candidates)
+    scenes = geopandas.GeoDataFrame(scene_rows, geometry="footprint", crs="EPSG:4326")
+    patches = geopandas.GeoDataFrame(
+        sorted(patch_rows, key=lambda r: r["row"]), geometry="geometry", crs="EPSG:4326"
+    )
+    return scenes, patches
+
+
+def _scene_geometry(spec: SceneSpec) -> tuple[float, float, int, int]:
+    """x0, y0 (upper-left corner), width and height of a scene padded around its cells."""
+    imin = min(i for i, _ in spec.cells)
+    imax = max(i for i, _ in spec.cells)
+    jmin = min(j for _, j in spec.cells)
+    jmax = max(j for _, j in spec.cells)
+    x0 = 15 + imin * CELL - 33 * 30
+    y0 = 15 + (jmax + 1) * CELL + 91 * 30
+    width = int((imax - imin + 1) * CELL / 30) + 66
+    height = int((jmax - jmin + 1) * CELL / 30) + 182
+    return x0, y0, width, height
+
+
+def _scene_row(spec: SceneSpec, rng: Any) -> dict[str, Any]:
+    """A scenes.parquet row (draws two numbers from `rng`)."""
+    scene_id = _scene_id(spec)
+    x0, y0, width, height = _scene_geometry(spec)
+    footprint = _lonlat_polygon(spec.epsg, x0 + 500, y0 - height * 30 + 500, x0 + width * 30 - 500, y0 - 500)
+    return {
+        "scene_id": scene_id,
+        "datatake_id": f"{spec.datatake:010d}",
+        "tile_id": spec.tile,
+        "start_time": spec.start,
+        "stop_time": spec.start + timedelta(seconds=4, microseconds=250000),
+        "datatake_start": spec.start,
+        "processor_version": spec.version,
+        "processing_time": spec.start + timedelta(days=30),
+        "epsg": spec.epsg,
+        "transform": [30.0, 0.0, x0, 0.0, -30.0, y0],
+        "width": width,
+        "height": height,
+        "band_count": 224,
+        "wavelengths_nm": [400.0 + k for k in range(3)],
+        "fwhm_nm": [7.0, 7.0, 7.0],
+        "no_data_bands": [],
+        "cloud_cover": float(rng.integers(0, 40)),
+        "cloud_shadow": float(rng.integers(0, 10)),
+        "haze_cover": 1.0,
+        "cirrus_cover": 0.0,
+        "snow_cover": 0.0 if spec.epsg == 32632 else 12.0,
+        "water_cover": 3.0,
+        "sun_elevation": 55.5,
+        "sun_azimuth": 160.25,
+        "across_off_nadir": -3.5 if spec.tile == 1 else 2.0,
+        "along_off_nadir": 0.25,
+        "scene_azimuth": 101.5,
+        "orbit_number": 1000 + spec.datatake,
+        "orbit_direction": spec.direction,
+        "source_uri": f"/data/{scene_id}.ZIP",
+        "packaging": "zip",
+        "variant": "standard",
+        "container_uri": f"/data/{scene_id}.ZIP",
+        "inner_zip": None,
+        "members": "[]",
+        "fingerprint": f"{spec.datatake:064x}",
+        "metadata_schema": "level_X",
+        "footprint": footprint,
+    }
+
+
+def _add_cell_candidates(
+    spec: SceneSpec, rng: Any, candidates: dict[tuple[str, str], list[dict[str, Any]]]
+) -> None:
+    """A candidate row per cell of the scene, added to `candidates` by (location, datatake)."""
+    scene_id = _scene_id(spec)
+    x0, y0, _, _ = _scene_geometry(spec)
+    for i, j in spec.cells:
+        location_id = f"EPSG{spec.epsg}-{i:04d}-{j:04d}"
+        xmin, ymax = 15 + i * CELL, 15 + (j + 1) * CELL
+        cloud = float(rng.choice([0.0, 0.0, rng.random() * 0.3]))
+        fractions = {flag: 0.0 for flag in FLAGS}
+        fractions.update(
+            cloud=cloud,
+            snow=float(rng.random() * 0.05) if spec.epsg == 32633 else 0.0,
+            water=float(rng.random() * 0.2),
         )
-        scene_rows.append(
+        candidates.setdefault((location_id, f"{spec.datatake:010d}"), []).append(
             {
+                "location_id": location_id,
                 "scene_id": scene_id,
+                "acquisition_date": f"{spec.start:%Y%m%d}",
+                "epsg": spec.epsg,
+                "i": i,
+                "j": j,
+                "col_off": int((xmin - x0) / 30),
+                "row_off": int((y0 - ymax) / 30),
+                "size": 128,
+                "x_ul": xmin,
+                "y_ul": ymax,
+                "start_time": spec.start,
                 "datatake_id": f"{spec.datatake:010d}",
                 "tile_id": spec.tile,
-                "start_time": spec.start,
-                "stop_time": spec.start + timedelta(seconds=4, microseconds=250000),
-                "datatake_start": spec.start,
                 "processor_version": spec.version,
-                "processing_time": spec.start + timedelta(days=30),
-                "epsg": spec.epsg,
-                "transform": [30.0, 0.0, x0, 0.0, -30.0, y0],
-                "width": width,
-                "height": height,
-                "band_count": 224,
-                "wavelengths_nm": [400.0 + k for k in range(3)],
-                "fwhm_nm": [7.0, 7.0, 7.0],
-                "no_data_bands": [],
-                "cloud_cover": float(rng.integers(0, 40)),
-                "cloud_shadow": float(rng.integers(0, 10)),
-                "haze_cover": 1.0,
-                "cirrus_cover": 0.0,
-                "snow_cover": 0.0 if spec.epsg == 32632 else 12.0,
-                "water_cover": 3.0,
-                "sun_elevation": 55.5,
-                "sun_azimuth": 160.25,
-                "across_off_nadir": -3.5 if spec.tile == 1 else 2.0,
-                "along_off_nadir": 0.25,
-                "scene_azimuth": 101.5,
-                "orbit_number": 1000 + spec.datatake,
-                "orbit_direction": spec.direction,
-                "source_uri": f"/data/{scene_id}.ZIP",
-                "packaging": "zip",
-                "variant": "standard",
-                "container_uri": f"/data/{scene_id}.ZIP",
-                "inner_zip": None,
-                "members": "[]",
-                "fingerprint": f"{spec.datatake:064x}",
-                "metadata_schema": "level_X",
-                "footprint": footprint,
+                "disqualifying_pixels": 0,
+                "scene_transform": [30.0, 0.0, x0, 0.0, -30.0, y0],
+                **{f"{flag}_fraction": value for flag, value in fractions.items()},
+                "geometry": _lonlat_polygon(spec.epsg, xmin, ymax - CELL, xmin + CELL, ymax),
             }
         )
-        for i, j in spec.cells:
-            location_id = f"EPSG{spec.epsg}-{i:04d}-{j:04d}"
-            xmin, ymax = 15 + i * CELL, 15 + (j + 1) * CELL
-            cloud = float(rng.choice([0.0, 0.0, rng.random() * 0.3]))
-            fractions = {flag: 0.0 for flag in FLAGS}
-            fractions.update(
-                cloud=cloud,
-                snow=float(rng.random() * 0.05) if spec.epsg == 32633 else 0.0,
-                water=float(rng.random() * 0.2),
-            )
-            candidates.setdefault((location_id, f"{spec.datatake:010d}"), []).append(
-                {
-                    "location_id": location_id,
-                    "scene_id": scene_id,
-                    "acquisition_date": f"{spec.start:%Y%m%d}",
-                    "epsg": spec.epsg,
-                    "i": i,
-                    "j": j,
-                    "col_off": int((xmin - x0) / 30),
-                    "row_off": int((y0 - ymax) / 30),
-                    "size": 128,
-                    "x_ul": xmin,
-                    "y_ul": ymax,
-                    "start_time": spec.start,
-                    "datatake_id": f"{spec.datatake:010d}",
-                    "tile_id": spec.tile,
-                    "processor_version": spec.version,
-                    "disqualifying_pixels": 0,
-                    "scene_transform": [30.0, 0.0, x0, 0.0, -30.0, y0],
-                    **{f"{flag}_fraction": value for flag, value in fractions.items()},
-                    "geometry": _lonlat_polygon(spec.epsg, xmin, ymax - CELL, xmin + CELL, ymax),
-                }
-            )
+
+
+def _index_rows(candidates: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """index/patches.parquet rows: one per (location, datatake), with duplicates, row and n_dates."""
     patch_rows = []
     for (location_id, datatake), group in sorted(candidates.items()):
         group = sorted(group, key=lambda r: r["scene_id"])
@@ -209,11 +235,7 @@ def make_tables(specs: list[SceneSpec] | None = None, seed: int = 7) -> tuple[An
     ):
         row["row"] = number
         row["n_dates"] = len(dates[row["location_id"]])
-    scenes = geopandas.GeoDataFrame(scene_rows, geometry="footprint", crs="EPSG:4326")
-    patches = geopandas.GeoDataFrame(
-        sorted(patch_rows, key=lambda r: r["row"]), geometry="geometry", crs="EPSG:4326"
-    )
-    return scenes, patches
+    return patch_rows
 
 
 def write_tables(store: Any, scenes: Any, patches: Any) -> None:
