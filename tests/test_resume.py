@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +24,21 @@ from pipeline.scheduler import Scheduler
 from pipeline.stages import StaleStageError
 from pipeline.storage import BuildStore
 from pipeline.write import verify_build
+from tests.helpers import read_array
 
 REPO = Path(__file__).resolve().parent.parent
 SYNC = Scheduler("synchronous", progress=False)
 pytestmark = pytest.mark.slow
 
 
-def run_all(manifest: Manifest, build: Path, products: Path, names=stages.ORDER) -> dict:
+def run_all(manifest: Manifest, build: Path, products: Path, names: Sequence[str] = stages.ORDER) -> dict:
     store = BuildStore(str(build))
     return {name: stages.run_stage(name, manifest, store, SYNC, inputs=[str(products)]) for name in names}
 
 
 def dataset(build: Path) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(build / "dataset.zarr"), mode="r")
-    return {name: np.asarray(group[name][:]) for name in group.array_keys()}
+    return {name: read_array(group, name) for name in group.array_keys()}
 
 
 def same_tables(a: Path, b: Path) -> None:
@@ -52,7 +54,9 @@ def same_tables(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(demo_products: tuple[Path, Truth], small_shards_build: tuple[Path, Path]):
+def reference(
+    demo_products: tuple[Path, Truth], small_shards_build: tuple[Path, Path]
+) -> tuple[Path, Path, Manifest, Path]:
     """An uninterrupted build with small shards, to compare resumed builds against (the session's, shared
     with the fault suite: read-only)."""
     products, _ = demo_products
@@ -60,7 +64,7 @@ def reference(demo_products: tuple[Path, Truth], small_shards_build: tuple[Path,
     return products, manifest_path, Manifest.from_yaml(manifest_path), build
 
 
-def test_rerun_with_nothing_changed_does_no_work(reference) -> None:
+def test_rerun_with_nothing_changed_does_no_work(reference: tuple[Path, Path, Manifest, Path]) -> None:
     products, _, manifest, build = reference
     before = {p: p.stat().st_mtime_ns for p in build.rglob("*") if p.is_file()}
     results = run_all(manifest, build, products)
@@ -69,7 +73,9 @@ def test_rerun_with_nothing_changed_does_no_work(reference) -> None:
     assert after == before
 
 
-def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_path: Path) -> None:
+def test_write_killed_with_sigkill_resumes_to_the_same_result(
+    reference: tuple[Path, Path, Manifest, Path], tmp_path: Path
+) -> None:
     products, manifest_path, manifest, reference_build = reference
     build = tmp_path / "build"
     run_all(manifest, build, products, names=("inventory", "mask", "tile", "dedup"))
@@ -115,7 +121,9 @@ def test_write_killed_with_sigkill_resumes_to_the_same_result(reference, tmp_pat
     )
 
 
-def test_corrupted_shard_is_found_and_rewritten(reference, tmp_path: Path) -> None:
+def test_corrupted_shard_is_found_and_rewritten(
+    reference: tuple[Path, Path, Manifest, Path], tmp_path: Path
+) -> None:
     products, _, manifest, reference_build = reference
     build = tmp_path / "build"
     shutil.copytree(reference_build, build)
@@ -138,7 +146,7 @@ def test_corrupted_shard_is_found_and_rewritten(reference, tmp_path: Path) -> No
 
 
 def test_removed_cut_is_not_missing_until_a_shard_needs_it_then_its_scenes_are_read_again(
-    reference, tmp_path: Path
+    reference: tuple[Path, Path, Manifest, Path], tmp_path: Path
 ) -> None:
     from pipeline.errors import BuildFault
 
@@ -181,7 +189,7 @@ def test_removed_cut_is_not_missing_until_a_shard_needs_it_then_its_scenes_are_r
         assert np.array_equal(dataset(build)[name], values), name
 
 
-def test_verify_cli_names_the_bad_shard(reference, tmp_path: Path) -> None:
+def test_verify_cli_names_the_bad_shard(reference: tuple[Path, Path, Manifest, Path], tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from pipeline.cli import main
@@ -196,7 +204,9 @@ def test_verify_cli_names_the_bad_shard(reference, tmp_path: Path) -> None:
     assert "shard 0: stored bytes do not match" in result.output
 
 
-def test_changed_manifest_never_mixes_configurations(reference, tmp_path: Path) -> None:
+def test_changed_manifest_never_mixes_configurations(
+    reference: tuple[Path, Path, Manifest, Path], tmp_path: Path
+) -> None:
     products, _, manifest, reference_build = reference
     build = tmp_path / "build"
     shutil.copytree(reference_build, build)
