@@ -12,7 +12,7 @@ import rasterio
 
 from pipeline import stages
 from pipeline.enmap.product import open_product
-from pipeline.enmap.synth import SynthConfig, generate
+from pipeline.enmap.synth import SynthConfig, Truth, generate
 from pipeline.inventory import read_scenes
 from pipeline.manifest import Limits, Manifest
 from pipeline.scheduler import Scheduler
@@ -23,7 +23,7 @@ SYNC = Scheduler("synchronous", progress=False)
 
 
 @pytest.fixture(scope="module")
-def zipped(tmp_path_factory: pytest.TempPathFactory):
+def zipped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Truth]:
     """Two deflated product ZIPs: one ENVI BSQ, one GeoTIFF."""
     out = tmp_path_factory.mktemp("zipped")
     config = SynthConfig(
@@ -56,7 +56,7 @@ def reference_cube(container: Path, tmp_path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("where", ["memory", "scratch"])
-def test_inflated_members_read_bit_for_bit(zipped, tmp_path: Path, where: str) -> None:
+def test_inflated_members_read_bit_for_bit(zipped: tuple[Path, Truth], tmp_path: Path, where: str) -> None:
     out, truth = zipped
     manifest = Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
     store = BuildStore(str(tmp_path / "build"))
@@ -78,7 +78,7 @@ def test_inflated_members_read_bit_for_bit(zipped, tmp_path: Path, where: str) -
             assert not Path(path).exists(), "scratch is removed when the product is closed"
 
 
-def test_corrupt_member_rejects_its_scene_in_mask_only(zipped, tmp_path: Path) -> None:
+def test_corrupt_member_rejects_its_scene_in_mask_only(zipped: tuple[Path, Truth], tmp_path: Path) -> None:
     out, truth = zipped
     inputs = tmp_path / "inputs"
     inputs.mkdir()
