@@ -35,7 +35,7 @@ from pipeline.manifest import Manifest
 from pipeline.query import query
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
-from tests.helpers import REPO, small_shards_manifest
+from tests.helpers import REPO, read_array, small_shards_manifest, zarr_array
 
 pytestmark = pytest.mark.slow
 
@@ -113,9 +113,9 @@ def build_with_every_int16(tmp_path_factory: pytest.TempPathFactory) -> BuildSto
         for name in stages.ORDER:
             stages.run_stage(name, manifest, store, scheduler, inputs=[str(inputs)])
     group = zarr.open_group(store.path(tables.DATASET), mode="r+", use_consolidated=False)
-    active = np.asarray(group["active"][:])
+    active = read_array(group, "active")
     assert 0 < (active == 0).sum() < len(active), "the grown build retired some rows, not all"
-    reflectance = group["reflectance"]
+    reflectance = zarr_array(group, "reflectance")
     reflectance[int(np.flatnonzero(active)[0])] = np.resize(EVERY_INT16, reflectance.shape[1:])
     return store
 
@@ -218,7 +218,7 @@ def _readme_blocks(title: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", _readme_section(title), flags=re.DOTALL)
 
 
-def _run_readme_block(block: str, build: BuildStore, monkeypatch) -> dict:
+def _run_readme_block(block: str, build: BuildStore, monkeypatch: pytest.MonkeyPatch) -> dict:
     """Run a README block as written, from a folder where `build/demo` is the test build."""
     workdir = Path(build.root).parent / "readme-cwd"
     (workdir / "build").mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,7 @@ def test_readme_tensorstore_recipe_gives_the_zarr_ids(
     (block,) = [b for b in _readme_blocks("Reading the dataset") if "tensorstore" in b]
     namespace = _run_readme_block(block, build_with_every_int16, monkeypatch)
     group = zarr.open_group(build_with_every_int16.path("dataset.zarr"), mode="r", use_consolidated=False)
-    zarr_ids = {name: [str(v) for v in np.asarray(group[name][:])] for name in ID_ARRAYS}
+    zarr_ids = {name: [str(v) for v in read_array(group, name)] for name in ID_ARRAYS}
     ids: pa.Table = namespace["ids"]
     assert ids.num_rows == len(stored) and ids.column("row").to_pylist() == list(range(len(stored)))
     for name in ID_ARRAYS:
