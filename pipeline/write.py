@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from pipeline import tables
 from pipeline.cell_moments import CellSums, shard_moments
+from pipeline.cut import CUT, chunk_sha, cut_bin_path, read_cut_index
 from pipeline.dataset_arrays import (
     DATASET,
     consolidate,
@@ -43,16 +44,7 @@ from pipeline.engine import StageResult, TaskError, up_to_date, with_retries
 from pipeline.errors import BuildFault, StageFailed, one_line
 from pipeline.inventory import SceneRecord, read_scenes
 from pipeline.manifest import Manifest
-from pipeline.mask import (
-    CUT,
-    MASKS_TABLE,
-    chunk_sha,
-    cut_bin_path,
-    forget_scenes,
-    read_cut_index,
-    scene_key,
-    summaries_from_table,
-)
+from pipeline.mask import MASKS_TABLE, forget_scenes, scene_key, summaries_from_table
 from pipeline.stats import BandMoments, npy_bytes
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json
 from pipeline.tables import (

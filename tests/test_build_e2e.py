@@ -249,19 +249,21 @@ def test_mask_reads_every_cube_row_once(
     build: tuple[Path, Truth, BuildStore, Manifest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The build's one read of a cube: the mask pass reads each row of the kept bands exactly once."""
+    import pipeline.cut
+    import pipeline.enmap.cube_reader
     import pipeline.inventory
     import pipeline.mask
 
     products, _, store, manifest = build
     reads: dict[str, list[tuple[int, int]]] = {}
-    real_read = pipeline.mask._CubeReader.read
+    real_read = pipeline.enmap.cube_reader.CubeReader.read
 
-    def recording_read(self: pipeline.mask._CubeReader, window: Window) -> np.ndarray:
+    def recording_read(self: pipeline.enmap.cube_reader.CubeReader, window: Window) -> np.ndarray:
         if "SPECTRAL_IMAGE" in self.path:  # the cube (QL_PIXELMASK goes through the same reader)
             reads.setdefault(self.path, []).append((int(window.row_off), int(window.row_off + window.height)))
         return real_read(self, window)
 
-    monkeypatch.setattr(pipeline.mask._CubeReader, "read", recording_read)
+    monkeypatch.setattr(pipeline.enmap.cube_reader.CubeReader, "read", recording_read)
     fresh = BuildStore(str(tmp_path / "fresh"))
     scheduler = Scheduler("synchronous", progress=False)
     for name in ("inventory", "mask"):
@@ -277,12 +279,12 @@ def test_mask_reads_every_cube_row_once(
     plan = store.read_geodataframe(tables.PLAN_PATCHES)
     for record in scenes:
         key = pipeline.mask.scene_key(record, manifest)
-        cut = pipeline.mask.read_cut_index(fresh, record.scene_id, key)
+        cut = pipeline.cut.read_cut_index(fresh, record.scene_id, key)
         assert cut is not None
         kept = plan[(plan["scene_id"] == record.scene_id) & plan["kept"]]
         assert sorted(cut.cells) == sorted(kept["location_id"])
-        assert (fresh.read_bytes(pipeline.mask.cut_bin_path(record.scene_id, key))) == store.read_bytes(
-            pipeline.mask.cut_bin_path(record.scene_id, key)
+        assert (fresh.read_bytes(pipeline.cut.cut_bin_path(record.scene_id, key))) == store.read_bytes(
+            pipeline.cut.cut_bin_path(record.scene_id, key)
         )
 
 

@@ -103,8 +103,9 @@ def test_off_lattice_scene_is_rejected_or_snapped(tmp_path: Path, manifest: Mani
     transform = moved["scene_transform"].iloc[0]
     assert transform[2] == shifted.transform[2]
     # The reading pass cut the snapped scene on the same cells tile keeps.
+    from pipeline.cut import read_cut_index
     from pipeline.inventory import read_scenes
-    from pipeline.mask import read_cut_index, scene_key
+    from pipeline.mask import scene_key
 
     for record in read_scenes(store):
         cut = read_cut_index(store, record.scene_id, scene_key(record, snapping))
@@ -166,8 +167,9 @@ def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path: Path, manifest: Mani
     """The reading pass encodes exactly the cells tile keeps, each decoding to an independent rasterio
     read of its source (big-endian ENVI, BIL, GeoTIFF, ZIP), its quality chunk to the mask, with the
     patch's exact sums; a scene with an empty kept band has nothing cut."""
+    from pipeline.cut import cut_bin_path, read_cut_index
     from pipeline.inventory import read_scenes
-    from pipeline.mask import cut_bin_path, read_cut_index, read_mask, scene_key
+    from pipeline.mask import read_mask, scene_key
     from pipeline.zarr_chunks import decode_chunk, quality_codec, reflectance_codec
     from tests.helpers import spectral_gdal_path
 
@@ -194,9 +196,9 @@ def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path: Path, manifest: Mani
     assert len(kept_plan) > 0 and big.scene_id in set(kept_plan["scene_id"])
     records = read_scenes(store)
     # The folder cubes and the stored ZIP member are read with numpy at their byte offsets.
+    from pipeline.enmap.cube_reader import raw_source
     from pipeline.enmap.product import open_product
     from pipeline.fetch import FileSlice
-    from pipeline.mask import raw_source
 
     for record in records:
         with open_product(record.location(), None, unpack=("SPECTRAL_IMAGE",)) as opened:
@@ -238,8 +240,9 @@ def test_mask_cuts_every_kept_cell_once_bit_exact(tmp_path: Path, manifest: Mani
 
 
 def test_a_scene_with_an_empty_kept_band_has_nothing_cut(tmp_path: Path, manifest: Manifest) -> None:
+    from pipeline.cut import read_cut_index
     from pipeline.inventory import read_scenes
-    from pipeline.mask import read_cut_index, scene_key
+    from pipeline.mask import scene_key
 
     config = SynthConfig(
         seed=2,
@@ -272,7 +275,7 @@ def test_a_scene_with_an_empty_kept_band_has_nothing_cut(tmp_path: Path, manifes
 def test_cut_patch_sums_equal_the_reference_sums(bands, size, seed, kind) -> None:
     """The reading pass's fast sums of a cut patch are `CellSums.of_patch`'s exactly."""
     from pipeline.cell_moments import CellSums
-    from pipeline.mask import clean_patch_sums
+    from pipeline.cut import clean_patch_sums
 
     rng = np.random.default_rng(seed)
     patch = rng.integers(-32767, 32768, size=(bands, size, size)).astype(np.int16)
@@ -288,7 +291,7 @@ def test_cut_patch_sums_equal_the_reference_sums(bands, size, seed, kind) -> Non
 def test_blocks_hold_whole_cell_rows(height, size, first, data) -> None:
     """Every cell row is read as exactly one block (of any patch size, above or below BLOCK_ROWS), the
     blocks cover the scene's rows once, and the other blocks stay within BLOCK_ROWS."""
-    from pipeline.mask import BLOCK_ROWS, block_edges
+    from pipeline.cut import BLOCK_ROWS, block_edges
 
     first %= size
     rows = {first + k * size for k in range((height - first) // size)} if first < height else set()
