@@ -56,6 +56,23 @@ def pixels_by_patch(build: Path) -> dict[str, np.ndarray]:
     }
 
 
+def assert_statistics_are_the_active_rows_moments(build: Path, patches_per_shard: int) -> None:
+    """Statistics of partly rewritten shards, merged from recorded and new cell sums, equal bit for bit
+    the moments of each shard's active rows computed from the stored pixels, merged in shard order."""
+    group = zarr.open_group(str(build / "dataset.zarr"), mode="r")
+    reflectance, active_flags = zarr_array(group, "reflectance"), read_array(group, "active")
+    total = BandMoments.empty(reflectance.shape[1])
+    for start in range(0, reflectance.shape[0], patches_per_shard):
+        stop = min(start + patches_per_shard, reflectance.shape[0])
+        rows = [r for r in range(start, stop) if active_flags[r]]
+        if rows:
+            total = total.merge(BandMoments.of_block(np.asarray(reflectance.oindex[np.array(rows)])))
+    assert np.array_equal(np.load(build / "stats" / "mean.npy"), total.valid_mean.astype(np.float32))
+    assert np.array_equal(np.load(build / "stats" / "std.npy"), total.std.astype(np.float32))
+    summary = json.loads((build / "stats" / "statistics.json").read_text())
+    assert summary["count"] == total.count.tolist() and summary["min"] == total.minimum.tolist()
+
+
 @pytest.mark.parametrize(
     ("keep_cut", "damage_sums"),
     [(True, False), (False, False), (True, True)],
@@ -136,19 +153,7 @@ def test_adding_products_appends_and_supersedes(
     items = {json.loads(p.read_text())["id"] for p in (build / "stac").rglob("EPSG*.json")}
     assert items == set(after_index["patch_id"])
 
-    # Statistics of the partly rewritten shards, merged from recorded and new cell sums, equal bit for
-    # bit the moments of each shard's active rows computed from the stored pixels, merged in shard order.
-    group = zarr.open_group(str(build / "dataset.zarr"), mode="r")
-    reflectance, active_flags = zarr_array(group, "reflectance"), read_array(group, "active")
-    total = BandMoments.empty(reflectance.shape[1])
-    for start in range(0, reflectance.shape[0], 2):
-        rows = [r for r in range(start, min(start + 2, reflectance.shape[0])) if active_flags[r]]
-        if rows:
-            total = total.merge(BandMoments.of_block(np.asarray(reflectance.oindex[np.array(rows)])))
-    assert np.array_equal(np.load(build / "stats" / "mean.npy"), total.valid_mean.astype(np.float32))
-    assert np.array_equal(np.load(build / "stats" / "std.npy"), total.std.astype(np.float32))
-    summary = json.loads((build / "stats" / "statistics.json").read_text())
-    assert summary["count"] == total.count.tolist() and summary["min"] == total.minimum.tolist()
+    assert_statistics_are_the_active_rows_moments(build, patches_per_shard=2)
 
     # Against a from-scratch build of the same inputs: same patch ids, same pixels.
     fresh = tmp_path / "fresh"
