@@ -101,7 +101,7 @@ BAD_QUERIES = [
 
 @pytest.mark.parametrize(("kwargs", "argv", "message"), BAD_QUERIES)
 def test_bad_query_values_end_in_one_line(
-    build: tuple[Path, list[dict[str, Any]]], kwargs, argv, message
+    build: tuple[Path, list[dict[str, Any]]], kwargs: dict[str, Any], argv: list[str], message: str
 ) -> None:
     root, _ = build
     with pytest.raises(QueryError, match=message.replace("[", r"\[").replace("]", r"\]")) as caught:
@@ -145,7 +145,7 @@ GEOJSON_ERRORS = [
 
 @pytest.mark.parametrize(("document", "message"), GEOJSON_ERRORS)
 def test_bad_geojson_ends_in_one_line(
-    build: tuple[Path, list[dict[str, Any]]], tmp_path: Path, document, message
+    build: tuple[Path, list[dict[str, Any]]], tmp_path: Path, document: Any, message: str
 ) -> None:
     root, _ = build
     with pytest.raises(QueryError) as caught:
@@ -167,7 +167,7 @@ def test_bad_geojson_ends_in_one_line(
     ],
 )
 def test_other_bad_query_words_end_in_one_line(
-    build: tuple[Path, list[dict[str, Any]]], argv, message: str
+    build: tuple[Path, list[dict[str, Any]]], argv: list[str], message: str
 ) -> None:
     root, _ = build
     assert_one_line_error(run("query", "--build", str(root), *argv), message)
@@ -261,7 +261,9 @@ def test_split_keeps_that_part(build: tuple[Path, list[dict[str, Any]]]) -> None
         ("-72.5", "40.5", "-72", "41"),  # the example: no item there
     ],
 )
-def test_bbox_forms_give_the_same_ids(build: tuple[Path, list[dict[str, Any]]], numbers) -> None:
+def test_bbox_forms_give_the_same_ids(
+    build: tuple[Path, list[dict[str, Any]]], numbers: tuple[str, str, str, str]
+) -> None:
     root, items = build
     comma = ",".join(numbers)
     words = run("query", "--build", str(root), "--bbox", *numbers)
@@ -296,7 +298,7 @@ def test_bbox_expected_sizes(build: tuple[Path, list[dict[str, Any]]]) -> None:
         (["--ids", "a", "--", "--bbox", "1", "2"], ["--ids", "a", "--", "--bbox", "1", "2"]),
     ],
 )
-def test_join_bbox_words(argv, joined) -> None:
+def test_join_bbox_words(argv: list[str], joined: list[str]) -> None:
     assert join_bbox_words(argv) == joined
 
 
