@@ -12,14 +12,16 @@ import tarfile
 import zipfile
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.engine import StageResult
 from pipeline.enmap.names import ProductName
 from pipeline.enmap.synth import SynthConfig, Truth, generate
-from pipeline.inventory import REJECTED_TABLE, SCENES_TABLE, records_from_frame, run_inventory
+from pipeline.inventory import REJECTED_TABLE, SCENES_TABLE, SceneRecord, records_from_frame, run_inventory
 from pipeline.manifest import Manifest
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
@@ -61,7 +63,9 @@ def manifest() -> Manifest:
     return Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
 
 
-def inventory(inputs: list[Path | str], build: Path, manifest: Manifest):
+def inventory(
+    inputs: list[Path | str], build: Path, manifest: Manifest
+) -> tuple[StageResult, list[SceneRecord], list[dict[str, Any]]]:
     store = BuildStore(str(build))
     result = run_inventory(manifest, store, [str(i) for i in inputs], SYNC)
     scenes = records_from_frame(store.read_geodataframe(SCENES_TABLE))
@@ -69,7 +73,7 @@ def inventory(inputs: list[Path | str], build: Path, manifest: Manifest):
     return result, scenes, rejected
 
 
-def with_victim(small_products, tmp_path: Path) -> tuple[Path, list[str], Path]:
+def with_victim(small_products: tuple[Path, Truth], tmp_path: Path) -> tuple[Path, list[str], Path]:
     """Copy the two good products and the victim into a fresh input folder."""
     out, truth = small_products
     inputs = tmp_path / "inputs"
@@ -152,7 +156,13 @@ def test_filters_reject_with_reason(small_products: tuple[Path, Truth], tmp_path
     assert any(latest in r["reason"] for r in rejected)
 
 
-def assert_only_victim_rejected(scenes, rejected, good, reason_part, victim_id=None) -> None:
+def assert_only_victim_rejected(
+    scenes: list[SceneRecord],
+    rejected: list[dict[str, Any]],
+    good: list[str],
+    reason_part: str,
+    victim_id: str | None = None,
+) -> None:
     assert sorted(s.scene_id for s in scenes) == sorted(good)
     assert len(rejected) == 1, rejected
     (row,) = rejected
@@ -487,7 +497,7 @@ def test_ard_spellings_are_read_like_the_others(
     ard_spellings: dict[tuple[str, str], tuple[Path, Truth]],
     tmp_path: Path,
     manifest: Manifest,
-    spelling,
+    spelling: tuple[str, str],
     packaging: str,
 ) -> None:
     """SPEC Input: every raster `-<LAYER>_COG.TIF` or `_COG.tiff`, the metadata `-METADATA.XML`,
