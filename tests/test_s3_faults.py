@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import s3fs
@@ -41,7 +43,7 @@ OUTAGE_AT = {
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory):
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Proxy, s3fs.S3FileSystem]]:
     from pipeline.scheduler import _close_local_clusters
 
     products = write_few_products(tmp_path_factory.mktemp("s3-fault-products"))
@@ -87,14 +89,18 @@ def download(fs: s3fs.S3FileSystem, name: str, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(s3):
+def reference(s3: tuple[S3Proxy, s3fs.S3FileSystem]) -> str:
     build("reference")
     return "reference"
 
 
 @pytest.mark.parametrize("stage", list(OUTAGE_AT))
 def test_s3_unreachable_during_a_stage_heals_to_the_same_build(
-    stage, s3, reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stage: str,
+    s3: tuple[S3Proxy, s3fs.S3FileSystem],
+    reference: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     proxy, fs = s3
     module_name, attribute = OUTAGE_AT[stage].split(":")
@@ -103,10 +109,10 @@ def test_s3_unreachable_during_a_stage_heals_to_the_same_build(
     for name in path:
         owner = getattr(owner, name)
     original = getattr(owner, function_name)
-    started = []
+    started: list[bool] = []
 
     @functools.wraps(original)
-    def with_outage(*args, **kwargs):
+    def with_outage(*args: Any, **kwargs: Any) -> Any:
         if not started and (function_name not in ("run_items", "map") or kwargs.get("label") == stage):
             started.append(True)
             proxy.fail_for(OUTAGE_SECONDS)
