@@ -5,6 +5,7 @@ workers rejected with its reason instead of being retried forever."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import dask
@@ -19,6 +20,7 @@ from pipeline.manifest import Manifest
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 from tests.faults import KillOnTask
+from tests.helpers import read_array
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -29,7 +31,13 @@ def manifest() -> Manifest:
     return Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
 
 
-def build(manifest: Manifest, scheduler: Scheduler, products: Path, target: Path, names=stages.ORDER) -> dict:
+def build(
+    manifest: Manifest,
+    scheduler: Scheduler,
+    products: Path,
+    target: Path,
+    names: Sequence[str] = stages.ORDER,
+) -> dict:
     store = BuildStore(str(target))
     return {
         name: stages.run_stage(name, manifest, store, scheduler, inputs=[str(products)]) for name in names
@@ -38,13 +46,13 @@ def build(manifest: Manifest, scheduler: Scheduler, products: Path, target: Path
 
 def arrays(target: Path) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(target / "dataset.zarr"), mode="r")
-    return {name: np.asarray(group[name][:]) for name in group.array_keys()}
+    return {name: read_array(group, name) for name in group.array_keys()}
 
 
 @pytest.fixture(scope="module")
 def synchronous_build(
     tmp_path_factory: pytest.TempPathFactory, demo_products: tuple[Path, Truth], manifest: Manifest
-):
+) -> Path:
     products, _ = demo_products
     target = tmp_path_factory.mktemp("sync")
     build(manifest, Scheduler("synchronous", progress=False), products, target)
@@ -52,7 +60,7 @@ def synchronous_build(
 
 
 def test_local_cluster_equals_synchronous_and_survives_a_dead_worker(
-    demo_products: tuple[Path, Truth], manifest: Manifest, synchronous_build, tmp_path: Path
+    demo_products: tuple[Path, Truth], manifest: Manifest, synchronous_build: Path, tmp_path: Path
 ) -> None:
     products, truth = demo_products
     victim = truth.products[0].scene_id
