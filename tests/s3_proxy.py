@@ -62,43 +62,59 @@ class RequestParser:
     def feed(self, data: bytes) -> list[Request]:
         self._buffer += data
         found: list[Request] = []
-        while True:
-            if self._state == "head":
-                end = self._buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._buffer) > MAX_HEAD_BYTES:
-                        raise ValueError("HTTP request head larger than 64 KiB")
-                    return found
-                head = bytes(self._buffer[:end]).decode("latin-1")
-                del self._buffer[: end + 4]
-                request, chunked, length = self._parse_head(head)
-                found.append(request)
-                if chunked:
-                    self._state = "chunk-size"
-                elif length:
-                    self._state, self._remaining = "body", length
-            elif self._state in ("body", "chunk-data"):
-                taken = min(self._remaining, len(self._buffer))
-                del self._buffer[:taken]
-                self._remaining -= taken
-                if self._remaining:
-                    return found
-                self._state = "head" if self._state == "body" else "chunk-size"
-            else:  # "chunk-size" or "trailers": one line at a time
-                end = self._buffer.find(b"\r\n")
-                if end < 0:
-                    return found
-                line = bytes(self._buffer[:end])
-                del self._buffer[: end + 2]
-                if self._state == "trailers":
-                    if not line:
-                        self._state = "head"
-                    continue
-                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    self._state = "trailers"
-                else:
-                    self._state, self._remaining = "chunk-data", size + 2  # data and its CRLF
+        while self._step(found):
+            pass
+        return found
+
+    def _step(self, found: list[Request]) -> bool:
+        """Consume one piece of the stream in the current state; False when more bytes are needed."""
+        if self._state == "head":
+            return self._head(found)
+        if self._state in ("body", "chunk-data"):
+            return self._skip_data()
+        return self._chunk_line()  # "chunk-size" or "trailers": one line at a time
+
+    def _head(self, found: list[Request]) -> bool:
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_HEAD_BYTES:
+                raise ValueError("HTTP request head larger than 64 KiB")
+            return False
+        head = bytes(self._buffer[:end]).decode("latin-1")
+        del self._buffer[: end + 4]
+        request, chunked, length = self._parse_head(head)
+        found.append(request)
+        if chunked:
+            self._state = "chunk-size"
+        elif length:
+            self._state, self._remaining = "body", length
+        return True
+
+    def _skip_data(self) -> bool:
+        taken = min(self._remaining, len(self._buffer))
+        del self._buffer[:taken]
+        self._remaining -= taken
+        if self._remaining:
+            return False
+        self._state = "head" if self._state == "body" else "chunk-size"
+        return True
+
+    def _chunk_line(self) -> bool:
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            return False
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 2]
+        if self._state == "trailers":
+            if not line:
+                self._state = "head"
+            return True
+        size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+        if size == 0:
+            self._state = "trailers"
+        else:
+            self._state, self._remaining = "chunk-data", size + 2  # data and its CRLF
+        return True
 
     @staticmethod
     def _parse_head(head: str) -> tuple[Request, bool, int]:
