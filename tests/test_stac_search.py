@@ -97,41 +97,57 @@ def test_index_has_what_the_properties_need(index: tuple[Path, list[dict[str, An
 # Hypothesis against brute force -------------------------------------------------------------------
 
 
+def draw_bbox(draw: st.DrawFn, items: list[dict[str, Any]]) -> tuple[float, ...] | None:
+    """None, a box near an item (any size), an item's own bbox (its neighbours touch or overlap it), or
+    a wide box around one."""
+    kind = draw(st.sampled_from(["none", "near", "exact", "wide"]))
+    anchor = draw(st.sampled_from(items))["bbox"]
+    if kind == "near":
+        west = draw(st.floats(anchor[0] - 0.2, anchor[2]))
+        south = draw(st.floats(anchor[1] - 0.2, anchor[3]))
+        return (west, south, west + draw(st.floats(0.0, 0.4)), south + draw(st.floats(0.0, 0.3)))
+    if kind == "exact":
+        return tuple(anchor)
+    if kind == "wide":
+        return (anchor[0] - 3.0, anchor[1] - 1.0, anchor[2] + 3.0, anchor[3] + 1.0)
+    return None
+
+
+def draw_datetime(draw: st.DrawFn, items: list[dict[str, Any]]) -> str | None:
+    """None, one day, or an interval (open at either end) whose bounds fall on, just before or just after
+    the items' days, written as dates or as instants."""
+    item_days = sorted({_time(item["properties"]["datetime"]).date() for item in items})
+    days = sorted({day + timedelta(days=shift) for day in item_days for shift in (-1, 0, 1)})
+    if not draw(st.booleans()):
+        return None
+    start = draw(st.one_of(st.none(), st.sampled_from(days)))
+    end = draw(st.one_of(st.none(), st.sampled_from(days)))
+    if start is not None and end is not None and end < start:
+        start, end = end, start
+    if start is None and end is None:
+        return draw(st.sampled_from(days)).isoformat()
+    form = draw(st.sampled_from(["date", "instant"]))
+
+    def text(day: date | None) -> str:
+        if day is None:
+            return ".."
+        if form == "date":
+            return day.isoformat()
+        moment = datetime.combine(day, datetime.min.time(), tzinfo=UTC) + timedelta(hours=10)
+        return moment.isoformat().replace("+00:00", "Z")
+
+    return f"{text(start)}/{text(end)}"
+
+
 @st.composite
 def queries(draw: st.DrawFn, items: list[dict[str, Any]]) -> dict[str, Any]:
     query: dict[str, Any] = {}
-    kind = draw(st.sampled_from(["none", "near", "exact", "wide"]))
-    anchor = draw(st.sampled_from(items))["bbox"]
-    if kind == "near":  # around an item, any size
-        west = draw(st.floats(anchor[0] - 0.2, anchor[2]))
-        south = draw(st.floats(anchor[1] - 0.2, anchor[3]))
-        query["bbox"] = (west, south, west + draw(st.floats(0.0, 0.4)), south + draw(st.floats(0.0, 0.3)))
-    elif kind == "exact":  # an item's own bbox: its neighbours touch or overlap it
-        query["bbox"] = tuple(anchor)
-    elif kind == "wide":
-        query["bbox"] = (anchor[0] - 3.0, anchor[1] - 1.0, anchor[2] + 3.0, anchor[3] + 1.0)
-    # days of the items and their neighbours, so that windows start or end on, just before or after them
-    item_days = sorted({_time(item["properties"]["datetime"]).date() for item in items})
-    days = sorted({day + timedelta(days=shift) for day in item_days for shift in (-1, 0, 1)})
-    if draw(st.booleans()):
-        start = draw(st.one_of(st.none(), st.sampled_from(days)))
-        end = draw(st.one_of(st.none(), st.sampled_from(days)))
-        if start is not None and end is not None and end < start:
-            start, end = end, start
-        if start is None and end is None:
-            query["datetime"] = draw(st.sampled_from(days)).isoformat()
-        else:
-            form = draw(st.sampled_from(["date", "instant"]))
-
-            def text(day: date | None, end_bound: bool) -> str:
-                if day is None:
-                    return ".."
-                if form == "date":
-                    return day.isoformat()
-                moment = datetime.combine(day, datetime.min.time(), tzinfo=UTC) + timedelta(hours=10)
-                return moment.isoformat().replace("+00:00", "Z")
-
-            query["datetime"] = f"{text(start, False)}/{text(end, True)}"
+    bbox = draw_bbox(draw, items)
+    if bbox is not None:
+        query["bbox"] = bbox
+    interval = draw_datetime(draw, items)
+    if interval is not None:
+        query["datetime"] = interval
     if draw(st.booleans()):
         query["max_cloud"] = draw(st.sampled_from([0.0, 5.0, 15.0, 30.0]))
     if draw(st.booleans()):
