@@ -32,7 +32,7 @@ from pipeline.manifest import Manifest
 from pipeline.query import query
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
-from tests.helpers import spectral_gdal_path
+from tests.helpers import read_array, spectral_gdal_path
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -88,7 +88,7 @@ def exports(
 
 def _band_axis(store: BuildStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     group = zarr.open_group(str(Path(store.root) / "dataset.zarr"), mode="r")
-    return np.asarray(group["band"][:]), np.asarray(group["wavelength"][:]), np.asarray(group["fwhm"][:])
+    return read_array(group, "band"), read_array(group, "wavelength"), read_array(group, "fwhm")
 
 
 def _envi_floats(value: str) -> list[float]:
@@ -158,7 +158,7 @@ def test_everything_lives_inside_the_tif(exports: dict[str, list[Path]], kind: s
         assert src.tags(ns="ENVI")
     assert sorted(p for p in folder.rglob("*") if p.is_file()) == sorted(paths)
     with tifffile.TiffFile(paths[0]) as tif:
-        gdal_metadata = tif.pages[0].tags[42112].value
+        gdal_metadata = tif.pages.first.tags[42112].value
     for text in ('domain="ENVI"', 'domain="IMAGERY"', 'role="scale"', 'role="offset"', 'role="description"'):
         assert text in gdal_metadata, text
 
@@ -204,7 +204,7 @@ def test_cog_layout_and_same_metadata_as_plain(exports: dict[str, list[Path]]) -
         assert b"LAYOUT=IFDS_BEFORE_DATA" in header and b"KNOWN_INCOMPATIBLE_EDITION=NO" in header
         with tifffile.TiffFile(cog) as tif:
             assert len(tif.pages) == 1
-            page = tif.pages[0]
+            page = tif.pages.first
             assert page.is_tiled and (page.tilewidth, page.tilelength) == (128, 128)
             offsets = list(page.dataoffsets)
             assert offsets == sorted(offsets) and page.offset < offsets[0]
@@ -251,7 +251,7 @@ def test_cog_of_a_larger_patch_gets_overviews_down_to_one_tile(tmp_path: Path) -
         max_size=30,
     )
 )
-def test_metadata_carries_every_wavelength_exactly(spec) -> None:
+def test_metadata_carries_every_wavelength_exactly(spec: list[tuple[int, float, float]]) -> None:
     """Whatever doubles the band axis holds, the ENVI lists and band items read back to the same doubles
     and each description names its band; the metadata is built without I/O."""
     bands = [SpectralBand(n, w, f) for n, w, f in spec]

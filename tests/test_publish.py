@@ -188,7 +188,7 @@ def test_publish_then_search_equals_query_and_a_grown_build_upserts(pg_env: Clus
     window = "2023-01-10T00:00:00Z/2023-01-25T00:00:00Z"
     cloud = float(sorted(patches["eo:cloud_cover"])[len(patches) * 3 // 4])
     picked = sorted(grown[::9])
-    cases = [
+    cases: list[tuple[dict[str, Any], dict[str, Any]]] = [
         ({"bbox": half}, {"bbox": half}),
         ({"datetime": window}, {"datetime": window}),
         ({"ids": picked}, {"ids": picked}),
