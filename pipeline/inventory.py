@@ -11,6 +11,7 @@ byte the raster's own header says its data occupies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
@@ -47,9 +48,9 @@ from pipeline.enmap.product import (
     iter_products,
 )
 from pipeline.errors import TransientError, is_transient, one_line
-from pipeline.fetch import product_fetcher
+from pipeline.fetch import BlockReader, block_reader, product_fetcher
 from pipeline.manifest import Manifest
-from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json, fingerprint_of
+from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json, fingerprint_of, is_remote
 from pipeline.tables import Rejection, read_geodataframe_checked, read_table_checked
 
 STAGE = "inventory"
@@ -337,21 +338,37 @@ def data_extent(src: Any) -> int | None:
     return None
 
 
-def inspect_product(opened: OpenedProduct, manifest: Manifest) -> SceneRecord | Rejection:
+def inspect_product(
+    opened: OpenedProduct, manifest: Manifest, reader: BlockReader | None = None
+) -> SceneRecord | Rejection:
+    """Check one opened product. With the `reader` it is read through (a remote product read in
+    place), a read that failed because of the storage (GDAL reports only "read failed") raises
+    TransientError instead of rejecting the product."""
     location = opened.location
+    if reader is not None:
+        reader.fault = None
     try:
         metadata_bytes = opened.metadata_bytes()
         metadata = SceneMetadata.from_xml(metadata_bytes, max_bytes=manifest.limits.xml_bytes)
         layers = location.layers()
         sizes = dict(location.members)
-        in_folder = location.packaging == "folder"
+        # The last pixel of a local folder's raster costs one seek; read in place on object storage
+        # it would cost a block (a GET) more per raster: there the header's data extent against the
+        # listed size shows truncation (as inside a ZIP), and the last pixel is read only when the
+        # extent is unknown.
+        last_pixel = (location.packaging == "folder") if reader is None else None
         rasters = {
-            layer: read_raster_facts(opened.gdal_path(layer), sizes.get(layers[layer]), in_folder)
+            layer: read_raster_facts(opened.gdal_path(layer), sizes.get(layers[layer]), last_pixel)
             for layer in (SPECTRAL_IMAGE, *QUALITY_LAYERS)
             if layer in layers
         }
         record = check_product(location, metadata, rasters, metadata_bytes)
     except (ProductError, MetadataError) as exc:
+        if reader is not None and reader.fault is not None:
+            fault = reader.fault
+            if is_transient(fault):
+                raise TransientError(f"reading {location.source_uri}: {one_line(fault)}") from fault
+            raise fault from exc
         return Rejection(location.source_uri, location.scene_id, STAGE, str(exc))
     band_problem = manifest.bands.check(record.wavelengths_nm)
     if band_problem:
@@ -373,23 +390,37 @@ def inspect_source(
     """
     results: list[SceneRecord | Rejection] = []
     try:
-        fetcher = product_fetcher(manifest, storage_options)
-        for item in iter_products(source, storage_options, manifest.limits, fetcher):
-            if isinstance(item, Rejection):
-                results.append(item)
-                continue
-            result = inspect_product(item, manifest)
-            if isinstance(result, SceneRecord) and source.stamp:
-                # The product's fingerprint also covers its files' modification stamps (mtime, ETag)
-                # as listed with its source: no byte of the cube is read for it.
-                result = replace(result, fingerprint=fingerprint_of([result.fingerprint, source.stamp]))
-            results.append(result)
+        with contextlib.ExitStack() as stack:
+            fetcher = product_fetcher(manifest, storage_options)
+            # A remote folder or ZIP is read in place, in large aligned blocks: the ZIP's directory,
+            # METADATA.XML and each raster's header and offsets, never the whole cube (mask reads
+            # that, once). A tar.gz is fetched whole by the fetcher: gzip is sequential, so reaching
+            # the product ZIP inside it streams it once anyway.
+            reader = None
+            if is_remote(source.uri) and source.kind in ("folder", "zip"):
+                reader = stack.enter_context(block_reader(manifest, storage_options, source.uri).serving())
+            for item in iter_products(source, storage_options, manifest.limits, fetcher, reader):
+                if isinstance(item, Rejection):
+                    results.append(item)
+                    continue
+                results.append(_inspected(item, manifest, reader, source))
     except ArchiveRejected as exc:
         # Refused whole: whatever was read from it before the bad entry is dropped too.
         return [Rejection(source.uri, None, STAGE, str(exc))]
     except ProductError as exc:
         results.append(Rejection(source.uri, None, STAGE, one_line(exc)))
     return results
+
+
+def _inspected(
+    opened: OpenedProduct, manifest: Manifest, reader: BlockReader | None, source: ProductSource
+) -> SceneRecord | Rejection:
+    result = inspect_product(opened, manifest, reader)
+    if isinstance(result, SceneRecord) and source.stamp:
+        # The product's fingerprint also covers its files' modification stamps (mtime, ETag)
+        # as listed with its source: no byte of the cube is read for it.
+        result = replace(result, fingerprint=fingerprint_of([result.fingerprint, source.stamp]))
+    return result
 
 
 def split_duplicates(

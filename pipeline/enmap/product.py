@@ -50,7 +50,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
 import fsspec
 import numpy as np
@@ -85,6 +85,17 @@ ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, 
 # the path of a file in that scratch folder; `pipeline.fetch.ProductFetcher` is the one used (large
 # ranged GETs). Without one, remote products are read in place (GDAL's /vsis3/, fsspec).
 Fetcher = Callable[[Sequence[tuple[str, int | None]], str, "ScratchBudget"], Mapping[str, MemoryFile | str]]
+
+
+class RemoteReader(Protocol):
+    """Reads remote objects in place, in large blocks (`pipeline.fetch.BlockReader`): for Python
+    (`open`) and for GDAL (`gdal_path`)."""
+
+    def add_sizes(self, sizes: Mapping[str, int]) -> None: ...
+
+    def open(self, uri: str) -> IO[bytes]: ...
+
+    def gdal_path(self, uri: str) -> str: ...
 
 
 class ProductError(Exception):
@@ -675,16 +686,23 @@ class OpenedProduct:
     # folder's files (member -> bytes, or the path of the fetched file in scratch).
     zip_bytes: memoryview | None = None
     fetched: dict[str, memoryview | str] = field(default_factory=dict)
+    # A remote product read in place, in large blocks (inventory: headers, not the cube).
+    remote: RemoteReader | None = None
 
     def _zip_gdal_path(self) -> str:
-        return self.local_zip if self.local_zip else gdal_path(self.location.container_uri)
+        if self.local_zip:
+            return self.local_zip
+        if self.remote is not None:
+            return self.remote.gdal_path(self.location.container_uri)
+        return gdal_path(self.location.container_uri)
 
     def gdal_path(self, layer: str) -> str:
         member = self.location.member(layer)
         if member in self.local_members:
             return self.local_members[member]
         if self.location.packaging == "folder":
-            return gdal_path(join(self.location.container_uri, member))
+            uri = join(self.location.container_uri, member)
+            return self.remote.gdal_path(uri) if self.remote is not None else gdal_path(uri)
         return f"/vsizip/{self._zip_gdal_path()}/{member}"
 
     @contextlib.contextmanager
@@ -694,6 +712,8 @@ class OpenedProduct:
             handle: IO[bytes] = io.BufferedReader(BufferFile(self.zip_bytes))
         elif self.local_zip:
             handle = open(self.local_zip, "rb")
+        elif self.remote is not None:
+            handle = self.remote.open(self.location.container_uri)
         else:
             handle = fsspec.open(self.location.container_uri, "rb", **self.storage_options).open()
         try:
@@ -722,6 +742,9 @@ class OpenedProduct:
             copy = self.fetched.get(member)
             if isinstance(copy, memoryview):
                 data = bytes(copy[: budget + 1])
+            elif copy is None and self.remote is not None:
+                with self.remote.open(join(self.location.container_uri, member)) as handle:
+                    data = handle.read(budget + 1)
             else:
                 where = copy if copy is not None else join(self.location.container_uri, member)
                 with fsspec.open(where, "rb", **({} if copy else self.storage_options)) as handle:
@@ -757,6 +780,7 @@ def iter_products(
     storage_options: dict | None = None,
     limits: Limits = Limits(),
     fetcher: Fetcher | None = None,
+    reader: RemoteReader | None = None,
 ) -> Iterator[OpenedProduct | Rejection]:
     """Every product of a source, opened; each is valid until the next one is asked for.
 
@@ -766,8 +790,14 @@ def iter_products(
     yielded: the caller drops them), and OSError for a fault of the storage (never a rejection).
     With a `fetcher`, a remote source is brought here first, once, whole (a folder product's files, the
     ZIP, the tar.gz: see `pipeline.fetch`), and read from that copy, which is removed afterwards.
+    With a `reader`, a remote folder or ZIP is read in place through it instead (what is read of
+    it, in large blocks); a tar.gz is still fetched whole by the `fetcher` (gzip is sequential: no
+    member can be reached without inflating all before it).
     """
     options = storage_options or {}
+    if reader is not None and is_remote(source.uri) and source.kind in ("folder", "zip"):
+        yield from _iter_in_place(source, options, limits, reader)
+        return
     remote = fetcher is not None and is_remote(source.uri)
     if source.kind == "folder":
         for location in folder_products(source):
@@ -796,12 +826,32 @@ def iter_products(
     yield from _iter_tar(source, options, limits)
 
 
-def _iter_zip(
-    source: ProductSource, options: dict, limits: Limits, copy: MemoryFile | str | None = None
+def _iter_in_place(
+    source: ProductSource, options: dict, limits: Limits, remote: RemoteReader
 ) -> Iterator[OpenedProduct | Rejection]:
-    """The products of a ZIP source, read in place or from its fetched `copy`."""
+    """The products of a remote folder or ZIP source, read through `remote`."""
+    if source.kind == "folder":
+        for location in folder_products(source):
+            remote.add_sizes({join(location.container_uri, m): size for m, size in location.members})
+            yield OpenedProduct(location, options, limits=limits, remote=remote)
+        return
+    for opened in _iter_zip(source, options, limits, remote=remote):
+        if isinstance(opened, OpenedProduct):
+            opened.remote = remote
+        yield opened
+
+
+def _iter_zip(
+    source: ProductSource,
+    options: dict,
+    limits: Limits,
+    copy: MemoryFile | str | None = None,
+    remote: RemoteReader | None = None,
+) -> Iterator[OpenedProduct | Rejection]:
+    """The products of a ZIP source, read in place (through `remote` when given) or from its fetched
+    `copy`."""
     try:
-        with _open_object(source.uri, options, copy) as handle:
+        with _open_object(source.uri, options, copy, remote) as handle:
             infos = _zip_listing(handle, posixpath.basename(source.uri))
     except ArchiveRejected:
         raise
@@ -818,9 +868,15 @@ def _iter_zip(
 
 
 @contextlib.contextmanager
-def _open_object(uri: str, options: dict, copy: MemoryFile | str | None = None) -> Iterator[IO[bytes]]:
-    """An object as a binary file: its fetched copy (in memory or a local file), else in place."""
-    if isinstance(copy, MemoryFile):
+def _open_object(
+    uri: str, options: dict, copy: MemoryFile | str | None = None, remote: RemoteReader | None = None
+) -> Iterator[IO[bytes]]:
+    """An object as a binary file: its fetched copy (in memory or a local file), else in place (through
+    `remote` when given)."""
+    if remote is not None:
+        with remote.open(uri) as handle:
+            yield handle
+    elif isinstance(copy, MemoryFile):
         with io.BufferedReader(BufferFile(in_memory_view(copy))) as handle:
             yield handle
     elif copy is not None:
