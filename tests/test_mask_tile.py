@@ -133,9 +133,11 @@ def test_decide_cells_reasons_and_fractions() -> None:
     decisions = {(d.cell.i, d.cell.j): d for d in decide_cells(bits, transform, 32632, spec, policy, ())}
     assert len(decisions) == 8
     top_middle = decisions[(1, 2)]
-    assert not top_middle.kept and top_middle.reason.startswith("background: 50.00%")
+    assert not top_middle.kept and top_middle.reason is not None
+    assert top_middle.reason.startswith("background: 50.00%")
     middle_left = decisions[(0, 1)]
-    assert not middle_left.kept and middle_left.reason.startswith("cloud: 50.00%")
+    assert not middle_left.kept and middle_left.reason is not None
+    assert middle_left.reason.startswith("cloud: 50.00%")
     centre = decisions[(1, 1)]
     assert centre.kept and dict(centre.fractions)["cloud"] == 1 / 16
     assert centre.disqualifying_pixels == 1
@@ -272,7 +274,7 @@ def test_a_scene_with_an_empty_kept_band_has_nothing_cut(tmp_path: Path, manifes
     st.integers(0, 2**32 - 1),
     st.sampled_from(["random", "extremes", "with-nodata"]),
 )
-def test_cut_patch_sums_equal_the_reference_sums(bands, size, seed, kind) -> None:
+def test_cut_patch_sums_equal_the_reference_sums(bands: int, size: int, seed: int, kind: str) -> None:
     """The reading pass's fast sums of a cut patch are `CellSums.of_patch`'s exactly."""
     from pipeline.cell_moments import CellSums
     from pipeline.cut import clean_patch_sums
@@ -288,7 +290,7 @@ def test_cut_patch_sums_equal_the_reference_sums(bands, size, seed, kind) -> Non
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 1400), st.sampled_from([48, 64, 128, 256, 512]), st.integers(0, 511), st.data())
-def test_blocks_hold_whole_cell_rows(height, size, first, data) -> None:
+def test_blocks_hold_whole_cell_rows(height: int, size: int, first: int, data: st.DataObject) -> None:
     """Every cell row is read as exactly one block (of any patch size, above or below BLOCK_ROWS), the
     blocks cover the scene's rows once, and the other blocks stay within BLOCK_ROWS."""
     from pipeline.cut import BLOCK_ROWS, block_edges
