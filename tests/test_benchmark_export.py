@@ -22,10 +22,11 @@ from pipeline.cli import main
 from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.enmap.synth.labels import regions_of, write_label_sources
 from pipeline.labels import included_patches, label_array, read_label_table, run_labels
-from pipeline.loader import PatchDataset
+from pipeline.loader import PatchDataset, PatchSample
 from pipeline.manifest import Manifest
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
+from tests.helpers import read_array, zarr_array
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -123,8 +124,8 @@ def test_the_authors_loader_reads_the_export(
     monkeypatch.chdir(exported)  # their split paths are relative to the working directory
     classes = [0, *label_array(store, "cdl").attrs["class_codes"]]
     group = zarr.open_group(store.path("dataset.zarr"), mode="r")
-    reflectance, labels = group["reflectance"], label_array(store, "cdl")
-    patch_ids = np.asarray(group["patch_id"][:]).tolist()
+    reflectance, labels = zarr_array(group, "reflectance"), label_array(store, "cdl")
+    patch_ids = read_array(group, "patch_id").tolist()
     seen = []
     for split in ("train", "val", "test"):
         dataset = AuthorsLoaderStandIn(str(exported), "cdl", split, list(classes))
@@ -197,8 +198,10 @@ def test_patch_dataset_returns_labels(build: dict) -> None:
     assert dataset.patch_ids == included_patches(store, "cdl")
     for k in range(len(dataset)):
         sample = dataset[k]
+        assert isinstance(sample, PatchSample)
         assert sample.label is not None and np.array_equal(sample.label, np.asarray(labels[sample.row]))
-    assert PatchDataset(store)[0].label is None
+    unlabelled = PatchDataset(store)[0]
+    assert isinstance(unlabelled, PatchSample) and unlabelled.label is None
     with pytest.raises(FileNotFoundError, match="labels"):
         PatchDataset(store, patch_ids=dataset.patch_ids[:1], labels="nope")
 
@@ -236,7 +239,7 @@ def test_export_refuses_bad_arguments(build: dict, tmp_path: Path) -> None:
 @given(
     st.lists(st.text("0123456789/", min_size=1, max_size=8), unique=True, max_size=60), st.integers(0, 10**6)
 )
-def test_paper_random_split_partitions_with_the_paper_sizes(paths, seed) -> None:
+def test_paper_random_split_partitions_with_the_paper_sizes(paths: list[str], seed: int) -> None:
     parts = paper_random_split(paths, seed)
     assert len(parts["train"]) == int(0.75 * len(paths)) and len(parts["val"]) == int(0.10 * len(paths))
     assert sorted(parts["train"] + parts["val"] + parts["test"]) == sorted(paths)
@@ -254,5 +257,6 @@ def test_report_quicklooks_show_the_first_benchmark(build: dict) -> None:
     assert data.samples
     for sample in data.samples:
         assert sample.label_name == "cdl"
+        assert sample.label is not None
         assert np.array_equal(sample.label, np.asarray(labels[int(rows[sample.patch_id])]))
         assert sample_png(sample)[:8] == b"\x89PNG\r\n\x1a\n"
