@@ -6,6 +6,7 @@ atomic for readers: locally a temporary file renamed into place, on S3 a single 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -16,14 +17,18 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib.metadata import version
 from typing import Any
 
 import fsspec
+import geopandas
 import pyarrow as pa
 import pyarrow.parquet as pq
+import rasterio
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import tables
+from pipeline import __version__, tables
+from pipeline.errors import is_transient
 
 STAGES_DIR = tables.STAGES_DIR
 
@@ -54,8 +59,6 @@ def canonical_json(value: Any) -> str:
 
 def fingerprint_of(value: Any) -> str:
     """Short stable fingerprint of a JSON-able value (SHA-256 of its canonical JSON)."""
-    import hashlib
-
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:16]
 
 
@@ -137,8 +140,6 @@ class BuildStore:
         self.write_bytes(relative, buffer.getvalue())
 
     def read_geodataframe(self, relative: str) -> Any:
-        import geopandas
-
         return geopandas.read_parquet(io.BytesIO(self.read_bytes(relative)))
 
     # Stage records -------------------------------------------------------------------------------
@@ -189,8 +190,6 @@ STORE_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def _retrying(function: Any, *args: Any, **kwargs: Any) -> Any:
-    from pipeline.errors import is_transient
-
     for delay in (*STORE_RETRY_DELAYS, None):
         try:
             return function(*args, **kwargs)
@@ -220,18 +219,12 @@ def listing_fingerprint(store: BuildStore, folder: str) -> str:
 
 
 def software_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    import rasterio
-
-    from pipeline import __version__
-
     versions = {
         "pipeline": __version__,
         "python": platform.python_version(),
         "gdal": rasterio.__gdal_version__,
     }
-    for package in ("numpy", "rasterio", "pyarrow", "dask", "zarr", "geopandas", "pystac"):
+    for package in ("numpy", "rasterio", "pyarrow", "dask", "zarr", "geopandas"):
         try:
             versions[package] = version(package)
         except Exception:  # a package that is not installed is simply not recorded
