@@ -361,7 +361,8 @@ class S3Proxy:
             while connection.end is None:
                 for key, _ in selector.select(POLL_SECONDS):
                     source = key.fileobj
-                    data = source.recv(RECV_BYTES)  # type: ignore[union-attr]
+                    assert isinstance(source, socket.socket)  # only the two sockets are registered
+                    data = source.recv(RECV_BYTES)
                     if not data:
                         return
                     if source is client:

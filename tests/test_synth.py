@@ -261,7 +261,8 @@ def test_metadata_against_truth(build: tuple[Path, Truth, Path], opened: dict[st
         assert root.findtext("metadata/schema/versionSchema") == "00.06.00"
         assert root.findtext("specific/tileID") == f"{p.tile:02d}"
         assert len(root.findall("base/spatialCoverage/boundingPolygon/point")) == 6
-        assert root.find("specific/sunElevationAngle/upper_left").get("unit") == "DEG"  # type: ignore[union-attr]
+        sun_elevation = root.find("specific/sunElevationAngle/upper_left")
+        assert sun_elevation is not None and sun_elevation.get("unit") == "DEG"
         assert root.findtext("metadata/name") in opened[p.scene_id].files
 
 
