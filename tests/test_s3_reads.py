@@ -4,9 +4,15 @@ fetches each product in a handful of large ranged GETs per reading stage (invent
 proxy in front of moto whichever library made them, and gives the same dataset as the local build of
 the same products. The build location is on S3 too: every object of it goes up whole (one PUT each).
 
+`inventory` reads a remote folder or ZIP in place, in aligned blocks of the part size (a ZIP's
+directory, METADATA.XML, each raster's header): on products several blocks large it transfers a fraction
+of each (`test_inventory_reads_remote_products_in_place_in_a_few_blocks`); only `mask` reads the cubes.
+A tar.gz is streamed once by inventory too (gzip is sequential).
+
 The products are small; the manifest's `storage.fetch_part_bytes` is 8 MiB (the smallest allowed), so
-each cube (~16 MB) still takes several parts. No GDAL reads through the proxy (the products are fetched
-by s3fs and read from the local copy), so the build runs in this process with the synchronous scheduler.
+each cube (~16 MB) still takes several parts. GDAL never talks to the proxy itself (it reads through
+the pipeline's own readers, s3fs underneath, via rasterio's opener, or from fetched copies): GDAL holds
+the GIL while it waits for a server, so the build can run in this process, synchronously.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import math
 import os
 import posixpath
+import struct
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +41,7 @@ from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
 from pipeline.write import zarr_store
 from tests.helpers import read_array
-from tests.s3_proxy import S3Proxy, moto_server
+from tests.s3_proxy import Request, S3Proxy, moto_server
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -131,6 +139,14 @@ def product_objects(fs: s3fs.S3FileSystem, set_name: str, path: str) -> dict[str
     return {f"/{name}": int(info["size"]) for name, info in found.items()}
 
 
+def received_bytes(request: Request, sizes: dict[str, int]) -> int:
+    """The bytes a GET asked for: its Range (`bytes=a-b`), else the whole object."""
+    if request.range is None:
+        return sizes[request.path]
+    first, _, last = request.range.removeprefix("bytes=").partition("-")
+    return min(int(last), sizes[request.path] - 1) - int(first) + 1
+
+
 def read_arrays(group: zarr.Group) -> dict[str, np.ndarray]:
     return {name: read_array(group, name) for name in group.array_keys()}
 
@@ -143,12 +159,14 @@ def test_s3_build_fetches_each_product_in_few_large_gets(
     built = manifest(tmp_path)
     remote = BuildContext.create(built, "s3://builds/reads", scheduler="synchronous", progress=False)
     gets: dict[str, Counter[str]] = {}
+    get_requests: dict[str, list[Request]] = {}
     put_requests = []
     for name in stages.ORDER:
         proxy.clear_counts()
         remote.run(name, inputs=["s3://enmap-products/"])
         requests = proxy.requests
         gets[name] = Counter(r.path for r in requests if r.method == "GET")
+        get_requests[name] = [r for r in requests if r.method == "GET"]
         put_requests += [r for r in requests if r.method == "PUT"]
 
     # Every product is read (inventory, mask) in at most one GET per 8 MiB part of its bytes plus a
@@ -163,7 +181,11 @@ def test_s3_build_fetches_each_product_in_few_large_gets(
             count = sum(gets[stage][path] for path in objects)
             if stage in ("inventory", "mask"):
                 assert 1 <= count <= bound, (stage, truth.scene_id, truth.packaging, count, size)
-                print(f"{stage}: {set_name} {truth.packaging} {truth.format}: {size} bytes, {count} GETs")
+                got = sum(received_bytes(r, objects) for r in get_requests[stage] if r.path in objects)
+                print(
+                    f"{stage}: {set_name} {truth.packaging} {truth.format}: {size} bytes, {count} GETs, "
+                    f"{got} bytes received"
+                )
             else:
                 assert count == 0, (stage, truth.scene_id, count)
         packagings.add((truth.packaging, truth.format, set_name))
@@ -208,6 +230,89 @@ def test_s3_build_fetches_each_product_in_few_large_gets(
     assert remote.store.read_table("mask/rejected.parquet").num_rows == 0
     # Scratch is cleaned.
     assert list(Path(os.environ["SPECTRALEARTH_SCRATCH"]).iterdir()) == []
+
+
+# Products over three 8 MiB blocks large (~27 MB cubes, 224 bands), stored ZIP and folders, GeoTIFF and
+# ENVI: what inventory reads of them in place is a few blocks, not the product.
+LARGE = SynthConfig(
+    seed=7,
+    sites=1,
+    revisits=3,
+    overlapping_tiles=0,
+    reprocessed=0,
+    width=250,
+    height=238,
+    packagings=("folder", "zip"),
+    formats=("GTiff", "BIL", "BSQ"),
+    zip_compresslevel=0,
+    first_date="2023-09-04",
+)
+
+
+def test_inventory_reads_remote_products_in_place_in_a_few_blocks(s3: Moto, tmp_path: Path) -> None:
+    proxy, fs = s3
+    truths = generate(tmp_path / "large", LARGE).products
+    (tmp_path / "large" / "truth.json").unlink()
+    fs.put(str(tmp_path / "large") + "/", "enmap-products-large/", recursive=True)
+    built = manifest(tmp_path)
+    options = built.storage.fsspec_options()
+    packagings = set()
+    for truth in truths:
+        uri = f"s3://enmap-products-large/{truth.path}"
+        (source,), _ = discover([uri], options, built.limits)
+        key = f"enmap-products-large/{truth.path}"
+        found = fs.find(key, detail=True) if fs.isdir(key) else {key: fs.info(key)}
+        objects = {f"/{name}": int(info["size"]) for name, info in found.items()}
+        size = sum(objects.values())
+        assert size > 3 * PART_BYTES
+        proxy.clear_counts()
+        (result,) = inspect_source(source, built, options)
+        assert not isinstance(result, Rejection), result
+        requests = [r for r in proxy.requests if r.method == "GET" and r.path in objects]
+        received = [received_bytes(r, objects) for r in requests]
+        print(
+            f"inventory in place: {truth.packaging} {truth.format}: {size} bytes, "
+            f"{len(requests)} GETs, {sum(received)} bytes received"
+        )
+        # Each GET is one aligned block (the last of an object may be shorter), no block twice, and all
+        # of them together well under the product: headers, not cubes.
+        assert all(n <= PART_BYTES for n in received), received
+        assert len({(r.path, r.range) for r in requests}) == len(requests)
+        assert all(
+            r.range is not None and int(r.range.removeprefix("bytes=").split("-")[0]) % PART_BYTES == 0
+            for r in requests
+        )
+        # No block that holds nothing but cube data (the cube's body: from its second block, within
+        # the cube's bytes) is fetched; there are such blocks to fetch, so a whole read would fail this.
+        path, start, end = cube_bytes(tmp_path / "large" / truth.path, key)
+        body = {k for k in range(start // PART_BYTES + 1, end // PART_BYTES) if (k + 1) * PART_BYTES <= end}
+        fetched = {
+            int(r.range.removeprefix("bytes=").split("-")[0]) // PART_BYTES
+            for r in requests
+            if r.path == path and r.range is not None
+        }
+        assert body and not fetched & body, (truth.packaging, truth.format, sorted(fetched), sorted(body))
+        assert sum(received) < size - len(body) * PART_BYTES + 1
+        packagings.add((truth.packaging, truth.format))
+    assert packagings == {("folder", "GTiff"), ("zip", "BIL"), ("folder", "BSQ")}
+    assert list(Path(os.environ["SPECTRALEARTH_SCRATCH"]).iterdir()) == []
+
+
+def cube_bytes(local: Path, key: str) -> tuple[str, int, int]:
+    """The proxy path of the object holding SPECTRAL_IMAGE's data file and where that data lies in it."""
+    if local.is_dir():
+        (cube,) = [p for p in local.iterdir() if "SPECTRAL_IMAGE" in p.name and p.suffix.upper() != ".HDR"]
+        return f"/{key}/{cube.name}", 0, cube.stat().st_size
+    with zipfile.ZipFile(local) as archive, open(local, "rb") as raw:
+        (info,) = [
+            i
+            for i in archive.infolist()
+            if "SPECTRAL_IMAGE" in i.filename and not i.filename.upper().endswith(".HDR")
+        ]
+        raw.seek(info.header_offset)
+        _, name_length, extra_length = struct.unpack("<4s22xHH", raw.read(30))
+        start = info.header_offset + 30 + name_length + extra_length
+    return f"/{key}", start, start + info.compress_size
 
 
 def run_stages(context: BuildContext, names: tuple[str, ...], inputs: list[str]) -> None:
