@@ -39,7 +39,8 @@ import numpy as np
 from rasterio._vsiopener import _opener_registration
 from rasterio.io import MemoryFile
 
-from pipeline.enmap.product import ProductError, ScratchBudget
+from pipeline.enmap.product_errors import ProductError
+from pipeline.enmap.scratch import ScratchBudget
 from pipeline.errors import TransientError, is_transient, one_line
 from pipeline.manifest import Manifest
 
@@ -735,10 +736,11 @@ class BlockReader:
 
         return run
 
-    def open(self, uri: str) -> IO[bytes]:
+    def open(self, uri: str, for_gdal: bool = False) -> IO[bytes]:
         """`uri` as a seekable binary file reading through the blocks (one HEAD when its size is not
-        known yet)."""
-        return io.BufferedReader(_BlockFile(self, uri, self.size(uri)), buffer_size=64 * 1024)
+        known yet). A file `for_gdal` never raises from a read (an exception escaping into GDAL's
+        read callback aborts the process): a failed read returns no bytes and leaves `fault` set."""
+        return io.BufferedReader(_BlockFile(self, uri, self.size(uri), for_gdal), buffer_size=64 * 1024)
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[BlockReader]:
@@ -764,14 +766,15 @@ class BlockReader:
             raise PermissionError(f"{uri} is read-only here")
         if uri not in self._sizes:  # a sidecar GDAL probes for (.aux.xml, .msk): not in the product
             raise FileNotFoundError(uri)
-        return self.open(uri)
+        return self.open(uri, for_gdal=True)
 
 
 class _BlockFile(io.RawIOBase):
     """A read-only, seekable view of one object through a `BlockReader`."""
 
-    def __init__(self, reader: BlockReader, uri: str, size: int) -> None:
+    def __init__(self, reader: BlockReader, uri: str, size: int, for_gdal: bool = False) -> None:
         self._reader, self._uri, self._size, self._position = reader, uri, size, 0
+        self._for_gdal = for_gdal
 
     def readable(self) -> bool:
         return True
@@ -789,7 +792,13 @@ class _BlockFile(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        data = self._reader.read(self._uri, self._position, self._position + len(view))
+        try:
+            data = self._reader.read(self._uri, self._position, self._position + len(view))
+        except Exception as exc:
+            if not self._for_gdal:
+                raise
+            self._reader.fault = exc  # GDAL sees a short read; the caller raises the fault
+            return 0
         view[: len(data)] = data
         self._position += len(data)
         return len(data)

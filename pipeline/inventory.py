@@ -35,18 +35,11 @@ from pipeline.engine import (
     run_items,
     up_to_date,
 )
+from pipeline.enmap.discovery import ProductLocation, ProductSource, discover
 from pipeline.enmap.metadata import MetadataError, SceneMetadata
 from pipeline.enmap.names import SPECTRAL_IMAGE, ProductName, ProductNameError, parse_file_name
-from pipeline.enmap.product import (
-    ArchiveRejected,
-    OpenedProduct,
-    ProductError,
-    ProductLocation,
-    ProductSource,
-    discover,
-    format_size,
-    iter_products,
-)
+from pipeline.enmap.product import OpenedProduct, iter_products
+from pipeline.enmap.product_errors import ArchiveRejected, ProductError, format_size
 from pipeline.errors import TransientError, is_transient, one_line
 from pipeline.fetch import BlockReader, block_reader, product_fetcher
 from pipeline.manifest import Manifest
@@ -362,6 +355,8 @@ def inspect_product(
             for layer in (SPECTRAL_IMAGE, *QUALITY_LAYERS)
             if layer in layers
         }
+        if reader is not None and reader.fault is not None:
+            raise ProductError("a read through the block reader failed")  # the fault is raised below
         record = check_product(location, metadata, rasters, metadata_bytes)
     except (ProductError, MetadataError) as exc:
         if reader is not None and reader.fault is not None:

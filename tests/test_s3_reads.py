@@ -24,21 +24,26 @@ import struct
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import s3fs
 import yaml
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import stages
-from pipeline.enmap.product import Rejection, discover
+from pipeline.enmap.product import OpenedProduct, Rejection, discover, folder_products
 from pipeline.enmap.synth import ProductTruth, SynthConfig, generate
-from pipeline.errors import is_transient
-from pipeline.inventory import inspect_source
+from pipeline.errors import TransientError, is_transient
+from pipeline.fetch import BlockReader, FetchSettings
+from pipeline.inventory import SceneRecord, inspect_product, inspect_source
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
+from pipeline.storage import join
 from pipeline.write import zarr_store
 from tests.helpers import read_array
 from tests.s3_proxy import Request, S3Proxy, moto_server
@@ -379,3 +384,50 @@ def test_a_fault_while_fetching_is_transient_and_a_truncated_archive_is_rejected
     assert list(Path(os.environ["SPECTRALEARTH_SCRATCH"]).iterdir()) == []
     (healed,) = inspect_source(source, built, options)
     assert healed.scene_id == archive.scene_id and not isinstance(healed, Rejection)
+
+
+class RastersUnreachable(LocalFileSystem):
+    """A store on which every read of the cube fails as a network fault does (the rest reads fine)."""
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        if "SPECTRAL_IMAGE" in path:
+            raise ConnectionResetError("connection reset by peer")
+        return bytes(super().cat_file(path, start=start, end=end, **kwargs))
+
+
+def test_a_fault_under_gdal_is_transient_and_a_corrupt_raster_is_one_line(tmp_path: Path) -> None:
+    """GDAL reading through a BlockReader sees only "read failed": the storage fault behind it raises
+    as transient (never a rejection); bytes that are no raster stay a one-line rejection."""
+    config = SynthConfig(
+        seed=8,
+        sites=1,
+        revisits=1,
+        overlapping_tiles=0,
+        reprocessed=0,
+        width=70,
+        height=58,
+        packagings=("folder",),
+        formats=("GTiff",),
+    )
+    (truth,) = generate(tmp_path / "p", config).products
+    built = manifest(tmp_path)
+    (source,), _ = discover([str(tmp_path / "p" / truth.path)], {}, built.limits)
+    (location,) = folder_products(source)
+    location = replace(location, container_uri=f"file://{location.container_uri}")
+
+    def inspect(fs: LocalFileSystem) -> SceneRecord | Rejection:
+        reader = BlockReader(fs, FetchSettings(retries=0, backoff_seconds=0))
+        reader.add_sizes({join(location.container_uri, m): size for m, size in location.members})
+        with reader.serving():
+            opened = OpenedProduct(location, {}, limits=built.limits, remote=reader)
+            return inspect_product(opened, built, reader)
+
+    assert isinstance(inspect(LocalFileSystem()), SceneRecord)
+    with pytest.raises(TransientError) as raised:
+        inspect(RastersUnreachable())
+    assert is_transient(raised.value) and "connection reset" in str(raised.value)
+    cube = next(p for p in (tmp_path / "p" / truth.path).iterdir() if "SPECTRAL_IMAGE" in p.name)
+    cube.write_bytes(bytes(np.random.default_rng(8).integers(0, 256, cube.stat().st_size, dtype=np.uint8)))
+    rejected = inspect(LocalFileSystem())
+    assert isinstance(rejected, Rejection)
+    assert rejected.reason.startswith("unreadable raster SPECTRAL_IMAGE") and "\n" not in rejected.reason
