@@ -51,8 +51,9 @@ from pipeline.engine import (
     up_to_date,
 )
 from pipeline.enmap.cube_reader import CubeReader
-from pipeline.enmap.product import Fetcher, ProductError, open_product
-from pipeline.enmap.product import _scratch_dir as scratch_dir  # an owned scratch folder (cleaned when stale)
+from pipeline.enmap.product import Fetcher, open_product
+from pipeline.enmap.product_errors import ProductError
+from pipeline.enmap.scratch import scratch_dir
 from pipeline.errors import BuildFault, TransientError, is_open_failure, is_transient, one_line
 from pipeline.fetch import product_fetcher
 from pipeline.grid import OffLatticeError, check_lattice, snap_to_lattice

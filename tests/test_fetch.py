@@ -21,7 +21,10 @@ from hypothesis import strategies as st
 from rasterio.io import MemoryFile
 
 from pipeline.enmap import raw_reader
-from pipeline.enmap.product import ProductError, ScratchBudget, _member_data_offset, in_memory_view
+from pipeline.enmap.product import in_memory_view
+from pipeline.enmap.product_errors import ProductError
+from pipeline.enmap.scratch import ScratchBudget
+from pipeline.enmap.zip_members import member_data_offset
 from pipeline.errors import TransientError, is_transient
 from pipeline.fetch import (
     MIN_PART_BYTES,
@@ -370,7 +373,7 @@ def test_every_member_of_a_zip_in_a_few_merged_gets(
     uri = _upload(proxy, local)
     with open(local, "rb") as handle, zipfile.ZipFile(handle) as archive:
         members = {
-            info.filename: Piece(uri, _member_data_offset(handle, info), info.compress_size)
+            info.filename: Piece(uri, member_data_offset(handle, info), info.compress_size)
             for info in archive.infolist()
             if not info.is_dir()
         }

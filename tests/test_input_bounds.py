@@ -32,22 +32,16 @@ import yaml
 from rasterio.errors import RasterioIOError
 
 import pipeline.enmap.product as product_module
-from pipeline.enmap.product import (
-    SCRATCH_OWNER,
-    SCRATCH_PREFIX,
-    OpenedProduct,
-    ProductError,
-    ProductSource,
-    Rejection,
-    clean_stale_scratch,
-    discover,
-    iter_products,
-    open_product,
-)
+import pipeline.enmap.zip_members as zip_members
+from pipeline.enmap.discovery import ProductSource, discover
+from pipeline.enmap.product import OpenedProduct, iter_products, open_product
+from pipeline.enmap.product_errors import ProductError, format_size
+from pipeline.enmap.scratch import SCRATCH_OWNER, SCRATCH_PREFIX, clean_stale_scratch
 from pipeline.enmap.synth import SynthConfig, Truth, generate
 from pipeline.errors import TransientError, is_transient
 from pipeline.inventory import SceneRecord, inspect_source
 from pipeline.manifest import Limits, Manifest
+from pipeline.tables import Rejection
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -159,7 +153,7 @@ def test_metadata_declaring_more_than_the_xml_budget_is_refused_unread(
     def no_read(*args: object, **kwargs: object) -> None:
         raise AssertionError("METADATA.XML was read although its header declares more than the budget")
 
-    monkeypatch.setattr(product_module, "_member_data_offset", no_read)
+    monkeypatch.setattr(zip_members, "member_data_offset", no_read)
     rejection = single_rejection(inspect_source(only_source(tmp_path / "in"), manifest()))
     assert rejection.reason == f"member {member} inflates to 3.0 GiB, over the 16.0 MiB XML budget"
 
@@ -203,9 +197,7 @@ def test_folder_metadata_over_the_xml_budget_is_refused_before_parsing(
     size = xml.stat().st_size
     assert size > 2 * MiB
     rejection = single_rejection(inspect_source(only_source(tmp_path / "in"), manifest(xml_bytes=MiB)))
-    assert rejection.reason == (
-        f"member {xml.name} holds {product_module.format_size(size)}, over the 1.0 MiB XML budget"
-    )
+    assert rejection.reason == (f"member {xml.name} holds {format_size(size)}, over the 1.0 MiB XML budget")
     # the same product under a budget that admits it is accepted: only the size decided
     (record,) = inspect_source(only_source(tmp_path / "in"), manifest(xml_bytes=4 * MiB))
     assert isinstance(record, SceneRecord)
@@ -223,7 +215,7 @@ def test_members_unpacked_to_scratch_stay_within_the_scratch_budget(
     with pytest.raises(ProductError) as info:
         with open_product(opened.location, unpack=("SPECTRAL_IMAGE",), limits=over):
             pass
-    size, budget = product_module.format_size(cube), product_module.format_size(cube - 1)
+    size, budget = format_size(cube), format_size(cube - 1)
     member = f"{folder.name}/{folder.name}-SPECTRAL_IMAGE.TIF"
     assert str(info.value) == f"member {member} unpacks to {size}, over the {budget} scratch budget"
     # a budget of exactly the member's size admits it, into scratch (the memory budget is 1 byte)
@@ -418,7 +410,8 @@ def test_scratch_of_a_killed_task_is_removed_at_the_next_start(
     delivery = delivery_of(inner.read_bytes(), folder.name, tmp_path / "delivery.tar.gz")
     script = (
         "import sys, time\n"
-        "from pipeline.enmap.product import ProductSource, iter_products\n"
+        "from pipeline.enmap.discovery import ProductSource\n"
+        "from pipeline.enmap.product import iter_products\n"
         "for item in iter_products(ProductSource('tar', sys.argv[1])):\n"
         "    print(item.local_zip, flush=True)\n"
         "    time.sleep(120)\n"

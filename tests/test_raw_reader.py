@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from rasterio.windows import Window
 
 from pipeline.enmap import raw_reader
-from pipeline.enmap.product import ProductError
+from pipeline.enmap.product_errors import ProductError
 from pipeline.enmap.synth import Truth
 from pipeline.fetch import FileSlice
 

@@ -16,7 +16,8 @@ import numpy as np
 from rasterio.windows import Window
 
 from pipeline.enmap import raw_reader
-from pipeline.enmap.product import BufferFile, ProductError, _member_data_offset
+from pipeline.enmap.product_errors import ProductError
+from pipeline.enmap.zip_members import BufferFile, member_data_offset
 from pipeline.errors import is_transient
 from pipeline.storage import gdal_path, is_remote
 
@@ -85,7 +86,7 @@ def _stored_in_memory(
         info = archive.getinfo(member)
         if info.compress_type != zipfile.ZIP_STORED:
             return None
-        start = _member_data_offset(handle, info)
+        start = member_data_offset(handle, info)
         return zip_bytes[start : start + info.file_size], _zip_header(archive, member)
 
 

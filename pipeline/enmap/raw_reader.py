@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from pipeline.enmap.product import ProductError, _member_data_offset
+from pipeline.enmap.product_errors import ProductError
+from pipeline.enmap.zip_members import member_data_offset
 from pipeline.fetch import FileSlice
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | FileSlice
@@ -524,4 +525,4 @@ def stored_member(zip_path: str | os.PathLike[str], member: str) -> FileSlice | 
             raise ProductError(f"corrupt ZIP or missing member {member}: {exc}") from None
         if info.compress_type != zipfile.ZIP_STORED:
             return None
-        return FileSlice(os.fspath(zip_path), _member_data_offset(handle, info), info.file_size)
+        return FileSlice(os.fspath(zip_path), member_data_offset(handle, info), info.file_size)
