@@ -36,7 +36,8 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import stages
-from pipeline.enmap.product import OpenedProduct, Rejection, discover, folder_products
+from pipeline.enmap.discovery import discover, folder_products
+from pipeline.enmap.product import OpenedProduct
 from pipeline.enmap.synth import ProductTruth, SynthConfig, generate
 from pipeline.errors import TransientError, is_transient
 from pipeline.fetch import BlockReader, FetchSettings
@@ -44,6 +45,7 @@ from pipeline.inventory import SceneRecord, inspect_product, inspect_source
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
 from pipeline.storage import join
+from pipeline.tables import Rejection
 from pipeline.write import zarr_store
 from tests.helpers import read_array
 from tests.s3_proxy import Request, S3Proxy, moto_server
