@@ -55,7 +55,6 @@ from pipeline.enmap.discovery import (
     ZIP_SUFFIXES,
     ProductLocation,
     ProductSource,
-    discover,  # noqa: F401  TEMPORARY: tests/test_s3_reads.py imports it from here (to be dropped)
     folder_products,
     tar_entry_problem,
     unsafe_member,
