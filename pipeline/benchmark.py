@@ -31,8 +31,15 @@ import numpy as np
 import rasterio
 
 from pipeline.dedup import INDEX_LOCATIONS, INDEX_PATCHES
+from pipeline.enmap.synth.labels import regions_of, write_label_sources
 from pipeline.export import ReleaseNumbers, export_geotiffs, rows_of
-from pipeline.labels import label_array, read_label_table
+from pipeline.labels import (
+    label_array,
+    label_benchmark,
+    print_labels_summary,
+    read_label_table,
+    require_dataset,
+)
 from pipeline.splits import BUFFER, blocked_split, cross_zone_contacts
 from pipeline.storage import BuildStore
 
@@ -220,9 +227,6 @@ def demo_benchmarks(context: Any, products_dir: str, seed: int = 0) -> list[Benc
     labelled (its `source` read from there), its class histogram printed, and exported to
     `<build>-benchmark/` (local builds)."""
     from dataclasses import replace
-
-    from pipeline.enmap.synth.labels import regions_of, write_label_sources
-    from pipeline.labels import label_benchmark, print_labels_summary, require_dataset
 
     store, manifest = context.store, context.manifest
     specs = [s for s in manifest.labels if Path(s.source).name in SYNTHETIC_SOURCES]

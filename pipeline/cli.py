@@ -14,15 +14,28 @@ from typing import Any
 
 import click
 
+from pipeline.benchmark import BenchmarkError, export_benchmark
+from pipeline.demo import run_demo
 from pipeline.enmap.metadata import MetadataError
 from pipeline.enmap.product import ProductError
+from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.errors import BuildFault, StageFailed, TransientError, one_line, redact
 from pipeline.export import SelectionError
+from pipeline.labels import LabelSourceError, included_patches, print_labels_summary, run_labels
 from pipeline.lock import BuildLock, LockError
 from pipeline.manifest import Manifest, ManifestError
+from pipeline.query import open_build
+from pipeline.query import query as run_query
 from pipeline.scheduler import SchedulerError, TaskFailed
-from pipeline.stages import StaleStageError
+from pipeline.splits import make_split
+from pipeline.stages import ORDER, BuildContext, StaleStageError
 from pipeline.storage_settings import StorageError, refuse_credentials
+from pipeline.summaries import print_stage_summary
+from pipeline.write import verify_build
+from stac.pgstac import PublishError
+from stac.pgstac import publish as publish_build
+from stac.serve import ServeError
+from stac.serve import serve as run_server
 
 EXPECTED_ERRORS = (
     BuildFault,
@@ -188,7 +201,6 @@ def _locked(store: Any, command: str) -> Iterator[BuildLock]:
 
 
 def _context(manifest_path: str, build: str, scheduler: str, workers: int | None, no_progress: bool) -> Any:
-    from pipeline.stages import BuildContext
 
     return BuildContext.create(Manifest.from_yaml(manifest_path), build, scheduler, workers, not no_progress)
 
@@ -219,7 +231,6 @@ def inventory(
     force: bool,
 ) -> None:
     """Find, check and filter EnMAP L2A products: inventory/scenes.parquet and rejected.parquet."""
-    from pipeline.summaries import print_stage_summary
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     all_inputs = _all_inputs(context, inputs)
@@ -238,7 +249,6 @@ def _stage_command(name: str, doc: str) -> Callable[..., Any]:
     def command(
         manifest_path: str, build: str, scheduler: str, workers: int | None, no_progress: bool, force: bool
     ) -> None:
-        from pipeline.summaries import print_stage_summary
 
         context = _context(manifest_path, build, scheduler, workers, no_progress)
         with _locked(context.store, name):
@@ -286,8 +296,6 @@ def report_command(
 @one_line_errors
 def split(build: str, name: str, kind: str, fractions: str, seed: int, block_cells: int) -> None:
     """Make a train/validation/test split of the build's patches, deterministic from --seed."""
-    from pipeline.query import open_build
-    from pipeline.splits import make_split
 
     parts = _floats(fractions, 3, "--fractions") or [0.8, 0.1, 0.1]
     store = open_build(build)
@@ -324,8 +332,6 @@ def run_all(
     force: bool,
 ) -> None:
     """All stages in order: inventory, mask, tile, dedup, write, catalog (each skips what is up to date)."""
-    from pipeline.stages import ORDER
-    from pipeline.summaries import print_stage_summary
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     all_inputs = _all_inputs(context, inputs)
@@ -344,8 +350,6 @@ def run_all(
 @one_line_errors
 def verify(build: str, repair: bool) -> None:
     """Check every shard of dataset.zarr against its recorded SHA-256 checksum."""
-    from pipeline.query import open_build
-    from pipeline.write import verify_build
 
     store = open_build(build)
     with _locked(store, "verify --repair") if repair else nullcontext():
@@ -511,13 +515,8 @@ def query(
     if cog and export_format != "geotiff":
         raise PipelineFailure("--cog applies to GeoTIFF exports: add --export-format geotiff")
 
-    from pipeline.query import query as run_query
-
     id_list = ids.split(",") if ids else None
     if labels_name:
-        from pipeline.labels import included_patches
-        from pipeline.query import open_build
-
         benchmark = set(included_patches(open_build(build), labels_name))
         id_list = sorted(benchmark & set(id_list)) if id_list is not None else sorted(benchmark)
     try:
@@ -607,7 +606,6 @@ def synth(
     cloud_amount: float,
 ) -> None:
     """Write realistic synthetic EnMAP L2A products and their truth file (truth.json)."""
-    from pipeline.enmap.synth import SynthConfig, generate
 
     try:
         width, height = (int(v) for v in size.lower().split("x"))
@@ -647,7 +645,6 @@ def demo(
     products_dir: str | None,
 ) -> None:
     """Synthesise a handful of products in mixed packaging and run the stages on them."""
-    from pipeline.demo import run_demo
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     with _locked(context.store, "demo"):
@@ -663,8 +660,6 @@ def demo(
 @one_line_errors
 def serve(build: str, host: str, port: int) -> None:
     """A STAC API (search, CQL2 filters, paging) over the build's catalog, until Ctrl-C."""
-    from stac.serve import ServeError
-    from stac.serve import serve as run_server
 
     try:
         run_server(build, host=host, port=port)
@@ -683,9 +678,6 @@ def serve(build: str, host: str, port: int) -> None:
 @one_line_errors
 def publish(build: str, service: str | None) -> None:
     """Upsert the build's patch collection and items into pgstac (for stac-fastapi-pgstac)."""
-    from stac.pgstac import PublishError
-    from stac.pgstac import publish as publish_build
-    from stac.serve import ServeError
 
     try:
         summary = publish_build(build, service=service)
@@ -714,7 +706,6 @@ def labels_command(
     force: bool,
 ) -> None:
     """Align the manifest's label maps to the patches: labels/<name> in dataset.zarr and a table."""
-    from pipeline.labels import LabelSourceError, print_labels_summary, run_labels
 
     context = _context(manifest_path, build, scheduler, workers, no_progress)
     try:
@@ -746,8 +737,6 @@ def export_benchmark_command(
     build: str, name: str, out: str, split: str, seed: int, block_cells: int
 ) -> None:
     """Write a benchmark as the SpectralEarth authors' loaders read it: enmap/, <name>/, data/splits/."""
-    from pipeline.benchmark import BenchmarkError, export_benchmark
-    from pipeline.query import open_build
 
     try:
         written = export_benchmark(

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.dataset_arrays import REFLECTANCE_SCALE, quiet_zarr, zarr_store
 from pipeline.dedup import INDEX_PATCHES
 from pipeline.quality import NODATA_VALUE
-from pipeline.storage import BuildStore
+from pipeline.storage import BuildStore, is_remote
 
 
 class SelectionError(ValueError):
@@ -66,8 +66,6 @@ def export_zarr(
     """Copy the patches into a new dataset.zarr at `target` with the same layout. Returns the count."""
     import zarr
     from zarr.codecs import BloscCodec
-
-    from pipeline.storage import is_remote
 
     rows = rows_of(store, patch_ids)
     source = zarr.open_group(zarr_store(store), mode="r")

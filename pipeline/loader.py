@@ -34,6 +34,7 @@ import numpy as np
 
 from pipeline import tables
 from pipeline.dataset_arrays import DATASET, REFLECTANCE_SCALE, quiet_zarr, zarr_store
+from pipeline.labels import included_patches
 from pipeline.quality import NODATA_VALUE
 from pipeline.storage import BuildStore
 
@@ -304,8 +305,6 @@ class PatchDataset:
         # labels="cdl": each sample carries labels/cdl; by default only the benchmark's patches
         self.labels = labels
         if labels is not None and patch_ids is None:
-            from pipeline.labels import included_patches
-
             patch_ids = included_patches(self.store, labels)
         self._handles: _Handles | None = None
         handles = self._opened()

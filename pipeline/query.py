@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Unpack
 
 from pipeline import tables
+from pipeline.export import export_geotiffs, export_zarr, open_patches
+from pipeline.splits import BUFFER, SPLITS, SPLITS_DIR, split_filter
 from pipeline.storage import BuildStore
 from pipeline.storage_settings import StorageSettings, refuse_credentials, storage_options_for
 from stac.search import QueryError, SearchCriteria, search
@@ -43,7 +45,6 @@ class QueryResult:
         return len(self.search.ids)
 
     def to_xarray(self, mask_and_scale: bool = True) -> Any:
-        from pipeline.export import open_patches
 
         return open_patches(self.store, self.ids, mask_and_scale=mask_and_scale)
 
@@ -54,12 +55,10 @@ class QueryResult:
         return self.search.to_table()
 
     def export_zarr(self, target: str) -> int:
-        from pipeline.export import export_zarr
 
         return export_zarr(self.store, self.ids, target)
 
     def export_geotiffs(self, target_dir: str | Path, cog: bool = False) -> list[Path]:
-        from pipeline.export import export_geotiffs
 
         return export_geotiffs(self.store, self.ids, target_dir, cog=cog)
 
@@ -75,7 +74,6 @@ def open_build(build: str | BuildStore, storage: StorageSettings | None = None) 
 def split_ids(store: BuildStore, spec: str | tuple[str, str]) -> set[str]:
     """The patch ids of one part of one split, from "NAME:PART" (e.g. "blocked:train") or (NAME, PART).
     A spec that names nothing raises QueryError listing what the build has."""
-    from pipeline.splits import BUFFER, SPLITS, SPLITS_DIR, split_filter
 
     parts = (*SPLITS, BUFFER)
     if isinstance(spec, str):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.query import open_build
 from stac.builders import absolute_hrefs
 from stac.catalog_writer import ITEMS_PARQUET, ROOT, STAC_DIR, stac_root_of
 from stac.geoparquet import rebase_href, written_build_root
@@ -156,7 +157,6 @@ def _mirrored_collections(store: Any) -> tuple[list[tuple[str, dict[str, Any], s
 def load_catalog(build: Any, cache_dir: str | Path | None = None) -> ServedCatalog:
     """Read what `serve` needs from a build (a path, an `s3://` URI or a `BuildStore`). A remote
     build's parquet files are copied to `cache_dir` (a new temporary folder by default)."""
-    from pipeline.query import open_build
 
     store = open_build(build)
     relative_parquet = f"{STAC_DIR}/{ITEMS_PARQUET}"

@@ -381,7 +381,7 @@ def test_an_unexpected_error_is_one_line_and_redacted(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"s3://{KEY}:{SECRET}@bucket/stac/items.parquet\nsecond line")
 
-    monkeypatch.setattr("pipeline.query.query", broken)
+    monkeypatch.setattr("pipeline.cli.run_query", broken)  # the command calls the query it imported
     result = run("query", "--build", str(root))
     line = assert_one_line_error(result, "internal error: RuntimeError: ", "rerun with SPECTRALEARTH_DEBUG=1")
     assert "s3://***@bucket/stac/items.parquet" in line

@@ -25,6 +25,7 @@ from pipeline.labels.sampling import (
 from pipeline.labels.sources import RasterSource, VectorSource, largest_code, source_version
 from pipeline.labels.spec import LABELS_DIR, LabelSpec, spec_named
 from pipeline.manifest import Manifest
+from pipeline.stages import StaleStageError
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, fingerprint_of
 
 # The stage ----------------------------------------------------------------------------------------
@@ -376,7 +377,6 @@ def _grow_array(store: BuildStore, spec: LabelSpec, rows: Rows, attributes: dict
 
 
 def require_dataset(manifest: Manifest, store: BuildStore) -> None:
-    from pipeline.stages import StaleStageError
 
     record = store.read_stage_record("write")
     if record is None:
