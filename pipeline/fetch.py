@@ -41,7 +41,7 @@ from rasterio.io import MemoryFile
 
 from pipeline.enmap.product_errors import ProductError
 from pipeline.enmap.scratch import ScratchBudget
-from pipeline.errors import TransientError, is_transient, one_line
+from pipeline.errors import BuildFault, TransientError, is_transient, one_line
 from pipeline.manifest import Manifest
 
 MiB = 1024 * 1024
@@ -96,10 +96,12 @@ class FetchSettings:
         return max(self.part_bytes, MIN_PART_BYTES)
 
 
-class SizeMismatch(ProductError):
+class SizeMismatch(BuildFault):
     """The store answered with other bytes than the size expected: the object is not what was listed
-    (replaced or truncated since). A property of the object, not a network fault: not retried; a rerun
-    lists the object again and sees its new fingerprint."""
+    (replaced or truncated since). Not a network fault (not retried), and no property of the product as
+    inventory found it either (never a rejection, in mask least of all): the product changed under the
+    build, so the stage fails, naming inventory to rerun; it lists the object again and sees its new
+    fingerprint."""
 
 
 def split_range(start: int, length: int, part_bytes: int) -> list[tuple[int, int]]:
@@ -181,7 +183,8 @@ def _get_part(
             text = str(exc)
             if "InvalidRange" in text or "not satisfiable" in text:
                 raise SizeMismatch(
-                    f"{uri} holds fewer than the {end} bytes expected ({one_line(exc)})"
+                    f"{uri} holds fewer than the {end} bytes expected ({one_line(exc)}): "
+                    "it changed since inventory listed it, rerun inventory (or run)"
                 ) from exc
             if not is_transient(exc):
                 raise
@@ -193,8 +196,8 @@ def _get_part(
             continue
         if len(data) != end - start:
             raise SizeMismatch(
-                f"{uri}: bytes {start}-{end - 1} came back as {len(data)} bytes, not {end - start} "
-                "(the object changed since it was listed?)"
+                f"{uri}: bytes {start}-{end - 1} came back as {len(data)} bytes, not {end - start}: "
+                "it changed since inventory listed it, rerun inventory (or run)"
             )
         return data
     raise AssertionError("unreachable")
@@ -687,6 +690,10 @@ class BlockReader:
     @property
     def block_bytes(self) -> int:
         return self._settings.part
+
+    @property
+    def blocks_held(self) -> int:
+        return len(self._blocks)
 
     def add_sizes(self, sizes: Mapping[str, int]) -> None:
         """Sizes of objects as listed (no HEAD is made for them)."""

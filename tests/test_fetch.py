@@ -25,9 +25,10 @@ from pipeline.enmap.product import in_memory_view
 from pipeline.enmap.product_errors import ProductError
 from pipeline.enmap.scratch import ScratchBudget
 from pipeline.enmap.zip_members import member_data_offset
-from pipeline.errors import TransientError, is_transient
+from pipeline.errors import BuildFault, TransientError, is_transient
 from pipeline.fetch import (
     MIN_PART_BYTES,
+    BlockReader,
     FetchSettings,
     FileSlice,
     Piece,
@@ -243,7 +244,10 @@ def test_an_object_shorter_than_expected_is_a_size_mismatch(
     with pytest.raises(SizeMismatch, match="fewer than") as beyond:
         fetch_ranges(fs, uri, 10, start=100_003 + 5)
     for caught in (short, beyond):
-        assert isinstance(caught.value, ProductError) and not is_transient(caught.value)
+        # The object changed under the build: the stage fails (rerun inventory); never a rejection of
+        # the product (no ProductError) and no fault a retry would heal.
+        assert isinstance(caught.value, BuildFault) and not isinstance(caught.value, ProductError)
+        assert not is_transient(caught.value) and "rerun inventory" in str(caught.value)
     with pytest.raises(FileNotFoundError):
         fetch_ranges(fs, f"s3://{BUCKET}/objects/missing.bin", 10)
 
@@ -542,3 +546,39 @@ def test_manifest_fetch_parts_below_8_mib_are_refused(value: object) -> None:
     with pytest.raises(StorageError, match="fetch_part_bytes"):
         StorageSettings.from_dict({"fetch_part_bytes": value}, environ={})
     assert StorageSettings.from_dict({"fetch_part_bytes": 8 * MiB}, environ={}).fetch_part_bytes == 8 * MiB
+
+
+def test_a_block_reader_reads_any_range_in_aligned_blocks_each_fetched_once(
+    proxy: S3Proxy, objects: dict[str, bytes]
+) -> None:
+    """Seeded random reads through a BlockReader equal the object's slices (the oracle); every GET is
+    one aligned block of the part size (the object's last block shorter), and with room for every block
+    none is fetched twice; with room for two, no more than two are held and a re-read of an evicted
+    block costs a GET again."""
+    uri = f"s3://{BUCKET}/objects/{37 * MiB + 123}.bin"
+    data = objects[uri]
+    part = 8 * MiB
+    blocks = math.ceil(len(data) / part)
+    rng = np.random.default_rng(12)
+    reads = [(int(s), int(n)) for s, n in zip(rng.integers(0, len(data), 40), rng.integers(0, 3 * MiB, 40))]
+    reads += [(len(data) - 10, 100), (0, 1), (part - 1, 2), (len(data), 5)]
+    proxy.clear_counts()
+    reader = BlockReader(through(proxy), FetchSettings(part_bytes=part), max_blocks=blocks)
+    reader.add_sizes({uri: len(data)})
+    handle = reader.open(uri)
+    for start, length in reads:
+        assert reader.read(uri, start, start + length) == data[start : start + length]
+        handle.seek(start)
+        assert handle.read(length) == data[start : start + length]
+    requests = [r for r in proxy.requests if r.method == "GET"]
+    ranges = [tuple(int(v) for v in (r.range or "").removeprefix("bytes=").split("-")) for r in requests]
+    assert len(set(ranges)) == len(ranges) <= blocks
+    assert all(a % part == 0 and b + 1 == min(a + part, len(data)) for a, b in ranges), ranges
+
+    proxy.clear_counts()
+    small = BlockReader(through(proxy), FetchSettings(part_bytes=part), max_blocks=2)
+    small.add_sizes({uri: len(data)})
+    for index in (0, 1, 2, 0):
+        assert small.read(uri, index * part, index * part + 10) == data[index * part : index * part + 10]
+        assert small.blocks_held <= 2
+    assert gets(proxy, uri) == 4  # block 0 was evicted by block 2, so it is fetched again
