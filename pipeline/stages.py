@@ -5,10 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.catalog import run_catalog
+from pipeline.dedup import run_dedup
+from pipeline.inventory import run_inventory
 from pipeline.manifest import Manifest
+from pipeline.mask import run_mask
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
 from pipeline.storage_settings import apply_gdal_config, storage_options_for
+from pipeline.tile import run_tile
+from pipeline.write import run_write
 
 ORDER = ("inventory", "mask", "tile", "dedup", "write", "catalog")
 
@@ -50,37 +56,25 @@ def run_stage(
     force: bool = False,
 ) -> Any:
     if name == "report":  # reads the finished build, writes report/index.html only
-        from pipeline.html_report import write_report
+        from pipeline.html_report import write_report  # inside: the report reads ORDER from here
 
         return write_report(store)
     if name not in ORDER:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
     require_upstream(name, manifest, store)
     if name == "inventory":
-        from pipeline.inventory import run_inventory
-
         return run_inventory(
             manifest, store, list(inputs or manifest.inputs), scheduler, storage_options, force
         )
     if name == "mask":
-        from pipeline.mask import run_mask
-
         return run_mask(manifest, store, scheduler, storage_options, force)
     if name == "tile":
-        from pipeline.tile import run_tile
-
         return run_tile(manifest, store, scheduler, storage_options, force)
     if name == "dedup":
-        from pipeline.dedup import run_dedup
-
         return run_dedup(manifest, store, force)
     if name == "write":
-        from pipeline.write import run_write
-
         return run_write(manifest, store, scheduler, storage_options, force)
     if name == "catalog":
-        from pipeline.catalog import run_catalog
-
         return run_catalog(manifest, store, force)
     raise ValueError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
 
