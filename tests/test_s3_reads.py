@@ -240,7 +240,8 @@ def test_s3_build_fetches_each_product_in_few_large_gets(
 
 
 # Products over three 8 MiB blocks large (~27 MB cubes, 224 bands), stored ZIP and folders, GeoTIFF and
-# ENVI: what inventory reads of them in place is a few blocks, not the product.
+# ENVI, and a deflated ZIP (larger, since its cube deflates to about half): what inventory reads of them
+# in place is a few blocks, not the product.
 LARGE = SynthConfig(
     seed=7,
     sites=1,
@@ -254,11 +255,26 @@ LARGE = SynthConfig(
     zip_compresslevel=0,
     first_date="2023-09-04",
 )
+LARGE_DEFLATED = SynthConfig(
+    seed=10,
+    sites=1,
+    revisits=1,
+    overlapping_tiles=0,
+    reprocessed=0,
+    width=430,
+    height=410,
+    packagings=("zip",),
+    formats=("GTiff",),
+    zip_compresslevel=1,
+    first_date="2023-10-09",
+)
 
 
 def test_inventory_reads_remote_products_in_place_in_a_few_blocks(s3: Moto, tmp_path: Path) -> None:
     proxy, fs = s3
-    truths = generate(tmp_path / "large", LARGE).products
+    truths = (
+        generate(tmp_path / "large", LARGE).products + generate(tmp_path / "large", LARGE_DEFLATED).products
+    )
     (tmp_path / "large" / "truth.json").unlink()
     fs.put(str(tmp_path / "large") + "/", "enmap-products-large/", recursive=True)
     built = manifest(tmp_path)
@@ -301,7 +317,7 @@ def test_inventory_reads_remote_products_in_place_in_a_few_blocks(s3: Moto, tmp_
         assert body and not fetched & body, (truth.packaging, truth.format, sorted(fetched), sorted(body))
         assert sum(received) < size - len(body) * PART_BYTES + 1
         packagings.add((truth.packaging, truth.format))
-    assert packagings == {("folder", "GTiff"), ("zip", "BIL"), ("folder", "BSQ")}
+    assert packagings == {("folder", "GTiff"), ("zip", "BIL"), ("folder", "BSQ"), ("zip", "GTiff")}
     assert list(Path(os.environ["SPECTRALEARTH_SCRATCH"]).iterdir()) == []
 
 
