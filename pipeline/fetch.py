@@ -36,6 +36,10 @@ from typing import IO, Any
 
 import fsspec
 import numpy as np
+
+# rasterio's file-opener registration (what `rasterio.open(..., opener=)` uses) is the one way to serve a
+# Python file to GDAL under a path that `/vsizip/` can be stacked on; it is private, so a rasterio upgrade
+# must keep tests/test_s3_reads.py passing.
 from rasterio._vsiopener import _opener_registration
 from rasterio.io import MemoryFile
 

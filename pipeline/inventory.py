@@ -3,10 +3,13 @@
 The pure core is `check_product` (metadata + raster facts in, a `SceneRecord` or a one-line reason
 out); `inspect_source` is the per-source Dask task (I/O); `run_inventory` writes
 `inventory/scenes.parquet` (GeoParquet), `inventory/rejected.parquet` and `_stages/inventory.json`.
-Reading is cheap by design: metadata and raster headers, never the whole cube. A truncated raster is
-caught by reading its last pixel where that costs one seek (a folder, S3), and, inside a ZIP (where
-reaching the last pixel would inflate the whole member), by checking that the member holds every
-byte the raster's own header says its data occupies.
+Reading is cheap by design: metadata and raster headers, never the whole cube. A remote folder or ZIP
+is read in place through a `pipeline.fetch.BlockReader` (a few aligned blocks of at least 8 MiB per
+product; `mask` is the one stage that reads the cube); a remote tar.gz is streamed once (gzip is
+sequential). A truncated raster is caught by reading its last pixel where that costs one seek (a local
+folder), and elsewhere (inside a ZIP, where reaching the last pixel would inflate the whole member; on
+object storage, where it would cost one more block) by checking that the file holds every byte the
+raster's own header says its data occupies.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ local paths or `s3://` URIs (through fsspec); rasters are opened by GDAL path (`
 The stages hand `open_product`/`iter_products` a `Fetcher` (`pipeline.fetch.ProductFetcher`): a remote
 product is then brought here once, whole (a folder's files, its ZIP, its tar.gz), in a few large ranged
 GETs, into memory (GDAL serves it from `/vsimem/`) or, past `limits.memory_bytes`, into scratch, and
-read from there; GDAL's `/vsis3/` would cost a request per strip or block.
+read from there; GDAL's `/vsis3/` would cost a request per strip or block. Inventory, which reads
+only a product's directory, metadata and raster headers, hands `iter_products` a `RemoteReader`
+(`pipeline.fetch.BlockReader`) instead: a remote folder or ZIP is then read in place, in large aligned
+blocks, the few that hold what is read (a tar.gz is still fetched whole: gzip is sequential).
 
 A product's files are resolved from the listing of its container, by product name and layer suffix,
 never by guessing sibling names. GDAL cannot open a ZIP inside a tar.gz in place, so that ZIP is
