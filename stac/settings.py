@@ -91,6 +91,26 @@ DEFAULT_KEYWORDS = (
 )
 
 
+def _licence(license_id: Any, license_url: Any) -> tuple[str, str | None]:
+    if not isinstance(license_id, str) or not _SPDX.fullmatch(license_id):
+        raise ManifestError(f"'{SECTION}.license' must be an SPDX identifier or 'other', got {license_id!r}")
+    if license_url is not None and not (isinstance(license_url, str) and re.match(r"https?://", license_url)):
+        raise ManifestError(f"'{SECTION}.license_url' must be an http(s) URL, got {license_url!r}")
+    if license_id == "other" and license_url is None:
+        raise ManifestError(
+            f"'{SECTION}.license' is 'other': set '{SECTION}.license_url' to the licence text"
+        )
+    return license_id, license_url
+
+
+def _providers(raw: Any, default: tuple[Provider, ...]) -> tuple[Provider, ...]:
+    if raw is None:
+        return default
+    if not isinstance(raw, list):
+        raise ManifestError(f"'{SECTION}.providers' must be a list of {{name, roles, url}}")
+    return tuple(Provider.from_dict(p, f"{SECTION}.providers[{n}]") for n, p in enumerate(raw))
+
+
 @dataclass(frozen=True, slots=True)
 class CatalogSettings:
     """What the `catalog` stage writes besides the data: identifiers, texts, licence, partitioning."""
@@ -145,29 +165,8 @@ class CatalogSettings:
             if not isinstance(value, str) or not value.strip():
                 raise ManifestError(f"'{SECTION}.{key}' must be a non-empty text, got {value!r}")
             values[key] = value
-        license_id = raw.get("license", default.license)
-        if not isinstance(license_id, str) or not _SPDX.fullmatch(license_id):
-            raise ManifestError(
-                f"'{SECTION}.license' must be an SPDX identifier or 'other', got {license_id!r}"
-            )
-        license_url = raw.get("license_url")
-        if license_url is not None and not (
-            isinstance(license_url, str) and re.match(r"https?://", license_url)
-        ):
-            raise ManifestError(f"'{SECTION}.license_url' must be an http(s) URL, got {license_url!r}")
-        if license_id == "other" and license_url is None:
-            raise ManifestError(
-                f"'{SECTION}.license' is 'other': set '{SECTION}.license_url' to the licence text"
-            )
-        providers_raw = raw.get("providers")
-        if providers_raw is None:
-            providers = default.providers
-        elif isinstance(providers_raw, list):
-            providers = tuple(
-                Provider.from_dict(p, f"{SECTION}.providers[{n}]") for n, p in enumerate(providers_raw)
-            )
-        else:
-            raise ManifestError(f"'{SECTION}.providers' must be a list of {{name, roles, url}}")
+        license_id, license_url = _licence(raw.get("license", default.license), raw.get("license_url"))
+        providers = _providers(raw.get("providers"), default.providers)
         keywords = raw.get("keywords", list(default.keywords))
         if not isinstance(keywords, list | tuple) or not all(isinstance(k, str) and k for k in keywords):
             raise ManifestError(f"'{SECTION}.keywords' must be a list of texts, got {keywords!r}")
