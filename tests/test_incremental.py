@@ -56,6 +56,15 @@ def pixels_by_patch(build: Path) -> dict[str, np.ndarray]:
     }
 
 
+def assert_same_patches_as_a_fresh_build(manifest: Manifest, build: Path, inputs: Path, fresh: Path) -> None:
+    """A from-scratch build of the same inputs has the same patch ids with the same pixels."""
+    build_all(manifest, BuildStore(str(fresh)), inputs)
+    incremental, scratch = pixels_by_patch(build), pixels_by_patch(fresh)
+    assert incremental.keys() == scratch.keys()
+    for patch_id, values in scratch.items():
+        assert np.array_equal(incremental[patch_id], values), patch_id
+
+
 def assert_statistics_are_the_active_rows_moments(build: Path, patches_per_shard: int) -> None:
     """Statistics of partly rewritten shards, merged from recorded and new cell sums, equal bit for bit
     the moments of each shard's active rows computed from the stored pixels, merged in shard order."""
@@ -155,10 +164,4 @@ def test_adding_products_appends_and_supersedes(
 
     assert_statistics_are_the_active_rows_moments(build, patches_per_shard=2)
 
-    # Against a from-scratch build of the same inputs: same patch ids, same pixels.
-    fresh = tmp_path / "fresh"
-    build_all(manifest, BuildStore(str(fresh)), inputs)
-    incremental, scratch = pixels_by_patch(build), pixels_by_patch(fresh)
-    assert incremental.keys() == scratch.keys()
-    for patch_id, values in scratch.items():
-        assert np.array_equal(incremental[patch_id], values), patch_id
+    assert_same_patches_as_a_fresh_build(manifest, build, inputs, tmp_path / "fresh")
