@@ -46,7 +46,7 @@ import posixpath
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
@@ -377,66 +377,89 @@ def _iter_tar(
         except Exception as exc:
             if not _tar_corrupt(exc):
                 raise
-            yield Rejection(source.uri, None, "inventory", f"corrupt archive: {type(exc).__name__}: {exc}")
+            yield _corrupt_archive(source.uri, exc)
             return
         with tar:
-            entries = iter(tar)
-            while True:
-                try:
-                    info = next(entries)
-                except StopIteration:
-                    break
-                except Exception as exc:
-                    if not _tar_corrupt(exc):
-                        raise
-                    reason = f"corrupt archive: {type(exc).__name__}: {exc}"
-                    yield Rejection(source.uri, None, "inventory", reason)
+            for info in _tar_entries(tar, source.uri):
+                if isinstance(info, Rejection):  # the stream broke off
+                    yield info
                     return
                 problem = tar_entry_problem(info)
                 if problem:
                     raise ArchiveRejected(problem)
-                name = info.name
-                if (
-                    not info.isfile()
-                    or not name.lower().endswith(ZIP_SUFFIXES)
-                    or not find_product_names(name)
-                ):
+                if not _is_product_zip(info):
                     if info.size > limits.scratch_bytes:
                         # Streaming past it would inflate that much (CPU, not disk): no entry of a
                         # usable delivery is larger than what one product may unpack.
                         reason = over_budget(
-                            f"entry {name}", "declares", info.size, limits.scratch_bytes, "scratch"
+                            f"entry {info.name}", "declares", info.size, limits.scratch_bytes, "scratch"
                         )
                         yield Rejection(source.uri, None, "inventory", reason)
                         return
                     continue
                 found_any = True
-                with scratch_dir() as scratch:
-                    local_zip = os.path.join(scratch, "product.zip")
-                    stream = tar.extractfile(info)
-                    if stream is None:
-                        continue
-                    try:
-                        copy_member(stream, local_zip, info.size, name, ScratchBudget(limits.scratch_bytes))
-                        with open(local_zip, "rb") as handle:
-                            infos = zip_listing(handle, posixpath.basename(name))
-                        products, rejections = zip_products(infos, source.uri, "targz", name)
-                    except ArchiveRejected:
-                        raise
-                    except ProductError as exc:
-                        yield Rejection(f"{source.uri}!{name}", None, "inventory", str(exc))
-                        continue
-                    except Exception as exc:
-                        if not _tar_corrupt(exc):
-                            raise
-                        reason = f"corrupt archive: {type(exc).__name__}: {exc}"
-                        yield Rejection(source.uri, None, "inventory", reason)
-                        return
-                    yield from rejections
-                    for location in products:
-                        yield OpenedProduct(location, options, local_zip=local_zip, limits=limits)
+                corrupt = yield from _tar_zip_products(tar, info, source, options, limits)
+                if corrupt:
+                    return
     if not found_any:
         yield Rejection(source.uri, None, "inventory", "archive holds no EnMAP L2A product ZIP")
+
+
+def _corrupt_archive(uri: str, exc: BaseException) -> Rejection:
+    return Rejection(uri, None, "inventory", f"corrupt archive: {type(exc).__name__}: {exc}")
+
+
+def _tar_entries(tar: tarfile.TarFile, uri: str) -> Iterator[tarfile.TarInfo | Rejection]:
+    """The entries of a tar stream, then a Rejection if the stream breaks off because of its bytes (a
+    fault of the storage raises)."""
+    entries = iter(tar)
+    while True:
+        try:
+            info = next(entries)
+        except StopIteration:
+            return
+        except Exception as exc:
+            if not _tar_corrupt(exc):
+                raise
+            yield _corrupt_archive(uri, exc)
+            return
+        yield info
+
+
+def _is_product_zip(info: tarfile.TarInfo) -> bool:
+    return info.isfile() and info.name.lower().endswith(ZIP_SUFFIXES) and bool(find_product_names(info.name))
+
+
+def _tar_zip_products(
+    tar: tarfile.TarFile, info: tarfile.TarInfo, source: ProductSource, options: dict, limits: Limits
+) -> Generator[OpenedProduct | Rejection, None, bool]:
+    """The products of one product ZIP in a tar stream, unpacked to scratch for as long as they are in
+    use; returns True when the stream is corrupt (its rejection was the archive's last)."""
+    name = info.name
+    with scratch_dir() as scratch:
+        local_zip = os.path.join(scratch, "product.zip")
+        stream = tar.extractfile(info)
+        if stream is None:
+            return False
+        try:
+            copy_member(stream, local_zip, info.size, name, ScratchBudget(limits.scratch_bytes))
+            with open(local_zip, "rb") as handle:
+                infos = zip_listing(handle, posixpath.basename(name))
+            products, rejections = zip_products(infos, source.uri, "targz", name)
+        except ArchiveRejected:
+            raise
+        except ProductError as exc:
+            yield Rejection(f"{source.uri}!{name}", None, "inventory", str(exc))
+            return False
+        except Exception as exc:
+            if not _tar_corrupt(exc):
+                raise
+            yield _corrupt_archive(source.uri, exc)
+            return True
+        yield from rejections
+        for location in products:
+            yield OpenedProduct(location, options, local_zip=local_zip, limits=limits)
+    return False
 
 
 @contextlib.contextmanager
