@@ -17,7 +17,7 @@ import click
 from pipeline.benchmark import BenchmarkError, export_benchmark
 from pipeline.demo import run_demo
 from pipeline.enmap.metadata import MetadataError
-from pipeline.enmap.product import ProductError
+from pipeline.enmap.product_errors import ProductError
 from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.errors import BuildFault, StageFailed, TransientError, one_line, redact
 from pipeline.export import SelectionError
