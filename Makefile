@@ -63,7 +63,7 @@ split: setup
 
 # Full-size benchmarks (~11 min on 2 cores with the products cached, +3 min the first time): ratios
 # against the floor, the naive way and an S3 build from moto, in one run; the table goes to
-# build/bench/results.json (bench/run.py --quick: the ~5-minute smoke version on tiny products).
+# build/bench/results.json (bench/run.py --quick: the 1-5 minute smoke version on small products).
 bench: setup
 	$(BIN)/python bench/run.py
 
