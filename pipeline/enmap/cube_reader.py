@@ -1,7 +1,12 @@
 """Reading the layers of an opened product without GDAL where that is exact and faster: where
-`pipeline.enmap.raw_reader` can read a layer (`raw_source`: a plain local or fetched file, or a stored
-ZIP member, with its ENVI header) and the `CubeReader` that reads the kept bands of a block of rows
-through it, or through GDAL otherwise.
+`pipeline.enmap.raw_reader` can read a layer (`raw_source`: a plain local or fetched file, a stored ZIP
+member, or a deflated member already inflated into memory, with its ENVI header) and the `CubeReader`
+that reads the kept bands of a block of rows through it, or through GDAL otherwise.
+
+A deflated cube is inflated once per open (`pipeline.enmap.product`); its bytes are then read here with
+numpy views at the offsets of its ENVI header or TIFF tags, a block of rows at a time, so the only full
+copy is the inflated one (GDAL reading the same bytes from /vsimem/ was slower and, through its block
+cache, held a second copy of the kept bands).
 """
 
 from __future__ import annotations
@@ -31,21 +36,15 @@ def _header_member(members: list[str], member: str) -> str | None:
 
 def raw_source(opened: Any, layer: str) -> tuple[raw_reader.Source, bytes | None] | None:
     """Where `raw_reader` can read a layer of an opened product: a plain local file (also a fetched
-    one), a fetched file in memory, or a stored member of a local or fetched ZIP (a folder delivery's
-    ZIP, or a tar.gz's unpacked ZIP), with its ENVI header's bytes; None otherwise (remote, or inflated
-    into GDAL's memory: GDAL reads it)."""
+    one, or a member inflated to scratch), a fetched file in memory, a member inflated into memory, or
+    a stored member of a local or fetched ZIP (a folder delivery's ZIP, or a tar.gz's unpacked ZIP),
+    with its ENVI header's bytes; None otherwise (remote, or a deflated member not inflated: GDAL
+    reads it)."""
     location = opened.location
     member = location.member(layer)
-    copy = opened.fetched.get(member)
-    if isinstance(copy, memoryview):
-        names = [name for name, _ in location.members]
-        header_name = _header_member(names, member)
-        header = opened.fetched.get(header_name) if header_name else None
-        if isinstance(header, str):
-            with open(header, "rb") as handle:
-                header = handle.read(HEADER_BYTES + 1)
-        text = bytes(header) if header is not None and len(header) <= HEADER_BYTES else None
-        return copy, text
+    in_memory = _in_memory(opened, member)
+    if in_memory is not None:
+        return in_memory
     path = opened.gdal_path(layer)
     if not path.startswith("/vsi"):
         return (path, None) if os.path.isfile(path) else None
@@ -64,6 +63,28 @@ def raw_source(opened: Any, layer: str) -> tuple[raw_reader.Source, bytes | None
         return None
     with zipfile.ZipFile(zip_path) as archive:
         return piece, _zip_header(archive, member)
+
+
+def _in_memory(opened: Any, member: str) -> tuple[raw_reader.Source, bytes | None] | None:
+    """A member held in memory, with its ENVI header's bytes: inflated from a deflated ZIP member
+    (`OpenedProduct.inflated`), or a fetched folder file (`OpenedProduct.fetched`); None otherwise."""
+    data = opened.inflated.get(member)
+    if data is None:
+        fetched = opened.fetched.get(member)
+        data = fetched if isinstance(fetched, memoryview) else None
+    if data is None:
+        return None
+    header_name = _header_member([name for name, _ in opened.location.members], member)
+    if header_name is None:
+        return data, None
+    header = opened.inflated.get(header_name, opened.fetched.get(header_name))
+    if isinstance(header, str):  # a fetched header that landed in scratch
+        with open(header, "rb") as handle:
+            header = handle.read(HEADER_BYTES + 1)
+    elif header is None and opened.location.packaging != "folder":
+        with opened.open_zip() as archive:  # a header left in the ZIP (its stem differs)
+            return data, _zip_header(archive, member)
+    return data, bytes(header) if header is not None and len(header) <= HEADER_BYTES else None
 
 
 def _zip_header(archive: zipfile.ZipFile, member: str) -> bytes | None:
@@ -92,8 +113,9 @@ def _stored_in_memory(
 
 class CubeReader:
     """The kept bands of a block of rows of a multi-band layer (the cube, QL_PIXELMASK): numpy at the
-    byte offsets for an uncompressed GeoTIFF or ENVI file on local disk or stored in a local ZIP
-    (`pipeline.enmap.raw_reader`, bit-exact against GDAL), GDAL otherwise (compressed, remote)."""
+    byte offsets for an uncompressed GeoTIFF or ENVI file on local disk, stored in a ZIP, or inflated
+    into memory (`pipeline.enmap.raw_reader`, bit-exact against GDAL), GDAL otherwise (compressed,
+    remote). `kind` says which one reads."""
 
     def __init__(self, opened: Any, layer: str, source: Any, kept_bands: tuple[int, ...]) -> None:
         self.source, self.kept = source, list(kept_bands)
@@ -110,6 +132,11 @@ class CubeReader:
                 raise
             self.layout = None  # GDAL reads it, or gives the reason
         self.zero_based = [b - 1 for b in self.kept]
+
+    @property
+    def kind(self) -> str:
+        """Which reader reads the layer: `raw_reader` (numpy at byte offsets) or `gdal`."""
+        return "raw_reader" if self.layout is not None and self.raw is not None else "gdal"
 
     def read(self, window: Window) -> np.ndarray:
         if self.layout is not None and self.raw is not None and self.kept:

@@ -116,6 +116,9 @@ class OpenedProduct:
     # folder's files (member -> bytes, or the path of the fetched file in scratch).
     zip_bytes: memoryview | None = None
     fetched: dict[str, memoryview | str] = field(default_factory=dict)
+    # Members inflated into memory for a full read (member -> their bytes, also served to GDAL from
+    # /vsimem/): `pipeline.enmap.cube_reader` reads the cube from these bytes with numpy.
+    inflated: dict[str, memoryview] = field(default_factory=dict)
     # A remote product read in place, in large blocks (inventory: headers, not the cube).
     remote: RemoteReader | None = None
 
@@ -551,6 +554,7 @@ def _unpack_deflated(
     location = opened.location
     wanted = {location.member(layer) for layer in layers}
     stems = {posixpath.splitext(m)[0] for m in wanted}
+    stack.callback(opened.inflated.clear)  # the inflated bytes go with the product
     with opened.open_container() as handle:
         infos = zip_listing(handle, location.source_uri)
         # One in-memory folder per opened product, so an ENVI header lands beside its data file.
@@ -581,6 +585,7 @@ def _unpack_deflated(
                 data = member_bytes(handle, info, opened.limits.memory_bytes)
                 memory = stack.enter_context(MemoryFile(data, dirname=folder, filename=name))
                 opened.local_members[info.filename] = memory.name
+                opened.inflated[info.filename] = memoryview(data)
                 continue
             chunks = member_chunks(handle, info) if standard else _zipfile_chunks(opened, info)
             target = os.path.join(scratch, "members", name)

@@ -29,7 +29,7 @@ import numpy as np
 import tifffile
 
 from pipeline.enmap.product_errors import ProductError
-from pipeline.enmap.zip_members import member_data_offset
+from pipeline.enmap.zip_members import BufferFile, member_data_offset
 from pipeline.fetch import FileSlice
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | FileSlice
@@ -178,7 +178,8 @@ def _open_tiff(source: Source) -> tifffile.TiffFile:
     if isinstance(source, FileSlice):
         return tifffile.TiffFile(source.path, offset=source.offset, size=source.size)
     if isinstance(source, bytes | bytearray | memoryview):
-        return tifffile.TiffFile(io.BytesIO(memoryview(source)))
+        # Over the bytes in place: io.BytesIO would copy an inflated cube whole just to read its tags.
+        return tifffile.TiffFile(io.BufferedReader(BufferFile(source)))
     return tifffile.TiffFile(os.fspath(source))
 
 
