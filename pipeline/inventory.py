@@ -152,6 +152,18 @@ def check_product(
         name = ProductName.parse(location.scene_id)
     except ProductNameError as exc:
         raise ProductError(str(exc)) from None
+    _check_names(location, metadata, name)
+    _check_files(location, metadata, rasters)
+    cube = rasters[SPECTRAL_IMAGE]
+    epsg = _check_cube(cube, metadata)
+    _check_quality_layers(rasters, cube, metadata)
+    if not all(350.0 <= w <= 2600.0 for w in metadata.wavelengths_nm):
+        raise ProductError("METADATA.XML band wavelengths outside 350-2600 nm")
+    return _scene_record(location, metadata, name, cube, epsg, metadata_bytes)
+
+
+def _check_names(location: ProductLocation, metadata: SceneMetadata, name: ProductName) -> None:
+    """The product name, METADATA.XML's product, datatake, tile and start time agree."""
     if metadata.scene_id != location.scene_id:
         raise ProductError(f"METADATA.XML names product {metadata.scene_id}, not {location.scene_id}")
     if metadata.datatake_id != name.datatake_id or metadata.tile_id != name.tile:
@@ -164,6 +176,10 @@ def check_product(
             f"metadata startTime {metadata.start_time.isoformat()} disagrees with the name's "
             f"{name.start.isoformat()} (more than 1 s apart)"
         )
+
+
+def _check_files(location: ProductLocation, metadata: SceneMetadata, rasters: dict[str, RasterFacts]) -> None:
+    """Every file METADATA.XML lists is there, and every layer the stages read."""
     listed_missing = [f for f in metadata.file_names if not _listed_file_present(f, location)]
     if listed_missing:
         raise ProductError(f"missing file listed in METADATA.XML: {listed_missing[0]}")
@@ -171,7 +187,9 @@ def check_product(
         if layer not in rasters:
             raise ProductError(f"missing file: no {layer} in the product")
 
-    cube = rasters[SPECTRAL_IMAGE]
+
+def _check_cube(cube: RasterFacts, metadata: SceneMetadata) -> int:
+    """SPECTRAL_IMAGE: int16, north-up 30 m, the size, bands and CRS METADATA.XML says; returns its EPSG."""
     if cube.dtype != "int16":
         raise ProductError(f"SPECTRAL_IMAGE is {cube.dtype}, expected int16")
     if cube.count != metadata.band_count:
@@ -193,6 +211,13 @@ def check_product(
     a, b, _, d, e, _ = cube.transform
     if (a, b, d, e) != (PIXEL_SIZE_M, 0.0, 0.0, -PIXEL_SIZE_M):
         raise ProductError(f"SPECTRAL_IMAGE grid is not north-up 30 m (transform {cube.transform})")
+    return cube.epsg
+
+
+def _check_quality_layers(
+    rasters: dict[str, RasterFacts], cube: RasterFacts, metadata: SceneMetadata
+) -> None:
+    """The quality layers are uint8 on the cube's grid; QL_PIXELMASK has a band per spectral band."""
     for layer in QUALITY_LAYERS:
         facts = rasters[layer]
         if (facts.width, facts.height, facts.epsg, facts.transform) != (
@@ -208,9 +233,16 @@ def check_product(
         raise ProductError(
             f"QL_PIXELMASK has {rasters['QL_PIXELMASK'].count} bands for {metadata.band_count} spectral bands"
         )
-    if not all(350.0 <= w <= 2600.0 for w in metadata.wavelengths_nm):
-        raise ProductError("METADATA.XML band wavelengths outside 350-2600 nm")
 
+
+def _scene_record(
+    location: ProductLocation,
+    metadata: SceneMetadata,
+    name: ProductName,
+    cube: RasterFacts,
+    epsg: int,
+    metadata_bytes: bytes,
+) -> SceneRecord:
     return SceneRecord(
         scene_id=location.scene_id,
         datatake_id=name.datatake_id,
@@ -220,7 +252,7 @@ def check_product(
         datatake_start=metadata.datatake_start,
         processor_version=name.processor_version,
         processing_time=name.processing_time,
-        epsg=cube.epsg,
+        epsg=epsg,
         transform=cube.transform,
         width=cube.width,
         height=cube.height,
