@@ -1,10 +1,13 @@
 """A deflated cube inside a product ZIP is inflated once into memory and read from those bytes with numpy
 (`CubeReader` over `raw_reader`), block of rows by block of rows, bit-exact against GDAL reading the
 deflated member through /vsizip/ (the oracle) for every ENVI interleave and byte order and for GeoTIFF
-strips and tiles; a compressed GeoTIFF stays GDAL's."""
+strips and tiles; a compressed GeoTIFF stays GDAL's. The inflate itself (`inflate_into`) writes straight
+into one buffer of the declared size, bit for bit what zipfile reads, and refuses a member that lies."""
 
 from __future__ import annotations
 
+import copy
+import io
 import tempfile
 import zipfile
 from pathlib import Path
@@ -19,7 +22,9 @@ from rasterio.windows import Window
 from pipeline.enmap.cube_reader import CubeReader, raw_source
 from pipeline.enmap.discovery import ProductLocation, zip_listing, zip_products
 from pipeline.enmap.product import open_product
+from pipeline.enmap.product_errors import ProductError
 from pipeline.enmap.synth import SynthConfig, Truth, generate
+from pipeline.enmap.zip_members import inflate_into, member_data_offset
 from pipeline.manifest import Limits
 from tests.test_raw_reader import ENVI_KINDS, GTIFF_KINDS, write_raster
 
@@ -183,3 +188,78 @@ def test_a_member_too_large_for_memory_is_read_with_numpy_from_scratch(
             assert reader.kind == "raw_reader"
             window = Window(0, 10, 75, 50)
             np.testing.assert_array_equal(reader.read(window), oracle.read([3, 4], window=window))
+
+
+def _archive(folder: Path, payload: bytes, compression: int) -> tuple[Path, zipfile.ZipInfo]:
+    path = folder / "member.zip"
+    with zipfile.ZipFile(path, "w", compression=compression, compresslevel=1) as archive:
+        archive.writestr("pad.bin", b"\x01" * 333)  # the member does not start the archive
+        archive.writestr("member.bin", payload)
+    with zipfile.ZipFile(path) as archive:
+        return path, archive.getinfo("member.bin")
+
+
+def _inflate(path: Path, info: zipfile.ZipInfo, memory_bytes: int = 1 << 30) -> tuple[bytes, list[int]]:
+    allocated: list[int] = []
+
+    def allocate(size: int) -> memoryview:
+        allocated.append(size)
+        return memoryview(bytearray(size))
+
+    with open(path, "rb") as handle:
+        return bytes(inflate_into(handle, info, allocate, memory_bytes)), allocated
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 700_000),
+    st.sampled_from([zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED]),
+)
+def test_inflate_into_equals_zipfile(seed: int, size: int, compression: int) -> None:
+    """Bit for bit what zipfile reads, for sizes across several compressed pieces and none; the buffer
+    is allocated once, at the declared size."""
+    rng = np.random.default_rng(seed)
+    # Half noise, half runs: compressed pieces that inflate to more and less than they hold.
+    payload = (rng.integers(0, 256, size // 2, dtype=np.uint8).tobytes() + bytes(size - size // 2))[:size]
+    with tempfile.TemporaryDirectory() as tmp:
+        path, info = _archive(Path(tmp), payload, compression)
+        data, allocated = _inflate(path, info)
+    assert data == payload and allocated == [size]
+
+
+def test_inflate_into_a_highly_compressed_member(tmp_path: Path) -> None:
+    """A member that inflates a thousandfold comes out whole (many output pieces per input piece)."""
+    payload = bytes(9_000_000) + b"end"
+    path, info = _archive(tmp_path, payload, zipfile.ZIP_DEFLATED)
+    assert info.compress_size < 100_000
+    assert _inflate(path, info)[0] == payload
+
+
+def test_inflate_into_refuses_what_its_header_does_not_say(tmp_path: Path) -> None:
+    payload = np.random.default_rng(3).integers(0, 40, 300_000, dtype=np.uint8).tobytes()
+    path, info = _archive(tmp_path, payload, zipfile.ZIP_DEFLATED)
+    # Over the memory budget: refused before anything is allocated or read.
+    with pytest.raises(ProductError, match="inflates to"):
+        inflate_into(io.BytesIO(b""), info, lambda size: memoryview(bytearray(size)), 299_999)
+    # More bytes than declared: never written past the declared size.
+    smaller = copy.copy(info)
+    smaller.file_size = 250_000
+    with pytest.raises(ProductError, match="holds more than 250000 bytes"):
+        _inflate(path, smaller)
+    larger = copy.copy(info)
+    larger.file_size = 300_001
+    with pytest.raises(ProductError, match="holds 300000 bytes, 300001 declared"):
+        _inflate(path, larger)
+    wrong_crc = copy.copy(info)
+    wrong_crc.CRC ^= 1
+    with pytest.raises(ProductError, match="CRC mismatch"):
+        _inflate(path, wrong_crc)
+    # A damaged deflate stream is the member's fault: a one-line ProductError, never a crash.
+    raw = bytearray(path.read_bytes())
+    with open(path, "rb") as handle:
+        start = member_data_offset(handle, info)
+    raw[start + 10 : start + 60] = b"\xff" * 50
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ProductError, match="corrupt ZIP entry member.bin"):
+        _inflate(path, info)

@@ -40,6 +40,7 @@ only what the bytes say (a corrupt ZIP, a bomb, an escaping entry) becomes a `Pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import posixpath
@@ -78,6 +79,7 @@ from pipeline.enmap.zip_members import (
     BufferFile,
     bounded,
     copy_member,
+    inflate_into,
     member_bytes,
     member_chunks,
     write_member,
@@ -581,17 +583,29 @@ def _unpack_deflated(
             name = posixpath.basename(info.filename)
             standard = info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
             if stem not in to_scratch:
-                # MemoryFile serves the bytes object in place: no copy.
-                data = member_bytes(handle, info, opened.limits.memory_bytes)
-                memory = stack.enter_context(MemoryFile(data, dirname=folder, filename=name))
+                # Inflated straight into GDAL's in-memory file, allocated once at its size: the member
+                # is the only copy held (the compressed bytes are read a piece at a time).
+                memory = stack.enter_context(MemoryFile(dirname=folder, filename=name))
+                allocate = functools.partial(_in_memory_buffer, memory)
+                data = inflate_into(handle, info, allocate, opened.limits.memory_bytes)
                 opened.local_members[info.filename] = memory.name
-                opened.inflated[info.filename] = memoryview(data)
+                opened.inflated[info.filename] = data
                 continue
             chunks = member_chunks(handle, info) if standard else _zipfile_chunks(opened, info)
             target = os.path.join(scratch, "members", name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             write_member(chunks, target, info.file_size, info.filename, budget)
             opened.local_members[info.filename] = target
+
+
+def _in_memory_buffer(memory: MemoryFile, size: int) -> memoryview:
+    """A writable view of an in-memory GDAL file grown to `size` bytes in one step (its pages are
+    touched only when written)."""
+    if size:
+        memory.seek(size - 1)
+        memory.write(b"\0")
+        memory.seek(0)
+    return in_memory_view(memory)
 
 
 def _zipfile_chunks(opened: OpenedProduct, info: zipfile.ZipInfo) -> Iterator[bytes]:
