@@ -13,7 +13,12 @@ blocks, the few that hold what is read (a tar.gz is still fetched whole: gzip is
 
 A product's files are resolved from the listing of its container, by product name and layer suffix,
 never by guessing sibling names. GDAL cannot open a ZIP inside a tar.gz in place, so that ZIP is
-unpacked once, streaming and size-checked, into a scratch folder that is removed afterwards.
+unpacked, streaming and size-checked: inventory unpacks it to scratch and, done, keeps it for mask
+(`pipeline.enmap.scratch`: keyed by the delivery's URI, size and modification stamp, within
+`limits.scratch_bytes`), which takes it and checks its size and CRC-32 before use, so a delivery is
+inflated once per build (gzip, ~10 s for a full-size product, was paid twice); when mask runs on
+another machine or the kept ZIP is gone or damaged, mask unpacks it again, into memory when it fits
+`limits.memory_bytes`, else to scratch.
 
 A deflated raster that a stage reads in full is inflated once per open (ISA-L's inflate, ~1.5x
 zlib's speed, CRC-checked) into GDAL's in-memory file system, or into scratch when it is larger than
@@ -47,6 +52,7 @@ import posixpath
 import tarfile
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
@@ -73,7 +79,15 @@ from pipeline.enmap.product_errors import (
     format_size,
     over_budget,
 )
-from pipeline.enmap.scratch import ScratchBudget, clean_stale_scratch, scratch_dir
+from pipeline.enmap.scratch import (
+    KeptZip,
+    ScratchBudget,
+    claim_inner_zip,
+    clean_stale_scratch,
+    inner_zip_key,
+    keep_inner_zip,
+    scratch_dir,
+)
 from pipeline.enmap.zip_members import (
     COPY_CHUNK,
     BufferFile,
@@ -92,6 +106,10 @@ from pipeline.tables import Rejection
 # the path of a file in that scratch folder; `pipeline.fetch.ProductFetcher` is the one used (large
 # ranged GETs). Without one, remote products are read in place (GDAL's /vsis3/, fsspec).
 Fetcher = Callable[[Sequence[tuple[str, int | None]], str, "ScratchBudget"], Mapping[str, MemoryFile | str]]
+
+# How often this process inflated a tar.gz delivery to its inner ZIP ("inventory", "mask") and how often
+# mask reused the ZIP inventory kept ("reused"): what the tests count (one inflate per build).
+TAR_INFLATIONS: Counter[str] = Counter()
 
 
 class RemoteReader(Protocol):
@@ -220,7 +238,8 @@ def iter_products(
     """Every product of a source, opened; each is valid until the next one is asked for.
 
     A tar.gz is streamed once: each product ZIP in it is unpacked (within `limits.scratch_bytes`),
-    yielded, and removed before the stream moves on, so scratch holds one unpacked archive at a time.
+    yielded, and moved out of the way before the stream moves on: kept for mask (within the same
+    budget, `pipeline.enmap.scratch.keep_inner_zip`) when all its products were yielded, else removed.
     Raises `ArchiveRejected` for an archive refused whole (possibly after some of its products were
     yielded: the caller drops them), and OSError for a fault of the storage (never a rejection).
     With a `fetcher`, a remote source is brought here first, once, whole (a folder product's files, the
@@ -446,8 +465,12 @@ def _tar_zip_products(
         stream = tar.extractfile(info)
         if stream is None:
             return False
+        key = _inner_zip_key(source.uri, name, options)
+        crc = _Crc32()
         try:
-            copy_member(stream, local_zip, info.size, name, ScratchBudget(limits.scratch_bytes))
+            TAR_INFLATIONS["inventory"] += 1
+            chunks = crc.of(iter(lambda: stream.read(COPY_CHUNK), b""))
+            write_member(chunks, local_zip, info.size, name, ScratchBudget(limits.scratch_bytes))
             with open(local_zip, "rb") as handle:
                 infos = zip_listing(handle, posixpath.basename(name))
             products, rejections = zip_products(infos, source.uri, "targz", name)
@@ -464,7 +487,47 @@ def _tar_zip_products(
         yield from rejections
         for location in products:
             yield OpenedProduct(location, options, local_zip=local_zip, limits=limits)
+        if products and key is not None:
+            # Kept for mask on this machine, which would otherwise inflate the delivery again.
+            with contextlib.suppress(OSError):  # a cache that cannot be written only costs that inflate
+                keep_inner_zip(local_zip, key, crc.value, limits.scratch_bytes)
     return False
+
+
+class _Crc32:
+    """The running CRC-32 of the chunks passed through `of`."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def of(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.value = zlib.crc32(chunk, self.value)
+            yield chunk
+
+
+def _inner_zip_key(container_uri: str, inner_zip: str, options: dict) -> str | None:
+    """The cache key of a delivery's inner ZIP, from the delivery's current size and modification stamp
+    (mtime, ETag), or None when it cannot be had (the cache is then not used)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(container_uri, **options)
+        info = fs.info(path)
+    except Exception:  # no cache, no harm: the stage reads the delivery and meets the fault there
+        return None
+    stamp = f"{info.get('size')}:{info.get('mtime') or info.get('ETag') or info.get('LastModified') or ''}"
+    return inner_zip_key(container_uri, inner_zip, stamp)
+
+
+def _kept_intact(kept: KeptZip) -> bool:
+    """A kept inner ZIP is the one that was kept: its size and CRC-32 as recorded (a truncated, replaced
+    or corrupted file is not used)."""
+    if os.path.getsize(kept.path) != kept.size:
+        return False
+    crc = 0
+    with open(kept.path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(COPY_CHUNK), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc == kept.crc
 
 
 @contextlib.contextmanager
@@ -481,7 +544,9 @@ def open_product(
     files, its ZIP, its tar.gz: `pipeline.fetch`), into memory or scratch, and every layer is read from
     that copy; nothing is read through GDAL's /vsis3/.
 
-    A tar.gz delivery's ZIP is unpacked to scratch first. `unpack` names layers that will be read in
+    A tar.gz delivery's ZIP is the one inventory kept on this machine (`pipeline.enmap.scratch`), taken
+    and verified (size, CRC-32), else it is unpacked again: into memory when it fits
+    `limits.memory_bytes`, else to scratch. `unpack` names layers that will be read in
     full: when such a layer sits deflated inside a ZIP, it (and its header sidecar) is inflated once,
     sequentially, into memory (or scratch, when large) for as long as the product is open, because
     GDAL's random access into a deflate stream restarts decompression on every backward seek, which
@@ -497,18 +562,7 @@ def open_product(
         remote = fetcher is not None and is_remote(location.container_uri)
         with contextlib.ExitStack() as stack:
             if location.packaging == "targz":
-                opened.local_zip = os.path.join(scratch, "product.zip")
-                copy = None
-                if fetcher is not None and remote:
-                    uri = location.container_uri
-                    copy = fetcher([(uri, None)], os.path.join(scratch, "fetched"), budget)[uri]
-                try:
-                    _unpack_inner_zip(location, options, opened.local_zip, budget, copy)
-                finally:  # the unpacked ZIP is what is read from now on
-                    if isinstance(copy, str):
-                        os.remove(copy)
-                    elif copy is not None:
-                        copy.close()
+                _open_inner_zip(opened, scratch, stack, budget, fetcher if remote else None)
             elif fetcher is not None and remote and location.packaging == "zip":
                 _attach_zip(opened, fetcher, scratch, stack, budget)
             elif fetcher is not None and remote:
@@ -518,15 +572,59 @@ def open_product(
             yield opened
 
 
+def _open_inner_zip(
+    opened: OpenedProduct,
+    scratch: str,
+    stack: contextlib.ExitStack,
+    budget: ScratchBudget,
+    fetcher: Fetcher | None,
+) -> None:
+    """Point `opened` at its delivery's inner ZIP: the one inventory kept here when it is intact, else
+    unpacked from the delivery (fetched first through `fetcher` when given) into memory or scratch."""
+    location, options = opened.location, opened.storage_options
+    assert location.inner_zip is not None, "a tar.gz product names its inner ZIP"
+    key = _inner_zip_key(location.container_uri, location.inner_zip, options)
+    kept = claim_inner_zip(key, scratch) if key is not None else None
+    if kept is not None:
+        if _kept_intact(kept):
+            budget.reserve(kept.size, f"member {location.inner_zip}")
+            opened.local_zip = kept.path  # removed with the scratch folder when the product closes
+            TAR_INFLATIONS["reused"] += 1
+            return
+        os.remove(kept.path)  # not the ZIP that was kept: unpack it again
+    copy = None
+    if fetcher is not None:
+        uri = location.container_uri
+        copy = fetcher([(uri, None)], os.path.join(scratch, "fetched"), budget)[uri]
+    try:
+        TAR_INFLATIONS["mask"] += 1
+        unpacked = _unpack_inner_zip(
+            location, options, os.path.join(scratch, "product.zip"), budget, copy, opened.limits.memory_bytes
+        )
+    finally:  # the unpacked ZIP is what is read from now on
+        if isinstance(copy, str):
+            os.remove(copy)
+        elif copy is not None:
+            copy.close()
+    if isinstance(unpacked, MemoryFile):
+        stack.enter_context(unpacked)
+        opened.local_zip, opened.zip_bytes = _zip_copy(unpacked)
+        stack.callback(setattr, opened, "zip_bytes", None)  # (runs first) no view outlives its file
+    else:
+        opened.local_zip = unpacked
+
+
 def _unpack_inner_zip(
     location: ProductLocation,
     options: dict,
     target: str,
     budget: ScratchBudget,
     copy: MemoryFile | str | None = None,
-) -> None:
-    """Stream a tar.gz delivery (in place, or its fetched `copy`) to its product ZIP and unpack that
-    (within the scratch budget); a corrupt stream is a ProductError, a storage fault propagates."""
+    memory_bytes: int = 0,
+) -> MemoryFile | str:
+    """Stream a tar.gz delivery (in place, or its fetched `copy`) to its product ZIP and unpack that:
+    into memory when it declares at most `memory_bytes`, else to `target` (within the scratch budget);
+    a corrupt stream is a ProductError, a storage fault propagates."""
     with _open_object(location.container_uri, options, copy) as raw:
         try:
             with tarfile.open(fileobj=raw, mode="r|*") as tar:
@@ -535,8 +633,10 @@ def _unpack_inner_zip(
                         stream = tar.extractfile(info)
                         if stream is None:
                             break
+                        if info.size <= memory_bytes:
+                            return _unpacked_in_memory(stream, info)
                         copy_member(stream, target, info.size, info.name, budget)
-                        return
+                        return target
         except ProductError:
             raise
         except Exception as exc:
@@ -544,6 +644,27 @@ def _unpack_inner_zip(
                 raise
             raise ProductError(f"corrupt archive: {type(exc).__name__}: {exc}") from None
     raise ProductError(f"{location.inner_zip} is no longer in {location.container_uri}")
+
+
+def _unpacked_in_memory(stream: IO[bytes], info: tarfile.TarInfo) -> MemoryFile:
+    """A tar member streamed into GDAL's in-memory file, allocated once at its declared size (joining
+    the pieces would hold it twice); refused when the stream gives fewer or more bytes."""
+    memory = MemoryFile(ext=".zip")  # GDAL's /vsizip/ knows an archive by its suffix
+    try:
+        view = _in_memory_buffer(memory, info.size)
+        filled = 0
+        for piece in iter(lambda: stream.read(COPY_CHUNK), b""):
+            if filled + len(piece) > info.size:
+                raise ProductError(f"archive entry {info.name} is larger than its declared {info.size} bytes")
+            view[filled : filled + len(piece)] = piece
+            filled += len(piece)
+        if filled != info.size:
+            raise ProductError(f"archive entry {info.name} is truncated: {filled} of {info.size} bytes")
+        view.release()
+    except BaseException:
+        memory.close()
+        raise
+    return memory
 
 
 def _unpack_deflated(
