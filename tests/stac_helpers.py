@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from pipeline import tables
 from pipeline.quality import FLAG_NAMES
 from stac.schema import packaged_schemas
 
@@ -239,8 +240,8 @@ def _index_rows(candidates: dict[tuple[str, str], list[dict[str, Any]]]) -> list
 
 
 def write_tables(store: Any, scenes: Any, patches: Any) -> None:
-    store.write_geodataframe("inventory/scenes.parquet", scenes)
-    store.write_geodataframe("index/patches.parquet", patches)
+    store.write_geodataframe(tables.SCENES, scenes)
+    store.write_geodataframe(tables.INDEX_PATCHES, patches)
 
 
 def many_scene_specs(n_scenes: int, cells_side: int) -> list[SceneSpec]:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline import tables
 from pipeline.loader import (
     NODATA,
     Normalize,
@@ -47,7 +48,7 @@ def raw(store: BuildStore) -> zarr.Group:
 
 @pytest.fixture(scope="module")
 def index(store: BuildStore) -> Any:
-    return store.read_geodataframe("index/patches.parquet").set_index("patch_id")
+    return store.read_geodataframe(tables.INDEX_PATCHES).set_index("patch_id")
 
 
 def one(item: PatchSample | tuple[PatchSample, PatchSample]) -> PatchSample:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 import zarr
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.enmap.synth import Truth
 from pipeline.manifest import Manifest
 from pipeline.scheduler import Scheduler
@@ -43,11 +43,11 @@ def dataset(build: Path) -> dict[str, np.ndarray]:
 
 def same_tables(a: Path, b: Path) -> None:
     for table in (
-        "inventory/scenes.parquet",
-        "plan/patches.parquet",
-        "index/patches.parquet",
-        "index/locations.parquet",
-        "write/shards.parquet",
+        tables.SCENES,
+        tables.PLAN_PATCHES,
+        tables.INDEX_PATCHES,
+        tables.INDEX_LOCATIONS,
+        tables.SHARDS,
     ):
         left, right = pq.read_table(a / table), pq.read_table(b / table)
         assert left.equals(right), table
@@ -166,7 +166,7 @@ def test_removed_cut_is_not_missing_until_a_shard_needs_it_then_its_scenes_are_r
     shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))
     store = BuildStore(str(build))
     assert verify_build(store, repair=True).bad == (1,)
-    index = store.read_geodataframe("index/patches.parquet")
+    index = store.read_geodataframe(tables.INDEX_PATCHES)
     scenes = set(index[index["row"].isin([2, 3])]["scene_id"])
     with pytest.raises(BuildFault, match=rf"rerun mask \(or run\) to re-read {len(scenes)} scene\(s\)$"):
         stages.run_stage("write", dropping, store, SYNC)

@@ -35,7 +35,7 @@ import yaml
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import stages
+from pipeline import stages, tables
 from pipeline.enmap.discovery import discover, folder_products
 from pipeline.enmap.product import OpenedProduct
 from pipeline.enmap.scratch import zip_cache_dir
@@ -237,7 +237,7 @@ def test_s3_build_fetches_each_product_in_few_large_gets(
     assert remote_arrays["reflectance"].shape[0] > 0
     for name in local_arrays:
         assert np.array_equal(remote_arrays[name], local_arrays[name]), name
-    for table in ("mask/masks.parquet", "plan/patches.parquet", "index/patches.parquet"):
+    for table in (tables.MASKS, tables.PLAN_PATCHES, tables.INDEX_PATCHES):
         # The same masks (their SHA-256) and plans; fingerprints differ (they cover the objects' ETags).
         got, want = remote.store.read_table(table), local.store.read_table(table)
         drop = [c for c in ("fingerprint", "source_uri") if c in want.column_names]
