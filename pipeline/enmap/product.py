@@ -252,6 +252,9 @@ def iter_products(
     if reader is not None and is_remote(source.uri) and source.kind in ("folder", "zip"):
         yield from _iter_in_place(source, options, limits, reader)
         return
+    # Taken before a byte is read: a delivery replaced meanwhile never has its ZIP kept under the
+    # stamp of the one before.
+    stamp = _container_stamp(source.uri, options) if source.kind == "tar" else None
     remote = fetcher is not None and is_remote(source.uri)
     if source.kind == "folder":
         for location in folder_products(source):
@@ -272,12 +275,12 @@ def iter_products(
             if source.kind == "zip":
                 yield from _iter_zip(source, options, limits, copy)
             else:
-                yield from _iter_tar(source, options, limits, copy)
+                yield from _iter_tar(source, options, limits, stamp, copy)
         return
     if source.kind == "zip":
         yield from _iter_zip(source, options, limits)
         return
-    yield from _iter_tar(source, options, limits)
+    yield from _iter_tar(source, options, limits, stamp)
 
 
 def _iter_in_place(
@@ -392,7 +395,11 @@ def _tar_corrupt(exc: BaseException) -> bool:
 
 
 def _iter_tar(
-    source: ProductSource, options: dict, limits: Limits, copy: MemoryFile | str | None = None
+    source: ProductSource,
+    options: dict,
+    limits: Limits,
+    stamp: str | None,
+    copy: MemoryFile | str | None = None,
 ) -> Iterator[OpenedProduct | Rejection]:
     found_any = False
     with _open_object(source.uri, options, copy) as raw:
@@ -422,7 +429,7 @@ def _iter_tar(
                         return
                     continue
                 found_any = True
-                corrupt = yield from _tar_zip_products(tar, info, source, options, limits)
+                corrupt = yield from _tar_zip_products(tar, info, source, options, limits, stamp)
                 if corrupt:
                     return
     if not found_any:
@@ -455,17 +462,23 @@ def _is_product_zip(info: tarfile.TarInfo) -> bool:
 
 
 def _tar_zip_products(
-    tar: tarfile.TarFile, info: tarfile.TarInfo, source: ProductSource, options: dict, limits: Limits
+    tar: tarfile.TarFile,
+    info: tarfile.TarInfo,
+    source: ProductSource,
+    options: dict,
+    limits: Limits,
+    stamp: str | None,
 ) -> Generator[OpenedProduct | Rejection, None, bool]:
     """The products of one product ZIP in a tar stream, unpacked to scratch for as long as they are in
-    use; returns True when the stream is corrupt (its rejection was the archive's last)."""
+    use, then kept for mask under the delivery's `stamp` (when known); returns True when the stream is
+    corrupt (its rejection was the archive's last)."""
     name = info.name
     with scratch_dir() as scratch:
         local_zip = os.path.join(scratch, "product.zip")
         stream = tar.extractfile(info)
         if stream is None:
             return False
-        key = _inner_zip_key(source.uri, name, options)
+        key = inner_zip_key(source.uri, name, stamp) if stamp is not None else None
         crc = _Crc32()
         try:
             TAR_INFLATIONS["inventory"] += 1
@@ -506,16 +519,15 @@ class _Crc32:
             yield chunk
 
 
-def _inner_zip_key(container_uri: str, inner_zip: str, options: dict) -> str | None:
-    """The cache key of a delivery's inner ZIP, from the delivery's current size and modification stamp
-    (mtime, ETag), or None when it cannot be had (the cache is then not used)."""
+def _container_stamp(container_uri: str, options: dict) -> str | None:
+    """A delivery's current size and modification stamp (mtime, ETag), or None when it cannot be had
+    (its inner ZIP is then neither kept nor looked for)."""
     try:
         fs, path = fsspec.core.url_to_fs(container_uri, **options)
         info = fs.info(path)
     except Exception:  # no cache, no harm: the stage reads the delivery and meets the fault there
         return None
-    stamp = f"{info.get('size')}:{info.get('mtime') or info.get('ETag') or info.get('LastModified') or ''}"
-    return inner_zip_key(container_uri, inner_zip, stamp)
+    return f"{info.get('size')}:{info.get('mtime') or info.get('ETag') or info.get('LastModified') or ''}"
 
 
 def _kept_intact(kept: KeptZip) -> bool:
@@ -583,8 +595,10 @@ def _open_inner_zip(
     unpacked from the delivery (fetched first through `fetcher` when given) into memory or scratch."""
     location, options = opened.location, opened.storage_options
     assert location.inner_zip is not None, "a tar.gz product names its inner ZIP"
-    key = _inner_zip_key(location.container_uri, location.inner_zip, options)
-    kept = claim_inner_zip(key, scratch) if key is not None else None
+    stamp = _container_stamp(location.container_uri, options)
+    kept = None
+    if stamp is not None:
+        kept = claim_inner_zip(inner_zip_key(location.container_uri, location.inner_zip, stamp), scratch)
     if kept is not None:
         if _kept_intact(kept):
             budget.reserve(kept.size, f"member {location.inner_zip}")
