@@ -22,29 +22,23 @@ import io
 import math
 import os
 import posixpath
-import struct
 import tempfile
-import threading
 import time
 import uuid
 import zipfile
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import fsspec
 import numpy as np
-
-# rasterio's file-opener registration (what `rasterio.open(..., opener=)` uses) is the one way to serve a
-# Python file to GDAL under a path that `/vsizip/` can be stacked on; it is private, so a rasterio upgrade
-# must keep tests/test_s3_reads.py passing.
-from rasterio._vsiopener import _opener_registration
 from rasterio.io import MemoryFile
 
 from pipeline.enmap.product_errors import ProductError
 from pipeline.enmap.scratch import ScratchBudget
+from pipeline.enmap.zip_members import ZIP_LOCAL_HEADER
 from pipeline.errors import BuildFault, TransientError, is_transient, one_line
 from pipeline.manifest import Manifest
 
@@ -57,10 +51,6 @@ DEFAULT_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 8.0
 # The end of a ZIP read to list it: an EnMAP product ZIP's central directory (~30 members) is a few KB.
 DEFAULT_ZIP_TAIL_BYTES = 1 * MiB
-ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
-# Blocks a `BlockReader` holds at most (LRU): a raster's header, its offsets table and its last block,
-# a ZIP's central directory, all at once; bounded whatever the product's size.
-DEFAULT_CACHED_BLOCKS = 4
 # Pieces of one object closer than this are fetched in one range (the gap is read and dropped): one more
 # request costs more than reading 1 MiB.
 DEFAULT_MAX_GAP = 1 * MiB
@@ -149,7 +139,7 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _range_reader(source: Any) -> Callable[[str, int, int], bytes]:
+def range_reader(source: Any) -> Callable[[str, int, int], bytes]:
     """A function (uri, start, end) -> bytes of [start, end) for an fsspec file system or an S3 client."""
     if hasattr(source, "get_object"):
 
@@ -175,7 +165,7 @@ def object_size(source: Any, uri: str) -> int:
     return int(source.info(uri)["size"])
 
 
-def _get_part(
+def get_part(
     read: Callable[[str, int, int], bytes], uri: str, start: int, end: int, settings: FetchSettings
 ) -> bytes:
     """Bytes [start, end) of `uri`, retrying transient faults with exponential backoff; a persistent one
@@ -207,7 +197,7 @@ def _get_part(
     raise AssertionError("unreachable")
 
 
-def _run_parallel(jobs: list[Callable[[], None]], concurrency: int) -> None:
+def run_parallel(jobs: list[Callable[[], None]], concurrency: int) -> None:
     """Run `jobs` with at most `concurrency` at once; the first failure cancels what has not started
     and is raised once the running ones are done."""
     if len(jobs) <= 1 or concurrency == 1:
@@ -242,9 +232,9 @@ def fetch_ranges(
         size = object_size(source, uri) - start
     out = bytearray(size)
     whole = Piece(uri, start, size)
-    read, sink = _range_reader(source), _memory_sink(out)
+    read, sink = range_reader(source), _memory_sink(out)
     jobs = [_part_job(read, whole, s, e, sink, settings) for s, e in split_range(start, size, settings.part)]
-    _run_parallel(jobs, settings.concurrency)
+    run_parallel(jobs, settings.concurrency)
     return out
 
 
@@ -261,7 +251,7 @@ def fetch_to_file(
     as it arrives: memory holds at most `concurrency` parts. On failure the file is removed."""
     settings = settings or FetchSettings()
     whole = Piece(uri, start, size)
-    read = _range_reader(source)
+    read = range_reader(source)
     path = os.fspath(target)
     try:
         with open(path, "wb") as handle:
@@ -271,7 +261,7 @@ def fetch_to_file(
                 _part_job(read, whole, s, e, sink, settings)
                 for s, e in split_range(start, size, settings.part)
             ]
-            _run_parallel(jobs, settings.concurrency)
+            run_parallel(jobs, settings.concurrency)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(path)
@@ -317,7 +307,7 @@ def fetch_product_files(
     wanted = list(dict.fromkeys(pieces))
     ranges = merge_pieces(wanted, max_gap)
     total = sum(r.length for r in ranges)
-    read = _range_reader(source)
+    read = range_reader(source)
     to_disk = memory_budget is not None and total > memory_budget
     if to_disk and scratch_dir is None:
         raise ValueError(f"{total} bytes exceed the memory budget and no scratch folder was given")
@@ -339,7 +329,7 @@ def fetch_product_files(
             for part_start, part_end in split_range(merged.start, merged.length, settings.part):
                 jobs.append(_part_job(read, merged, part_start, part_end, sink, settings))
         try:
-            _run_parallel(jobs, settings.concurrency)
+            run_parallel(jobs, settings.concurrency)
         except BaseException:
             stack.close()
             for path in files.values():
@@ -397,7 +387,7 @@ def _part_job(
     settings: FetchSettings,
 ) -> Callable[[], None]:
     def run() -> None:
-        sink(part_start - merged.start, _get_part(read, merged.uri, part_start, part_end, settings))
+        sink(part_start - merged.start, get_part(read, merged.uri, part_start, part_end, settings))
 
     return run
 
@@ -476,8 +466,8 @@ def list_zip(
         size = object_size(source, uri)
     tail_start = max(0, size - tail_bytes)
     tail = fetch_ranges(source, uri, size - tail_start, start=tail_start, settings=settings)
-    read = _range_reader(source)
-    handle = _SparseFile(size, {tail_start: tail}, lambda s, e: _get_part(read, uri, s, e, settings))
+    read = range_reader(source)
+    handle = _SparseFile(size, {tail_start: tail}, lambda s, e: get_part(read, uri, s, e, settings))
     try:
         with zipfile.ZipFile(handle) as archive:
             infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
@@ -524,7 +514,7 @@ def member_data(member: ZipMember, fetched: memoryview | FileSlice) -> memoryvie
 # Whole products -------------------------------------------------------------------------------------
 
 
-def _filesystem(uri: str, storage_options: Mapping[str, Any]) -> Any:
+def filesystem_for(uri: str, storage_options: Mapping[str, Any]) -> Any:
     return fsspec.core.url_to_fs(uri, **dict(storage_options))[0]
 
 
@@ -547,7 +537,7 @@ def fetch_objects(
     settings = settings or FetchSettings()
     if not objects:
         return {}
-    fs = _filesystem(objects[0][0], storage_options or {})
+    fs = filesystem_for(objects[0][0], storage_options or {})
     sized = [(uri, object_size(fs, uri) if size is None else size) for uri, size in objects]
     names = [posixpath.basename(uri) for uri, _ in sized]
     if len(set(names)) != len(names):
@@ -577,7 +567,7 @@ def _fetch_to_memory(
     fs: Any, sized: list[tuple[str, int]], settings: FetchSettings
 ) -> dict[str, MemoryFile | str]:
     folder = f"spectralearth-fetch-{os.getpid()}-{uuid.uuid4().hex}"
-    read = _range_reader(fs)
+    read = range_reader(fs)
     out: dict[str, MemoryFile | str] = {}
     jobs: list[Callable[[], None]] = []
     try:
@@ -594,7 +584,7 @@ def _fetch_to_memory(
                 _part_job(read, whole, s, e, _memory_sink(view), settings)
                 for s, e in split_range(0, size, settings.part)
             ]
-        _run_parallel(jobs, settings.concurrency)
+        run_parallel(jobs, settings.concurrency)
     except BaseException:
         jobs.clear()
         for memory in out.values():
@@ -657,169 +647,3 @@ def product_fetcher(manifest: Manifest, storage_options: Mapping[str, Any] | Non
             part_bytes=manifest.storage.fetch_part_bytes, concurrency=manifest.storage.fetch_concurrency
         ),
     )
-
-
-# Reading in place, in large aligned blocks -------------------------------------------------------------
-
-
-class BlockReader:
-    """Random access to remote objects that costs one ranged GET per `settings.part`-sized, aligned block
-    touched (the last block of an object is shorter), never one per strip or seek: what `inventory`
-    reads of a product (a ZIP's central directory and local headers, METADATA.XML, each raster's header,
-    offsets table and last block) costs a few blocks, not the product. At most `max_blocks` blocks are
-    held (least recently used dropped first). Objects are served to Python (`open`) and to GDAL
-    (`gdal_path`, through rasterio's file opener, while `serving()` is entered) by URI; GDAL is only
-    served objects whose size is known (listed with the product, or asked for by `open`), so its probes
-    for sidecars that do not exist (`.aux.xml`, `.msk`) cost no request.
-
-    A read that fails because of the storage is retried as in `fetch_ranges`; GDAL sees only "read
-    failed", so the fault is kept in `fault` for the caller to raise as what it is (transient)."""
-
-    def __init__(
-        self,
-        source: Any,
-        settings: FetchSettings | None = None,
-        max_blocks: int = DEFAULT_CACHED_BLOCKS,
-    ) -> None:
-        self._source = source
-        self._read = _range_reader(source)
-        self._settings = settings or FetchSettings()
-        self._max_blocks = max(1, max_blocks)
-        self._sizes: dict[str, int] = {}
-        self._blocks: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._lock = threading.Lock()
-        self._prefix: str | None = None
-        self.fault: BaseException | None = None
-
-    @property
-    def block_bytes(self) -> int:
-        return self._settings.part
-
-    @property
-    def blocks_held(self) -> int:
-        return len(self._blocks)
-
-    def add_sizes(self, sizes: Mapping[str, int]) -> None:
-        """Sizes of objects as listed (no HEAD is made for them)."""
-        self._sizes.update(sizes)
-
-    def size(self, uri: str) -> int:
-        if uri not in self._sizes:
-            self._sizes[uri] = object_size(self._source, uri)
-        return self._sizes[uri]
-
-    def read(self, uri: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of `uri` (clipped to its size), from its blocks; missing blocks are
-        fetched, several in flight."""
-        end = min(end, self.size(uri))
-        if end <= start:
-            return b""
-        block = self.block_bytes
-        indices = range(start // block, (end - 1) // block + 1)
-        found: dict[int, bytes] = {}
-        with self._lock:
-            for index in indices:
-                data = self._blocks.get((uri, index))
-                if data is not None:
-                    self._blocks.move_to_end((uri, index))
-                    found[index] = data
-        missing = [index for index in indices if index not in found]
-        jobs = [self._fetch_job(uri, index, found) for index in missing]
-        try:
-            _run_parallel(jobs, self._settings.concurrency)
-        except BaseException as exc:
-            self.fault = exc
-            raise
-        with self._lock:
-            for index in missing:
-                self._blocks[(uri, index)] = found[index]
-            while len(self._blocks) > self._max_blocks:
-                self._blocks.popitem(last=False)
-        joined = b"".join(found[index] for index in indices)
-        offset = indices[0] * block
-        return joined[start - offset : end - offset]
-
-    def _fetch_job(self, uri: str, index: int, into: dict[int, bytes]) -> Callable[[], None]:
-        def run() -> None:
-            start = index * self.block_bytes
-            end = min(start + self.block_bytes, self.size(uri))
-            into[index] = _get_part(self._read, uri, start, end, self._settings)
-
-        return run
-
-    def open(self, uri: str, for_gdal: bool = False) -> IO[bytes]:
-        """`uri` as a seekable binary file reading through the blocks (one HEAD when its size is not
-        known yet). A file `for_gdal` never raises from a read (an exception escaping into GDAL's
-        read callback aborts the process): a failed read returns no bytes and leaves `fault` set."""
-        return io.BufferedReader(_BlockFile(self, uri, self.size(uri), for_gdal), buffer_size=64 * 1024)
-
-    @contextlib.contextmanager
-    def serving(self) -> Iterator[BlockReader]:
-        """While entered, `gdal_path(uri)` is a path GDAL reads through this reader (also inside a ZIP:
-        `/vsizip/` + that path + `/member`)."""
-        with _opener_registration("blocks://objects", self._gdal_open) as registered:
-            self._prefix = registered.split("/", 2)[1]
-            try:
-                yield self
-            finally:
-                self._prefix = None
-
-    def gdal_path(self, uri: str) -> str:
-        if self._prefix is None:
-            raise RuntimeError("BlockReader.gdal_path outside serving()")
-        scheme, _, rest = uri.partition("://")
-        return f"/{self._prefix}/{scheme}/{rest}"
-
-    def _gdal_open(self, path: str, mode: str = "rb") -> IO[bytes]:
-        scheme, _, rest = path.lstrip("/").partition("/")
-        uri = f"{scheme}://{rest}"
-        if "w" in mode or "a" in mode or "+" in mode:
-            raise PermissionError(f"{uri} is read-only here")
-        if uri not in self._sizes:  # a sidecar GDAL probes for (.aux.xml, .msk): not in the product
-            raise FileNotFoundError(uri)
-        return self.open(uri, for_gdal=True)
-
-
-class _BlockFile(io.RawIOBase):
-    """A read-only, seekable view of one object through a `BlockReader`."""
-
-    def __init__(self, reader: BlockReader, uri: str, size: int, for_gdal: bool = False) -> None:
-        self._reader, self._uri, self._size, self._position = reader, uri, size, 0
-        self._for_gdal = for_gdal
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = max(0, base + offset)
-        return self._position
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        try:
-            data = self._reader.read(self._uri, self._position, self._position + len(view))
-        except Exception as exc:
-            if not self._for_gdal:
-                raise
-            self._reader.fault = exc  # GDAL sees a short read; the caller raises the fault
-            return 0
-        view[: len(data)] = data
-        self._position += len(data)
-        return len(data)
-
-
-def block_reader(manifest: Manifest, storage_options: Mapping[str, Any] | None, uri: str) -> BlockReader:
-    """The reader `inventory` reads remote products through: the manifest's part size and concurrency,
-    at most `DEFAULT_CACHED_BLOCKS` blocks (down to two when the memory budget is smaller)."""
-    settings = FetchSettings(
-        part_bytes=manifest.storage.fetch_part_bytes, concurrency=manifest.storage.fetch_concurrency
-    )
-    blocks = min(DEFAULT_CACHED_BLOCKS, max(2, manifest.limits.memory_bytes // settings.part))
-    return BlockReader(_filesystem(uri, storage_options or {}), settings, blocks)

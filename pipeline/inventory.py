@@ -4,7 +4,7 @@ The pure core is `check_product` (metadata + raster facts in, a `SceneRecord` or
 out); `inspect_source` is the per-source Dask task (I/O); `run_inventory` writes
 `inventory/scenes.parquet` (GeoParquet), `inventory/rejected.parquet` and `_stages/inventory.json`.
 Reading is cheap by design: metadata and raster headers, never the whole cube. A remote folder or ZIP
-is read in place through a `pipeline.fetch.BlockReader` (a few aligned blocks of at least 8 MiB per
+is read in place through a `pipeline.block_reader.BlockReader` (a few aligned blocks of at least 8 MiB per
 product; `mask` is the one stage that reads the cube); a remote tar.gz is streamed once (gzip is
 sequential). A truncated raster is caught by reading its last pixel where that costs one seek (a local
 folder), and elsewhere (inside a ZIP, where reaching the last pixel would inflate the whole member; on
@@ -29,6 +29,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from pipeline import tables
+from pipeline.block_reader import BlockReader, block_reader
 from pipeline.engine import (
     ItemStage,
     StageResult,
@@ -44,7 +45,7 @@ from pipeline.enmap.names import SPECTRAL_IMAGE, ProductName, ProductNameError, 
 from pipeline.enmap.product import OpenedProduct, iter_products
 from pipeline.enmap.product_errors import ArchiveRejected, ProductError, format_size
 from pipeline.errors import TransientError, is_transient, one_line
-from pipeline.fetch import BlockReader, block_reader, product_fetcher
+from pipeline.fetch import product_fetcher
 from pipeline.manifest import Manifest
 from pipeline.storage import BuildStore, StageRecord, Stopwatch, canonical_json, fingerprint_of, is_remote
 from pipeline.tables import Rejection, read_geodataframe_checked, read_table_checked

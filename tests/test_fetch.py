@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.io import MemoryFile
 
+from pipeline.block_reader import BlockReader
 from pipeline.enmap import raw_reader
 from pipeline.enmap.product import in_memory_view
 from pipeline.enmap.product_errors import ProductError
@@ -28,7 +29,6 @@ from pipeline.enmap.zip_members import member_data_offset
 from pipeline.errors import BuildFault, TransientError, is_transient
 from pipeline.fetch import (
     MIN_PART_BYTES,
-    BlockReader,
     FetchSettings,
     FileSlice,
     Piece,

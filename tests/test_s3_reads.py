@@ -36,12 +36,13 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import stages, tables
+from pipeline.block_reader import BlockReader
 from pipeline.enmap.discovery import discover, folder_products
 from pipeline.enmap.product import OpenedProduct
 from pipeline.enmap.scratch import zip_cache_dir
 from pipeline.enmap.synth import ProductTruth, SynthConfig, generate
 from pipeline.errors import TransientError, is_transient
-from pipeline.fetch import BlockReader, FetchSettings
+from pipeline.fetch import FetchSettings
 from pipeline.inventory import SceneRecord, inspect_product, inspect_source
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext

@@ -8,7 +8,7 @@ product is then brought here once, whole (a folder's files, its ZIP, its tar.gz)
 GETs, into memory (GDAL serves it from `/vsimem/`) or, past `limits.memory_bytes`, into scratch, and
 read from there; GDAL's `/vsis3/` would cost a request per strip or block. Inventory, which reads
 only a product's directory, metadata and raster headers, hands `iter_products` a `RemoteReader`
-(`pipeline.fetch.BlockReader`) instead: a remote folder or ZIP is then read in place, in large aligned
+(`pipeline.block_reader.BlockReader`) instead: a remote folder or ZIP is then read in place, in large aligned
 blocks, the few that hold what is read (a tar.gz is still fetched whole: gzip is sequential).
 
 A product's files are resolved from the listing of its container, by product name and layer suffix,
@@ -113,7 +113,7 @@ TAR_INFLATIONS: Counter[str] = Counter()
 
 
 class RemoteReader(Protocol):
-    """Reads remote objects in place, in large blocks (`pipeline.fetch.BlockReader`): for Python
+    """Reads remote objects in place, in large blocks (`pipeline.block_reader.BlockReader`): for Python
     (`open`) and for GDAL (`gdal_path`)."""
 
     def add_sizes(self, sizes: Mapping[str, int]) -> None: ...
