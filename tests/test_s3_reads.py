@@ -168,6 +168,32 @@ def read_arrays(group: zarr.Group) -> dict[str, np.ndarray]:
     return {name: read_array(group, name) for name in group.array_keys()}
 
 
+def assert_same_build_as_local(
+    built: Manifest, remote: BuildContext, root: Path, local_path: Path, n_products: int
+) -> None:
+    """The same dataset as the local build of the same products, bit for bit; the same masks, plans and
+    index; the same scenes; nothing rejected."""
+    local = BuildContext.create(built, str(local_path), scheduler="synchronous", progress=False)
+    for name in stages.ORDER:
+        local.run(name, inputs=[str(root)])
+    remote_arrays = read_arrays(zarr.open_group(zarr_store(remote.store), mode="r"))
+    local_arrays = read_arrays(zarr.open_group(zarr_store(local.store), mode="r"))
+    assert remote_arrays.keys() == local_arrays.keys()
+    assert remote_arrays["reflectance"].shape[0] > 0
+    for name in local_arrays:
+        assert np.array_equal(remote_arrays[name], local_arrays[name]), name
+    for table in (tables.MASKS, tables.PLAN_PATCHES, tables.INDEX_PATCHES):
+        # The same masks (their SHA-256) and plans; fingerprints differ (they cover the objects' ETags).
+        got, want = remote.store.read_table(table), local.store.read_table(table)
+        drop = [c for c in ("fingerprint", "source_uri") if c in want.column_names]
+        assert got.drop_columns(drop).equals(want.drop_columns(drop)), table
+    columns = ["scene_id", "epsg", "width", "height"]
+    got = remote.store.read_table(tables.SCENES).select(columns).sort_by("scene_id")
+    assert got.equals(local.store.read_table(tables.SCENES).select(columns).sort_by("scene_id"))
+    assert got.num_rows == n_products
+    assert remote.store.read_table(tables.MASK_REJECTED).num_rows == 0
+
+
 def test_s3_build_fetches_each_product_in_few_large_gets(
     s3: Moto, products: Products, tmp_path: Path
 ) -> None:
@@ -228,26 +254,7 @@ def test_s3_build_fetches_each_product_in_few_large_gets(
     assert {k: puts[f"/{k}"] for k in data if puts[f"/{k}"] != 1} == {}
     print({k: n for k, n in puts.items() if n > 1})
 
-    # The same dataset as the local build of the same products, bit for bit.
-    local = BuildContext.create(built, str(tmp_path / "local"), scheduler="synchronous", progress=False)
-    for name in stages.ORDER:
-        local.run(name, inputs=[str(root)])
-    remote_arrays = read_arrays(zarr.open_group(zarr_store(remote.store), mode="r"))
-    local_arrays = read_arrays(zarr.open_group(zarr_store(local.store), mode="r"))
-    assert remote_arrays.keys() == local_arrays.keys()
-    assert remote_arrays["reflectance"].shape[0] > 0
-    for name in local_arrays:
-        assert np.array_equal(remote_arrays[name], local_arrays[name]), name
-    for table in (tables.MASKS, tables.PLAN_PATCHES, tables.INDEX_PATCHES):
-        # The same masks (their SHA-256) and plans; fingerprints differ (they cover the objects' ETags).
-        got, want = remote.store.read_table(table), local.store.read_table(table)
-        drop = [c for c in ("fingerprint", "source_uri") if c in want.column_names]
-        assert got.drop_columns(drop).equals(want.drop_columns(drop)), table
-    columns = ["scene_id", "epsg", "width", "height"]
-    got = remote.store.read_table("inventory/scenes.parquet").select(columns).sort_by("scene_id")
-    assert got.equals(local.store.read_table("inventory/scenes.parquet").select(columns).sort_by("scene_id"))
-    assert got.num_rows == len(truths)
-    assert remote.store.read_table("mask/rejected.parquet").num_rows == 0
+    assert_same_build_as_local(built, remote, root, tmp_path / "local", len(truths))
     # Scratch is cleaned.
     assert leftover_scratch() == []
 
