@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from pipeline.enmap.synth import SynthConfig, generate
 from pipeline.manifest import Manifest
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
-from tests.conftest import DEMO_MANIFEST
+from tests.conftest import DEMO_MANIFEST, REPO
 
 # One tar.gz delivery (ENVI BIL inside), small and not a multiple of the patch size.
 ONE_TAR = SynthConfig(
@@ -135,6 +137,37 @@ def test_a_replaced_delivery_is_not_served_the_kept_zip(
     _run("mask", products, tmp_path / "build")
     assert product_module.TAR_INFLATIONS["mask"] == 1
     assert product_module.TAR_INFLATIONS["reused"] == 0
+
+
+def _cli(stage: str, products: Path, build: Path, scratch: Path, kill: str | None = None) -> int:
+    arguments = ["--manifest", str(DEMO_MANIFEST), "--build", str(build)]
+    arguments += ["--input", str(products)] if stage == "inventory" else []
+    arguments += ["--scheduler", "synchronous", "--no-progress"]
+    prefix = ["-m", "tests.faults", kill, "--"] if kill else ["-m", "pipeline.cli"]
+    env = {**os.environ, "SPECTRALEARTH_SCRATCH": str(scratch)}
+    done = subprocess.run(
+        [sys.executable, *prefix, stage, *arguments], cwd=REPO, env=env, capture_output=True, timeout=600
+    )
+    assert b"Traceback" not in done.stderr, done.stderr[-2000:]
+    return done.returncode
+
+
+def test_sigkill_after_mask_took_the_kept_zip_resumes_to_the_same_scene(
+    delivery: Path, scratch: Path, tmp_path: Path
+) -> None:
+    """Killed between taking the kept ZIP and using it, mask leaves it in its own scratch folder (removed
+    as stale by the next task); the resumed mask unpacks the delivery again, to the same outputs."""
+    _run("inventory", delivery, tmp_path / "reference")
+    _run("mask", delivery, tmp_path / "reference")
+    build = tmp_path / "build"
+    assert _cli("inventory", delivery, build, scratch) == 0
+    assert len(_kept(scratch)) == 1
+    kill = f"pipeline.enmap.product:_kept_intact:kept.zip:{tmp_path / 'marker'}"
+    assert _cli("mask", delivery, build, scratch, kill) == -9
+    assert _kept(scratch) == [], "the killed task had taken it"
+    assert _cli("mask", delivery, build, scratch) == 0
+    assert _outputs(build) == _outputs(tmp_path / "reference")
+    assert [p.name for p in scratch.iterdir()] == ["spectralearth-zipcache"], "stale scratch removed"
 
 
 @settings(max_examples=25, deadline=None)
