@@ -8,7 +8,8 @@ a killed task left behind is removed at the next start (`clean_stale_scratch`, c
 Beside them, `spectralearth-zipcache/` holds the inner ZIPs of tar.gz deliveries that inventory
 unpacked, for mask on the same machine to take instead of inflating the delivery again: each moved
 in by an atomic rename under its key (the delivery's URI, size and modification stamp), size and
-CRC-32; the least recently kept evicted so the folder never holds more than `limits.scratch_bytes`;
+CRC-32; the least recently kept evicted so the folder never holds more than `limits.scratch_bytes`
+(nor half the disk space it could have);
 taken (moved into the taking task's scratch folder) by exactly one task; removed by the stale
 cleaning when not taken within `ZIP_CACHE_AGE_S`.
 """
@@ -193,7 +194,8 @@ def _cache_entries(cache: str) -> list[tuple[float, str, int]]:
 def keep_inner_zip(path: str, key: str, crc: int, limit: int, base: str | None = None) -> bool:
     """Move an unpacked inner ZIP (a file in a scratch folder, so on the same file system) into the
     cache under `key`, evicting the least recently kept ZIPs so the cache never holds more than
-    `limit` bytes; False (and the file stays where it is) when it alone is over the limit."""
+    `limit` bytes, nor more than half the disk space it could have; False (and the file stays where it
+    is) when it alone is over that."""
     size = os.path.getsize(path)
     if size > limit:
         return False
@@ -201,14 +203,17 @@ def keep_inner_zip(path: str, key: str, crc: int, limit: int, base: str | None =
     with _cache_locked(cache):
         entries = _cache_entries(cache)
         held = sum(entry_size for _, _, entry_size in entries)
+        # Never more than half of the space the disk would have without the cache: the stages' own
+        # unpacks and outputs keep the other half.
+        room = min(limit, (shutil.disk_usage(cache).free + held) // 2)
+        if size > room:
+            return False
         for _, old, old_size in entries:
-            if held + size <= limit:
+            if held + size <= room:
                 break
             with contextlib.suppress(FileNotFoundError):
                 os.remove(old)
             held -= old_size
-        if shutil.disk_usage(cache).free < size:
-            return False  # kept, it would leave too little room for the next product's unpack
         # Renamed in place under its final name: the rename is atomic, a reader never sees half a file.
         target = os.path.join(cache, f"{key}-{size}-{crc:08x}.zip")
         os.replace(path, target)
