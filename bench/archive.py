@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -173,31 +174,69 @@ def scene_id(datatake: int, tile: int, start: datetime, version: str = "V010303"
     )
 
 
-def build_tables(n_scenes: int, seed: int) -> tuple[Any, Any, dict[str, Any]]:
-    """(plan GeoDataFrame, scenes GeoDataFrame, model counts)."""
-    import geopandas
-    import pandas as pd
-    import shapely
-    from pyproj import Transformer
+@dataclass(frozen=True)
+class SceneFacts:
+    """Per-scene values both tables carry, derived once from the model: ids, start times (as pandas
+    timestamps in microseconds), the raster origin (upper left, padded) and its affine transform."""
 
-    s = model_scenes(n_scenes, seed)
-    rng = np.random.default_rng(seed + 1)
-    n = n_scenes
+    ids: list[str]
+    start: Any  # pandas DatetimeIndex
+    datatake_start: Any  # pandas DatetimeIndex
+    x0: np.ndarray
+    y0: np.ndarray
+    transforms: list[list[float]]
+
+
+@dataclass(frozen=True)
+class Cells:
+    """Every scene's 9 x 9 block of grid cells, flattened: the model row (scene) of each cell, its grid
+    indices and whether it lies in the block's outer ring."""
+
+    scene: np.ndarray
+    i: np.ndarray
+    j: np.ndarray
+    ring: np.ndarray
+
+
+def scene_facts(s: dict[str, np.ndarray]) -> SceneFacts:
+    import pandas as pd
+
     starts = [FIRST + timedelta(seconds=float(v)) for v in s["seconds"]]
     ids = [scene_id(int(d), int(t), st) for d, t, st in zip(s["datatake"], s["tile"], starts, strict=True)]
-    # cells: every scene's 9 x 9 block
+    x0 = OFFSET + s["i0"] * CELL - PAD_PX * PIXEL
+    y0 = OFFSET + (s["j0"] + BLOCK) * CELL + PAD_PX * PIXEL
+    dt_start = pd.DatetimeIndex([FIRST + timedelta(seconds=float(v)) for v in s["datatake_seconds"]])
+    return SceneFacts(
+        ids=ids,
+        start=pd.DatetimeIndex(starts).as_unit("us"),
+        datatake_start=dt_start.as_unit("us"),
+        x0=x0,
+        y0=y0,
+        transforms=[[PIXEL, 0.0, float(x0[k]), 0.0, -PIXEL, float(y0[k])] for k in range(len(ids))],
+    )
+
+
+def scene_cells(s: dict[str, np.ndarray], n: int) -> Cells:
     grid_a, grid_b = np.meshgrid(np.arange(BLOCK), np.arange(BLOCK), indexing="ij")
     a, b = grid_a.ravel(), grid_b.ravel()
-    per = len(a)
-    scene = np.repeat(np.arange(n), per)
-    ci = s["i0"][scene] + np.tile(a, n)
-    cj = s["j0"][scene] + np.tile(b, n)
-    ring = np.tile((a == 0) | (a == BLOCK - 1) | (b == 0) | (b == BLOCK - 1), n)
-    total = len(scene)
+    scene = np.repeat(np.arange(n), len(a))
+    return Cells(
+        scene=scene,
+        i=s["i0"][scene] + np.tile(a, n),
+        j=s["j0"][scene] + np.tile(b, n),
+        ring=np.tile((a == 0) | (a == BLOCK - 1) | (b == 0) | (b == BLOCK - 1), n),
+    )
+
+
+def cell_fractions(s: dict[str, np.ndarray], cells: Cells, rng: np.random.Generator) -> dict[str, Any]:
+    """Each flag's fraction of each cell (the draws in a fixed order: the model is seeded)."""
+    total = len(cells.scene)
     fractions: dict[str, Any] = {flag: np.zeros(total) for flag in FLAGS}
-    fractions["background"] = np.where(ring, rng.uniform(0.05, 0.9, total), 0.0)
+    fractions["background"] = np.where(cells.ring, rng.uniform(0.05, 0.9, total), 0.0)
     fractions["nodata"] = fractions["background"].copy()
-    cloud = np.minimum(1.0, s["cloud_cover"][scene] * rng.gamma(CLUSTER_SHAPE, 1 / CLUSTER_SHAPE, total))
+    cloud = np.minimum(
+        1.0, s["cloud_cover"][cells.scene] * rng.gamma(CLUSTER_SHAPE, 1 / CLUSTER_SHAPE, total)
+    )
     fractions["cloud"] = np.round(cloud, 4)
     fractions["cloud_shadow"] = np.round(np.minimum(1.0 - cloud, cloud * rng.uniform(0.1, 0.6, total)), 4)
     fractions["cirrus"] = np.round(np.where(rng.random(total) < 0.01, rng.uniform(0, 0.3, total), 0.0), 4)
@@ -205,10 +244,27 @@ def build_tables(n_scenes: int, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     fractions["snow"] = np.round(np.where(rng.random(total) < 0.04, rng.uniform(0, 1.0, total), 0.0), 4)
     fractions["water"] = np.round(np.where(rng.random(total) < 0.2, rng.uniform(0, 1.0, total), 0.0), 4)
     fractions["unclassified"] = np.round(rng.uniform(0, 0.02, total), 4)
-    reason = np.full(total, None, dtype=object)
+    return fractions
+
+
+def cell_reasons(fractions: dict[str, Any]) -> np.ndarray:
+    """The first limit each cell breaks (background first), None for a kept cell."""
+    reason = np.full(len(fractions["background"]), None, dtype=object)
     for flag in sorted(LIMITS, key=lambda f: f != "background"):
         over = (fractions[flag] > LIMITS[flag]) & (reason == None)  # noqa: E711 (elementwise)
         reason[over] = [f"{flag}: {v:.2%} of the cell > {LIMITS[flag]:.2%}" for v in fractions[flag][over]]
+    return reason
+
+
+def plan_frame(
+    s: dict[str, np.ndarray], facts: SceneFacts, cells: Cells, fractions: dict[str, Any], reason: np.ndarray
+) -> Any:
+    """The `tile` stage's plan table: one row per candidate cell, with its polygon in EPSG:4326."""
+    import geopandas
+    import pandas as pd
+
+    scene, ci, cj = cells.scene, cells.i, cells.j
+    total = len(scene)
     kept = reason == None  # noqa: E711
     disqualifying = np.round(
         (fractions["background"] + fractions["cloud"] + fractions["cloud_shadow"] + fractions["cirrus"])
@@ -217,19 +273,12 @@ def build_tables(n_scenes: int, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     epsg = s["epsg"][scene]
     x_min = OFFSET + ci * CELL
     y_min = OFFSET + cj * CELL
-    x0 = OFFSET + s["i0"] * CELL - PAD_PX * PIXEL
-    y0 = OFFSET + (s["j0"] + BLOCK) * CELL + PAD_PX * PIXEL
-    col_off = np.round((x_min - x0[scene]) / PIXEL).astype(np.int64)
-    row_off = np.round((y0[scene] - (y_min + CELL)) / PIXEL).astype(np.int64)
+    col_off = np.round((x_min - facts.x0[scene]) / PIXEL).astype(np.int64)
+    row_off = np.round((facts.y0[scene] - (y_min + CELL)) / PIXEL).astype(np.int64)
     geometry = _cell_polygons(epsg, ci, cj)
-    start_ts = pd.DatetimeIndex(starts).as_unit("us")
-    dt_start = pd.DatetimeIndex([FIRST + timedelta(seconds=float(v)) for v in s["datatake_seconds"]]).as_unit(
-        "us"
-    )
-    transforms = [[PIXEL, 0.0, float(x0[k]), 0.0, -PIXEL, float(y0[k])] for k in range(n)]
-    plan = geopandas.GeoDataFrame(
+    return geopandas.GeoDataFrame(
         {
-            "scene_id": np.asarray(ids, dtype=object)[scene],
+            "scene_id": np.asarray(facts.ids, dtype=object)[scene],
             "location_id": [f"EPSG{e}-{i:04d}-{j:04d}" for e, i, j in zip(epsg, ci, cj, strict=True)],
             "epsg": epsg.astype(np.int64),
             "i": ci.astype(np.int64),
@@ -244,19 +293,25 @@ def build_tables(n_scenes: int, seed: int) -> tuple[Any, Any, dict[str, Any]]:
             "y_min": y_min,
             "x_max": x_min + CELL,
             "y_max": y_min + CELL,
-            "start_time": start_ts[scene],
-            "datatake_start": dt_start[scene],
+            "start_time": facts.start[scene],
+            "datatake_start": facts.datatake_start[scene],
             "datatake_id": np.asarray([f"{d:010d}" for d in s["datatake"]], dtype=object)[scene],
             "tile_id": s["tile"][scene].astype(np.int64),
             "processor_version": "V010303",
-            "scene_transform": [transforms[k] for k in scene],
+            "scene_transform": [facts.transforms[k] for k in scene],
             **{f"{flag}_fraction": fractions[flag] for flag in FLAGS},
         },
         geometry=geometry,
         crs="EPSG:4326",
     )
-    # scenes: the footprint is the inner block (rotation left out), in EPSG:4326
-    footprints = np.empty(n, dtype=object)
+
+
+def scene_footprints(s: dict[str, np.ndarray]) -> np.ndarray:
+    """Each scene's footprint: the inner block (rotation left out), in EPSG:4326."""
+    import shapely
+    from pyproj import Transformer
+
+    footprints = np.empty(len(s["epsg"]), dtype=object)
     for code in np.unique(s["epsg"]):
         sel = np.nonzero(s["epsg"] == code)[0]
         transformer = Transformer.from_crs(f"EPSG:{code}", "EPSG:4326", always_xy=True)
@@ -269,20 +324,31 @@ def build_tables(n_scenes: int, seed: int) -> tuple[Any, Any, dict[str, Any]]:
         lon, lat = transformer.transform(xs.ravel(), ys.ravel())
         coords = np.stack([np.reshape(lon, xs.shape), np.reshape(lat, xs.shape)], axis=-1)
         footprints[sel] = shapely.polygons(coords)
+    return footprints
+
+
+def scenes_frame(s: dict[str, np.ndarray], facts: SceneFacts, rng: np.random.Generator) -> Any:
+    """The `inventory` scenes table (the per-scene covers and angles drawn from `rng`, in column order)."""
+    import geopandas
+    import pandas as pd
+
+    n = len(facts.ids)
+    start_ts = facts.start
+    footprints = scene_footprints(s)
     width = BLOCK * 128 + 2 * PAD_PX
     cc = np.round(100 * s["cloud_cover"], 1)
-    scenes = geopandas.GeoDataFrame(
+    return geopandas.GeoDataFrame(
         {
-            "scene_id": ids,
+            "scene_id": facts.ids,
             "datatake_id": [f"{d:010d}" for d in s["datatake"]],
             "tile_id": s["tile"].astype(np.int64),
             "start_time": start_ts,
             "stop_time": start_ts + pd.Timedelta(seconds=4.5),
-            "datatake_start": dt_start,
+            "datatake_start": facts.datatake_start,
             "processor_version": "V010303",
             "processing_time": start_ts + pd.Timedelta(days=21),
             "epsg": s["epsg"].astype(np.int64),
-            "transform": transforms,
+            "transform": facts.transforms,
             "width": np.full(n, width, dtype=np.int64),
             "height": np.full(n, width, dtype=np.int64),
             "band_count": np.full(n, 224, dtype=np.int64),
@@ -305,12 +371,25 @@ def build_tables(n_scenes: int, seed: int) -> tuple[Any, Any, dict[str, Any]]:
         geometry="footprint",
         crs="EPSG:4326",
     )
+
+
+def build_tables(n_scenes: int, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """(plan GeoDataFrame, scenes GeoDataFrame, model counts)."""
+    s = model_scenes(n_scenes, seed)
+    rng = np.random.default_rng(seed + 1)
+    facts = scene_facts(s)
+    cells = scene_cells(s, n_scenes)
+    # one generator for both tables: the cells' fractions are drawn first, then the scenes' covers
+    fractions = cell_fractions(s, cells, rng)
+    reason = cell_reasons(fractions)
+    plan = plan_frame(s, facts, cells, fractions, reason)
+    scenes = scenes_frame(s, facts, rng)
     counts = {
-        "scenes": n,
+        "scenes": n_scenes,
         "sites": int(len(np.unique(s["site"]))),
         "datatakes": int(len(np.unique(s["datatake"]))),
-        "candidates": int(total),
-        "kept_candidates": int(kept.sum()),
+        "candidates": int(len(cells.scene)),
+        "kept_candidates": int((reason == None).sum()),  # noqa: E711
     }
     return plan, scenes, counts
 

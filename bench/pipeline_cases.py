@@ -16,6 +16,7 @@ import tarfile
 import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,124 @@ def raw_read_throughput(paths: list[Path]) -> dict[str, Any]:
 
 
 # The naive way -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NaivePlan:
+    """What the naive way will do, parsed from the build's patch index before anything is timed: each
+    scene's patch positions (in index order, shuffled per scene when run), the release layout's location
+    and scene numbers, and each scene's share of the time budget."""
+
+    index: Any  # the build's index/patches.parquet as a pandas DataFrame
+    groups: dict[str, list[int]]
+    location_number: dict[str, int]
+    scene_number: dict[str, int]
+    share_s: float
+
+
+def plan_naive(build_dir: Path, max_seconds: float) -> NaivePlan:
+    index = index_frame(build_dir)
+    groups = {scene_id: list(group.index) for scene_id, group in index.groupby("scene_id", sort=True)}
+    return NaivePlan(
+        index=index,
+        groups=groups,
+        location_number={loc: k for k, loc in enumerate(sorted(set(index["location_id"])))},
+        scene_number={s: k for k, s in enumerate(sorted(set(index["scene_id"])))},
+        share_s=max_seconds / max(len(groups), 1),
+    )
+
+
+def naive_source(product: BenchProduct, out_dir: Path) -> str:
+    """The path GDAL opens for a product as delivered; a tar.gz's inner ZIP is unpacked first (GDAL cannot
+    open a ZIP inside a tar.gz in place)."""
+    if product.truth.packaging == "targz":
+        unpacked = inner_zip(product, out_dir.parent / f"{product.scene_id}.ZIP")
+        member = f"{product.scene_id}/{spectral_member(product.truth)}"
+        return f"/vsizip/{unpacked}/{member}"
+    return spectral_path(product.folder, product.truth)
+
+
+def write_naive_patch(source: str, row: Any, bands: list[int], path: Path) -> None:
+    """Open the product, a windowed read of the kept bands, one uncompressed GeoTIFF."""
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(source) as src:
+        window = Window(int(row["col_off"]), int(row["row_off"]), PATCH, PATCH)
+        cube = src.read(bands, window=window)
+        transform = src.window_transform(window)
+        crs = src.crs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = {
+        "driver": "GTiff",
+        "dtype": "int16",
+        "count": len(bands),
+        "width": PATCH,
+        "height": PATCH,
+        "crs": crs,
+        "transform": transform,
+        "nodata": NODATA,
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(cube)
+
+
+def naive_scene(
+    plan: NaivePlan,
+    product: BenchProduct,
+    positions: list[int],
+    bands: list[int],
+    out_dir: Path,
+    written: list[str],
+) -> dict[str, Any]:
+    """One scene's patches in the given order until its time share is spent (at least one patch); the
+    GeoTIFFs written are appended to `written`."""
+    scene_id = product.scene_id
+    done = 0
+    start = time.perf_counter()
+    source = naive_source(product, out_dir)
+    for position in positions:
+        row = plan.index.iloc[position]
+        path = out_dir / "enmap" / f"{plan.location_number[row['location_id']]:07d}"
+        path = path / f"{plan.scene_number[scene_id]:05d}.tif"
+        write_naive_patch(source, row, bands, path)
+        written.append(str(path))
+        done += 1
+        if time.perf_counter() - start > plan.share_s:
+            break
+    seconds = time.perf_counter() - start
+    if product.truth.packaging == "targz":
+        (out_dir.parent / f"{scene_id}.ZIP").unlink(missing_ok=True)
+    return {
+        "scene_id": scene_id,
+        "kind": product.kind,
+        "patches": len(positions),
+        "done": done,
+        "measured_s": round(seconds, 3),
+        "s_per_patch": round(seconds / done, 4),
+    }
+
+
+def naive_summary(total: int, per_scene: list[dict[str, Any]], written: list[str]) -> dict[str, Any]:
+    """Totals over the scenes: exact when every patch was done, else extrapolated from each scene's mean."""
+    done_all = sum(s["done"] for s in per_scene)
+    estimate = sum(s["measured_s"] / s["done"] * s["patches"] for s in per_scene)
+    kinds: dict[str, list[float]] = {}
+    for s in per_scene:
+        kinds.setdefault(s["kind"], []).append(s["s_per_patch"])
+    tif_bytes = sum(os.path.getsize(p) for p in written)
+    return {
+        "patches_total": total,
+        "patches_done": done_all,
+        "measured_s": round(sum(s["measured_s"] for s in per_scene), 3),
+        "estimated_total_s": round(estimate, 3),
+        "extrapolated": done_all < total,
+        "s_per_patch_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(kinds.items())},
+        "per_scene": per_scene,
+        "geotiff_bytes_written": tif_bytes,
+        "geotiff_bytes_per_patch": round(tif_bytes / max(done_all, 1)),
+        "files": written,
+    }
+
+
 def run_naive(
     build_dir: Path,
     products: list[BenchProduct],
@@ -284,88 +403,18 @@ def run_naive(
     patches), exact when every patch was done and an extrapolation (flagged) otherwise.
     """
     import rasterio
-    from rasterio.windows import Window
 
-    index = index_frame(build_dir)
+    plan = plan_naive(build_dir, max_seconds)
     by_id = {p.scene_id: p for p in products}
-    location_number = {loc: k for k, loc in enumerate(sorted(set(index["location_id"])))}
-    scene_number = {s: k for k, s in enumerate(sorted(set(index["scene_id"])))}
     shutil.rmtree(out_dir, ignore_errors=True)
     rng = random.Random(seed)
-    groups = {scene_id: list(group.index) for scene_id, group in index.groupby("scene_id", sort=True)}
-    share = max_seconds / max(len(groups), 1)
     written: list[str] = []
     per_scene = []
     with rasterio.Env(GDAL_NUM_THREADS="1"):
-        for scene_id, positions in groups.items():
-            product = by_id[scene_id]
+        for scene_id, positions in plan.groups.items():
             rng.shuffle(positions)
-            done = 0
-            start = time.perf_counter()
-            if product.truth.packaging == "targz":
-                unpacked = inner_zip(product, out_dir.parent / f"{scene_id}.ZIP")
-                member = f"{scene_id}/{spectral_member(product.truth)}"
-                source = f"/vsizip/{unpacked}/{member}"
-            else:
-                source = spectral_path(product.folder, product.truth)
-            for position in positions:
-                row = index.iloc[position]
-                with rasterio.open(source) as src:
-                    window = Window(int(row["col_off"]), int(row["row_off"]), PATCH, PATCH)
-                    cube = src.read(bands, window=window)
-                    transform = src.window_transform(window)
-                    crs = src.crs
-                path = out_dir / "enmap" / f"{location_number[row['location_id']]:07d}"
-                path = path / f"{scene_number[scene_id]:05d}.tif"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                profile = {
-                    "driver": "GTiff",
-                    "dtype": "int16",
-                    "count": len(bands),
-                    "width": PATCH,
-                    "height": PATCH,
-                    "crs": crs,
-                    "transform": transform,
-                    "nodata": NODATA,
-                }
-                with rasterio.open(path, "w", **profile) as dst:
-                    dst.write(cube)
-                written.append(str(path))
-                done += 1
-                if time.perf_counter() - start > share:
-                    break
-            seconds = time.perf_counter() - start
-            if product.truth.packaging == "targz":
-                (out_dir.parent / f"{scene_id}.ZIP").unlink(missing_ok=True)
-            per_scene.append(
-                {
-                    "scene_id": scene_id,
-                    "kind": product.kind,
-                    "patches": len(positions),
-                    "done": done,
-                    "measured_s": round(seconds, 3),
-                    "s_per_patch": round(seconds / done, 4),
-                }
-            )
-    total = len(index)
-    done_all = sum(s["done"] for s in per_scene)
-    estimate = sum(s["measured_s"] / s["done"] * s["patches"] for s in per_scene)
-    kinds: dict[str, list[float]] = {}
-    for s in per_scene:
-        kinds.setdefault(s["kind"], []).append(s["s_per_patch"])
-    tif_bytes = sum(os.path.getsize(p) for p in written)
-    return {
-        "patches_total": total,
-        "patches_done": done_all,
-        "measured_s": round(sum(s["measured_s"] for s in per_scene), 3),
-        "estimated_total_s": round(estimate, 3),
-        "extrapolated": done_all < total,
-        "s_per_patch_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(kinds.items())},
-        "per_scene": per_scene,
-        "geotiff_bytes_written": tif_bytes,
-        "geotiff_bytes_per_patch": round(tif_bytes / max(done_all, 1)),
-        "files": written,
-    }
+            per_scene.append(naive_scene(plan, by_id[scene_id], positions, bands, out_dir, written))
+    return naive_summary(len(plan.index), per_scene, written)
 
 
 # Read side ------------------------------------------------------------------------------------------------

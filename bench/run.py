@@ -43,6 +43,7 @@ import codec_bench
 from common import BENCH, MB, REPO, run_step, table
 from pipeline_cases import kept_bands, run_floor, run_naive, run_read_side
 from products import (
+    BenchProduct,
     container_files,
     ensure_bench_set,
     spectral_bytes_on_disk,
@@ -102,16 +103,11 @@ def build(
     return run_step("build_step.py", command)
 
 
-def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    log(f"products: {'quick' if args.quick else 'full-size'} bench set")
-    products, generated = ensure_bench_set(args.cache, args.quick)
-    sizes = [2, len(products)]
-    largest = sizes[-1]
-    work = args.work
-    shutil.rmtree(work, ignore_errors=True)
-    lists = write_subset_lists(products, sizes, work / "lists")
-    files = sorted({f for p in products for f in container_files(p)})
-    warmed = warm_page_cache(files)
+def product_facts(
+    products: list[BenchProduct], sizes: list[int], files: list[Path], generated: float, warmed: int
+) -> dict[str, Any]:
+    """What the bench set holds: the subsets, and per product its kind, size and bytes (spectral, on disk,
+    container)."""
     per_product = {
         p.scene_id: {
             "kind": p.kind,
@@ -124,7 +120,7 @@ def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
         }
         for p in products
     }
-    results["products"] = {
+    return {
         "generated_s": round(generated, 1),
         "reused_from_cache": generated == 0,
         "subsets": {str(n): [p.scene_id for p in products[:n]] for n in sizes},
@@ -133,10 +129,20 @@ def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "per_product": per_product,
     }
 
+
+def subset_builds(
+    args: argparse.Namespace,
+    products: list[BenchProduct],
+    sizes: list[int],
+    lists: dict[int, Path],
+    per_product: dict[str, Any],
+) -> dict[str, Any]:
+    """One local build per subset size with its throughput; only the largest build is kept on disk."""
+    largest = sizes[-1]
     builds: dict[str, Any] = {}
     for n in sizes:
         log(f"build: {n} scenes, scheduler local")
-        result = build(args, [str(lists[n])], work / f"build-{n}", f"local-{n}")
+        result = build(args, [str(lists[n])], args.work / f"build-{n}", f"local-{n}")
         patches = result["stages"]["write"]["counts"].get("patches", 0)
         spectral = sum(per_product[p.scene_id]["spectral_bytes"] for p in products[:n])
         result["throughput"] = {
@@ -147,7 +153,93 @@ def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
         }
         builds[str(n)] = result
         if n != largest:
-            shutil.rmtree(work / f"build-{n}", ignore_errors=True)
+            shutil.rmtree(args.work / f"build-{n}", ignore_errors=True)
+    return builds
+
+
+def build_ratios(
+    largest: int, big: dict[str, Any], floor: dict[str, Any], naive: dict[str, Any], workers: int
+) -> dict[str, Any]:
+    """The largest build against the floor and the naive way."""
+    write_s = big["stages"]["write"]["wall_s"]
+    return {
+        "scenes": largest,
+        "build_s": big["wall_s"],
+        "write_s": write_s,
+        "floor_s": floor["wall_s"],
+        "build_over_floor": _ratio(big["wall_s"], floor["wall_s"]),
+        "write_over_floor": _ratio(write_s, floor["wall_s"]),
+        # where the rest goes: the stage that reads and encodes, and the one that lists and checks inputs
+        "mask_over_floor": _ratio(big["stages"]["mask"]["wall_s"], floor["wall_s"]),
+        "inventory_over_floor": _ratio(big["stages"]["inventory"]["wall_s"], floor["wall_s"]),
+        "naive_s": naive["estimated_total_s"],
+        "naive_extrapolated": naive["extrapolated"],
+        "naive_over_build": _ratio(naive["estimated_total_s"], big["wall_s"]),
+        "workers": workers,
+    }
+
+
+def memory_facts(builds: dict[str, Any], first: str, last: str) -> dict[str, Any]:
+    """Peak worker memory of each build, by stage, and its growth from the smallest to the largest."""
+    return {
+        "what": "peak RSS of any one dask worker process while the build ran (psutil, every 0.1 s); the "
+        "LocalCluster lives for the whole build, so a stage's figure includes what a worker still holds.",
+        "peak_worker_rss_mb": {n: b["peak_worker_rss_mb"] for n, b in builds.items()},
+        "peak_worker_rss_mb_by_stage": {
+            n: {s: v["peak_worker_rss_mb"] for s, v in b["stages"].items()} for n, b in builds.items()
+        },
+        "growth_largest_over_smallest": _ratio(
+            builds[last]["peak_worker_rss_mb"], builds[first]["peak_worker_rss_mb"]
+        ),
+        "s_per_scene": {n: b["throughput"]["s_per_scene"] for n, b in builds.items()},
+    }
+
+
+def s3_facts(
+    args: argparse.Namespace, products: list[BenchProduct], local_s: float, local_digest: dict[str, str]
+) -> dict[str, Any]:
+    """The S3 case with its bound (fetch once + 1.5 x the local build) and whether its dataset matches."""
+    s3 = run_s3_case(products, MANIFEST, args.work / "s3", local_s, args.s3_timeout)
+    bound = s3["fetch_once_s"] + GOALS["s3_local_factor"] * local_s
+    s3["goal_bound_s"] = round(bound, 3)
+    s3["local_build_s"] = local_s
+    if s3["finished"]:
+        s3["build_s"] = s3["build"]["wall_s"]
+        s3["same_dataset_as_local"] = dataset_digest(Path(s3["build_dir"])) == local_digest
+    shutil.rmtree(args.work / "s3", ignore_errors=True)
+    return s3
+
+
+def profile_facts(args: argparse.Namespace, scene_list: Path) -> dict[str, Any]:
+    """A synchronous build under cProfile: wall time per stage and the top functions."""
+    work = args.work
+    profiled = build(
+        args, [str(scene_list)], work / "profiled", "profile", scheduler="synchronous", profile=25
+    )
+    facts = {
+        "wall_s": profiled["wall_s"],
+        "stage_wall_s": {k: v["wall_s"] for k, v in profiled["stages"].items()},
+        **profiled["profile"],
+    }
+    shutil.rmtree(work / "profiled", ignore_errors=True)
+    return facts
+
+
+def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The cases over real pixels, in order: subset builds, floor, naive way, read side, ratios, memory,
+    S3 and the profiled build; each writes its own key of `results`."""
+    log(f"products: {'quick' if args.quick else 'full-size'} bench set")
+    products, generated = ensure_bench_set(args.cache, args.quick)
+    sizes = [2, len(products)]
+    largest = sizes[-1]
+    work = args.work
+    shutil.rmtree(work, ignore_errors=True)
+    lists = write_subset_lists(products, sizes, work / "lists")
+    files = sorted({f for p in products for f in container_files(p)})
+    warmed = warm_page_cache(files)
+    results["products"] = product_facts(products, sizes, files, generated, warmed)
+
+    builds = subset_builds(args, products, sizes, lists, results["products"]["per_product"])
     results["builds"] = builds
     build_dir = work / f"build-{largest}"
     local_digest = dataset_digest(build_dir)
@@ -167,60 +259,16 @@ def pixel_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
     shutil.rmtree(work / "naive", ignore_errors=True)
 
     big = builds[str(largest)]
-    write_s = big["stages"]["write"]["wall_s"]
-    results["ratios"] = {
-        "scenes": largest,
-        "build_s": big["wall_s"],
-        "write_s": write_s,
-        "floor_s": floor["wall_s"],
-        "build_over_floor": _ratio(big["wall_s"], floor["wall_s"]),
-        "write_over_floor": _ratio(write_s, floor["wall_s"]),
-        # where the rest goes: the stage that reads and encodes, and the one that lists and checks inputs
-        "mask_over_floor": _ratio(big["stages"]["mask"]["wall_s"], floor["wall_s"]),
-        "inventory_over_floor": _ratio(big["stages"]["inventory"]["wall_s"], floor["wall_s"]),
-        "naive_s": naive["estimated_total_s"],
-        "naive_extrapolated": naive["extrapolated"],
-        "naive_over_build": _ratio(naive["estimated_total_s"], big["wall_s"]),
-        "workers": workers,
-    }
-    first, last = str(sizes[0]), str(largest)
-    results["memory"] = {
-        "what": "peak RSS of any one dask worker process while the build ran (psutil, every 0.1 s); the "
-        "LocalCluster lives for the whole build, so a stage's figure includes what a worker still holds.",
-        "peak_worker_rss_mb": {n: b["peak_worker_rss_mb"] for n, b in builds.items()},
-        "peak_worker_rss_mb_by_stage": {
-            n: {s: v["peak_worker_rss_mb"] for s, v in b["stages"].items()} for n, b in builds.items()
-        },
-        "growth_largest_over_smallest": _ratio(
-            builds[last]["peak_worker_rss_mb"], builds[first]["peak_worker_rss_mb"]
-        ),
-        "s_per_scene": {n: b["throughput"]["s_per_scene"] for n, b in builds.items()},
-    }
+    results["ratios"] = build_ratios(largest, big, floor, naive, workers)
+    results["memory"] = memory_facts(builds, str(sizes[0]), str(largest))
 
     if not args.skip_s3:
         log(f"S3: {largest} products on moto, fetch once, then the build from s3://")
-        local_s = big["wall_s"]
-        s3 = run_s3_case(products, MANIFEST, work / "s3", local_s, args.s3_timeout)
-        bound = s3["fetch_once_s"] + GOALS["s3_local_factor"] * local_s
-        s3["goal_bound_s"] = round(bound, 3)
-        s3["local_build_s"] = local_s
-        if s3["finished"]:
-            s3["build_s"] = s3["build"]["wall_s"]
-            s3["same_dataset_as_local"] = dataset_digest(Path(s3["build_dir"])) == local_digest
-        shutil.rmtree(work / "s3", ignore_errors=True)
-        results["s3"] = s3
+        results["s3"] = s3_facts(args, products, big["wall_s"], local_digest)
 
     if not args.no_profile:
         log(f"profile: {largest} scenes, synchronous scheduler, cProfile")
-        profiled = build(
-            args, [str(lists[largest])], work / "profiled", "profile", scheduler="synchronous", profile=25
-        )
-        results["profile"] = {
-            "wall_s": profiled["wall_s"],
-            "stage_wall_s": {k: v["wall_s"] for k, v in profiled["stages"].items()},
-            **profiled["profile"],
-        }
-        shutil.rmtree(work / "profiled", ignore_errors=True)
+        results["profile"] = profile_facts(args, lists[largest])
     if not args.keep:
         shutil.rmtree(build_dir, ignore_errors=True)
 
@@ -259,167 +307,198 @@ def archive_cases(args: argparse.Namespace, results: dict[str, Any]) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def summary_rows(results: dict[str, Any], quick: bool) -> list[tuple[str, str, str, str]]:
-    rows: list[tuple[str, str, str, str]] = []
+Row = tuple[str, str, str, str]
 
-    def status(ok: bool | None) -> str:
-        return "info" if ok is None else ("met" if ok else "MISSED")
 
-    r = results.get("ratios", {})
-    if r:
-        n = r["scenes"]
-        big = results["builds"][str(n)]
-        stages = big["stages"]
+def status(ok: bool | None) -> str:
+    """A summary row's verdict: informational, goal met or missed."""
+    return "info" if ok is None else ("met" if ok else "MISSED")
+
+
+def build_rows(results: dict[str, Any]) -> list[Row]:
+    """The local build against the floor and the naive way."""
+    r = results["ratios"]
+    n = r["scenes"]
+    big = results["builds"][str(n)]
+    stages = big["stages"]
+    rows: list[Row] = []
+    rows.append(
+        (
+            f"local build, {n} scenes ({big['throughput']['patches']} patches)",
+            f"{r['build_s']:.1f} s: " + ", ".join(f"{k} {v['wall_s']:.1f}" for k, v in stages.items()),
+            "-",
+            status(None),
+        )
+    )
+    f = results["floor"]
+    rows.append(
+        (
+            "floor (read once + encode once)",
+            f"{f['wall_s']:.1f} s on {f['workers']} processes (serial: read {f['serial_read_s']:.1f} + "
+            f"encode {f['serial_encode_s']:.1f} s)",
+            "-",
+            status(None),
+        )
+    )
+    rows.append(
+        (
+            "whole build / floor",
+            f"{r['build_over_floor']:.2f}x ({r['build_s']:.1f} s / {r['floor_s']:.1f} s)",
+            f"<= {GOALS['build_over_floor']}x",
+            status(r["build_over_floor"] <= GOALS["build_over_floor"]),
+        )
+    )
+    rows.append(
+        (
+            "mask / floor, inventory / floor",
+            f"{r['mask_over_floor']:.2f}x, {r['inventory_over_floor']:.2f}x",
+            "-",
+            status(None),
+        )
+    )
+    rows.append(
+        (
+            "write / floor",
+            f"{r['write_over_floor']:.2f}x ({r['write_s']:.1f} s / {r['floor_s']:.1f} s)",
+            f"<= {GOALS['write_over_floor']}x",
+            status(r["write_over_floor"] <= GOALS["write_over_floor"]),
+        )
+    )
+    label = "naive / whole build" + (" (naive extrapolated)" if r["naive_extrapolated"] else "")
+    rows.append(
+        (
+            label,
+            f"{r['naive_over_build']:.1f}x ({r['naive_s']:.0f} s / {r['build_s']:.1f} s)",
+            f">= {GOALS['naive_over_build']}x",
+            status(r["naive_over_build"] >= GOALS["naive_over_build"]),
+        )
+    )
+    return rows
+
+
+def memory_and_read_rows(results: dict[str, Any]) -> list[Row]:
+    """Peak memory per worker across subset sizes, and the read side (zarr vs GeoTIFF)."""
+    rows: list[Row] = []
+    m = results["memory"]
+    peaks = ", ".join(f"{k} scenes {v:.0f}" for k, v in m["peak_worker_rss_mb"].items())
+    worst = max(m["peak_worker_rss_mb"].values())
+    rows.append(
+        (
+            "peak MB per worker",
+            f"{peaks} ({m['growth_largest_over_smallest']:.2f}x)",
+            f"<= {GOALS['worker_peak_mb']:.0f} MB, flat (<= {GOALS['memory_growth']}x)",
+            status(
+                worst <= GOALS["worker_peak_mb"]
+                and m["growth_largest_over_smallest"] <= GOALS["memory_growth"]
+            ),
+        )
+    )
+    rs = results["read_side"]
+    rows.append(
+        (
+            "patch read: zarr vs GeoTIFF",
+            f"{rs['zarr_ms_per_patch']:.1f} ms vs {rs['geotiff_ms_per_patch']:.1f} ms per patch; "
+            f"{rs['zarr_bytes_per_patch'] / MB:.2f} vs {rs['geotiff_bytes_per_patch'] / MB:.2f} MB",
+            f"< {GOALS['zarr_patch_read_ms']:.0f} ms",
+            status(rs["zarr_ms_per_patch"] < GOALS["zarr_patch_read_ms"]),
+        )
+    )
+    return rows
+
+
+def s3_rows(s3: dict[str, Any]) -> list[Row]:
+    """The S3 build against its bound, and its GETs per product."""
+    rows: list[Row] = []
+    if s3["finished"]:
+        measured = (
+            f"{s3['build_s']:.1f} s vs fetch {s3['fetch_once_s']:.1f} + 1.5 x local "
+            f"{s3['local_build_s']:.1f} = {s3['goal_bound_s']:.1f} s"
+            + ("" if s3["same_dataset_as_local"] else "; DATASET DIFFERS from local")
+        )
+        ok = s3["build_s"] <= s3["goal_bound_s"] and s3["same_dataset_as_local"]
+    else:
+        how = f"failed ({s3['error']})" if "error" in s3 else "stopped"
+        measured = (
+            f"{how} after {s3['stopped_after_s']:.0f} s in {s3['build']['running']} "
+            f"(bound fetch {s3['fetch_once_s']:.1f} + 1.5 x local {s3['local_build_s']:.1f} = "
+            f"{s3['goal_bound_s']:.1f} s)"
+        )
+        ok = False
+    rows.append(("S3 build (moto) vs fetch + 1.5 x local", measured, "<= bound, same dataset", status(ok)))
+    gets = s3["per_product"]
+    over = [k for k, v in gets.items() if "gets_bound" in v and v["build_gets"] > v["gets_bound"]]
+    rows.append(
+        (
+            "GETs per product in the S3 build (fetch once)",
+            "; ".join(
+                f"{v['kind']} {v['bytes'] / MB:.0f} MB: {v.get('build_gets', '?')} ({v['fetch_gets']})"
+                for v in gets.values()
+                if "kind" in v
+            ),
+            f"<= MB / 8 + objects + {GOALS['gets_extra']}",
+            status(not over and s3["finished"]),
+        )
+    )
+    return rows
+
+
+def codec_rows(c: dict[str, Any]) -> list[Row]:
+    """One row per codec of the table (1 thread, bitshuffle)."""
+    rows: list[Row] = []
+    for label in ("zstd-5", "zstd-1/1m", "lz4"):
+        v = c["codecs"][label]
         rows.append(
             (
-                f"local build, {n} scenes ({big['throughput']['patches']} patches)",
-                f"{r['build_s']:.1f} s: " + ", ".join(f"{k} {v['wall_s']:.1f}" for k, v in stages.items()),
+                f"codec {label} + bitshuffle, 1 thread",
+                f"encode {v['encode_mb_s']:.0f} MB/s, decode {v['decode_mb_s']:.0f} MB/s, "
+                f"ratio {v['ratio']:.3f}",
                 "-",
                 status(None),
             )
         )
-        f = results["floor"]
-        rows.append(
-            (
-                "floor (read once + encode once)",
-                f"{f['wall_s']:.1f} s on {f['workers']} processes (serial: read {f['serial_read_s']:.1f} + "
-                f"encode {f['serial_encode_s']:.1f} s)",
-                "-",
-                status(None),
-            )
-        )
-        rows.append(
-            (
-                "whole build / floor",
-                f"{r['build_over_floor']:.2f}x ({r['build_s']:.1f} s / {r['floor_s']:.1f} s)",
-                f"<= {GOALS['build_over_floor']}x",
-                status(r["build_over_floor"] <= GOALS["build_over_floor"]),
-            )
-        )
-        rows.append(
-            (
-                "mask / floor, inventory / floor",
-                f"{r['mask_over_floor']:.2f}x, {r['inventory_over_floor']:.2f}x",
-                "-",
-                status(None),
-            )
-        )
-        rows.append(
-            (
-                "write / floor",
-                f"{r['write_over_floor']:.2f}x ({r['write_s']:.1f} s / {r['floor_s']:.1f} s)",
-                f"<= {GOALS['write_over_floor']}x",
-                status(r["write_over_floor"] <= GOALS["write_over_floor"]),
-            )
-        )
-        label = "naive / whole build" + (" (naive extrapolated)" if r["naive_extrapolated"] else "")
-        rows.append(
-            (
-                label,
-                f"{r['naive_over_build']:.1f}x ({r['naive_s']:.0f} s / {r['build_s']:.1f} s)",
-                f">= {GOALS['naive_over_build']}x",
-                status(r["naive_over_build"] >= GOALS["naive_over_build"]),
-            )
-        )
-        m = results["memory"]
-        peaks = ", ".join(f"{k} scenes {v:.0f}" for k, v in m["peak_worker_rss_mb"].items())
-        worst = max(m["peak_worker_rss_mb"].values())
-        rows.append(
-            (
-                "peak MB per worker",
-                f"{peaks} ({m['growth_largest_over_smallest']:.2f}x)",
-                f"<= {GOALS['worker_peak_mb']:.0f} MB, flat (<= {GOALS['memory_growth']}x)",
-                status(
-                    worst <= GOALS["worker_peak_mb"]
-                    and m["growth_largest_over_smallest"] <= GOALS["memory_growth"]
-                ),
-            )
-        )
-        rs = results["read_side"]
-        rows.append(
-            (
-                "patch read: zarr vs GeoTIFF",
-                f"{rs['zarr_ms_per_patch']:.1f} ms vs {rs['geotiff_ms_per_patch']:.1f} ms per patch; "
-                f"{rs['zarr_bytes_per_patch'] / MB:.2f} vs {rs['geotiff_bytes_per_patch'] / MB:.2f} MB",
-                f"< {GOALS['zarr_patch_read_ms']:.0f} ms",
-                status(rs["zarr_ms_per_patch"] < GOALS["zarr_patch_read_ms"]),
-            )
-        )
+    return rows
+
+
+def archive_rows(a: dict[str, Any], quick: bool) -> list[Row]:
+    """The metadata archive's dedup counts and query times."""
+    q = a["steps"]["query"]
+    d = a["steps"]["dedup"]["counts"]
+    scale = "" if a["fraction_of_spectralearth"] == 1 else f" ({a['fraction_of_spectralearth']:.0%} scale)"
+    worst = max(q["median_ms"]["bbox_datetime_cloud"], q["median_ms"]["id_lookup"]) / 1000
+    return [
+        (
+            f"archive{scale}: patches / locations / multi",
+            f"{d['patches']} / {d['locations']} / {d['multi_date_share']:.1%}",
+            "~540k / ~415k / ~17.5%" if not quick else "-",
+            status(None),
+        ),
+        (
+            f"query over {q['items']} items (bbox+dt+cloud; id)",
+            f"{q['median_ms']['bbox_datetime_cloud']:.0f} ms; {q['median_ms']['id_lookup']:.0f} ms "
+            f"(naive scan {q['naive_bbox_query_s']:.1f} s)",
+            f"< {GOALS['query_s']} s",
+            status(worst < GOALS["query_s"] and q["same_result"]),
+        ),
+    ]
+
+
+def summary_rows(results: dict[str, Any], quick: bool) -> list[Row]:
+    """The console table: one row per measured goal, for the cases that ran."""
+    rows: list[Row] = []
+    if results.get("ratios", {}):
+        rows += build_rows(results) + memory_and_read_rows(results)
     s3 = results.get("s3")
     if s3:
-        if s3["finished"]:
-            measured = (
-                f"{s3['build_s']:.1f} s vs fetch {s3['fetch_once_s']:.1f} + 1.5 x local "
-                f"{s3['local_build_s']:.1f} = {s3['goal_bound_s']:.1f} s"
-                + ("" if s3["same_dataset_as_local"] else "; DATASET DIFFERS from local")
-            )
-            ok = s3["build_s"] <= s3["goal_bound_s"] and s3["same_dataset_as_local"]
-        else:
-            how = f"failed ({s3['error']})" if "error" in s3 else "stopped"
-            measured = (
-                f"{how} after {s3['stopped_after_s']:.0f} s in {s3['build']['running']} "
-                f"(bound fetch {s3['fetch_once_s']:.1f} + 1.5 x local {s3['local_build_s']:.1f} = "
-                f"{s3['goal_bound_s']:.1f} s)"
-            )
-            ok = False
-        rows.append(
-            ("S3 build (moto) vs fetch + 1.5 x local", measured, "<= bound, same dataset", status(ok))
-        )
-        gets = s3["per_product"]
-        over = [k for k, v in gets.items() if "gets_bound" in v and v["build_gets"] > v["gets_bound"]]
-        rows.append(
-            (
-                "GETs per product in the S3 build (fetch once)",
-                "; ".join(
-                    f"{v['kind']} {v['bytes'] / MB:.0f} MB: {v.get('build_gets', '?')} ({v['fetch_gets']})"
-                    for v in gets.values()
-                    if "kind" in v
-                ),
-                f"<= MB / 8 + objects + {GOALS['gets_extra']}",
-                status(not over and s3["finished"]),
-            )
-        )
+        rows += s3_rows(s3)
     if s3 and s3.get("build_gets_by_stage"):
         by_stage = ", ".join(f"{k} {v}" for k, v in s3["build_gets_by_stage"].items() if v)
         rows.append(("S3 build: product GETs by stage", by_stage or "none", "-", status(None)))
     c = results.get("codecs")
     if c:
-        for label in ("zstd-5", "zstd-1/1m", "lz4"):
-            v = c["codecs"][label]
-            rows.append(
-                (
-                    f"codec {label} + bitshuffle, 1 thread",
-                    f"encode {v['encode_mb_s']:.0f} MB/s, decode {v['decode_mb_s']:.0f} MB/s, "
-                    f"ratio {v['ratio']:.3f}",
-                    "-",
-                    status(None),
-                )
-            )
+        rows += codec_rows(c)
     a = results.get("archive")
     if a:
-        q = a["steps"]["query"]
-        d = a["steps"]["dedup"]["counts"]
-        scale = (
-            "" if a["fraction_of_spectralearth"] == 1 else f" ({a['fraction_of_spectralearth']:.0%} scale)"
-        )
-        rows.append(
-            (
-                f"archive{scale}: patches / locations / multi",
-                f"{d['patches']} / {d['locations']} / {d['multi_date_share']:.1%}",
-                "~540k / ~415k / ~17.5%" if not quick else "-",
-                status(None),
-            )
-        )
-        worst = max(q["median_ms"]["bbox_datetime_cloud"], q["median_ms"]["id_lookup"]) / 1000
-        rows.append(
-            (
-                f"query over {q['items']} items (bbox+dt+cloud; id)",
-                f"{q['median_ms']['bbox_datetime_cloud']:.0f} ms; {q['median_ms']['id_lookup']:.0f} ms "
-                f"(naive scan {q['naive_bbox_query_s']:.1f} s)",
-                f"< {GOALS['query_s']} s",
-                status(worst < GOALS["query_s"] and q["same_result"]),
-            )
-        )
+        rows += archive_rows(a, quick)
     return rows
 
 

@@ -142,6 +142,81 @@ def gets_per_product(requests: list[tuple[str, str]], products: list[BenchProduc
     )
 
 
+def upload_products(fs: Any, products: list[BenchProduct]) -> float:
+    """Every product as delivered into the bucket (a folder product as its files); the seconds taken."""
+    fs.mkdir(BUCKET)
+    start = time.perf_counter()
+    for product in products:
+        target = f"{BUCKET}/{product.truth.path}"
+        if product.container.is_dir():
+            fs.put(str(product.container) + "/", target + "/", recursive=True)
+        else:
+            fs.put_file(str(product.container), target)
+    return time.perf_counter() - start
+
+
+def fetch_once(fs: Any, products: list[BenchProduct]) -> tuple[dict[str, Any], float]:
+    """Each product's objects fetched once with pipeline.fetch, one product after the other: per product
+    its kind, objects, bytes and fetch time, and the total seconds."""
+    per_product: dict[str, Any] = {}
+    fetch_total = 0.0
+    for product in products:
+        objects = {
+            f"s3://{key}": int(info["size"])
+            for key, info in fs.find(f"{BUCKET}/{product.truth.path}", detail=True).items()
+        }
+        began = time.perf_counter()
+        for uri, size in objects.items():
+            fetch_ranges(fs, uri, size)  # pipeline.fetch defaults: 16 MiB parts, 4 in flight
+        seconds = time.perf_counter() - began
+        fetch_total += seconds
+        total = sum(objects.values())
+        per_product[product.scene_id] = {
+            "kind": product.kind,
+            "objects": len(objects),
+            "bytes": total,
+            "fetch_once_s": round(seconds, 3),
+            "fetch_MBps": round(total / MB / max(seconds, 1e-9), 1),
+        }
+    return per_product, fetch_total
+
+
+def s3_build(
+    command: list[str], progress: Path, timeout_s: float, env: dict[str, str], watcher: StageWatcher
+) -> dict[str, Any]:
+    """The build from s3:// under the watcher; when stopped or failed, the stages it finished, the one it
+    was running, and after how long (or why it failed)."""
+    out: dict[str, Any] = {}
+    try:
+        with watcher:
+            result = run_step("build_step.py", command, timeout=timeout_s, env=env)
+        out["build"] = result
+        out["finished"] = True
+    except (StepTimedOut, RuntimeError) as stopped:
+        state = json.loads(progress.read_text()) if progress.exists() else {}
+        out["build"] = {"stages": state.get("stages", {}), "running": state.get("running")}
+        out["finished"] = False
+        out["stopped_after_s"] = round(state.get("elapsed_s", 0.0), 1)
+        if isinstance(stopped, StepTimedOut):
+            out["stopped_after_s"] = round(stopped.seconds, 1)
+        else:  # the build failed: its last line says why
+            out["error"] = str(stopped).strip().splitlines()[-1][:500]
+    return out
+
+
+def gets_by_stage(
+    log: Path, marks: list[tuple[str, int]], mark: int, end: int, products: list[BenchProduct]
+) -> dict[str, int]:
+    """GETs of product objects in each stage: the log between the offsets seen at stage changes."""
+    spans = [(stage, offset) for stage, offset in marks if offset >= mark] + [("", end)]
+    by_stage: dict[str, int] = {}
+    for (stage, begin), (_, stop) in zip(spans, spans[1:], strict=False):
+        if stage:
+            during, _ = requests_in(log, begin, stop)
+            by_stage[stage] = by_stage.get(stage, 0) + sum(gets_per_product(during, products).values())
+    return by_stage
+
+
 def run_s3_case(
     products: list[BenchProduct],
     manifest: Path,
@@ -149,6 +224,8 @@ def run_s3_case(
     local_build_s: float,
     timeout: float,
 ) -> dict[str, Any]:
+    """The S3 case on one moto server: upload, fetch each product once, then the build from s3:// (stopped
+    past twice the goal's bound, at most `timeout`), with the GETs of each phase counted per product."""
     import s3fs
 
     log = work / "moto.log"
@@ -160,37 +237,10 @@ def run_s3_case(
             secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
             client_kwargs={"endpoint_url": endpoint},
         )
-        fs.mkdir(BUCKET)
-        start = time.perf_counter()
-        for product in products:
-            target = f"{BUCKET}/{product.truth.path}"
-            if product.container.is_dir():
-                fs.put(str(product.container) + "/", target + "/", recursive=True)
-            else:
-                fs.put_file(str(product.container), target)
-        out["upload_s"] = round(time.perf_counter() - start, 3)
+        out["upload_s"] = round(upload_products(fs, products), 3)
 
         _, mark = requests_in(log, 0)
-        per_product: dict[str, Any] = {}
-        fetch_total = 0.0
-        for product in products:
-            objects = {
-                f"s3://{key}": int(info["size"])
-                for key, info in fs.find(f"{BUCKET}/{product.truth.path}", detail=True).items()
-            }
-            began = time.perf_counter()
-            for uri, size in objects.items():
-                fetch_ranges(fs, uri, size)  # pipeline.fetch defaults: 16 MiB parts, 4 in flight
-            seconds = time.perf_counter() - began
-            fetch_total += seconds
-            total = sum(objects.values())
-            per_product[product.scene_id] = {
-                "kind": product.kind,
-                "objects": len(objects),
-                "bytes": total,
-                "fetch_once_s": round(seconds, 3),
-                "fetch_MBps": round(total / MB / max(seconds, 1e-9), 1),
-            }
+        per_product, fetch_total = fetch_once(fs, products)
         fetched, mark = requests_in(log, mark)
         for scene_id, gets in gets_per_product(fetched, products).items():
             per_product.setdefault(scene_id, {})["fetch_gets"] = gets
@@ -201,35 +251,11 @@ def run_s3_case(
         build_dir = work / "build-s3"
         out["timeout_s"] = round(min(timeout, max(60.0, 2 * (fetch_total + 1.5 * local_build_s))), 1)
         watcher = StageWatcher(progress, log)
-        try:
-            with watcher:
-                result = run_step(
-                    "build_step.py",
-                    ["--manifest", str(manifest), "--input", f"s3://{BUCKET}/", "--build", str(build_dir)]
-                    + ["--scheduler", "local", "--tag", "s3", "--progress", str(progress)],
-                    timeout=out["timeout_s"],
-                    env=env,
-                )
-            out["build"] = result
-            out["finished"] = True
-        except (StepTimedOut, RuntimeError) as stopped:
-            state = json.loads(progress.read_text()) if progress.exists() else {}
-            out["build"] = {"stages": state.get("stages", {}), "running": state.get("running")}
-            out["finished"] = False
-            out["stopped_after_s"] = round(state.get("elapsed_s", 0.0), 1)
-            if isinstance(stopped, StepTimedOut):
-                out["stopped_after_s"] = round(stopped.seconds, 1)
-            else:  # the build failed: its last line says why
-                out["error"] = str(stopped).strip().splitlines()[-1][:500]
+        command = ["--manifest", str(manifest), "--input", f"s3://{BUCKET}/", "--build", str(build_dir)]
+        command += ["--scheduler", "local", "--tag", "s3", "--progress", str(progress)]
+        out |= s3_build(command, progress, out["timeout_s"], env, watcher)
         built, end = requests_in(log, mark)
-        # GETs of product objects in each stage: the log between the offsets seen at stage changes
-        marks = [(stage, offset) for stage, offset in watcher.marks if offset >= mark] + [("", end)]
-        by_stage: dict[str, int] = {}
-        for (stage, begin), (_, stop) in zip(marks, marks[1:], strict=False):
-            if stage:
-                during, _ = requests_in(log, begin, stop)
-                by_stage[stage] = by_stage.get(stage, 0) + sum(gets_per_product(during, products).values())
-        out["build_gets_by_stage"] = by_stage
+        out["build_gets_by_stage"] = gets_by_stage(log, watcher.marks, mark, end, products)
         for scene_id, gets in gets_per_product(built, products).items():
             entry = per_product.setdefault(scene_id, {})
             entry["build_gets"] = gets
