@@ -26,8 +26,8 @@ from isal import isal_zlib
 from products import BenchProduct, inner_zip, spectral_header, spectral_member, spectral_path
 
 from pipeline.fetch import FileSlice
+from pipeline.stages import ORDER
 
-STAGES = ("inventory", "mask", "tile", "dedup", "write", "catalog")
 PATCH = 128
 NODATA = -32768
 
@@ -60,7 +60,7 @@ def run_build(
             state = {"stages": stages, "running": running, "elapsed_s": elapsed}
             progress.write_text(json.dumps(state, default=str))
 
-    for name in STAGES:
+    for name in ORDER:
         label = f"{tag}:{name}"
         sampler.label = label
         report(name)
