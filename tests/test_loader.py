@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -397,15 +397,18 @@ def test_torch_adapter_gives_tensors(store: BuildStore) -> None:
 
 def test_torch_dataloader_batches_and_pairs(store: BuildStore) -> None:
     torch = pytest.importorskip("torch")
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
-    batch = next(iter(DataLoader(as_torch(PatchDataset(store)), batch_size=3, num_workers=0)))
+    # TorchPatchDataset is a map-style dataset by duck typing (the loader needs no torch to import), so
+    # torch's stubs do not see a Dataset in it.
+    dataset = cast("Dataset[Any]", as_torch(PatchDataset(store)))
+    batch = next(iter(DataLoader(dataset, batch_size=3, num_workers=0)))
     assert batch["reflectance"].shape == (3, 202, 128, 128) and len(batch["patch_id"]) == 3
     pairs = as_torch(PatchDataset(store, two_views=True, seed=1))
     pairs.set_epoch(1)
     # Worker processes are covered by test_worker_processes_read_the_same_items; DataLoader warns when
     # num_workers exceeds the CPUs it sees, which filterwarnings=error would turn into a failure here.
-    loader = DataLoader(pairs, batch_size=2, num_workers=0)
+    loader: DataLoader[Any] = DataLoader(cast("Dataset[Any]", pairs), batch_size=2, num_workers=0)
     first, second = next(iter(loader))
     assert first["location_id"] == second["location_id"]
     assert all(a != b for a, b in zip(first["patch_id"], second["patch_id"], strict=True))
