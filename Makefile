@@ -61,7 +61,7 @@ SEED ?= 0
 split: setup
 	$(BIN)/spectralearth split --build $(BUILD) --name $(SPLIT_NAME) --kind $(SPLIT_KIND) --seed $(SEED)
 
-# Full-size benchmarks (~11 min on 2 cores with the products cached, +3 min the first time): ratios
+# Full-size benchmarks (7-11 min on 2 cores with the products cached, +3 min the first time): ratios
 # against the floor, the naive way and an S3 build from moto, in one run; the table goes to
 # build/bench/results.json (bench/run.py --quick: the 1-5 minute smoke version on small products).
 bench: setup

@@ -1,7 +1,7 @@
 """`make bench`: the SPEC's performance goals, measured as ratios in one run; writes build/bench/results.json.
 
-    .venv/bin/python bench/run.py            # full size (~12 min on 2 cores; +2 min the first time)
-    .venv/bin/python bench/run.py --quick    # tiny products, ~2 min (the smoke test runs this)
+    .venv/bin/python bench/run.py            # full size (7-11 min on 2 cores; +3 min the first time)
+    .venv/bin/python bench/run.py --quick    # tiny products, 1-5 min (the smoke test runs this)
 
 Cases (every time and ratio comes from this one run, on this machine):
  1. products: four synthetic EnMAP L2A products, one per packaging (folder GeoTIFF, deflated ZIP with
