@@ -194,6 +194,10 @@ def block_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("SPECTRALEARTH_DEBUG", None)  # a failing block ends in its one line, as users see it
+    # Under `make test` (as in CI) the outer make's level and flags would reach the blocks' own `make`,
+    # which then prints "Entering directory" lines a user at a shell never sees.
+    for name in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"):
+        env.pop(name, None)
     return env
 
 
