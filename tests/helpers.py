@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 import zarr
 
+from pipeline.enmap.scratch import zip_cache_dir
 from pipeline.enmap.synth import ProductTruth, SynthConfig, generate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,3 +86,10 @@ def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
 def read_array(group: zarr.Group, name: str) -> np.ndarray:
     """Every value of the array `name` of `group`."""
     return np.asarray(zarr_array(group, name)[:])
+
+
+def leftover_scratch(base: Path) -> list[Path]:
+    """What a build left under the scratch base `base`: every scratch folder, and every inner ZIP of a
+    tar.gz kept for mask and not taken (the folder that holds them and its lock file are no scratch)."""
+    kept = Path(zip_cache_dir(str(base)))
+    return sorted(p for p in base.iterdir() if p != kept) + sorted(kept.glob("*.zip"))

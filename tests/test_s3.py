@@ -14,7 +14,7 @@ import zarr
 from pipeline import stages, tables
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
-from tests.helpers import read_array, write_few_products
+from tests.helpers import leftover_scratch, read_array, write_few_products
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-never-logged"
@@ -106,7 +106,7 @@ def test_build_on_s3_equals_the_local_build(
 
     # Nothing of the build exists locally, scratch was cleaned, and no secret was printed or stored.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "scratch"]
-    assert list((tmp_path / "scratch").iterdir()) == []
+    assert leftover_scratch(tmp_path / "scratch") == []
     output = capsys.readouterr()
     assert SECRET not in output.out + output.err
     for key in remote.store.fs.find("spectralearth-builds/demo"):

@@ -38,7 +38,7 @@ OUTAGE_AT = {
     "tile": "pipeline.scheduler:Scheduler.run_items",
     "dedup": "pipeline.dedup:build_index",
     "write": "pipeline.scheduler:Scheduler.map",
-    "catalog": "stac.catalog_writer:build_catalog",
+    "catalog": "pipeline.catalog:build_catalog",  # the name the stage calls (imported at its top)
 }
 
 

@@ -39,7 +39,6 @@ from pipeline import stages, tables
 from pipeline.block_reader import BlockReader
 from pipeline.enmap.discovery import discover, folder_products
 from pipeline.enmap.product import OpenedProduct
-from pipeline.enmap.scratch import zip_cache_dir
 from pipeline.enmap.synth import ProductTruth, SynthConfig, generate
 from pipeline.errors import TransientError, is_transient
 from pipeline.fetch import FetchSettings
@@ -49,6 +48,7 @@ from pipeline.stages import BuildContext
 from pipeline.storage import join
 from pipeline.tables import Rejection
 from pipeline.write import zarr_store
+from tests import helpers
 from tests.helpers import read_array
 from tests.s3_proxy import Request, S3Proxy, moto_server
 
@@ -157,11 +157,7 @@ def received_bytes(request: Request, sizes: dict[str, int]) -> int:
 
 
 def leftover_scratch() -> list[Path]:
-    """What is left under the scratch base: every scratch folder, and every inner ZIP of a tar.gz kept
-    for mask and not taken (the folder that holds them and its lock file are no scratch)."""
-    base = Path(os.environ["SPECTRALEARTH_SCRATCH"])
-    kept = Path(zip_cache_dir(str(base)))
-    return sorted(p for p in base.iterdir() if p != kept) + sorted(kept.glob("*.zip"))
+    return helpers.leftover_scratch(Path(os.environ["SPECTRALEARTH_SCRATCH"]))
 
 
 def read_arrays(group: zarr.Group) -> dict[str, np.ndarray]:
