@@ -26,6 +26,11 @@ class StaleStageError(RuntimeError):
 UPSTREAM = {name: ORDER[: ORDER.index(name)] for name in ORDER}
 
 
+def through(last: str) -> tuple[str, ...]:
+    """The stages in order up to `last`, included."""
+    return ORDER[: ORDER.index(last) + 1]
+
+
 def require_upstream(name: str, manifest: Manifest, store: BuildStore) -> None:
     """Refuse to mix configurations: every earlier stage must have run with this manifest's settings."""
     for upstream in UPSTREAM[name]:

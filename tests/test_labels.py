@@ -66,7 +66,7 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = BuildStore(str(root / "build"))
     scheduler = Scheduler("synchronous", progress=False)
     manifest = Manifest.from_dict(raw)
-    for name in ("inventory", "mask", "tile", "dedup", "write"):
+    for name in stages.through("write"):
         stages.run_stage(name, manifest, store, scheduler, inputs=[str(root / "products")])
     index = store.read_geodataframe(tables.INDEX_PATCHES)
     regions = regions_of([list(g.exterior.coords) for g in index.geometry])

@@ -27,7 +27,7 @@ SYNC = Scheduler("synchronous", progress=False)
 
 def build_through_tile(products: Path, build: Path, manifest: Manifest) -> BuildStore:
     store = BuildStore(str(build))
-    for name in ("inventory", "mask", "tile"):
+    for name in stages.through("tile"):
         stages.run_stage(name, manifest, store, SYNC, inputs=[str(products)])
     return store
 

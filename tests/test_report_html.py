@@ -57,7 +57,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> BuildStore:
     manifest = Manifest.from_yaml(REPO / "manifests" / "demo.yaml")
     build = BuildStore(str(tmp_path_factory.mktemp("build")))
     scheduler = Scheduler("synchronous", progress=False)
-    for name in ("inventory", "mask", "tile", "dedup", "write"):
+    for name in stages.through("write"):
         stages.run_stage(name, manifest, build, scheduler, inputs=[str(products)])
     return build
 
