@@ -20,7 +20,15 @@ from typing import IO, Any
 # must keep tests/test_s3_reads.py passing.
 from rasterio._vsiopener import _opener_registration
 
-from pipeline.fetch import FetchSettings, filesystem_for, get_part, object_size, range_reader, run_parallel
+from pipeline.fetch import (
+    FetchSettings,
+    RemoteObjectFile,
+    filesystem_for,
+    get_part,
+    object_size,
+    range_reader,
+    run_parallel,
+)
 from pipeline.manifest import Manifest
 
 # Blocks a `BlockReader` holds at most (LRU): a raster's header, its offsets table and its last block,
@@ -149,26 +157,12 @@ class BlockReader:
         return self.open(uri, for_gdal=True)
 
 
-class _BlockFile(io.RawIOBase):
+class _BlockFile(RemoteObjectFile):
     """A read-only, seekable view of one object through a `BlockReader`."""
 
     def __init__(self, reader: BlockReader, uri: str, size: int, for_gdal: bool = False) -> None:
         self._reader, self._uri, self._size, self._position = reader, uri, size, 0
         self._for_gdal = for_gdal
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = max(0, base + offset)
-        return self._position
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")

@@ -410,14 +410,13 @@ class ZipMember:
     piece: Piece
 
 
-class _SparseFile(io.RawIOBase):
-    """A read-only, seekable view of a remote object of which some ranges are already fetched; a read
-    outside them fetches just what it asks for (one ranged GET)."""
+class RemoteObjectFile(io.RawIOBase):
+    """A read-only, seekable file of `_size` bytes whose subclasses read at `_position`. A seek before
+    the start stays at 0 rather than raising: GDAL reads these files through a callback, where an
+    exception would abort the process."""
 
-    def __init__(
-        self, size: int, cached: dict[int, bytes | bytearray], fetch_range: Callable[[int, int], bytes]
-    ):
-        self._size, self._cached, self._fetch_range, self._position = size, dict(cached), fetch_range, 0
+    _size = 0
+    _position = 0
 
     def readable(self) -> bool:
         return True
@@ -432,6 +431,16 @@ class _SparseFile(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
         self._position = max(0, base + offset)
         return self._position
+
+
+class _SparseFile(RemoteObjectFile):
+    """A read-only, seekable view of a remote object of which some ranges are already fetched; a read
+    outside them fetches just what it asks for (one ranged GET)."""
+
+    def __init__(
+        self, size: int, cached: dict[int, bytes | bytearray], fetch_range: Callable[[int, int], bytes]
+    ):
+        self._size, self._cached, self._fetch_range, self._position = size, dict(cached), fetch_range, 0
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
