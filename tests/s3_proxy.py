@@ -34,7 +34,12 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
+
+import pytest
+import s3fs
 
 POLL_SECONDS = 0.05
 RECV_BYTES = 256 * 1024
@@ -438,3 +443,30 @@ def moto_server() -> Iterator[tuple[str, int]]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@contextlib.contextmanager
+def products_behind_proxy(products: Path, scratch: Path) -> Iterator[tuple[S3Proxy, Any]]:
+    """moto behind an S3Proxy, with the process environment of an S3 build (test credentials, the
+    proxy as endpoint, `scratch` as scratch base), `products` uploaded to `s3://enmap-products/` and an
+    empty `builds` bucket; yields the proxy and an s3fs file system through it. The environment is
+    restored afterwards."""
+    with (
+        moto_server() as upstream,
+        S3Proxy(*upstream).running() as proxy,
+        pytest.MonkeyPatch.context() as env,
+    ):
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing-key",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": proxy.endpoint_url,
+            "SPECTRALEARTH_SCRATCH": str(scratch),
+        }.items():
+            env.setenv(name, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": proxy.endpoint_url})
+        fs.mkdir("enmap-products")
+        fs.put(str(products) + "/", "enmap-products/", recursive=True)
+        fs.mkdir("builds")
+        yield proxy, fs

@@ -23,7 +23,7 @@ from pipeline import stages
 from pipeline.manifest import Manifest
 from pipeline.stages import BuildContext
 from tests.helpers import write_few_products
-from tests.s3_proxy import S3Proxy, moto_server
+from tests.s3_proxy import S3Proxy, products_behind_proxy
 from tests.test_faults import assert_same_build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,26 +47,9 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Proxy, s3fs
     from pipeline.scheduler import _close_local_clusters
 
     products = write_few_products(tmp_path_factory.mktemp("s3-fault-products"))
-    with (
-        moto_server() as upstream,
-        S3Proxy(*upstream).running() as proxy,
-        pytest.MonkeyPatch.context() as env,
-    ):
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing-key",
-            "AWS_SECRET_ACCESS_KEY": "testing-secret",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": proxy.endpoint_url,
-            "SPECTRALEARTH_SCRATCH": str(tmp_path_factory.mktemp("scratch")),
-        }.items():
-            env.setenv(name, value)
-        env.delenv("AWS_PROFILE", raising=False)
+    with products_behind_proxy(products, tmp_path_factory.mktemp("scratch")) as (proxy, fs):
         # Workers are spawned with this environment (credentials, endpoint): none left from before.
         _close_local_clusters()
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": proxy.endpoint_url})
-        fs.mkdir("enmap-products")
-        fs.put(str(products) + "/", "enmap-products/", recursive=True)
-        fs.mkdir("builds")
         try:
             yield proxy, fs
         finally:

@@ -50,7 +50,7 @@ from pipeline.tables import Rejection
 from pipeline.write import zarr_store
 from tests import helpers
 from tests.helpers import read_array
-from tests.s3_proxy import Request, S3Proxy, moto_server
+from tests.s3_proxy import Request, S3Proxy, products_behind_proxy
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -108,24 +108,7 @@ def products(tmp_path_factory: pytest.TempPathFactory) -> Products:
 @pytest.fixture(scope="module")
 def s3(products: Products, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
     root, _ = products
-    with (
-        moto_server() as upstream,
-        S3Proxy(*upstream).running() as proxy,
-        pytest.MonkeyPatch.context() as env,
-    ):
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing-key",
-            "AWS_SECRET_ACCESS_KEY": "testing-secret",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": proxy.endpoint_url,
-            "SPECTRALEARTH_SCRATCH": str(tmp_path_factory.mktemp("scratch")),
-        }.items():
-            env.setenv(name, value)
-        env.delenv("AWS_PROFILE", raising=False)
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": proxy.endpoint_url})
-        fs.mkdir("enmap-products")
-        fs.put(str(root) + "/", "enmap-products/", recursive=True)
-        fs.mkdir("builds")
+    with products_behind_proxy(root, tmp_path_factory.mktemp("scratch")) as (proxy, fs):
         yield proxy, fs
 
 
