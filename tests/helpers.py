@@ -10,6 +10,7 @@ import os
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -93,3 +94,18 @@ def leftover_scratch(base: Path) -> list[Path]:
     tar.gz kept for mask and not taken (the folder that holds them and its lock file are no scratch)."""
     kept = Path(zip_cache_dir(str(base)))
     return sorted(p for p in base.iterdir() if p != kept) + sorted(kept.glob("*.zip"))
+
+
+def two_sites_twice(seed: int, **overrides: Any) -> SynthConfig:
+    """Small products: two sites seen on two dates each, no overlapping tiles or reprocessed versions,
+    330 x 310 px (not multiples of 128), few clouds; `overrides` set packagings, formats and the rest."""
+    settings: dict[str, Any] = {
+        "sites": 2,
+        "revisits": 2,
+        "overlapping_tiles": 0,
+        "reprocessed": 0,
+        "width": 330,
+        "height": 310,
+        "cloud_amount": 0.02,
+    }
+    return SynthConfig(seed=seed, **(settings | overrides))

@@ -19,30 +19,19 @@ from hypothesis import strategies as st
 from pipeline import stages, tables
 from pipeline.benchmark import BenchmarkError, export_benchmark, paper_random_split
 from pipeline.cli import main
-from pipeline.enmap.synth import SynthConfig, generate
+from pipeline.enmap.synth import generate
 from pipeline.enmap.synth.labels import regions_of, write_label_sources
 from pipeline.labels import included_patches, label_array, read_label_table, run_labels
 from pipeline.loader import PatchDataset, PatchSample
 from pipeline.manifest import Manifest
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
-from tests.helpers import read_array, zarr_array
+from tests.helpers import read_array, two_sites_twice, zarr_array
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-SMALL = SynthConfig(
-    seed=5,
-    sites=2,
-    revisits=2,
-    overlapping_tiles=0,
-    reprocessed=0,
-    width=330,
-    height=310,
-    packagings=("folder",),
-    formats=("GTiff",),
-    cloud_amount=0.02,
-)
+SMALL = two_sites_twice(5, packagings=("folder",), formats=("GTiff",))
 
 
 @pytest.fixture(scope="module")

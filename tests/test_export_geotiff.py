@@ -20,7 +20,7 @@ from rasterio.windows import Window
 
 from pipeline import stages, tables
 from pipeline.cli import main
-from pipeline.enmap.synth import SynthConfig, Truth, generate
+from pipeline.enmap.synth import Truth, generate
 from pipeline.export import (
     COG_OPTIONS,
     SpectralBand,
@@ -32,24 +32,13 @@ from pipeline.manifest import Manifest
 from pipeline.query import query
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
-from tests.helpers import read_array, spectral_gdal_path
+from tests.helpers import read_array, spectral_gdal_path, two_sites_twice
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 # Two sites seen twice, in a folder and a ZIP, as GeoTIFF and ENVI BSQ; sizes not multiples of 128.
-PRODUCTS = SynthConfig(
-    seed=13,
-    sites=2,
-    revisits=2,
-    overlapping_tiles=0,
-    reprocessed=0,
-    width=330,
-    height=310,
-    packagings=("folder", "zip"),
-    formats=("GTiff", "BSQ"),
-    cloud_amount=0.02,
-)
+PRODUCTS = two_sites_twice(13, packagings=("folder", "zip"), formats=("GTiff", "BSQ"))
 DESCRIPTION = re.compile(r"band (\d+): ([0-9.]+) nm \(FWHM ([0-9.]+) nm\)")
 
 

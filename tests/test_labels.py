@@ -22,7 +22,7 @@ from pyproj import CRS, Transformer
 from rasterio.windows import Window
 
 from pipeline import stages, tables
-from pipeline.enmap.synth import SynthConfig, generate
+from pipeline.enmap.synth import generate
 from pipeline.enmap.synth.labels import regions_of, write_label_sources
 from pipeline.labels import (
     LabelSourceError,
@@ -36,24 +36,13 @@ from pipeline.labels import (
 from pipeline.manifest import Manifest, ManifestError
 from pipeline.scheduler import Scheduler
 from pipeline.storage import BuildStore
-from tests.helpers import read_array, zarr_array
+from tests.helpers import read_array, two_sites_twice, zarr_array
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 # Two sites in two UTM zones, two dates each: 8 patches at 4 locations.
-SMALL = SynthConfig(
-    seed=3,
-    sites=2,
-    revisits=2,
-    overlapping_tiles=0,
-    reprocessed=0,
-    width=330,
-    height=310,
-    packagings=("folder",),
-    formats=("GTiff",),
-    cloud_amount=0.02,
-)
+SMALL = two_sites_twice(3, packagings=("folder",), formats=("GTiff",))
 PARCEL_REMAP = {11: 1, 12: 1, 21: 2, 33: 3, 41: 0}  # 51 left out: becomes 0 like 41
 
 
